@@ -1,0 +1,3 @@
+from bridgehook.cli import main
+
+main()

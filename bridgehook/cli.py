@@ -1,0 +1,143 @@
+"""``bridgehook``: one command for the receiver, the workers and the ops tools.
+
+Commands are named the way RQ's own CLI names them. Exit codes: 0 done, 1 the operation
+failed, 2 bad usage or configuration (one line on stderr naming what is wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import NoReturn
+
+import click
+import httpx
+
+from bridgehook import devenv
+from service.settings import Settings, SettingsError
+
+DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"bridgehook: {message}", err=True)
+    sys.exit(code)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        fail(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Bridge webhook ingestion: receiver, workers and operations."""
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    import uvicorn
+
+    from service.logs import configure_logging
+    from service.server import uvicorn_config
+
+    configure_logging(settings.log_format, settings.log_level)
+    uvicorn.Server(uvicorn_config(settings, host, port)).run()
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+def serve(host: str, port: int) -> None:
+    """Run the webhook receiver (uvicorn, uvloop, httptools)."""
+    settings = load_settings()
+    if settings.redis_url is None:
+        fail("REDIS_URL: required by `bridgehook serve`; `make run` (bridgehook dev) starts an embedded server")
+    _serve(settings, host, port)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+def dev(host: str, port: int) -> None:
+    """Run everything locally on the embedded default (what `make run` does)."""
+    home = devenv.state_dir()
+    devenv.apply_dev_defaults(os.environ, home)
+    settings = load_settings()  # validate before starting anything
+    if settings.redis_url is not None:
+        _banner(host, port, settings.redis_url_for_logs or "", home)
+        _serve(settings, host, port)
+        return
+    with devenv.embedded_redis(home) as url:
+        os.environ["REDIS_URL"] = url
+        settings = load_settings()
+        _banner(host, port, f"{url} (embedded valkey, data in {home / 'valkey'})", home)
+        _serve(settings, host, port)
+
+
+def _banner(host: str, port: int, redis: str, home: Path) -> None:
+    click.echo(
+        f"bridgehook dev\n"
+        f"  receiver   http://{host}:{port}/webhooks/bridge   (health: /livez /readyz, metrics: /metrics)\n"
+        f"  redis      {redis}\n"
+        f"  secret     {home / 'webhook-secret'}\n"
+        f"  try        bridgehook send --fixture item.refreshed\n",
+        err=True,
+    )
+
+
+def _fixture_names() -> list[str]:
+    folder = resources.files("bridgehook") / "fixtures" / "webhooks"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+@main.command()
+@click.option("--fixture", "fixture", help="A bundled example body, e.g. item.refreshed.")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A JSON body to send instead of a fixture.")
+@click.option("--url", default=DEFAULT_URL, show_default=True, help="The receiver's webhook URL.")
+@click.option("--fresh", is_flag=True, help="Set the timestamp to now, so the body is a new event.")
+@click.option("--list", "list_fixtures", is_flag=True, help="List the bundled fixtures and exit.")
+def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fixtures: bool) -> None:
+    """Sign a webhook body the way Bridge does and POST it to a receiver."""
+    if list_fixtures:
+        click.echo("\n".join(_fixture_names()))
+        return
+    if (fixture is None) == (path is None):
+        fail("give exactly one of --fixture NAME or --file PATH (see --list)")
+    if fixture is not None:
+        if fixture not in _fixture_names():
+            fail(f"no fixture {fixture!r}; choose one of: {', '.join(_fixture_names())}")
+        body = (resources.files("bridgehook") / "fixtures" / "webhooks" / f"{fixture}.json").read_bytes()
+    else:
+        assert path is not None
+        body = path.read_bytes()
+    if fresh:
+        event = json.loads(body)
+        event["timestamp"] = int(time.time() * 1000)
+        body = json.dumps(event).encode()
+    secret = _sending_secret()
+    from service.signing import signature_header
+
+    headers = {"Content-Type": "application/json", "BridgeApi-Signature": signature_header(body, [secret])}
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        fail(f"could not POST to {url}: {exc}", code=1)
+    click.echo(f"{response.status_code} {response.text}")
+    sys.exit(0 if response.is_success else 1)
+
+
+def _sending_secret() -> str:
+    configured = os.environ.get("BRIDGE_WEBHOOK_SECRETS", "").strip()
+    if configured:
+        return configured.split(",")[0].strip()
+    path = devenv.state_dir() / "webhook-secret"
+    if path.exists():
+        return path.read_text().strip()
+    fail("no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret")

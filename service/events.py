@@ -1,0 +1,102 @@
+"""What a Bridge webhook body must look like, and which job handles each event type.
+
+A body is ``{"type": str, "content": {...}, "timestamp": int}``. Type names are matched
+case-insensitively and older uppercase names (``ITEM_REFRESHED``) are normalised to the
+dotted form. Types we process map to a job function named by dotted path in ``workers``
+(the receiver never imports the workers); every other type is accepted and archived.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Event type -> RQ job function (dotted path). The receiver only names them.
+JOB_FUNCTIONS: dict[str, str] = {
+    "item.created": "workers.jobs.item_created",
+    "item.refreshed": "workers.jobs.item_refreshed",
+    "item.account.created": "workers.jobs.account_created",
+    "item.account.updated": "workers.jobs.account_updated",
+    "item.account.deleted": "workers.jobs.account_deleted",
+    "item.deleted": "workers.jobs.item_deleted",
+    "user.deleted": "workers.jobs.user_deleted",
+}
+
+# Content fields each processed type must carry, with the JSON type they must have.
+_ID = (int,)
+_UUID = (str,)
+REQUIRED_CONTENT: dict[str, dict[str, tuple[type, ...]]] = {
+    "item.created": {"item_id": _ID, "user_uuid": _UUID},
+    "item.refreshed": {"item_id": _ID, "user_uuid": _UUID},
+    "item.account.created": {"item_id": _ID, "account_id": _ID, "user_uuid": _UUID},
+    "item.account.updated": {"item_id": _ID, "account_id": _ID, "user_uuid": _UUID},
+    "item.account.deleted": {"item_id": _ID, "account_id": _ID, "user_uuid": _UUID},
+    "item.deleted": {"item_id": _ID, "user_uuid": _UUID},
+    "user.deleted": {"user_uuid": _UUID},
+}
+# Optional fields we read, checked only when present (2025-01-15 omits nulls).
+OPTIONAL_CONTENT: dict[str, tuple[type, ...]] = {
+    "status_code": (int,),
+    "status_code_info": (str,),
+    "full_refresh": (bool,),
+    "account_types": (str, list),
+    "nb_new_transactions": (int,),
+    "nb_updated_transactions": (int,),
+    "nb_deleted_transactions": (int,),
+}
+
+
+class MalformedEvent(ValueError):
+    """The body is signed but is not a Bridge event we can read; the message says why."""
+
+
+def normalise_type(name: str) -> str:
+    """``ITEM_ACCOUNT_UPDATED`` and ``Item.Account.Updated`` both become ``item.account.updated``."""
+    return name.strip().lower().replace("_", ".")
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    # bool is an int in Python, never in a Bridge id.
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def parse(body: bytes) -> dict[str, Any]:
+    """The event as a dict with its ``type`` normalised; MalformedEvent if it is not one."""
+    try:
+        event = json.loads(body)
+    except (ValueError, RecursionError):
+        # ValueError covers invalid UTF-8, bad JSON and integers past Python's digit limit.
+        raise MalformedEvent("the body is not valid JSON") from None
+    if not isinstance(event, dict):
+        raise MalformedEvent("the body is not a JSON object")
+    for key, types in (("type", (str,)), ("content", (dict,)), ("timestamp", (int,))):
+        if key not in event:
+            raise MalformedEvent(f"the event has no {key!r}")
+        if not _is(event[key], types):
+            raise MalformedEvent(f"the event's {key!r} is not a {types[0].__name__}")
+    event_type = normalise_type(event["type"])
+    if not event_type:
+        raise MalformedEvent("the event's 'type' is empty")
+    if event["timestamp"] < 0:
+        raise MalformedEvent("the event's 'timestamp' is negative")
+    content = event["content"]
+    for key, types in REQUIRED_CONTENT.get(event_type, {}).items():
+        if key not in content:
+            raise MalformedEvent(f"a {event_type} event needs content.{key}")
+        if not _is(content[key], types):
+            raise MalformedEvent(f"content.{key} is not a {types[0].__name__}")
+        if types is _ID and content[key] <= 0:
+            raise MalformedEvent(f"content.{key} is not a positive id")
+    if event_type in REQUIRED_CONTENT:
+        for key, types in OPTIONAL_CONTENT.items():
+            if key in content and not _is(content[key], types):
+                raise MalformedEvent(f"content.{key} has the wrong type")
+    event["type"] = event_type
+    return event
+
+
+def job_function(event_type: str) -> str | None:
+    """The dotted path of the job for a normalised type, or None if we only archive it."""
+    return JOB_FUNCTIONS.get(event_type)

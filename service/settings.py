@@ -1,0 +1,186 @@
+"""Configuration, read once from the environment into one frozen object.
+
+Every variable is parsed and checked when the process starts; a bad value raises
+:class:`SettingsError` whose message names the variable and what is wrong with it
+(never the value of a secret). Secrets are wrapped in :class:`Secret` so that no
+``repr``, log line or traceback can show them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+BRIDGE_SOURCE_IPS = ("63.32.31.5", "52.215.247.62", "34.249.92.209")
+DEFAULT_DATABASE_URL = "sqlite:///.bridgehook/bridgehook.db"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """A variable is missing or malformed; the message is one line naming it."""
+
+
+class Secret:
+    """A string that refuses to show itself: ``repr`` and ``str`` are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, fit for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    webhook_secrets: tuple[Secret, ...]
+    redis_url: str | None = field(default=None, repr=False)
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    allowed_ips: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(ip) for ip in BRIDGE_SOURCE_IPS)
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_body_bytes: int = 65536
+    dedupe_seconds: int = 259200
+    read_timeout_seconds: float = 10.0
+    archive_max_age_seconds: int = 7 * 86400
+    archive_max_events: int = 500_000
+    queue_name: str = "bridgehook"
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "info"
+
+    @property
+    def redis_url_for_logs(self) -> str | None:
+        return mask_url(self.redis_url) if self.redis_url else None
+
+    @property
+    def database_url_for_logs(self) -> str:
+        return mask_url(self.database_url)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        return cls(
+            webhook_secrets=env.secrets("BRIDGE_WEBHOOK_SECRETS"),
+            redis_url=env.url("REDIS_URL", ("redis", "rediss", "unix"), None),
+            database_url=env.database_url("DATABASE_URL"),
+            allowed_ips=env.networks("BRIDGE_ALLOWED_IPS", BRIDGE_SOURCE_IPS, allow_empty=False),
+            trusted_proxies=env.networks("TRUSTED_PROXIES", (), allow_empty=True),
+            max_body_bytes=env.positive_int("WEBHOOK_MAX_BODY_BYTES", 65536),
+            dedupe_seconds=env.positive_int("WEBHOOK_DEDUPE_SECONDS", 259200),
+            read_timeout_seconds=float(env.positive_int("WEBHOOK_READ_TIMEOUT_SECONDS", 10)),
+            archive_max_age_seconds=env.positive_int("WEBHOOK_ARCHIVE_MAX_AGE_SECONDS", 7 * 86400),
+            archive_max_events=env.positive_int("WEBHOOK_ARCHIVE_MAX_EVENTS", 500_000),
+            queue_name=env.name("RQ_QUEUE", "bridgehook"),
+            log_format=env.choice("LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
+            log_level=env.choice("LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
+        )
+
+
+class _Env:
+    """Typed reads of one environment mapping; each error names its variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _get(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def secrets(self, name: str) -> tuple[Secret, ...]:
+        raw = self._get(name)
+        if raw is None:
+            raise SettingsError(
+                f"{name}: required; set it to the webhook secret(s) from Bridge's dashboard, "
+                "comma-separated during a rotation (`make run` sets a local one)"
+            )
+        parts = [p.strip() for p in raw.split(",")]
+        if any(p == "" for p in parts):
+            raise SettingsError(f"{name}: contains an empty secret (check the commas)")
+        if any(len(p) < 8 for p in parts):
+            raise SettingsError(f"{name}: every secret must be at least 8 characters long")
+        return tuple(Secret(p) for p in parts)
+
+    def url(self, name: str, schemes: tuple[str, ...], default: str | None) -> str | None:
+        raw = self._get(name)
+        if raw is None:
+            return default
+        scheme = urlsplit(raw).scheme
+        if scheme not in schemes:
+            raise SettingsError(f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return raw
+
+    def database_url(self, name: str) -> str:
+        raw = self._get(name) or DEFAULT_DATABASE_URL
+        scheme = urlsplit(raw).scheme
+        if scheme not in ("postgresql", "postgres", "sqlite"):
+            raise SettingsError(f"{name}: expected postgresql://… or sqlite:///path, got a {scheme or 'bare'} URL")
+        if scheme == "sqlite" and not raw.startswith("sqlite:///"):
+            raise SettingsError(f"{name}: a SQLite URL has three slashes: sqlite:///relative/or//absolute/path")
+        return raw
+
+    def networks(self, name: str, default: tuple[str, ...], *, allow_empty: bool) -> tuple[IPNetwork, ...]:
+        raw = self._environ.get(name)
+        values = default if raw is None else tuple(p.strip() for p in raw.split(",") if p.strip())
+        if not values and not allow_empty:
+            raise SettingsError(f"{name}: must list at least one IP address or CIDR")
+        networks = []
+        for value in values:
+            try:
+                networks.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                raise SettingsError(f"{name}: {value!r} is not an IP address or CIDR") from None
+        return tuple(networks)
+
+    def positive_int(self, name: str, default: int) -> int:
+        raw = self._get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: expected a positive integer, got {raw!r}") from None
+        if value <= 0:
+            raise SettingsError(f"{name}: expected a positive integer, got {raw!r}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        raw = self._get(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+        return raw.lower()
+
+    def name(self, name: str, default: str) -> str:
+        raw = self._get(name) or default
+        if not raw.replace("-", "").replace("_", "").isalnum():
+            raise SettingsError(f"{name}: use letters, digits, '-' and '_' only, got {raw!r}")
+        return raw
