@@ -57,7 +57,9 @@ def serve(host: str, port: int) -> None:
     """Run the webhook receiver (uvicorn, uvloop, httptools)."""
     settings = load_settings()
     if settings.redis_url is None:
-        fail("REDIS_URL: required by `bridgehook serve`; `make run` (bridgehook dev) starts an embedded server")
+        fail(
+            "REDIS_URL: required by `bridgehook serve`; `make run` (bridgehook dev) starts an embedded server"
+        )
     _serve(settings, host, port)
 
 
@@ -73,11 +75,14 @@ def dev(host: str, port: int) -> None:
         _banner(host, port, settings.redis_url_for_logs or "", home)
         _serve(settings, host, port)
         return
-    with devenv.embedded_redis(home) as url:
-        os.environ["REDIS_URL"] = url
-        settings = load_settings()
-        _banner(host, port, f"{url} (embedded valkey, data in {home / 'valkey'})", home)
-        _serve(settings, host, port)
+    try:
+        with devenv.embedded_redis(home) as url:
+            os.environ["REDIS_URL"] = url
+            settings = load_settings()
+            _banner(host, port, f"{url} (embedded valkey, data in {home / 'valkey'})", home)
+            _serve(settings, host, port)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
 
 
 def _banner(host: str, port: int, redis: str, home: Path) -> None:
@@ -98,8 +103,12 @@ def _fixture_names() -> list[str]:
 
 @main.command()
 @click.option("--fixture", "fixture", help="A bundled example body, e.g. item.refreshed.")
-@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A JSON body to send instead of a fixture.")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A JSON body to send instead of a fixture.",
+)
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="The receiver's webhook URL.")
 @click.option("--fresh", is_flag=True, help="Set the timestamp to now, so the body is a new event.")
 @click.option("--list", "list_fixtures", is_flag=True, help="List the bundled fixtures and exit.")
@@ -140,4 +149,6 @@ def _sending_secret() -> str:
     path = devenv.state_dir() / "webhook-secret"
     if path.exists():
         return path.read_text().strip()
-    fail("no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret")
+    fail(
+        "no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret"
+    )

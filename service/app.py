@@ -31,10 +31,15 @@ def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await queue.open()
-        log.info("receiver.started", queue=settings.queue_name, redis=settings.redis_url_for_logs,
-                 allowed_ips=[str(n) for n in settings.allowed_ips],
-                 trusted_proxies=[str(n) for n in settings.trusted_proxies],
-                 max_body_bytes=settings.max_body_bytes, secrets=len(settings.webhook_secrets))
+        log.info(
+            "receiver.started",
+            queue=settings.queue_name,
+            redis=settings.redis_url_for_logs,
+            allowed_ips=[str(n) for n in settings.allowed_ips],
+            trusted_proxies=[str(n) for n in settings.trusted_proxies],
+            max_body_bytes=settings.max_body_bytes,
+            secrets=len(settings.webhook_secrets),
+        )
         try:
             yield
         finally:

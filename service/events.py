@@ -55,6 +55,9 @@ def normalise_type(name: str) -> str:
     return name.strip().lower().replace("_", ".")
 
 
+_NAMES = {int: "an integer", str: "a string", dict: "an object", bool: "a boolean", list: "a list"}
+
+
 def _is(value: Any, types: tuple[type, ...]) -> bool:
     # bool is an int in Python, never in a Bridge id.
     if isinstance(value, bool) and bool not in types:
@@ -71,11 +74,16 @@ def parse(body: bytes) -> dict[str, Any]:
         raise MalformedEvent("the body is not valid JSON") from None
     if not isinstance(event, dict):
         raise MalformedEvent("the body is not a JSON object")
-    for key, types in (("type", (str,)), ("content", (dict,)), ("timestamp", (int,))):
+    top: tuple[tuple[str, tuple[type, ...]], ...] = (
+        ("type", (str,)),
+        ("content", (dict,)),
+        ("timestamp", (int,)),
+    )
+    for key, types in top:
         if key not in event:
             raise MalformedEvent(f"the event has no {key!r}")
         if not _is(event[key], types):
-            raise MalformedEvent(f"the event's {key!r} is not a {types[0].__name__}")
+            raise MalformedEvent(f"the event's {key!r} is not {_NAMES[types[0]]}")
     event_type = normalise_type(event["type"])
     if not event_type:
         raise MalformedEvent("the event's 'type' is empty")
@@ -86,7 +94,7 @@ def parse(body: bytes) -> dict[str, Any]:
         if key not in content:
             raise MalformedEvent(f"a {event_type} event needs content.{key}")
         if not _is(content[key], types):
-            raise MalformedEvent(f"content.{key} is not a {types[0].__name__}")
+            raise MalformedEvent(f"content.{key} is not {_NAMES[types[0]]}")
         if types is _ID and content[key] <= 0:
             raise MalformedEvent(f"content.{key} is not a positive id")
     if event_type in REQUIRED_CONTENT:

@@ -20,5 +20,7 @@ async def readyz(request: Request) -> JSONResponse:
         await request.app.state.queue.ping()
     except QueueUnavailable as exc:
         log.warning("readyz.failed", error=str(exc))
-        return JSONResponse({"status": "unavailable", "detail": "Redis does not accept writes"}, status_code=503)
+        return JSONResponse(
+            {"status": "unavailable", "detail": "Redis does not accept writes"}, status_code=503
+        )
     return JSONResponse({"status": "ok"})

@@ -154,8 +154,13 @@ class EventQueue:
             *archive_items,
             *job_items,
         ]
-        keys = [dedupe_key(event_id), Job.redis_job_namespace_prefix + event_id, self.queue_key,
-                Queue.redis_queues_keys, ARCHIVE_KEY]
+        keys = [
+            dedupe_key(event_id),
+            Job.redis_job_namespace_prefix + event_id,
+            self.queue_key,
+            Queue.redis_queues_keys,
+            ARCHIVE_KEY,
+        ]
         try:
             decision = await self._script(keys=keys, args=args)
         except (RedisError, OSError) as exc:

@@ -134,16 +134,22 @@ class _Env:
             return default
         scheme = urlsplit(raw).scheme
         if scheme not in schemes:
-            raise SettingsError(f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+            raise SettingsError(
+                f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
+            )
         return raw
 
     def database_url(self, name: str) -> str:
         raw = self._get(name) or DEFAULT_DATABASE_URL
         scheme = urlsplit(raw).scheme
         if scheme not in ("postgresql", "postgres", "sqlite"):
-            raise SettingsError(f"{name}: expected postgresql://… or sqlite:///path, got a {scheme or 'bare'} URL")
+            raise SettingsError(
+                f"{name}: expected postgresql://… or sqlite:///path, got a {scheme or 'bare'} URL"
+            )
         if scheme == "sqlite" and not raw.startswith("sqlite:///"):
-            raise SettingsError(f"{name}: a SQLite URL has three slashes: sqlite:///relative/or//absolute/path")
+            raise SettingsError(
+                f"{name}: a SQLite URL has three slashes: sqlite:///relative/or//absolute/path"
+            )
         return raw
 
     def networks(self, name: str, default: tuple[str, ...], *, allow_empty: bool) -> tuple[IPNetwork, ...]:

