@@ -28,11 +28,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def load_settings() -> Settings:
+def load_settings(*required: str) -> Settings:
+    """Settings from the environment, with the variables this command cannot do without."""
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
+        settings.require(*required)
     except SettingsError as exc:
         fail(str(exc))
+    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,12 +58,7 @@ def _serve(settings: Settings, host: str, port: int) -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 def serve(host: str, port: int) -> None:
     """Run the webhook receiver (uvicorn, uvloop, httptools)."""
-    settings = load_settings()
-    if settings.redis_url is None:
-        fail(
-            "REDIS_URL: required by `bridgehook serve`; `make run` (bridgehook dev) starts an embedded server"
-        )
-    _serve(settings, host, port)
+    _serve(load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL"), host, port)
 
 
 @main.command()
@@ -70,7 +68,7 @@ def dev(host: str, port: int) -> None:
     """Run everything locally on the embedded default (what `make run` does)."""
     home = devenv.state_dir()
     devenv.apply_dev_defaults(os.environ, home)
-    settings = load_settings()  # validate before starting anything
+    settings = load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
     if settings.redis_url is not None:
         _banner(host, port, settings.redis_url_for_logs or "", home)
         _serve(settings, host, port)

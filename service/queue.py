@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from rq.job import Job, JobStatus
+from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
@@ -83,6 +83,10 @@ class EventQueue:
         self._redis: aioredis.Redis | None = None
         # RQ builds job hashes from a Job bound to a (never used) synchronous connection.
         self._rq_connection = redis.Redis.from_url(self._url)
+        intervals = list(settings.retry_intervals)
+        # The retry schedule travels with the job: RQ's scheduler re-queues it, and RQ's
+        # abandoned-job cleanup honours it too when a worker dies mid-job.
+        self._retry = Retry(max=len(intervals), interval=intervals) if intervals else None
 
     def __repr__(self) -> str:
         return f"EventQueue(queue={self._settings.queue_name!r}, redis={self._settings.redis_url_for_logs!r})"
@@ -123,6 +127,7 @@ class EventQueue:
             failure_ttl=FAILURE_TTL_SECONDS,
             description=f"{event.get('type')} {event_id[:12]}",
             status=JobStatus.QUEUED,
+            retry=self._retry,
         )
         job.enqueued_at = rq_now()
         fields: list[Any] = []

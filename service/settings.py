@@ -12,13 +12,25 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 BRIDGE_SOURCE_IPS = ("63.32.31.5", "52.215.247.62", "34.249.92.209")
 DEFAULT_DATABASE_URL = "sqlite:///.bridgehook/bridgehook.db"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Rate(NamedTuple):
+    """At most ``count`` requests per ``seconds``; written ``count/seconds`` in the environment."""
+
+    count: int
+    seconds: int
+
+
+# Bridge's documented limits: per application, per user, token requests per user.
+RATE_APP, RATE_USER, RATE_TOKEN = Rate(2000, 300), Rate(60, 60), Rate(10, 60)
+DEFAULT_BRIDGE_API_URL = "https://api.bridgeapi.io/v3/aggregation"
 
 
 class SettingsError(ValueError):
@@ -60,7 +72,7 @@ def mask_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    webhook_secrets: tuple[Secret, ...]
+    webhook_secrets: tuple[Secret, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     allowed_ips: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(ip) for ip in BRIDGE_SOURCE_IPS)
@@ -73,6 +85,19 @@ class Settings:
     queue_name: str = "bridgehook"
     log_format: Literal["json", "console"] = "json"
     log_level: str = "info"
+    # Workers: Bridge's API and how we pace, retry and serialise work.
+    bridge_api_url: str = DEFAULT_BRIDGE_API_URL
+    bridge_client_id: str | None = None
+    bridge_client_secret: Secret | None = None
+    bridge_version: str = "2025-01-15"
+    bridge_accept_language: str = "en"
+    bridge_timeout_seconds: float = 30.0
+    rate_app: Rate = RATE_APP
+    rate_user: Rate = RATE_USER
+    rate_token: Rate = RATE_TOKEN
+    retry_intervals: tuple[int, ...] = (10, 60, 300, 1800, 7200)
+    sync_overlap_seconds: int = 300
+    item_lock_seconds: int = 60
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -81,6 +106,18 @@ class Settings:
     @property
     def database_url_for_logs(self) -> str:
         return mask_url(self.database_url)
+
+    def require(self, *names: str) -> None:
+        """Raise SettingsError for the first of ``names`` a command needs but is unset."""
+        present = {
+            "BRIDGE_WEBHOOK_SECRETS": bool(self.webhook_secrets),
+            "REDIS_URL": self.redis_url is not None,
+            "BRIDGE_CLIENT_ID": self.bridge_client_id is not None,
+            "BRIDGE_CLIENT_SECRET": self.bridge_client_secret is not None,
+        }
+        for name in names:
+            if not present[name]:
+                raise SettingsError(f"{name}: required; {_HOW_TO_SET[name]}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -99,7 +136,28 @@ class Settings:
             queue_name=env.name("RQ_QUEUE", "bridgehook"),
             log_format=env.choice("LOG_FORMAT", ("json", "console"), "json"),  # type: ignore[arg-type]
             log_level=env.choice("LOG_LEVEL", ("debug", "info", "warning", "error"), "info"),
+            bridge_api_url=env.url("BRIDGE_API_URL", ("https", "http"), None) or DEFAULT_BRIDGE_API_URL,
+            bridge_client_id=env.get("BRIDGE_CLIENT_ID"),
+            bridge_client_secret=env.secret("BRIDGE_CLIENT_SECRET"),
+            bridge_version=env.get("BRIDGE_VERSION") or cls.bridge_version,
+            bridge_accept_language=env.get("BRIDGE_ACCEPT_LANGUAGE") or cls.bridge_accept_language,
+            bridge_timeout_seconds=float(env.positive_int("BRIDGE_TIMEOUT_SECONDS", 30)),
+            rate_app=env.rate("BRIDGE_RATE_LIMIT_APP", RATE_APP),
+            rate_user=env.rate("BRIDGE_RATE_LIMIT_USER", RATE_USER),
+            rate_token=env.rate("BRIDGE_RATE_LIMIT_TOKEN", RATE_TOKEN),
+            retry_intervals=env.intervals("WORKER_RETRY_INTERVALS", cls.retry_intervals),
+            sync_overlap_seconds=env.positive_int("SYNC_OVERLAP_SECONDS", 300),
+            item_lock_seconds=env.positive_int("ITEM_LOCK_SECONDS", 60),
         )
+
+
+_HOW_TO_SET = {
+    "BRIDGE_WEBHOOK_SECRETS": "set it to the webhook secret(s) from Bridge's dashboard, "
+    "comma-separated during a rotation (`make run` sets a local one)",
+    "REDIS_URL": "set it to redis://host:port/db (`make run` starts an embedded server)",
+    "BRIDGE_CLIENT_ID": "set it to the client id of your Bridge application",
+    "BRIDGE_CLIENT_SECRET": "set it to the client secret of your Bridge application",
+}
 
 
 class _Env:
@@ -114,13 +172,36 @@ class _Env:
             return None
         return value.strip()
 
+    def get(self, name: str) -> str | None:
+        return self._get(name)
+
+    def secret(self, name: str) -> Secret | None:
+        raw = self._get(name)
+        return None if raw is None else Secret(raw)
+
+    def rate(self, name: str, default: Rate) -> Rate:
+        raw = self._get(name)
+        if raw is None:
+            return default
+        count, sep, seconds = raw.partition("/")
+        valid = sep and count.strip().isdigit() and seconds.strip().isdigit()
+        if not valid or int(count) < 1 or int(seconds) < 1:
+            raise SettingsError(f"{name}: expected requests/seconds such as 60/60, got {raw!r}")
+        return Rate(int(count), int(seconds))
+
+    def intervals(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        raw = self._environ.get(name)
+        if raw is None:
+            return default
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        if not all(p.isdigit() for p in parts):
+            raise SettingsError(f"{name}: expected seconds separated by commas (10,60,300), got {raw!r}")
+        return tuple(int(p) for p in parts)
+
     def secrets(self, name: str) -> tuple[Secret, ...]:
         raw = self._get(name)
         if raw is None:
-            raise SettingsError(
-                f"{name}: required; set it to the webhook secret(s) from Bridge's dashboard, "
-                "comma-separated during a rotation (`make run` sets a local one)"
-            )
+            return ()
         parts = [p.strip() for p in raw.split(",")]
         if any(p == "" for p in parts):
             raise SettingsError(f"{name}: contains an empty secret (check the commas)")

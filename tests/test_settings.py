@@ -48,7 +48,6 @@ def test_everything_set() -> None:
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("BRIDGE_WEBHOOK_SECRETS", "", "BRIDGE_WEBHOOK_SECRETS: required"),
         ("BRIDGE_WEBHOOK_SECRETS", f"{SECRET},,", "BRIDGE_WEBHOOK_SECRETS: contains an empty secret"),
         ("BRIDGE_WEBHOOK_SECRETS", "short", "BRIDGE_WEBHOOK_SECRETS: every secret must be at least 8"),
         ("REDIS_URL", "localhost:6379", "REDIS_URL: expected a URL starting with redis://"),
@@ -74,6 +73,34 @@ def test_bad_value_names_the_variable(name: str, value: str, message: str) -> No
         Settings.from_env(env)
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_require_names_what_a_command_needs() -> None:
+    settings = Settings.from_env({})
+    assert settings.webhook_secrets == ()
+    with pytest.raises(SettingsError, match="^BRIDGE_WEBHOOK_SECRETS: required"):
+        settings.require("BRIDGE_WEBHOOK_SECRETS")
+    with pytest.raises(SettingsError, match="^BRIDGE_CLIENT_SECRET: required"):
+        Settings.from_env({"BRIDGE_CLIENT_ID": "x"}).require("BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+
+
+def test_worker_settings() -> None:
+    s = Settings.from_env(
+        {
+            "BRIDGE_API_URL": "http://127.0.0.1:9/v3/aggregation",
+            "BRIDGE_CLIENT_ID": "id",
+            "BRIDGE_CLIENT_SECRET": "client-secret-value",
+            "BRIDGE_RATE_LIMIT_USER": "30/60",
+            "WORKER_RETRY_INTERVALS": "1, 2,3",
+        }
+    )
+    assert s.rate_user == (30, 60)
+    assert s.retry_intervals == (1, 2, 3)
+    assert "client-secret-value" not in repr(s)
+    assert Settings.from_env({"WORKER_RETRY_INTERVALS": ""}).retry_intervals == ()
+    for name, value in (("BRIDGE_RATE_LIMIT_APP", "2000"), ("WORKER_RETRY_INTERVALS", "10,1m")):
+        with pytest.raises(SettingsError, match=f"^{name}: expected"):
+            Settings.from_env({name: value})
 
 
 def test_secret_values_never_appear_in_errors() -> None:
@@ -113,7 +140,7 @@ def test_mask_url_leaves_passwordless_urls_alone() -> None:
             "bridgehook: WEBHOOK_MAX_BODY_BYTES: expected a positive integer",
         ),
         ({"BRIDGE_WEBHOOK_SECRETS": ""}, "bridgehook: BRIDGE_WEBHOOK_SECRETS: required"),
-        ({"REDIS_URL": ""}, "bridgehook: REDIS_URL: required by `bridgehook serve`"),
+        ({"REDIS_URL": ""}, "bridgehook: REDIS_URL: required; set it to redis://"),
     ],
 )
 def test_serve_stops_at_start_with_one_line(env: dict[str, str], expected: str) -> None:
