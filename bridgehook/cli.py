@@ -83,6 +83,46 @@ def dev(host: str, port: int) -> None:
         pass
 
 
+@main.command()
+@click.option("--burst", "-b", is_flag=True, help="Run until the queue is empty, then exit.")
+@click.option("--name", "-n", help="The worker's name in RQ (default: generated).")
+def worker(burst: bool, name: str | None) -> None:
+    """Run an RQ worker (with RQ's scheduler, so that retries fire)."""
+    from service.logs import configure_logging
+    from workers.runner import SchemaOutdated, run_worker
+
+    settings = load_settings("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        run_worker(settings, burst=burst, name=name)
+    except SchemaOutdated as exc:
+        fail(str(exc), code=1)
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Create or upgrade the schema (safe to run twice, or from two pods at once)."""
+    from workers.db import Database
+    from workers.schema import upgrade as apply
+
+    settings = load_settings()
+    where = settings.database_url_for_logs
+    try:
+        database = Database.from_url(settings.database_url)
+        try:
+            applied = apply(database)
+        finally:
+            database.close()
+    except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
+        fail(f"database {where}: {type(exc).__name__}: {exc}", code=1)
+    click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date")
+
+
 def _banner(host: str, port: int, redis: str, home: Path) -> None:
     click.echo(
         f"bridgehook dev\n"

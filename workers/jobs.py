@@ -1,50 +1,149 @@
-"""RQ job functions, one per processed Bridge event type, importable by dotted path.
+"""RQ job functions, one per processed Bridge event, importable by dotted path.
 
-The receiver enqueues ``workers.jobs.<name>(event)`` with the event dict (JSON
-serializer, job id = SHA-256 of the raw body). What each job does arrives with the
-worker issue; until then a job logs what it received and returns.
+The receiver enqueues ``workers.jobs.<name>(event)`` with the event dict (JSON serializer,
+job id = SHA-256 of the raw body). Every job records itself in ``webhook_events``, holds the
+item's lock while it writes (two jobs for one item never write concurrently; different
+items run in parallel), and fetches current state from Bridge, so that replays in any
+order converge on the same rows. Transient failures raise, and RQ's ``Retry`` schedule
+takes over; a permanent one skips the remaining retries and lands in the failed-job
+registry (our dead-letter queue) at once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from redis.exceptions import LockError
+from rq import get_current_job
+
+from workers.bridge import NotFound, PermanentError
+from workers.context import WorkerContext, current
+from workers.sync import Syncer, SyncResult
 
 log = structlog.stdlib.get_logger("bridgehook.jobs")
 
 Event = dict[str, Any]
 
 
-def _accept(event: Event) -> dict[str, Any]:
-    content = event.get("content", {})
-    log.info("job.received", type=event.get("type"), item_id=content.get("item_id"))
-    return {"type": event.get("type"), "item_id": content.get("item_id")}
+class ItemBusy(Exception):
+    """Another job held the item's lock for longer than we could wait; retry later."""
+
+
+def event_time(event: Event) -> datetime:
+    """When Bridge sent the event (milliseconds since the epoch; seconds in TEST_EVENT)."""
+    ts = int(event.get("timestamp") or 0)
+    return datetime.fromtimestamp(ts / 1000 if ts > 100_000_000_000 else ts, tz=UTC)
+
+
+@contextmanager
+def item_lock(ctx: WorkerContext, item_id: int) -> Iterator[Callable[[], None]]:
+    """Hold ``item_id``'s lock (a lease, renewed by the yielded heartbeat) for the block."""
+    lease = ctx.settings.item_lock_seconds
+    lock = ctx.redis.lock(f"bridgehook:lock:item:{item_id}", timeout=lease, blocking_timeout=lease + 5,
+                          thread_local=False)  # fmt: skip
+    if not lock.acquire():
+        raise ItemBusy(f"item {item_id} stayed locked for {lease + 5}s")
+    try:
+        yield lambda: lock.reacquire()
+    finally:
+        try:
+            lock.release()
+        except LockError:
+            log.warning("job.lock_lost", item_id=item_id)
+
+
+def _run(
+    event: Event, work: Callable[[WorkerContext, Syncer], SyncResult | dict[str, Any]]
+) -> dict[str, Any]:
+    job = get_current_job()
+    body = json.dumps(event, sort_keys=True, separators=(",", ":"))
+    event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
+    content = event.get("content") or {}
+    structlog.contextvars.bind_contextvars(job_id=event_id, event_type=event.get("type"),
+                                           item_id=content.get("item_id"))  # fmt: skip
+    ctx = current()
+    try:
+        received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
+        ctx.storage.event_started(event_id, event, body, received)
+        item_id = content.get("item_id")
+        try:
+            if item_id is None:
+                outcome = work(ctx, ctx.syncer())
+            else:
+                with item_lock(ctx, int(item_id)) as heartbeat:
+                    outcome = work(ctx, ctx.syncer(heartbeat))
+        except NotFound as exc:
+            # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
+            log.info("job.not_found", error=str(exc))
+            outcome = {"skipped": "not_found"}
+        except Exception as exc:
+            _failed(ctx, job, event_id, exc)
+            raise
+        summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
+        ctx.storage.event_done(event_id)
+        log.info("job.done", **summary)
+        return summary
+    finally:
+        structlog.contextvars.clear_contextvars()
+
+
+def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None:
+    if isinstance(exc, PermanentError) and job is not None:
+        job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
+    final = job is None or not job.retries_left
+    error = f"{type(exc).__name__}: {exc}"
+    try:
+        ctx.storage.event_failed(event_id, error, final=final)
+    except Exception:  # the database may be what failed; the job's own error matters more
+        log.exception("job.ledger_unavailable")
+    (log.error if final else log.warning)("job.failed", error=error, final=final)
 
 
 def item_created(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c = event["content"]
+    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=True))
 
 
 def item_refreshed(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c = event["content"]
+    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=False))
 
 
 def account_created(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c = event["content"]
+    return _run(event, lambda ctx, s: s.sync_account(c["user_uuid"], c["item_id"], c["account_id"]))
 
 
 def account_updated(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c = event["content"]
+    return _run(event, lambda ctx, s: s.sync_account(c["user_uuid"], c["item_id"], c["account_id"]))
+
+
+def _mark(event: Event, mark: Callable[[WorkerContext, Any], None]) -> dict[str, Any]:
+    def work(ctx: WorkerContext, syncer: Syncer) -> dict[str, Any]:
+        with ctx.storage.transaction() as tx:
+            mark(ctx, tx)
+        return {"deleted_at": event_time(event).isoformat()}
+
+    return _run(event, work)
 
 
 def account_deleted(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c, at = event["content"], event_time(event)
+    return _mark(event, lambda ctx, tx: ctx.storage.mark_account_deleted(tx, c["account_id"], at))
 
 
 def item_deleted(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c, at = event["content"], event_time(event)
+    return _mark(event, lambda ctx, tx: ctx.storage.mark_item_deleted(tx, c["item_id"], at))
 
 
 def user_deleted(event: Event) -> dict[str, Any]:
-    return _accept(event)
+    c, at = event["content"], event_time(event)
+    return _mark(event, lambda ctx, tx: ctx.storage.mark_user_deleted(tx, c["user_uuid"], at))

@@ -1,0 +1,71 @@
+"""What one worker process holds for all its jobs: Redis, the database and the Bridge client.
+
+Built once per process (so HTTP and database connections are reused across jobs) by
+``bridgehook worker`` through :func:`configure`, or lazily from the environment the first
+time a job runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import httpx
+import redis
+
+from service.settings import Settings
+from workers.bridge import BridgeClient
+from workers.db import Database
+from workers.storage import Storage
+from workers.sync import Syncer
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    redis: redis.Redis
+    storage: Storage
+    client: BridgeClient
+
+    @classmethod
+    def build(cls, settings: Settings, transport: httpx.BaseTransport | None = None) -> WorkerContext:
+        settings.require("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+        assert settings.redis_url is not None
+        connection = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        return cls(
+            settings=settings,
+            redis=connection,
+            storage=Storage(Database.from_url(settings.database_url)),
+            client=BridgeClient(settings, connection, transport=transport),
+        )
+
+    def syncer(self, heartbeat: object = None) -> Syncer:
+        return Syncer(
+            self.client,
+            self.storage,
+            overlap=timedelta(seconds=self.settings.sync_overlap_seconds),
+            heartbeat=heartbeat if callable(heartbeat) else (lambda: None),
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.storage.db.close()
+        self.redis.close()
+
+
+_current: WorkerContext | None = None
+
+
+def configure(context: WorkerContext | None) -> None:
+    """Install the process's context (None closes and forgets the current one)."""
+    global _current
+    if _current is not None and _current is not context:
+        _current.close()
+    _current = context
+
+
+def current() -> WorkerContext:
+    global _current
+    if _current is None:
+        _current = WorkerContext.build(Settings.from_env())
+    return _current

@@ -1,0 +1,146 @@
+"""One database interface over PostgreSQL (psycopg 3, a connection pool) and SQLite.
+
+SQL is written once, with ``%s`` placeholders and ``INSERT … ON CONFLICT`` (both engines
+speak it); for SQLite the placeholders become ``?`` and values are adapted to what SQLite
+stores losslessly: ``Decimal`` as text (SQLite's NUMERIC would round it through a float),
+timestamps as ISO 8601 UTC text with microseconds (so that they compare as text), dates
+as ISO text and booleans as 0/1. Reads adapt back through :func:`to_decimal` and
+:func:`to_datetime`, which accept either engine's values.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from psycopg_pool import ConnectionPool
+
+from service.settings import mask_url
+
+Dialect = Literal["postgresql", "sqlite"]
+
+
+class Tx:
+    """A cursor inside one transaction; values are adapted for the engine."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self._cursor = cursor
+        self.dialect = dialect
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("%s", "?") if self.dialect == "sqlite" else sql
+
+    def _params(self, params: Sequence[Any]) -> Sequence[Any]:
+        if self.dialect == "postgresql":
+            return params
+        return [_to_sqlite(v) for v in params]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Tx:
+        self._cursor.execute(self._sql(sql), self._params(params))
+        return self
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._cursor.executemany(self._sql(sql), [self._params(r) for r in rows])
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row = self._cursor.fetchone()
+        return None if row is None else tuple(row)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self._cursor.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+
+def _to_sqlite(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def iso_utc(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+def to_datetime(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+class Database:
+    """Open with :meth:`from_url`; use :meth:`transaction` for every read and write."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.dialect: Dialect
+        if url.startswith(("postgresql://", "postgres://")):
+            self.dialect = "postgresql"
+            self._pool: ConnectionPool | None = ConnectionPool(
+                url, min_size=1, max_size=4, open=True, name="bridgehook", timeout=30
+            )
+            self._sqlite: sqlite3.Connection | None = None
+        else:
+            self.dialect = "sqlite"
+            self._pool = None
+            path = url.removeprefix("sqlite:///")
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: we issue BEGIN IMMEDIATE ourselves, so a writer takes the
+            # lock at the start of its transaction instead of failing halfway through.
+            self._sqlite = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+            self._sqlite.execute("PRAGMA journal_mode=WAL")
+            self._sqlite.execute("PRAGMA synchronous=NORMAL")
+            self._sqlite.execute("PRAGMA busy_timeout=30000")
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> Database:
+        return cls(url)
+
+    def __repr__(self) -> str:
+        return f"Database({mask_url(self.url)!r})"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        if self._pool is not None:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield Tx(cur, "postgresql")
+            return
+        assert self._sqlite is not None
+        with self._lock:
+            lite = self._sqlite.cursor()
+            lite.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(lite, "sqlite")
+            except BaseException:
+                lite.execute("ROLLBACK")
+                raise
+            lite.execute("COMMIT")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        if self._sqlite is not None:
+            self._sqlite.close()

@@ -1,0 +1,141 @@
+"""The public schema and its versioned migrations (``bridgehook db upgrade``).
+
+Applications read these tables, so they change only by appending a migration here. All
+pending migrations run in one transaction, after taking a lock that serialises concurrent
+upgrades (``pg_advisory_xact_lock`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite): running
+it twice, or from two pods at once, applies each version exactly once.
+
+Types differ only where SQLite has no exact equivalent: money is ``NUMERIC`` on PostgreSQL
+and text on SQLite (exact decimal strings), timestamps ``TIMESTAMPTZ`` / ISO 8601 UTC text,
+dates ``DATE`` / ISO text, booleans ``BOOLEAN`` / 0-1.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from workers.db import Database, Dialect, Tx
+
+TYPES: dict[Dialect, dict[str, str]] = {
+    "postgresql": {
+        "ts": "TIMESTAMPTZ",
+        "money": "NUMERIC",
+        "date": "DATE",
+        "bool": "BOOLEAN",
+        "false": "FALSE",
+    },
+    "sqlite": {"ts": "TEXT", "money": "TEXT", "date": "TEXT", "bool": "INTEGER", "false": "0"},
+}
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "users, items, accounts, transactions, webhook_events",
+        [
+            """CREATE TABLE users (
+                uuid TEXT PRIMARY KEY,
+                external_user_id TEXT,
+                deleted_at {ts},
+                created_at {ts} NOT NULL,
+                updated_at {ts} NOT NULL)""",
+            """CREATE TABLE items (
+                id BIGINT PRIMARY KEY,
+                user_uuid TEXT NOT NULL,
+                status INTEGER,
+                status_code_info TEXT,
+                status_code_description TEXT,
+                provider_id BIGINT,
+                needs_user_action {bool} NOT NULL DEFAULT {false},
+                authentication_expires_at {ts},
+                last_successful_refresh {ts},
+                last_try_refresh {ts},
+                last_synced_at {ts},
+                deleted_at {ts},
+                updated_at {ts} NOT NULL)""",
+            "CREATE INDEX items_user_uuid ON items (user_uuid)",
+            """CREATE TABLE accounts (
+                id BIGINT PRIMARY KEY,
+                item_id BIGINT NOT NULL,
+                name TEXT,
+                type TEXT,
+                currency_code TEXT,
+                balance {money},
+                accounting_balance {money},
+                instant_balance {money},
+                iban TEXT,
+                data_access TEXT,
+                last_refresh_status TEXT,
+                pro {bool},
+                provider_id BIGINT,
+                bridge_updated_at {ts},
+                transactions_cursor {ts},
+                deleted_at {ts})""",
+            "CREATE INDEX accounts_item_id ON accounts (item_id)",
+            """CREATE TABLE transactions (
+                id BIGINT PRIMARY KEY,
+                account_id BIGINT NOT NULL,
+                amount {money},
+                currency_code TEXT,
+                date {date},
+                booking_date {date},
+                transaction_date {date},
+                value_date {date},
+                clean_description TEXT,
+                provider_description TEXT,
+                category_id BIGINT,
+                operation_type TEXT,
+                future {bool},
+                bridge_updated_at {ts},
+                deleted_at {ts})""",
+            "CREATE INDEX transactions_account_date ON transactions (account_id, date)",
+            """CREATE TABLE webhook_events (
+                id TEXT PRIMARY KEY,
+                type TEXT NOT NULL,
+                item_id BIGINT,
+                received_at {ts} NOT NULL,
+                processed_at {ts},
+                status TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT,
+                body TEXT NOT NULL)""",
+            "CREATE INDEX webhook_events_status ON webhook_events (status, received_at)",
+        ],
+    ),
+]
+
+_LOCK_ID = 0x62726964  # "brid": the advisory lock all bridgehook upgrades share
+
+
+def _prepare(tx: Tx) -> set[int]:
+    if tx.dialect == "postgresql":
+        tx.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+        f"applied_at {TYPES[tx.dialect]['ts']} NOT NULL)"
+    )
+    return {row[0] for row in tx.execute("SELECT version FROM schema_migrations").fetchall()}
+
+
+def pending(db: Database) -> list[int]:
+    with db.transaction() as tx:
+        applied = _prepare(tx)
+    return [version for version, _, _ in MIGRATIONS if version not in applied]
+
+
+def upgrade(db: Database) -> list[int]:
+    """Apply every migration not yet applied; return the versions applied now."""
+    done = []
+    with db.transaction() as tx:
+        applied = _prepare(tx)
+        for version, description, statements in MIGRATIONS:
+            if version in applied:
+                continue
+            for statement in statements:
+                tx.execute(statement.format(**TYPES[tx.dialect]))
+            tx.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",
+                (version, description, datetime.now(UTC)),
+            )
+            done.append(version)
+    return done
