@@ -1,0 +1,27 @@
+"""A local fake of Bridge's v3 aggregation API (Starlette over uvicorn) and a webhook sender.
+
+Standalone: it never imports the service, the workers or the CLI.
+
+    world = World(); seed_demo(world)
+    with FakeBridgeServer(world) as server:      # server.api_url == "http://127.0.0.1:<port>/v3/aggregation"
+        ...
+    WebhookSender(receiver_url, secret).send(*world.event_item_created(4568477))
+"""
+
+from fakebridge.app import create_app
+from fakebridge.sender import WebhookSender, sign, webhook_body
+from fakebridge.server import FakeBridgeServer
+from fakebridge.world import Fault, Faults, RequestRecord, World, seed_demo
+
+__all__ = [
+    "FakeBridgeServer",
+    "Fault",
+    "Faults",
+    "RequestRecord",
+    "WebhookSender",
+    "World",
+    "create_app",
+    "seed_demo",
+    "sign",
+    "webhook_body",
+]

@@ -1,0 +1,267 @@
+"""The HTTP face of the fake: Bridge's v3 aggregation routes over a World, with faults and a request log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fakebridge.world import RequestRecord, World, parse_iso_ms, render, render_json
+
+PREFIX = "/v3/aggregation"
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return render_json(content).encode()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_response(
+    status: int, code: str | None = None, message: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = {"code": code or phrase.lower().replace(" ", "_").replace("-", "_"), "message": message or phrase}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def fault_response(status: int, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(1 if retry_after is None else retry_after)} if status == 429 else None
+    return error_response(status, message="injected fault", headers=headers)
+
+
+def _bearer(request: Request | Scope) -> str:
+    headers = request.headers if isinstance(request, Request) else Request(request).headers
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class FakeBridgeMiddleware:
+    """Delay, one-shot and ratio faults, client credentials check, request log, JSON errors."""
+
+    def __init__(self, app: ASGIApp, world: World) -> None:
+        self.app, self.world = app, world
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrived, status = time.monotonic(), 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if (delay := self.world.faults.delay_seconds) > 0:
+                await asyncio.sleep(delay)
+            await self._handle(scope, receive, send_and_watch)
+        finally:
+            query = scope.get("query_string", b"").decode("latin-1")
+            user = self.world.token_user(_bearer(scope))
+            self.world.record_request(
+                RequestRecord(scope["method"], scope["path"], query, status, user, arrived)
+            )
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response: Response | None = None
+        headers = Request(scope).headers
+        if (fault := self.world.faults.take()) is not None:
+            response = fault_response(fault.status, fault.retry_after)
+        elif (
+            headers.get("client-id") != self.world.client_id
+            or headers.get("client-secret") != self.world.client_secret
+            or not headers.get("bridge-version")
+        ):
+            response = error_response(
+                401, "invalid_client", "Client-Id, Client-Secret and Bridge-Version are required"
+            )
+        if response is not None:
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+# -- request helpers -------------------------------------------------------------------------------------
+def _user(request: Request) -> str:
+    user = request.app.state.world.token_user(_bearer(request))
+    if user is None:
+        raise ApiError(401, "invalid_token", "missing, unknown or expired access token")
+    return str(user)
+
+
+def _int_param(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", f"{name} must be an integer") from None
+
+
+def _check_item_fault(request: Request, item_id: int | None) -> None:
+    status = request.app.state.world.faults.item_status(item_id)
+    if status is not None:
+        raise ApiError(status, "item_fault", f"injected fault for item {item_id}")
+
+
+def _not_found(what: str) -> ApiError:
+    return ApiError(404, "not_found", f"{what} not found")
+
+
+def _page(request: Request, rows: list[dict[str, Any]]) -> JSONResponse:
+    """One page of ``rows`` (sorted by id) after the ``after`` cursor, with next_uri on all but the last."""
+    world: World = request.app.state.world
+    limit = _int_param(request, "limit")
+    limit = 50 if limit is None else limit
+    if not 1 <= limit <= world.page_limit_max:
+        raise ApiError(400, "invalid_parameter", f"limit must be between 1 and {world.page_limit_max}")
+    after = _int_param(request, "after")
+    remaining = rows if after is None else [r for r in rows if r["id"] > after]
+    page = remaining[:limit]
+    next_uri = None
+    if len(remaining) > limit:
+        query = [(k, v) for k, v in request.query_params.multi_items() if k not in ("limit", "after")]
+        query += [("limit", str(limit)), ("after", str(page[-1]["id"]))]
+        next_uri = f"{request.url.path}?{urlencode(query)}"
+    return JSONResponse({"resources": page, "pagination": {"next_uri": next_uri}})
+
+
+# -- endpoints -------------------------------------------------------------------------------------------
+async def create_token(request: Request) -> Response:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise ApiError(400, "invalid_body", "the body must be JSON") from None
+    if not isinstance(body, dict) or not (body.get("user_uuid") or body.get("external_user_id")):
+        raise ApiError(400, "invalid_body", "user_uuid or external_user_id is required")
+    token = request.app.state.world.issue_token(body.get("user_uuid"), body.get("external_user_id"))
+    if token is None:
+        raise _not_found("user")
+    return JSONResponse(token, status_code=201)
+
+
+async def create_user(request: Request) -> Response:
+    world: World = request.app.state.world
+    try:
+        body = json.loads(await request.body() or b"{}")
+        uuid = world.add_user(body.get("external_user_id"))
+    except (ValueError, AttributeError) as exc:
+        raise ApiError(400, "invalid_body", str(exc)) from None
+    return JSONResponse(
+        render({"uuid": uuid, "external_user_id": body.get("external_user_id")}), status_code=201
+    )
+
+
+async def delete_user(request: Request) -> Response:
+    try:
+        request.app.state.world.delete_user(request.path_params["user_uuid"])
+    except KeyError:
+        raise _not_found("user") from None
+    return Response(status_code=204)
+
+
+async def list_items(request: Request) -> Response:
+    return _page(request, request.app.state.world.api_items(_user(request)))
+
+
+async def get_item(request: Request) -> Response:
+    user, item_id = _user(request), request.path_params["item_id"]
+    _check_item_fault(request, item_id)
+    item = request.app.state.world.api_item(user, item_id)
+    if item is None:
+        raise _not_found("item")
+    return JSONResponse(item)
+
+
+async def list_accounts(request: Request) -> Response:
+    user, item_id = _user(request), _int_param(request, "item_id")
+    _check_item_fault(request, item_id)
+    rows = request.app.state.world.api_accounts(user, item_id)
+    if rows is None:
+        raise _not_found("item")
+    return _page(request, rows)
+
+
+async def get_account(request: Request) -> Response:
+    world: World = request.app.state.world
+    user, account_id = _user(request), request.path_params["account_id"]
+    _check_item_fault(request, world.item_of_account(account_id))
+    account = world.api_account(user, account_id)
+    if account is None:
+        raise _not_found("account")
+    return JSONResponse(account)
+
+
+async def list_transactions(request: Request) -> Response:
+    world: World = request.app.state.world
+    user, account_id = _user(request), _int_param(request, "account_id")
+    if account_id is not None:
+        _check_item_fault(request, world.item_of_account(account_id))
+    since_ms = None
+    if since := request.query_params.get("since"):
+        try:
+            since_ms = parse_iso_ms(since)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", "since must be an ISO 8601 date-time") from None
+    rows = world.api_transactions(user, account_id, since_ms)
+    if rows is None:
+        raise _not_found("account")
+    return _page(request, rows)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    return error_response(status, "not_found" if status == 404 else None)
+
+
+def create_app(world: World) -> Starlette:
+    """The fake's ASGI app; ``app.state.world`` is ``world``."""
+    routes = [
+        Route("/authorization/token", create_token, methods=["POST"]),
+        Route("/users", create_user, methods=["POST"]),
+        Route("/users/{user_uuid}", delete_user, methods=["DELETE"]),
+        Route("/items", list_items, methods=["GET"]),
+        Route("/items/{item_id:int}", get_item, methods=["GET"]),
+        Route("/accounts", list_accounts, methods=["GET"]),
+        Route("/accounts/{account_id:int}", get_account, methods=["GET"]),
+        Route("/transactions", list_transactions, methods=["GET"]),
+    ]
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        HTTPException: _http_error,
+        ApiError: _http_error,
+    }
+    app = Starlette(
+        routes=[Mount(PREFIX, routes=routes)],
+        middleware=[Middleware(FakeBridgeMiddleware, world=world)],
+        exception_handlers=handlers,
+    )
+    app.state.world = world
+    return app
