@@ -22,9 +22,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Rate(NamedTuple):
-    """At most ``count`` requests per ``seconds``; written ``count/seconds`` in the environment."""
+    """At most ``requests`` per ``seconds``; written ``requests/seconds`` in the environment."""
 
-    count: int
+    requests: int
     seconds: int
 
 
@@ -146,7 +146,7 @@ class Settings:
             rate_user=env.rate("BRIDGE_RATE_LIMIT_USER", RATE_USER),
             rate_token=env.rate("BRIDGE_RATE_LIMIT_TOKEN", RATE_TOKEN),
             retry_intervals=env.intervals("WORKER_RETRY_INTERVALS", cls.retry_intervals),
-            sync_overlap_seconds=env.positive_int("SYNC_OVERLAP_SECONDS", 300),
+            sync_overlap_seconds=env.positive_int("SYNC_OVERLAP_SECONDS", 300, allow_zero=True),
             item_lock_seconds=env.positive_int("ITEM_LOCK_SECONDS", 60),
         )
 
@@ -246,7 +246,7 @@ class _Env:
                 raise SettingsError(f"{name}: {value!r} is not an IP address or CIDR") from None
         return tuple(networks)
 
-    def positive_int(self, name: str, default: int) -> int:
+    def positive_int(self, name: str, default: int, *, allow_zero: bool = False) -> int:
         raw = self._get(name)
         if raw is None:
             return default
@@ -254,7 +254,7 @@ class _Env:
             value = int(raw)
         except ValueError:
             raise SettingsError(f"{name}: expected a positive integer, got {raw!r}") from None
-        if value <= 0:
+        if value < 0 or (value == 0 and not allow_zero):
             raise SettingsError(f"{name}: expected a positive integer, got {raw!r}")
         return value
 

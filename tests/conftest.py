@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from starlette.testclient import TestClient
 
+from fakebridge.server import FakeBridgeServer
+from fakebridge.world import World
 from service.app import create_app
 from service.settings import Settings
+from tests.harness import Harness, pg_schema_url, worker_settings
 from tests.support import BRIDGE_IP, make_settings
+
+__all__ = ["pg_schema_url"]  # a fixture, imported so that pytest finds it
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +75,31 @@ def client_factory(settings_factory: Callable[..., Settings]) -> Iterator[Callab
 @pytest.fixture
 def client(client_factory: Callable[..., TestClient]) -> TestClient:
     return client_factory()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each worker test runs on SQLite and on PostgreSQL (a fresh schema)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bridgehook.db'}"
+    return str(request.getfixturevalue("pg_schema_url"))
+
+
+@pytest.fixture
+def world() -> World:
+    return World(seed=7)
+
+
+@pytest.fixture
+def fake(world: World) -> Iterator[FakeBridgeServer]:
+    with FakeBridgeServer(world) as server:
+        yield server
+
+
+@pytest.fixture
+def harness(
+    redis_url: str, r: redis.Redis, database_url: str, world: World, fake: FakeBridgeServer
+) -> Iterator[Harness]:
+    h = Harness(worker_settings(redis_url, database_url, fake.api_url, world), world, fake, r)
+    yield h
+    h.close()

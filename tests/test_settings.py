@@ -78,9 +78,9 @@ def test_bad_value_names_the_variable(name: str, value: str, message: str) -> No
 def test_require_names_what_a_command_needs() -> None:
     settings = Settings.from_env({})
     assert settings.webhook_secrets == ()
-    with pytest.raises(SettingsError, match="^BRIDGE_WEBHOOK_SECRETS: required"):
+    with pytest.raises(SettingsError, match=r"^BRIDGE_WEBHOOK_SECRETS: required"):
         settings.require("BRIDGE_WEBHOOK_SECRETS")
-    with pytest.raises(SettingsError, match="^BRIDGE_CLIENT_SECRET: required"):
+    with pytest.raises(SettingsError, match=r"^BRIDGE_CLIENT_SECRET: required"):
         Settings.from_env({"BRIDGE_CLIENT_ID": "x"}).require("BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
 
 

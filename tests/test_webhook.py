@@ -9,7 +9,6 @@ from collections.abc import Callable
 import pytest
 import redis
 from prometheus_client import REGISTRY
-from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
@@ -397,14 +396,13 @@ def test_archive_is_trimmed_by_length(client_factory: Callable[..., TestClient],
     assert 10 <= r.xlen(ARCHIVE_KEY) <= 110
 
 
-def test_queued_job_runs_in_a_real_rq_worker(client: TestClient, r: redis.Redis) -> None:
-    body = fixture_body("item.refreshed")
-    client.post(URL, **signed(body))
-    queue = Queue("bridgehook", connection=r, serializer=JSONSerializer)
-    SimpleWorker([queue], connection=r, serializer=JSONSerializer).work(burst=True)
-    job = Job.fetch(hashlib.sha256(body).hexdigest(), connection=r, serializer=JSONSerializer)
-    assert job.get_status() == JobStatus.FINISHED
-    assert job.return_value() == {"type": "item.refreshed", "item_id": 4568565}
+def test_job_carries_the_retry_schedule(client_factory: Callable[..., TestClient], r: redis.Redis) -> None:
+    client = client_factory(WORKER_RETRY_INTERVALS="5,30")
+    client.post(URL, **signed(fixture_body("item.refreshed")))
+    job = Job.fetch(queued_ids(r)[0], connection=r, serializer=JSONSerializer)
+    assert (job.retries_left, job.retry_intervals) == (2, [5, 30])
+    assert job.timeout == 600
+    assert job.origin == "bridgehook"
 
 
 def test_response_carries_a_request_id(client: TestClient) -> None:

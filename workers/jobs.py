@@ -62,7 +62,7 @@ def _run(
     event: Event, work: Callable[[WorkerContext, Syncer], SyncResult | dict[str, Any]]
 ) -> dict[str, Any]:
     job = get_current_job()
-    body = json.dumps(event, sort_keys=True, separators=(",", ":"))
+    body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
     event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
     content = event.get("content") or {}
     structlog.contextvars.bind_contextvars(job_id=event_id, event_type=event.get("type"),

@@ -1,0 +1,205 @@
+"""End-to-end harness: signed webhooks → the real receiver → Redis → RQ workers → the database,
+with the fake Bridge served over HTTP as the source of truth."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+from rq import Queue, SimpleWorker
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+from starlette.testclient import TestClient
+
+from fakebridge.sender import webhook_body
+from fakebridge.server import FakeBridgeServer
+from fakebridge.world import World
+from service.app import create_app
+from service.settings import Settings
+from tests.support import BRIDGE_IP, SECRET, signed
+from workers import context
+from workers.context import WorkerContext
+from workers.db import Database, to_datetime
+from workers.schema import upgrade
+
+PG_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def worker_settings(redis_url: str, database_url: str, api_url: str, world: World, **env: str) -> Settings:
+    base = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "BRIDGE_WEBHOOK_SECRETS": SECRET,
+        "BRIDGE_API_URL": api_url,
+        "BRIDGE_CLIENT_ID": world.client_id,
+        "BRIDGE_CLIENT_SECRET": world.client_secret,
+        "WORKER_RETRY_INTERVALS": "0,0,0",
+        "ITEM_LOCK_SECONDS": "10",
+        # The fake's history is seconds old: any overlap would re-read all of it. Overlap has its own test.
+        "SYNC_OVERLAP_SECONDS": "0",
+        # Bridge's real budgets would throttle a test suite; the limiter has its own test.
+        "BRIDGE_RATE_LIMIT_USER": "100000/60",
+        "BRIDGE_RATE_LIMIT_APP": "100000/60",
+    }
+    base.update(env)
+    return Settings.from_env(base)
+
+
+class Harness:
+    def __init__(self, settings: Settings, world: World, fake: FakeBridgeServer, r: redis.Redis) -> None:
+        self.settings = settings
+        self.world = world
+        self.fake = fake
+        self.r = r
+        self.receiver = TestClient(create_app(settings), client=(BRIDGE_IP, 40000))
+        self.receiver.__enter__()
+        self.db = Database.from_url(settings.database_url)
+        upgrade(self.db)
+        self.timestamp = 1_700_000_000_000
+
+    def close(self) -> None:
+        self.receiver.__exit__(None, None, None)
+        context.configure(None)
+        self.db.close()
+
+    # -- driving ---------------------------------------------------------------------------------
+
+    def send(self, event: tuple[str, dict[str, Any]]) -> str:
+        """POST the event, signed, to the receiver; return its status (queued, duplicate…)."""
+        self.timestamp += 1
+        body = webhook_body(event[0], event[1], self.timestamp)
+        response = self.receiver.post("/webhooks/bridge", **signed(body))
+        assert response.status_code == 200, response.text
+        return str(response.json()["status"])
+
+    def drain(self) -> None:
+        """Run every queued job (and every immediate retry) in a real RQ worker, in-process."""
+        if context._current is None:
+            context.configure(WorkerContext.build(self.settings))
+        queue = Queue(self.settings.queue_name, connection=self.r, serializer=JSONSerializer)
+        SimpleWorker([queue], connection=self.r, serializer=JSONSerializer).work(
+            burst=True, with_scheduler=False
+        )
+
+    def failed_ids(self) -> list[str]:
+        queue = Queue(self.settings.queue_name, connection=self.r, serializer=JSONSerializer)
+        return list(FailedJobRegistry(queue=queue).get_job_ids())
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self.db.transaction() as tx:
+            return tx.execute(sql, params).fetchall()
+
+    def tables(self) -> dict[str, dict[Any, dict[str, Any]]]:
+        """Live rows in the shape of the fake's ground truth."""
+        out: dict[str, dict[Any, dict[str, Any]]] = {"items": {}, "accounts": {}, "transactions": {}}
+        for row in self.rows(
+            "SELECT id, status, provider_id, last_try_refresh FROM items WHERE deleted_at IS NULL"
+        ):
+            out["items"][row[0]] = {"status": row[1], "provider_id": row[2], "last_try_refresh": ts(row[3])}
+        accounts = self.rows(
+            "SELECT id, item_id, name, type, currency_code, balance, iban, data_access, pro, "
+            "bridge_updated_at FROM accounts WHERE deleted_at IS NULL"
+        )
+        out["accounts"] = {row[0]: _shape(ACCOUNT_FIELDS, row[1:]) for row in accounts}
+        transactions = self.rows(
+            "SELECT t.id, t.account_id, t.amount, t.date, t.clean_description, t.provider_description, "
+            "t.category_id, t.operation_type, t.future, t.bridge_updated_at FROM transactions t "
+            "JOIN accounts a ON a.id = t.account_id WHERE t.deleted_at IS NULL AND a.deleted_at IS NULL"
+        )
+        out["transactions"] = {row[0]: _shape(TRANSACTION_FIELDS, row[1:]) for row in transactions}
+        return out
+
+    def truth(self) -> dict[str, dict[Any, dict[str, Any]]]:
+        """The fake's state, live objects only, in the same shape."""
+        snap = self.world.snapshot()
+        out: dict[str, dict[Any, dict[str, Any]]] = {"items": {}, "accounts": {}, "transactions": {}}
+        for i in snap["items"].values():
+            out["items"][i["id"]] = {
+                "status": i.get("status"),
+                "provider_id": i.get("provider_id"),
+                "last_try_refresh": ts(i.get("last_try_refresh")),
+            }
+        synced_items = {i for i, v in out["items"].items() if v["status"] == 0}
+        for a in snap["accounts"].values():
+            if a["item_id"] not in synced_items:
+                continue
+            out["accounts"][a["id"]] = _shape(ACCOUNT_FIELDS, [a.get(f) for f in ACCOUNT_FIELDS])
+        enabled = {k for k, a in out["accounts"].items() if a["data_access"] != "disabled"}
+        for t in snap["transactions"].values():
+            if t.get("deleted") or t["account_id"] not in enabled:
+                continue
+            out["transactions"][t["id"]] = _shape(TRANSACTION_FIELDS, [t.get(f) for f in TRANSACTION_FIELDS])
+        return out
+
+
+ACCOUNT_FIELDS = [
+    "item_id",
+    "name",
+    "type",
+    "currency_code",
+    "balance",
+    "iban",
+    "data_access",
+    "pro",
+    "updated_at",
+]
+TRANSACTION_FIELDS = [
+    "account_id", "amount", "date", "clean_description", "provider_description", "category_id",
+    "operation_type", "future", "updated_at",
+]  # fmt: skip
+
+
+# How each compared field is normalised, whichever engine (or the fake) it comes from.
+_NORMALISE: dict[str, Any] = {
+    "balance": lambda v: dec(v),
+    "amount": lambda v: dec(v),
+    "pro": bool,
+    "future": bool,
+    "updated_at": lambda v: ts(v),
+    "date": lambda v: None if v is None else str(v),
+}
+
+
+def _shape(fields: list[str], values: Any) -> dict[str, Any]:
+    return {f: _NORMALISE.get(f, lambda v: v)(v) for f, v in zip(fields, values, strict=True)}
+
+
+def ts(value: Any) -> str | None:
+    """Any timestamp (datetime, ISO text with Z or offset) as UTC ISO with milliseconds."""
+    if value is None:
+        return None
+    parsed = to_datetime(str(value).replace("Z", "+00:00")) if not isinstance(value, datetime) else value
+    assert parsed is not None
+    return parsed.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def dec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    schema = f"bh_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {PG_URL} is required by this test and unreachable: {exc}", pytrace=False)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()

@@ -1,0 +1,318 @@
+"""Workers end to end: signed POST → receiver → RQ job → rows, on SQLite and PostgreSQL,
+against the fake Bridge over HTTP. The fake's state is the ground truth."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from fakebridge.world import World
+from tests.harness import Harness, ts
+from workers import context, jobs
+from workers.storage import Storage
+
+
+def bank(world: World, *, accounts: int = 2, per_account: int = 60, status: int = 0) -> dict[str, Any]:
+    """A user with one item and its accounts and transactions at the fake."""
+    user = world.add_user(external_user_id="app-user-1")
+    item = world.add_item(user, status=status)
+    account_ids = [world.add_account(item, name=f"Compte {n}") for n in range(accounts)]
+    for account in account_ids:
+        world.add_transactions(account, per_account)
+    return {"user": user, "item": item, "accounts": account_ids}
+
+
+def test_item_created_writes_the_whole_item(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=3, per_account=1200)  # several pages of 500 per account
+    disabled = world.add_account(b["item"], data_access="disabled", name="Livret")
+    world.add_transactions(disabled, 5)
+    future = world.add_transactions(b["accounts"][0], 3, future=True)
+
+    assert harness.send(world.event_item_created(b["item"])) == "queued"
+    harness.drain()
+
+    tables, truth = harness.tables(), harness.truth()
+    assert tables["accounts"] == truth["accounts"]
+    assert len(tables["transactions"]) == 3 * 1200 + 3
+    assert tables["transactions"] == truth["transactions"]
+    assert all(tables["transactions"][t]["future"] for t in future)
+    # The disabled account is kept and flagged; its transactions are not fetched.
+    assert tables["accounts"][disabled]["data_access"] == "disabled"
+    assert harness.rows("SELECT count(*) FROM transactions WHERE account_id = %s", (disabled,)) == [(0,)]
+    # Each account's cursor is the newest updated_at it holds.
+    for account in b["accounts"]:
+        [(cursor,)] = harness.rows("SELECT transactions_cursor FROM accounts WHERE id = %s", (account,))
+        newest = max(t["updated_at"] for t in truth["transactions"].values() if t["account_id"] == account)
+        assert ts(cursor) == newest
+    [(external,)] = harness.rows("SELECT external_user_id FROM users WHERE uuid = %s", (b["user"],))
+    assert external == "app-user-1"
+    [(status, attempts, processed)] = harness.rows(
+        "SELECT status, attempts, processed_at FROM webhook_events"
+    )
+    assert (status, attempts) == ("done", 1)
+    assert processed is not None
+
+
+def test_amounts_are_exact(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=1)
+    [txn] = world.add_transactions(b["accounts"][0], 1)
+    world.update_transaction(txn, amount=Decimal("-1234567.89"))
+    world.update_account(b["accounts"][0], balance=Decimal("0.10"))
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    [(amount,)] = harness.rows("SELECT amount FROM transactions WHERE id = %s", (txn,))
+    assert Decimal(str(amount)) == Decimal("-1234567.89")
+    [(balance,)] = harness.rows("SELECT balance FROM accounts WHERE id = %s", (b["accounts"][0],))
+    assert str(balance) == "0.10"
+
+
+def test_refresh_fetches_only_the_delta(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=2, per_account=700)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+
+    first = b["accounts"][0]
+    ids = sorted(t for t, v in harness.tables()["transactions"].items() if v["account_id"] == first)
+    world.update_transaction(ids[10], amount=Decimal("-99.99"), clean_description="Corrected")
+    world.delete_transaction(ids[20])
+    [future] = world.add_transactions(first, 1, future=True)
+    new = world.add_transactions(first, 4)
+    world.reset_requests()
+    world.set_item_status(b["item"], 0)
+
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+
+    tables, truth = harness.tables(), harness.truth()
+    assert tables == truth
+    assert tables["transactions"][ids[10]]["amount"] == Decimal("-99.99")
+    assert ids[20] not in tables["transactions"]
+    [(deleted_at,)] = harness.rows("SELECT deleted_at FROM transactions WHERE id = %s", (ids[20],))
+    assert deleted_at is not None  # kept, marked
+    assert {future, *new} <= set(tables["transactions"])
+    # Every transactions request asked for a delta (`since`), and one page per account sufficed.
+    txn_requests = [r for r in world.requests if r.path.endswith("/transactions")]
+    assert txn_requests and all("since=" in r.query for r in txn_requests)
+    assert len(txn_requests) == 2
+
+    # A future transaction that changes is updated in place; one that disappears is marked deleted.
+    world.update_transaction(future, amount=Decimal("-5.00"))
+    harness.send(world.event_account(first, "updated"))
+    harness.drain()
+    assert harness.tables()["transactions"][future]["amount"] == Decimal("-5.00")
+    world.delete_transaction(future)
+    harness.send(world.event_account(first, "updated"))
+    harness.drain()
+    assert future not in harness.tables()["transactions"]
+    assert harness.tables() == harness.truth()
+
+
+def test_account_events(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=20)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+
+    added = world.add_account(b["item"], name="Nouveau compte")
+    world.add_transactions(added, 30)
+    harness.send(world.event_account(added, "created"))
+    harness.drain()
+    assert harness.tables() == harness.truth()
+
+    world.add_transactions(added, 3)
+    world.update_account(added, balance=Decimal("42.00"))
+    harness.send(world.event_account(added, "updated"))
+    harness.drain()
+    assert harness.tables() == harness.truth()
+
+    event = world.event_account(added, "deleted")
+    world.delete_account(added)
+    harness.send(event)
+    harness.drain()
+    [(deleted_at,)] = harness.rows("SELECT deleted_at FROM accounts WHERE id = %s", (added,))
+    assert deleted_at is not None
+    assert harness.rows("SELECT count(*) FROM transactions WHERE account_id = %s", (added,)) == [
+        (33,)
+    ]  # kept
+    assert harness.tables() == harness.truth()
+
+
+def test_item_and_user_deletion_keep_rows(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=2, per_account=5)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    event = world.event_item_deleted(b["item"])
+    world.delete_item(b["item"])
+    harness.send(event)
+    harness.drain()
+    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NOT NULL") == [(1,)]
+    assert harness.rows("SELECT count(*) FROM accounts WHERE deleted_at IS NOT NULL") == [(2,)]
+    assert harness.rows("SELECT count(*) FROM transactions") == [(10,)]
+
+    event = world.event_user_deleted(b["user"])
+    world.delete_user(b["user"])
+    harness.send(event)
+    harness.drain()
+    assert harness.rows("SELECT count(*) FROM users WHERE deleted_at IS NOT NULL") == [(1,)]
+    assert harness.failed_ids() == []
+
+
+def test_user_action_status_is_flagged_and_not_fetched(harness: Harness, world: World) -> None:
+    b = bank(world, status=402)
+    world.reset_requests()
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+    [(status, flagged)] = harness.rows("SELECT status, needs_user_action FROM items")
+    assert (status, bool(flagged)) == (402, True)
+    assert harness.rows("SELECT count(*) FROM accounts") == [(0,)]
+    assert not [r for r in world.requests if "/accounts" in r.path or "/transactions" in r.path]
+
+    world.set_item_status(b["item"], 0)
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+    [(flagged,)] = harness.rows("SELECT needs_user_action FROM items")
+    assert not flagged
+    assert harness.tables() == harness.truth()
+
+
+def test_1100_never_overwrites_good_values(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=3)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    before = harness.rows("SELECT name, iban FROM accounts")
+    # What a sync would write under 1100: obfuscated values, with a newer updated_at.
+    storage = Storage(harness.db)
+    with storage.transaction() as tx:
+        storage.upsert_accounts(
+            tx, [{"id": b["accounts"][0], "item_id": b["item"], "name": "XXXX", "iban": "FR76XXXXXXXXXXXX",
+                  "updated_at": "2099-01-01T00:00:00.000Z"}],
+        )  # fmt: skip
+    assert harness.rows("SELECT name, iban FROM accounts") == before
+    world.set_item_status(b["item"], 1100)
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+    [(status, flagged)] = harness.rows("SELECT status, needs_user_action FROM items")
+    assert (status, bool(flagged)) == (1100, True)
+    assert harness.rows("SELECT name, iban FROM accounts") == before
+
+
+def test_bank_unavailable_retries_then_dead_letters(harness: Harness, world: World) -> None:
+    b = bank(world, status=1003)
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()  # WORKER_RETRY_INTERVALS=0,0,0: three immediate retries, then the DLQ
+    assert len(harness.failed_ids()) == 1
+    [(status, attempts, error)] = harness.rows("SELECT status, attempts, last_error FROM webhook_events")
+    assert (status, attempts) == ("failed", 4)
+    assert "ItemUnavailable" in error
+
+
+def test_permanent_error_skips_retries(harness: Harness, world: World) -> None:
+    b = bank(world)
+    world.faults.fail_item(b["item"], status=400)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    assert len(harness.failed_ids()) == 1
+    [(status, attempts, error)] = harness.rows("SELECT status, attempts, last_error FROM webhook_events")
+    assert (status, attempts) == ("failed", 1)
+    assert "PermanentError" in error
+
+
+def test_token_expiry_mid_sync_renews_once(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=2, per_account=600)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    world.add_transactions(b["accounts"][1], 5)
+    world.expire_tokens()  # the token cached in Redis is now refused
+    world.reset_requests()
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+    assert harness.tables() == harness.truth()
+    token_requests = [r for r in world.requests if r.path.endswith("/authorization/token")]
+    assert len(token_requests) == 1
+    assert [r.status for r in world.requests].count(401) == 1
+
+
+def test_storms_of_429_and_5xx(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=3, per_account=1100)
+    world.faults.set_ratios(p500=0.3, p429=0.2, retry_after=0, seed=3)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    world.faults.clear()
+    assert harness.tables() == harness.truth()
+    assert harness.failed_ids() == []
+
+
+# Every column but our own bookkeeping times (users.updated_at, items.updated_at, last_synced_at).
+COMPARED = (
+    ("items", "id, user_uuid, status, provider_id, needs_user_action, last_try_refresh, deleted_at"),
+    (
+        "accounts",
+        "id, item_id, name, balance, iban, data_access, bridge_updated_at, transactions_cursor, deleted_at",
+    ),
+    (
+        "transactions",
+        "id, account_id, amount, date, clean_description, future, bridge_updated_at, deleted_at",
+    ),
+)
+
+
+def test_replays_in_any_order_leave_the_same_rows(harness: Harness, world: World) -> None:
+    """Every event run twice, in shuffled order, by the job functions themselves."""
+    b = bank(world, accounts=3, per_account=80)
+    extra = world.add_account(b["item"])
+    world.add_transactions(extra, 10)
+    history: list[tuple[str, dict[str, Any]]] = [world.event_item_created(b["item"])]
+    for account in b["accounts"]:
+        history.append(world.event_account(account, "created"))
+    for n, account in enumerate(b["accounts"]):
+        world.add_transactions(account, 7)
+        world.delete_transaction(world.add_transactions(account, 1)[0])
+        history.append(world.event_account(account, "updated"))
+        if n == 0:
+            world.set_item_status(b["item"], 0)
+            history.append(world.event_item_refreshed(b["item"]))
+    history.append(world.event_account(extra, "deleted"))
+    world.delete_account(extra)
+
+    functions = {"item.created": jobs.item_created, "item.refreshed": jobs.item_refreshed,
+                 "item.account.created": jobs.account_created, "item.account.updated": jobs.account_updated,
+                 "item.account.deleted": jobs.account_deleted}  # fmt: skip
+
+    # Each event keeps its own timestamp, as a real body would.
+    events = [{"type": kind, "content": content, "timestamp": 1_700_000_000_000 + n}
+              for n, (kind, content) in enumerate(history)]  # fmt: skip
+
+    def run(batch: list[dict[str, Any]]) -> list[list[tuple[Any, ...]]]:
+        for event in batch:
+            functions[event["type"]](event)
+        return [harness.rows(f"SELECT {cols} FROM {table} ORDER BY 1") for table, cols in COMPARED]  # noqa: S608
+
+    def wipe() -> None:
+        with harness.db.transaction() as tx:
+            for table in ("users", "items", "accounts", "transactions", "webhook_events"):
+                tx.execute(f"DELETE FROM {table}")  # noqa: S608
+
+    harness.drain()  # builds the worker context
+    in_order = run(events)
+    assert run(events) == in_order  # everything again, on top
+    for seed in (5, 6):
+        shuffled = events * 2
+        random.Random(seed).shuffle(shuffled)
+        wipe()
+        assert run(shuffled) == in_order  # from nothing, twice each, in another order
+    assert harness.tables() == harness.truth()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_item_lock_serialises_jobs_of_one_item(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=3)
+    harness.drain()
+    ctx = context.current()
+    with jobs.item_lock(ctx, b["item"]):
+        held = ctx.redis.lock(f"bridgehook:lock:item:{b['item']}", blocking_timeout=0.2)
+        assert not held.acquire()  # a second job for the same item waits…
+        other = ctx.redis.lock("bridgehook:lock:item:999999", blocking_timeout=0.2)
+        assert other.acquire()  # …while another item proceeds
+        other.release()
