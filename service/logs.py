@@ -52,6 +52,8 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # the receiver logs each request itself
+    for chatty in ("httpx", "httpcore"):  # one line per HTTP call to Bridge is noise, not signal
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

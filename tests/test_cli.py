@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redis
@@ -99,43 +101,62 @@ def test_send_usage_errors(tmp_path: Path) -> None:
     assert "could not POST" in unreachable.stderr
 
 
-def test_dev_runs_on_the_embedded_default(tmp_path: Path) -> None:
-    """What `make run` does: no REDIS_URL, no secret; an embedded valkey under BRIDGEHOOK_HOME."""
+def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
+    """What `make run` does: no REDIS_URL, no database, no Bridge; a fixture becomes rows in SQLite."""
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "DATABASE_URL")
-    }
+    unset = ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "DATABASE_URL", "BRIDGE_API_URL", "BRIDGE_CLIENT_ID",
+             "BRIDGE_CLIENT_SECRET")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["BRIDGEHOOK_HOME"] = str(tmp_path)
-    proc = subprocess.Popen(
-        [*BIN, "dev", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = subprocess.Popen([*BIN, "dev", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         wait_for_http(f"http://127.0.0.1:{port}/readyz")
-        sent = run(
-            "send",
-            "--fixture",
-            "item.refreshed",
-            "--url",
-            f"http://127.0.0.1:{port}/webhooks/bridge",
-            env=env,
-        )
-        assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert json.loads(sent.stdout[4:])["status"] == "queued"
+        url = f"http://127.0.0.1:{port}/webhooks/bridge"
+        for fixture in ("item.created", "item.refreshed"):
+            sent = run("send", "--fixture", fixture, "--url", url, env=env)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            assert json.loads(sent.stdout[4:])["status"] == "queued"
         redis_url = (tmp_path / "redis.url").read_text().strip()
         r = redis.Redis.from_url(redis_url)
-        assert r.llen("rq:queue:bridgehook") == 1
         assert r.config_get("appendonly")["appendonly"] == "yes"
         r.close()
         assert (tmp_path / "webhook-secret").stat().st_mode & 0o777 == 0o600
+        db = sqlite3.connect(tmp_path / "bridgehook.db")
+        deadline = time.monotonic() + 20
+        while db.execute("SELECT count(*) FROM webhook_events WHERE type = 'item.created' AND status = 'done'"
+                         ).fetchone() != (1,):  # fmt: skip
+            assert time.monotonic() < deadline, "the worker did not process item.created"
+            time.sleep(0.2)
+        # The fixture's item, its two accounts and their transactions, fetched from the fake Bridge.
+        assert db.execute("SELECT id, status FROM items WHERE id = 4568477").fetchall() == [(4568477, 0)]
+        assert db.execute("SELECT count(*) FROM accounts WHERE item_id = 4568477").fetchone() == (2,)
+        assert db.execute("SELECT count(*) FROM transactions").fetchone()[0] == 150
+        db.close()
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+    assert "warm shut down requested" in out
     assert not (tmp_path / "redis.url").exists()
     assert (tmp_path / "valkey" / "appendonlydir").is_dir()
+
+
+def test_db_upgrade_twice_and_concurrently(tmp_path: Path, pg_schema_url: str) -> None:
+    for url in (f"sqlite:///{tmp_path / 'x.db'}", pg_schema_url):
+        env = {**os.environ, "DATABASE_URL": url}
+        procs = [subprocess.Popen([*BIN, "db", "upgrade"], env=env, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]  # fmt: skip
+        outputs = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], outputs
+        assert sum("applied migrations [1]" in o for o in outputs) == 1
+        assert sum("is up to date" in o for o in outputs) == 2
+        again = run("db", "upgrade", env=env)
+        assert again.returncode == 0
+        assert "is up to date" in again.stderr
+    bad = run("db", "upgrade", env={**os.environ, "DATABASE_URL": "postgresql://nobody:pw@127.0.0.1:1/x"})
+    assert bad.returncode == 1
+    assert bad.stderr.startswith(
+        "bridgehook: database postgresql://nobody:***@127.0.0.1:1/x: OperationalError"
+    )
+    assert "pw@" not in bad.stderr

@@ -19,6 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from service.settings import mask_url
@@ -96,6 +97,9 @@ class Database:
         self.dialect: Dialect
         if url.startswith(("postgresql://", "postgres://")):
             self.dialect = "postgresql"
+            # One direct connection first: an unreachable or misconfigured server fails here, at
+            # once and with psycopg's own message, rather than as a pool timeout later.
+            psycopg.connect(url, connect_timeout=10).close()
             self._pool: ConnectionPool | None = ConnectionPool(
                 url, min_size=1, max_size=4, open=True, name="bridgehook", timeout=30
             )
