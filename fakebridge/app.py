@@ -68,24 +68,31 @@ class FakeBridgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        arrived, status = time.monotonic(), 500
+        arrived, recorded = time.monotonic(), False
 
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
+        def record(status: int) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                query = scope.get("query_string", b"").decode("latin-1")
+                user = self.world.token_user(_bearer(scope))
+                self.world.record_request(
+                    RequestRecord(scope["method"], scope["path"], query, status, user, arrived)
+                )
+
+        async def send_and_record(message: Message) -> None:
+            # Log the request *before* the response leaves: once a client has seen a response, its
+            # record must already be in ``world.requests`` (logging afterwards races with the client).
             if message["type"] == "http.response.start":
-                status = message["status"]
+                record(message["status"])
             await send(message)
 
         try:
             if (delay := self.world.faults.delay_seconds) > 0:
                 await asyncio.sleep(delay)
-            await self._handle(scope, receive, send_and_watch)
+            await self._handle(scope, receive, send_and_record)
         finally:
-            query = scope.get("query_string", b"").decode("latin-1")
-            user = self.world.token_user(_bearer(scope))
-            self.world.record_request(
-                RequestRecord(scope["method"], scope["path"], query, status, user, arrived)
-            )
+            record(500)  # no response was started: the error handler outside answers 500
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         response: Response | None = None
