@@ -14,7 +14,8 @@ with exponential backoff and full jitter, ``429`` after its ``Retry-After`` (whe
 a ``401`` once with a renewed token; ``max_attempts`` bounds it all. User tokens are cached
 in Redis for every worker until shortly before ``expires_at``, refreshed by one worker at a
 time per user. Request budgets per application, per user and for tokens are shared through
-Redis (:mod:`workers.ratelimit`). JSON numbers are parsed as ``Decimal``, never float.
+Redis (:mod:`workers.ratelimit`). JSON numbers are never floats: fractions parse as ``Decimal``,
+whole numbers as ``int``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() alone admits '²', which float() refuses
         return float(value)
     try:
         when = parsedate_to_datetime(value)
