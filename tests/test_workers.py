@@ -4,6 +4,8 @@ against the fake Bridge over HTTP. The fake's state is the ground truth."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -220,18 +222,28 @@ def test_permanent_error_skips_retries(harness: Harness, world: World) -> None:
 
 
 def test_token_expiry_mid_sync_renews_once(harness: Harness, world: World) -> None:
-    b = bank(world, accounts=2, per_account=600)
+    b = bank(world, accounts=3, per_account=1200)  # 1 item + 1 accounts + 9 transaction pages
+    world.faults.delay(0.03)
+    world.reset_requests()
+
+    def expire_after_five_requests() -> None:
+        deadline = time.monotonic() + 30
+        while len(world.requests) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        world.expire_tokens()  # the token cached in Redis is refused from here on
+
+    expirer = threading.Thread(target=expire_after_five_requests)
+    expirer.start()
     harness.send(world.event_item_created(b["item"]))
     harness.drain()
-    world.add_transactions(b["accounts"][1], 5)
-    world.expire_tokens()  # the token cached in Redis is now refused
-    world.reset_requests()
-    harness.send(world.event_item_refreshed(b["item"]))
-    harness.drain()
+    expirer.join()
+    world.faults.clear()
     assert harness.tables() == harness.truth()
+    statuses = [r.status for r in world.requests]
+    assert statuses.count(401) == 1  # one refused call mid-sync…
     token_requests = [r for r in world.requests if r.path.endswith("/authorization/token")]
-    assert len(token_requests) == 1
-    assert [r.status for r in world.requests].count(401) == 1
+    assert len(token_requests) == 2  # …one renewal, then the sync went on
+    assert statuses.index(401) >= 4
 
 
 def test_storms_of_429_and_5xx(harness: Harness, world: World) -> None:
