@@ -70,7 +70,7 @@ def dev(host: str, port: int) -> None:
 
     An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
-    BRIDGE_API_URL is set), one worker, and the receiver in the foreground.
+    BRIDGE_API_URL is set), one worker, the scheduler, and the receiver in the foreground.
     """
     home = devenv.state_dir()
     env = os.environ
@@ -82,7 +82,8 @@ def dev(host: str, port: int) -> None:
         api = stack.enter_context(devenv.fake_bridge(env))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
         _upgrade(settings)
-        stack.enter_context(devenv.worker_process(env))
+        stack.enter_context(devenv.process("worker", env))
+        stack.enter_context(devenv.process("scheduler", env))
         click.echo(
             f"bridgehook dev\n"
             f"  receiver   http://{host}:{port}/webhooks/bridge   (/livez /readyz /metrics)\n"
@@ -196,3 +197,27 @@ def _upgrade(settings: Settings) -> None:
     except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
         fail(f"database {where}: {type(exc).__name__}: {exc}", code=1)
     click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date", err=True)
+
+
+@main.command()
+def scheduler() -> None:
+    """Enqueue the reconciliation sweep every RECONCILE_INTERVAL_SECONDS; serve global metrics.
+
+    Run exactly one (two would still enqueue one sweep per period).
+    """
+    from service.logs import configure_logging
+    from workers.scheduler import run_scheduler
+
+    settings = load_settings("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+    configure_logging(settings.log_format, settings.log_level)
+    run_scheduler(settings)
+
+
+def _register_ops() -> None:
+    from bridgehook import ops
+
+    for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, ops.status):
+        main.add_command(command)
+
+
+_register_ops()

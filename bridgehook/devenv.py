@@ -64,10 +64,14 @@ def fake_bridge(env: MutableMapping[str, str]) -> Iterator[str | None]:
 
 
 @contextmanager
-def worker_process(env: MutableMapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """``bridgehook worker`` beside the receiver; warm shutdown (SIGTERM) when the block ends."""
+def process(command: str, env: MutableMapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """``bridgehook <command>`` beside the receiver; SIGTERM (RQ's warm shutdown) when the block ends.
+
+    Metrics ports are per pod in production; locally the processes share one host, so none listens.
+    """
+    child_env = {**env, "METRICS_PORT": "0"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridgehook", "worker"], env=dict(env), start_new_session=True
+        [sys.executable, "-m", "bridgehook", command], env=child_env, start_new_session=True
     )
     try:
         yield proc

@@ -63,6 +63,40 @@ return decision
 """
 
 
+def build_job(
+    connection: redis.Redis,
+    settings: Settings,
+    job_id: str,
+    function: str,
+    event: Mapping[str, Any],
+    *,
+    received_at_ms: int | None = None,
+    replayed: bool = False,
+) -> Job:
+    """An RQ job for one event, as the receiver and every replay command enqueue it.
+
+    The retry schedule (``WORKER_RETRY_INTERVALS``) travels with the job: RQ's scheduler
+    re-queues it, and RQ's abandoned-job cleanup honours it too when a worker dies mid-job.
+    ``meta.received_at`` (ms) is when the webhook arrived, for the sync-lag metric.
+    """
+    intervals = list(settings.retry_intervals)
+    return Job.create(
+        function,
+        args=[dict(event)],
+        id=job_id,
+        connection=connection,
+        serializer=JSONSerializer,
+        origin=settings.queue_name,
+        timeout=JOB_TIMEOUT_SECONDS,
+        result_ttl=RESULT_TTL_SECONDS,
+        failure_ttl=FAILURE_TTL_SECONDS,
+        description=f"{event.get('type')} {job_id[:12]}",
+        status=JobStatus.QUEUED,
+        retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
+        meta={"received_at": received_at_ms or int(time.time() * 1000), "replayed": replayed},
+    )
+
+
 class QueueUnavailable(Exception):
     """Redis could not be reached or did not confirm the write."""
 
@@ -83,10 +117,6 @@ class EventQueue:
         self._redis: aioredis.Redis | None = None
         # RQ builds job hashes from a Job bound to a (never used) synchronous connection.
         self._rq_connection = redis.Redis.from_url(self._url)
-        intervals = list(settings.retry_intervals)
-        # The retry schedule travels with the job: RQ's scheduler re-queues it, and RQ's
-        # abandoned-job cleanup honours it too when a worker dies mid-job.
-        self._retry = Retry(max=len(intervals), interval=intervals) if intervals else None
 
     def __repr__(self) -> str:
         return f"EventQueue(queue={self._settings.queue_name!r}, redis={self._settings.redis_url_for_logs!r})"
@@ -115,20 +145,7 @@ class EventQueue:
 
     def job_fields(self, event_id: str, function: str, event: Mapping[str, Any]) -> list[Any]:
         """The RQ job hash, flattened for HSET, built by RQ itself."""
-        job = Job.create(
-            function,
-            args=[dict(event)],
-            id=event_id,
-            connection=self._rq_connection,
-            serializer=JSONSerializer,
-            origin=self._settings.queue_name,
-            timeout=JOB_TIMEOUT_SECONDS,
-            result_ttl=RESULT_TTL_SECONDS,
-            failure_ttl=FAILURE_TTL_SECONDS,
-            description=f"{event.get('type')} {event_id[:12]}",
-            status=JobStatus.QUEUED,
-            retry=self._retry,
-        )
+        job = build_job(self._rq_connection, self._settings, event_id, function, event)
         job.enqueued_at = rq_now()
         fields: list[Any] = []
         for key, value in job.to_dict().items():

@@ -98,6 +98,10 @@ class Settings:
     retry_intervals: tuple[int, ...] = (10, 60, 300, 1800, 7200)
     sync_overlap_seconds: int = 300
     item_lock_seconds: int = 60
+    # Operations: reconciliation and metrics of the worker and scheduler processes.
+    reconcile_interval_seconds: int = 3600
+    reconcile_stale_seconds: int = 2 * 86400
+    metrics_port: int = 9100
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -148,6 +152,9 @@ class Settings:
             retry_intervals=env.intervals("WORKER_RETRY_INTERVALS", cls.retry_intervals),
             sync_overlap_seconds=env.positive_int("SYNC_OVERLAP_SECONDS", 300, allow_zero=True),
             item_lock_seconds=env.positive_int("ITEM_LOCK_SECONDS", 60),
+            reconcile_interval_seconds=env.positive_int("RECONCILE_INTERVAL_SECONDS", 3600),
+            reconcile_stale_seconds=env.positive_int("RECONCILE_STALE_SECONDS", 2 * 86400),
+            metrics_port=env.positive_int("METRICS_PORT", 9100, allow_zero=True),
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from rq import get_current_job
 
 from workers.bridge import NotFound, PermanentError
 from workers.context import WorkerContext, current
+from workers.metrics import JOBS, SYNC_LAG
 from workers.sync import Syncer, SyncResult
 
 log = structlog.stdlib.get_logger("bridgehook.jobs")
@@ -84,9 +86,14 @@ def _run(
             outcome = {"skipped": "not_found"}
         except Exception as exc:
             _failed(ctx, job, event_id, exc)
+            JOBS.labels(event.get("type"), "failed").inc()
             raise
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         ctx.storage.event_done(event_id)
+        JOBS.labels(event.get("type"), "done").inc()
+        meta = job.meta if job is not None else {}
+        if meta.get("received_at") and not meta.get("replayed"):
+            SYNC_LAG.observe(max(0.0, time.time() - int(meta["received_at"]) / 1000))
         log.info("job.done", **summary)
         return summary
     finally:
@@ -147,3 +154,38 @@ def item_deleted(event: Event) -> dict[str, Any]:
 def user_deleted(event: Event) -> dict[str, Any]:
     c, at = event["content"], event_time(event)
     return _mark(event, lambda ctx, tx: ctx.storage.mark_user_deleted(tx, c["user_uuid"], at))
+
+
+def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) -> SyncResult:
+    with ctx.storage.transaction() as tx:
+        ctx.storage.reset_cursors(tx, item_id)
+    return syncer.sync_item(user_uuid, item_id, full=True)
+
+
+def resync_item(event: Event) -> dict[str, Any]:
+    """A full resync of one item (cursors reset), enqueued by `bridgehook resync` or reconciliation."""
+    c = event["content"]
+    return _run(event, lambda ctx, s: _resync(ctx, s, c["user_uuid"], c["item_id"]))
+
+
+def resync_user(event: Event) -> dict[str, Any]:
+    """A full resync of every item Bridge lists for the user, one item lock at a time."""
+    user_uuid = event["content"]["user_uuid"]
+
+    def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
+        synced = []
+        for page in ctx.client.item_pages(user_uuid):
+            for item in page:
+                with item_lock(ctx, int(item["id"])) as heartbeat:
+                    _resync(ctx, ctx.syncer(heartbeat), user_uuid, int(item["id"]))
+                synced.append(item["id"])
+        return {"items": synced}
+
+    return _run(event, work)
+
+
+def reconcile(event: Event) -> dict[str, Any]:
+    """The periodic sweep that catches what webhooks missed (see workers.reconcile)."""
+    from workers.reconcile import Reconciler
+
+    return _run(event, lambda ctx, _: Reconciler(ctx).run())

@@ -9,6 +9,7 @@ a second SIGTERM abandons it, and RQ's abandoned-job cleanup retries it on anoth
 from __future__ import annotations
 
 import structlog
+from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
@@ -31,6 +32,8 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         ctx.close()
         raise SchemaOutdated(f"the database lacks migrations {missing}: run `bridgehook db upgrade` first")
     context.configure(ctx)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)  # bridgehook_jobs_total, bridgehook_sync_lag_seconds
     try:
         queue = Queue(settings.queue_name, connection=ctx.redis, serializer=JSONSerializer)
         worker = SimpleWorker([queue], connection=ctx.redis, serializer=JSONSerializer, name=name)

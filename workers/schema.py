@@ -101,6 +101,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX webhook_events_status ON webhook_events (status, received_at)",
         ],
     ),
+    (
+        2,
+        "items.status_changed_at: how long an item has been in its status (1003 alerts)",
+        [
+            "ALTER TABLE items ADD COLUMN status_changed_at {ts}",
+            "UPDATE items SET status_changed_at = updated_at",
+            "CREATE INDEX items_status ON items (status, status_changed_at)",
+        ],
+    ),
 ]
 
 _LOCK_ID = 0x62726964  # "brid": the advisory lock all bridgehook upgrades share

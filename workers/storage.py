@@ -53,14 +53,24 @@ def clear(value: Any) -> str | None:
 
 
 def _upsert(
-    table: str, key: str, columns: list[str], keep: Iterable[str] = (), guard: str | None = None
+    table: str,
+    key: str,
+    columns: list[str],
+    keep: Iterable[str] = (),
+    guard: str | None = None,
+    custom: Mapping[str, str] | None = None,
 ) -> str:
-    """``INSERT … ON CONFLICT (key) DO UPDATE``; ``keep`` columns keep their value over a new NULL.
+    """``INSERT … ON CONFLICT (key) DO UPDATE``; ``keep`` columns keep their value over a new NULL,
+    ``custom`` columns take the given expression.
 
     Table and column names come from the constants below, never from input."""
-    keep = set(keep)
+    keep, custom = set(keep), dict(custom or {})
     sets = ", ".join(
-        f"{c} = COALESCE(excluded.{c}, {table}.{c})" if c in keep else f"{c} = excluded.{c}"
+        f"{c} = {custom[c]}"
+        if c in custom
+        else f"{c} = COALESCE(excluded.{c}, {table}.{c})"
+        if c in keep
+        else f"{c} = excluded.{c}"
         for c in columns
         if c != key
     )
@@ -73,7 +83,7 @@ def _upsert(
 ITEM_COLUMNS = [
     "id", "user_uuid", "status", "status_code_info", "status_code_description", "provider_id",
     "needs_user_action", "authentication_expires_at", "last_successful_refresh", "last_try_refresh",
-    "updated_at",
+    "updated_at", "status_changed_at",
 ]  # fmt: skip
 ACCOUNT_COLUMNS = [
     "id", "item_id", "name", "type", "currency_code", "balance", "accounting_balance", "instant_balance",
@@ -90,7 +100,11 @@ UPSERT_USER = (
     "ON CONFLICT (uuid) DO UPDATE SET external_user_id = COALESCE(excluded.external_user_id, "
     "users.external_user_id), updated_at = excluded.updated_at"
 )
-UPSERT_ITEM = _upsert("items", "id", ITEM_COLUMNS, guard="last_try_refresh")
+UPSERT_ITEM = _upsert(
+    "items", "id", ITEM_COLUMNS, guard="last_try_refresh",
+    custom={"status_changed_at": "CASE WHEN items.status = excluded.status THEN items.status_changed_at "
+                                 "ELSE excluded.status_changed_at END"},
+)  # fmt: skip
 UPSERT_ACCOUNT = _upsert("accounts", "id", ACCOUNT_COLUMNS, keep=("name", "iban"), guard="bridge_updated_at")
 UPSERT_TRANSACTION = _upsert(
     "transactions", "id", TRANSACTION_COLUMNS,
@@ -120,7 +134,7 @@ class Storage:
         tx.execute(UPSERT_USER, (uuid, external_user_id, now, now))
 
     def upsert_item(self, tx: Tx, user_uuid: str, item: Mapping[str, Any]) -> None:
-        status = item.get("status")
+        status, now = item.get("status"), datetime.now(UTC)
         tx.execute(
             UPSERT_ITEM,
             (
@@ -128,7 +142,7 @@ class Storage:
                 item.get("status_code_description"), item.get("provider_id"), status in USER_ACTION_STATUSES,
                 parse_ts(item.get("authentication_expires_at")),
                 parse_ts(item.get("last_successful_refresh")),
-                parse_ts(item.get("last_try_refresh")), datetime.now(UTC),
+                parse_ts(item.get("last_try_refresh")), now, now,
             ),
         )  # fmt: skip
 
@@ -184,8 +198,9 @@ class Storage:
             (cursor, account_id, cursor),
         )
 
-    def reset_cursor(self, tx: Tx, account_id: int) -> None:
-        tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE id = %s", (account_id,))
+    def reset_cursors(self, tx: Tx, item_id: int) -> None:
+        """Forget how far the item's accounts were synced: the next sync reads everything."""
+        tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
 
     def vanish_future(self, tx: Tx, account_id: int, seen: set[int], at: datetime) -> int:
         """After a full listing: future transactions we hold that Bridge no longer lists are gone."""
@@ -237,6 +252,18 @@ class Storage:
                 "WHERE id = %s",
                 (datetime.now(UTC), event_id),
             )
+
+    def event_purged(
+        self, event_id: str, event: Mapping[str, Any], body: str, attempts: int, received_at: datetime
+    ) -> None:
+        content = event.get("content") or {}
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
+                "VALUES (%s, %s, %s, %s, 'purged', %s, %s) ON CONFLICT (id) DO UPDATE SET status = 'purged'",
+                (event_id, event.get("type", "?"), content.get("item_id"), received_at, attempts,
+                 self.codec.encode(body)),
+            )  # fmt: skip
 
     def event_failed(self, event_id: str, error: str, *, final: bool) -> None:
         with self.db.transaction() as tx:

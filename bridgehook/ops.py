@@ -1,0 +1,434 @@
+"""Operations commands: dead letters, replays, resyncs, reconciliation and status.
+
+Named the way RQ's own CLI names things. Tables for people, ``--json`` lines for scripts.
+Exit codes: 0 done, 1 something failed (or an id is unknown, or Redis is unreachable:
+nothing is done then), 2 bad usage. Under ``make run`` the commands find the embedded
+Redis through ``.bridgehook/redis.url`` when ``REDIS_URL`` is not set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, TypeVar
+
+import click
+import redis
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from bridgehook import devenv
+from service.settings import Settings, SettingsError
+from workers.db import Database
+from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact
+from workers.replay import Enqueuer, from_ledger
+from workers.storage import Storage
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(highlight=False, soft_wrap=True)
+CONFIRM_ABOVE = 10
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"bridgehook: {message}", err=True)
+    sys.exit(code)
+
+
+class When(click.ParamType):  # type: ignore[type-arg]
+    """``30m``, ``2h``, ``3d``, ``1w`` ago, or an ISO date/time (UTC unless it says otherwise)."""
+
+    name = "WHEN"
+    _AGO = re.compile(r"^(\d+)([smhdw])$")
+    _UNITS: ClassVar[dict[str, str]] = {
+        "s": "seconds",
+        "m": "minutes",
+        "h": "hours",
+        "d": "days",
+        "w": "weeks",
+    }
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        ago = self._AGO.match(text)
+        if ago:
+            return datetime.now(UTC) - timedelta(**{self._UNITS[ago[2]]: int(ago[1])})
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            self.fail(f"{text!r} is neither a duration ago (30m, 2h, 3d) nor an ISO date/time", param, ctx)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class Duration(When):
+    name = "AGE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:  # type: ignore[override]
+        ago = self._AGO.match(str(value).strip())
+        if not ago:
+            self.fail(f"{value!r} is not a duration such as 30m, 6h, 2d", param, ctx)
+        return timedelta(**{self._UNITS[ago[2]]: int(ago[1])})
+
+
+def filter_options(f: F) -> F:
+    for option in reversed(
+        [
+            click.option("--type", "type_", help="Event type, e.g. item.refreshed."),
+            click.option("--item", "item_id", type=int, help="Bridge item id."),
+            click.option("--since", type=When(), help="Received at or after (30m, 2h, 3d, or ISO)."),
+            click.option("--until", type=When(), help="Received before."),
+            click.option("--error", help="Text the last error contains."),
+            click.option("--limit", type=click.IntRange(min=1), help="At most this many, oldest first."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _filters(kw: dict[str, Any]) -> Filters:
+    return Filters(
+        kw.get("type_"), kw.get("item_id"), kw.get("since"), kw.get("until"), kw.get("error"), kw.get("limit")
+    )
+
+
+def settings() -> Settings:
+    if not os.environ.get("REDIS_URL"):
+        dev_url = devenv.state_dir() / "redis.url"
+        if dev_url.exists():  # `make run` is up: use its embedded server
+            os.environ["REDIS_URL"] = dev_url.read_text().strip()
+    try:
+        loaded = Settings.from_env()
+        loaded.require("REDIS_URL")
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+    return loaded
+
+
+@contextmanager
+def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
+    """Redis (checked) and the database, with one clear line when either is unreachable."""
+    s = settings()
+    assert s.redis_url is not None
+    connection = redis.Redis.from_url(s.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        fail(f"Redis at {s.redis_url_for_logs} is unreachable: {exc}")
+    try:
+        db = Database.from_url(s.database_url)
+    except Exception as exc:
+        fail(f"database {s.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}")
+    try:
+        yield s, connection, Storage(db)
+    finally:
+        db.close()
+        connection.close()
+
+
+def _age(when: datetime | None) -> str:
+    if when is None:
+        return "?"
+    seconds = int((datetime.now(UTC) - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _confirm(verb: str, n: int, yes: bool) -> None:
+    if n > CONFIRM_ABOVE and not yes:
+        click.confirm(f"{verb} {n} events?", abort=True)
+
+
+# -- dlq ------------------------------------------------------------------------------------------
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters: jobs in RQ's failed-job registry, with their webhook_events rows."""
+
+
+@dlq.command("list")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def dlq_list(as_json: bool, **kw: Any) -> None:
+    """One line per failed event: id, type, item, received, attempts, last error."""
+    with ops() as (s, r, storage):
+        letters = DeadLetters(r, s.queue_name, storage).select(_filters(kw))
+    if as_json:
+        for d in letters:
+            click.echo(json.dumps(d.as_json()))
+        return
+    table = Table(
+        "id", "type", "item", "received", "attempts", "last error", title=f"{len(letters)} dead letter(s)"
+    )
+    for d in letters:
+        table.add_row(
+            d.id[:12], d.type, str(d.item_id or ""), _age(d.received_at), str(d.attempts), d.error[:70]
+        )
+    console.print(table)
+
+
+@dlq.command("show")
+@click.argument("job_id")
+def dlq_show(job_id: str) -> None:
+    """The whole record: event (bank data redacted), every attempt, the last traceback."""
+    with ops() as (s, r, storage):
+        letters = DeadLetters(r, s.queue_name, storage)
+        try:
+            [full] = letters.resolve([job_id])
+        except UnknownId as exc:
+            fail(str(exc))
+        [d] = letters.load([full])
+        attempts = letters.attempts(d.job) if d.job is not None else []
+    console.print(f"[bold]{d.id}[/bold]  {d.type}  item {d.item_id or '-'}")
+    console.print(f"received  {d.received_at.isoformat() if d.received_at else '?'}  ({_age(d.received_at)})")
+    console.print(f"failed    {d.failed_at.isoformat() if d.failed_at else '?'}   attempts {d.attempts}")
+    console.print("event (bank data redacted):")
+    console.print(json.dumps(redact(d.event), indent=2, sort_keys=True, default=str))
+    table = Table("#", "at", "outcome", "error", title="attempts recorded by RQ")
+    for n, a in enumerate(attempts, 1):
+        table.add_row(str(n), a["at"].isoformat() if a["at"] else "?", a["outcome"], a["error"][:90])
+    console.print(table)
+    console.print("last traceback:")
+    console.print((d.job.exc_info if d.job is not None else None) or "(none kept)", markup=False)
+
+
+def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:
+    filters = _filters(kw)
+    if not ids and not all_ and filters == Filters():
+        fail("say which: give IDs, --all, or a filter (--type, --item, --since, --until, --error)", code=2)
+    if ids:
+        try:
+            return letters.load(letters.resolve(ids))
+        except UnknownId as exc:
+            fail(f"{exc}; nothing was done")
+    return letters.select(filters)
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@filter_options
+@click.option("--dry-run", is_flag=True, help="Say how many and which would go; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help=f"Do not ask, even above {CONFIRM_ABOVE}.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.01),
+    default=20.0,
+    show_default=True,
+    help="At most this many requeues per second (Bridge's budget is shared).",
+)
+def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate: float, **kw: Any) -> None:
+    """Requeue dead letters (idempotent; safe to interrupt and run again)."""
+    with ops() as (s, r, storage):
+        letters = DeadLetters(r, s.queue_name, storage)
+        chosen = _selection(letters, ids, all_, kw)
+        if dry_run:
+            click.echo(f"would replay {len(chosen)} dead letter(s)")
+            for d in chosen:
+                click.echo(f"  {d.id}  {d.type}  item {d.item_id or '-'}")
+            return
+        _confirm("Replay", len(chosen), yes)
+        with Progress(console=console, disable=not console.is_terminal or len(chosen) < 2) as bar:
+            task = bar.add_task("replaying", total=len(chosen))
+            outcomes = letters.replay(
+                [d.id for d in chosen], rate=rate, progress=lambda _id, _o: bar.advance(task)
+            )
+    click.echo(f"requeued {outcomes['requeued']}, missing {outcomes['missing']}")
+    if outcomes["missing"]:
+        sys.exit(1)
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@filter_options
+@click.option("--dry-run", is_flag=True, help="Say how many and which would go; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help=f"Do not ask, even above {CONFIRM_ABOVE}.")
+def dlq_purge(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, **kw: Any) -> None:
+    """Remove dead letters from the registry; their webhook_events rows stay, marked purged."""
+    with ops() as (s, r, storage):
+        letters = DeadLetters(r, s.queue_name, storage)
+        chosen = _selection(letters, ids, all_, kw)
+        if dry_run:
+            click.echo(f"would purge {len(chosen)} dead letter(s)")
+            for d in chosen:
+                click.echo(f"  {d.id}  {d.type}  item {d.item_id or '-'}")
+            return
+        _confirm("Purge", len(chosen), yes)
+        click.echo(f"purged {letters.purge(chosen)}")
+
+
+# -- events replay, resync, reconcile ---------------------------------------------------------------
+
+
+@click.group()
+def events() -> None:
+    """Archived events (the receiver's stream, or the webhook_events table)."""
+
+
+@events.command("replay")
+@click.option("--since", type=When(), required=True, help="Received at or after (30m, 2h, 3d, or ISO).")
+@click.option("--until", type=When(), help="Received before.")
+@click.option("--type", "type_", help="Only this event type.")
+@click.option("--item", "item_id", type=int, help="Only this item.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Choice(["archive", "ledger"]),
+    default="archive",
+    show_default=True,
+    help="The receiver's archive stream, or webhook_events (beyond the archive's reach).",
+)
+@click.option("--dry-run", is_flag=True, help="Say how many and which would go; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help=f"Do not ask, even above {CONFIRM_ABOVE}.")
+def events_replay(
+    since: datetime,
+    until: datetime | None,
+    type_: str | None,
+    item_id: int | None,
+    source: str,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Re-enqueue the events received in a time window ("we lost the workers for an hour")."""
+    with ops() as (s, r, storage):
+        enqueuer = Enqueuer(r, s)
+        found = enqueuer.archived(since, until) if source == "archive" else from_ledger(storage, since, until)
+        chosen = [
+            (event_id, event, received)
+            for event_id, event, received in found
+            if (type_ is None or event.get("type") == type_)
+            and (item_id is None or (event.get("content") or {}).get("item_id") == item_id)
+        ]
+        if dry_run:
+            click.echo(f"would replay {len(chosen)} event(s) from the {source}")
+            for event_id, event, _ in chosen:
+                click.echo(
+                    f"  {event_id}  {event.get('type')}  item {(event.get('content') or {}).get('item_id')}"
+                )
+            return
+        _confirm("Replay", len(chosen), yes)
+        outcomes: dict[str, int] = {}
+        for event_id, event, received in chosen:
+            outcome = enqueuer.event(event_id, event, received)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    click.echo(", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) or "nothing to replay")
+
+
+@click.command()
+@click.option("--item", "item_id", type=int, help="One item (its user comes from the items table).")
+@click.option("--user", "user_uuid", help="Every item Bridge lists for this user.")
+@click.option(
+    "--all-stale", "stale", type=Duration(), help="Every usable item not synced for this long (6h, 2d)."
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be enqueued; change nothing.")
+def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, dry_run: bool) -> None:
+    """Enqueue a full resync (cursors reset), without any webhook."""
+    if sum(x is not None for x in (item_id, user_uuid, stale)) != 1:
+        fail("give exactly one of --item ID, --user UUID, --all-stale AGE", code=2)
+    from workers.reconcile import stale_items
+
+    with ops() as (s, r, storage):
+        enqueuer = Enqueuer(r, s)
+        if user_uuid is not None:
+            click.echo(
+                f"would resync user {user_uuid}"
+                if dry_run
+                else f"user {user_uuid}: {enqueuer.resync_user(user_uuid)}"
+            )
+            return
+        if item_id is not None:
+            with storage.transaction() as tx:
+                row = tx.execute("SELECT user_uuid FROM items WHERE id = %s", (item_id,)).fetchone()
+            if row is None:
+                fail(f"item {item_id} is not in the items table; use --user UUID to resync a user's items")
+            targets = [(item_id, str(row[0]))] if row else []
+        else:
+            assert stale is not None
+            targets = stale_items(storage, datetime.now(UTC), stale)
+        for target, user in targets:
+            click.echo(
+                f"item {target}: " + ("would resync" if dry_run else enqueuer.resync_item(target, user))
+            )
+        if not targets:
+            click.echo("nothing to resync")
+
+
+@click.command()
+def reconcile() -> None:
+    """Enqueue a reconciliation sweep now (the scheduler enqueues one every period)."""
+    from workers.replay import RECONCILE
+
+    with ops() as (s, r, _):
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        event = {"type": "bridgehook.reconcile", "content": {"manual": stamp}, "timestamp": 0}
+        outcome = Enqueuer(r, s).enqueue(f"reconcile-manual-{stamp}", RECONCILE, event)
+    click.echo(f"sweep reconcile-manual-{stamp}: {outcome}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="The same, as one JSON object.")
+def status(as_json: bool) -> None:
+    """Queues, workers, dead letters and items needing attention, in one screen."""
+    from workers.observe import Status, snapshot
+
+    with ops() as (s, r, storage):
+        snap: Status = snapshot(_Lite(s, r, storage))  # type: ignore[arg-type]
+    if as_json:
+        data = {
+            "queues": snap.queues,
+            "workers": [{**w, "heartbeat": str(w["heartbeat"])} for w in snap.workers],
+            "dead_letters": snap.dead_letters,
+            "dead_letters_by_type": snap.dead_letters_by_type,
+            "oldest_dead_letter": snap.oldest_dead_letter.isoformat() if snap.oldest_dead_letter else None,
+            "needs_user_action": snap.needing_attention,
+            "stuck_1003": snap.stuck_1003,
+            "stale": snap.stale,
+            "items": [
+                {"status": k[0], "needs_user_action": k[1], "count": v}
+                for k, v in snap.items_by_status.items()
+            ],
+            "replays": snap.replays,
+        }
+        click.echo(json.dumps(data, default=str))
+        return
+    q = snap.queues
+    console.print(
+        f"[bold]queue {s.queue_name}[/bold]  queued {q['queued']}  running {q['started']}  "
+        f"scheduled (retries) {q['scheduled']}  deferred {q['deferred']}"
+    )
+    workers = Table(
+        "worker", "state", "current job", "last heartbeat", title=f"{len(snap.workers)} worker(s)"
+    )
+    for w in snap.workers:
+        workers.add_row(w["name"], str(w["state"]), (w["job"] or "")[:12], _age(w["heartbeat"]))
+    console.print(workers)
+    by_type = ", ".join(f"{k} {v}" for k, v in sorted(snap.dead_letters_by_type.items())) or "-"
+    console.print(
+        f"[bold]dead letters[/bold] {snap.dead_letters}  (oldest {_age(snap.oldest_dead_letter)}; "
+        f"{by_type})  → bridgehook dlq list"
+    )
+    items = Table("status", "needs user action", "items", title="items")
+    for (code, flagged), n in sorted(snap.items_by_status.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+        items.add_row(str(code), "yes" if flagged else "", str(n))
+    console.print(items)
+    console.print(
+        f"stuck in 1003 > 24 h: {len(snap.stuck_1003)} {snap.stuck_1003[:10] or ''}   "
+        f"stale: {len(snap.stale)} {snap.stale[:10] or ''}"
+    )
+
+
+class _Lite:
+    """What snapshot() reads from a worker context, without a Bridge client."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis, storage: Storage) -> None:
+        self.settings, self.redis, self.storage = settings, connection, storage

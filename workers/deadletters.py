@@ -1,0 +1,247 @@
+"""The dead-letter queue: RQ's failed-job registry, read together with ``webhook_events``.
+
+RQ keeps each failed job (its event, every attempt's result and the last traceback) in
+``FailedJobRegistry``; our ledger keeps when the event first arrived and how many attempts
+it took. Replay is RQ's own ``requeue`` (atomic: out of the registry, onto the queue), so
+an interrupted replay simply resumes: what was requeued is no longer a dead letter, and an
+event that fails again returns with one more attempt. Purge removes the job but marks the
+ledger row ``purged`` (inserting it from the job when the worker never wrote one), so
+nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from service.events import normalise_type
+from workers.db import to_datetime
+from workers.storage import Storage
+
+SENSITIVE = ("iban", "name", "description", "balance", "amount", "label", "owner", "holder")
+
+
+def redact(value: Any) -> Any:
+    """The event with bank data (names, IBANs, descriptions, amounts) replaced by ``***``."""
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(s in str(k).lower() for s in SENSITIVE) else redact(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    job: Job | None
+    event: dict[str, Any]
+    received_at: datetime | None
+    failed_at: datetime | None
+    attempts: int
+    error: str  # the last line of the last traceback
+
+    @property
+    def type(self) -> str:
+        return normalise_type(str(self.event.get("type", "?")))
+
+    @property
+    def item_id(self) -> int | None:
+        item = (self.event.get("content") or {}).get("item_id")
+        return item if isinstance(item, int) else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "item_id": self.item_id,
+            "received_at": self.received_at.isoformat() if self.received_at else None,
+            "failed_at": self.failed_at.isoformat() if self.failed_at else None,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class Filters:
+    type: str | None = None
+    item_id: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    error: str | None = None
+    limit: int | None = None
+
+    def match(self, d: DeadLetter) -> bool:
+        when = d.received_at or d.failed_at
+        return (
+            (self.type is None or d.type == normalise_type(self.type))
+            and (self.item_id is None or d.item_id == self.item_id)
+            and (self.since is None or (when is not None and when >= self.since))
+            and (self.until is None or (when is not None and when < self.until))
+            and (self.error is None or self.error.lower() in d.error.lower())
+        )
+
+
+class UnknownId(LookupError):
+    pass
+
+
+class DeadLetters:
+    def __init__(self, connection: redis.Redis, queue_name: str, storage: Storage | None) -> None:
+        self.redis = connection
+        self.queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+        self.registry = FailedJobRegistry(queue=self.queue)
+        self.storage = storage
+
+    def ids(self) -> list[str]:
+        return list(self.registry.get_job_ids())
+
+    def count(self) -> int:
+        return int(self.registry.count)
+
+    def load(self, ids: Sequence[str]) -> list[DeadLetter]:
+        jobs = Job.fetch_many(ids, connection=self.redis, serializer=JSONSerializer)
+        ledger = self._ledger(ids)
+        letters = []
+        for job_id, job in zip(ids, jobs, strict=True):
+            row = ledger.get(job_id, {})
+            event = _event_of(job) or row.get("event") or {}
+            error = _last_line(job.exc_info if job is not None else None) or _last_line(row.get("last_error"))
+            letters.append(
+                DeadLetter(
+                    id=job_id,
+                    job=job,
+                    event=event,
+                    received_at=row.get("received_at") or (job.created_at if job else None),
+                    failed_at=_aware(job.ended_at) if job is not None else None,
+                    attempts=int(row.get("attempts") or 1),
+                    error=error,
+                )
+            )
+        letters.sort(key=lambda d: d.received_at or d.failed_at or datetime.min.replace(tzinfo=UTC))
+        return letters
+
+    def select(self, filters: Filters) -> list[DeadLetter]:
+        chosen = [d for d in self.load(self.ids()) if filters.match(d)]
+        return chosen[: filters.limit] if filters.limit else chosen
+
+    def resolve(self, given: Iterable[str]) -> list[str]:
+        """Full ids for ids or unique prefixes (8+ characters) of dead letters; UnknownId otherwise."""
+        known = self.ids()
+        out = []
+        for raw in given:
+            matches = [i for i in known if i == raw] or (
+                [i for i in known if i.startswith(raw)] if len(raw) >= 8 else []
+            )
+            if len(matches) != 1:
+                why = "matches several dead letters" if matches else "is not in the dead-letter queue"
+                raise UnknownId(f"{raw} {why}")
+            out.append(matches[0])
+        return out
+
+    def attempts(self, job: Job) -> list[dict[str, Any]]:
+        """Every execution RQ recorded for the job, oldest first: when, how it ended, the error."""
+        results = sorted(job.results(), key=lambda r: r.created_at)
+        return [
+            {"at": _aware(r.created_at), "outcome": r.type.name.lower(), "error": _last_line(r.exc_string)}
+            for r in results
+        ]
+
+    def replay(
+        self,
+        ids: Sequence[str],
+        *,
+        rate: float | None = None,
+        progress: Callable[[str, str], None] = lambda job_id, outcome: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> dict[str, int]:
+        """Requeue each id with RQ (at most ``rate`` per second). Outcomes: requeued, missing."""
+        outcomes = {"requeued": 0, "missing": 0}
+        interval = 1.0 / rate if rate else 0.0
+        for job_id in ids:
+            started = time.monotonic()
+            try:
+                self.registry.requeue(job_id)
+                outcome = "requeued"
+            except (InvalidJobOperation, NoSuchJobError):
+                outcome = "missing"  # replayed or purged meanwhile, or its hash expired
+            outcomes[outcome] += 1
+            self.redis.hincrby("bridgehook:replays", outcome, 1)
+            progress(job_id, outcome)
+            wait = interval - (time.monotonic() - started)
+            if wait > 0:
+                sleep(wait)
+        return outcomes
+
+    def purge(self, letters: Sequence[DeadLetter]) -> int:
+        """Remove from the registry; the ledger row stays, marked ``purged``."""
+        for d in letters:
+            if self.storage is not None:
+                self.storage.event_purged(d.id, d.event, json.dumps(d.event, sort_keys=True), d.attempts,
+                                          d.received_at or datetime.now(UTC))  # fmt: skip
+            self.registry.remove(d.id, delete_job=True)
+        return len(letters)
+
+    def _ledger(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if self.storage is None or not ids:
+            return {}
+        rows: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(list(ids), 500):
+            marks = ", ".join(["%s"] * len(chunk))
+            sql = "SELECT id, received_at, attempts, last_error, body FROM webhook_events WHERE id IN "
+            with self.storage.transaction() as tx:
+                found = tx.execute(f"{sql}({marks})", chunk).fetchall()
+            for event_id, received_at, attempts, last_error, body in found:
+                rows[event_id] = {
+                    "received_at": _aware(to_datetime(received_at)),
+                    "attempts": attempts,
+                    "last_error": last_error,
+                    "event": _json(self.storage.codec.decode(body)),
+                }
+        return rows
+
+
+def _event_of(job: Job | None) -> dict[str, Any] | None:
+    if job is None:
+        return None
+    try:
+        args = job.args
+    except Exception:  # an undecodable payload is still a dead letter to show
+        return None
+    return dict(args[0]) if args and isinstance(args[0], dict) else None
+
+
+def _json(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,129 @@
+"""Reconciliation: what webhooks miss, found by asking Bridge and by looking at our own rows.
+
+One sweep (an RQ job the scheduler enqueues every ``RECONCILE_INTERVAL_SECONDS``):
+
+- lists each user's items at Bridge (one paginated call per user) and records what changed.
+  Status ``1100`` is never announced by webhook, so this is how it is found; an item in 1100
+  is polled by every sweep until it leaves it, and synced when it does;
+- compares each item's ``last_successful_refresh`` at Bridge with ours and enqueues the
+  delta when Bridge refreshed without a webhook reaching us (and a full resync for an item
+  we have never seen);
+- warns about items stuck in ``1003`` for more than 24 h (Bridge's checklist: contact their
+  support) and items whose last sync is older than ``RECONCILE_STALE_SECONDS``, and resyncs them.
+
+It stops early, without failing, when Bridge's request budget runs out; the next sweep
+starts again from the first user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from workers.bridge import NotFound, TransientError
+from workers.context import WorkerContext
+from workers.db import to_datetime
+from workers.replay import Enqueuer
+from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
+
+log = structlog.stdlib.get_logger("bridgehook.reconcile")
+
+STUCK_AFTER = timedelta(hours=24)
+
+
+def stuck_items(storage: Storage, now: datetime) -> list[tuple[int, str]]:
+    with storage.transaction() as tx:
+        return [
+            (row[0], row[1])
+            for row in tx.execute(
+                "SELECT id, user_uuid FROM items WHERE deleted_at IS NULL AND status = 1003 "
+                "AND status_changed_at < %s ORDER BY id",
+                (now - STUCK_AFTER,),
+            ).fetchall()
+        ]
+
+
+def stale_items(storage: Storage, now: datetime, age: timedelta) -> list[tuple[int, str]]:
+    with storage.transaction() as tx:
+        return [
+            (row[0], row[1])
+            for row in tx.execute(
+                "SELECT id, user_uuid FROM items WHERE deleted_at IS NULL AND status = 0 "
+                "AND (last_synced_at IS NULL OR last_synced_at < %s) ORDER BY id",
+                (now - age,),
+            ).fetchall()
+        ]
+
+
+class Reconciler:
+    def __init__(self, ctx: WorkerContext, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.ctx = ctx
+        self.enqueuer = Enqueuer(ctx.redis, ctx.settings)
+        self.now = now
+
+    def run(self) -> dict[str, Any]:
+        counts = {"users": 0, "changed": 0, "deltas": 0, "new_items": 0, "stuck": 0, "stale": 0, "partial": 0}
+        try:
+            for user_uuid in self._users():
+                self._user(user_uuid, counts)
+                counts["users"] += 1
+        except TransientError as exc:
+            counts["partial"] = 1
+            log.warning("reconcile.partial", error=str(exc), users_done=counts["users"])
+        now = self.now()
+        for item_id, user_uuid in stuck_items(self.ctx.storage, now):
+            log.warning("reconcile.item_stuck_1003", item_id=item_id, hint="contact Bridge support")
+            self.enqueuer.resync_item(item_id, user_uuid)
+            counts["stuck"] += 1
+        stale_after = timedelta(seconds=self.ctx.settings.reconcile_stale_seconds)
+        for item_id, user_uuid in stale_items(self.ctx.storage, now, stale_after):
+            log.warning("reconcile.item_stale", item_id=item_id, stale_after=str(stale_after))
+            self.enqueuer.resync_item(item_id, user_uuid)
+            counts["stale"] += 1
+        log.info("reconcile.done", **counts)
+        return counts
+
+    def _users(self) -> list[str]:
+        with self.ctx.storage.transaction() as tx:
+            rows = tx.execute(
+                "SELECT DISTINCT user_uuid FROM items WHERE deleted_at IS NULL ORDER BY user_uuid"
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def _user(self, user_uuid: str, counts: dict[str, int]) -> None:
+        with self.ctx.storage.transaction() as tx:
+            rows = tx.execute(
+                "SELECT id, status, last_successful_refresh FROM items "
+                "WHERE user_uuid = %s AND deleted_at IS NULL",
+                (user_uuid,),
+            ).fetchall()
+        ours = {row[0]: (row[1], to_datetime(row[2])) for row in rows}
+        try:
+            pages = list(self.ctx.client.item_pages(user_uuid))
+        except NotFound:
+            return
+        for item in (i for page in pages for i in page):
+            item_id, status = int(item["id"]), item.get("status")
+            known = ours.get(item_id)
+            if known is None:
+                counts["new_items"] += 1
+                self.enqueuer.resync_item(item_id, user_uuid)
+                continue
+            old_status, old_refresh = known
+            if status != old_status:
+                counts["changed"] += 1
+                log.info("reconcile.status_changed", item_id=item_id, old=old_status, new=status)
+                with self.ctx.storage.transaction() as tx:
+                    self.ctx.storage.upsert_item(tx, user_uuid, item)
+            refresh = parse_ts(item.get("last_successful_refresh"))
+            usable = status not in USER_ACTION_STATUSES and status not in TEMPORARY_STATUSES
+            left_user_action = old_status in USER_ACTION_STATUSES and usable
+            if usable and (
+                left_user_action or (refresh is not None and (old_refresh is None or refresh > old_refresh))
+            ):
+                counts["deltas"] += 1
+                tag = str(int(refresh.timestamp() * 1000)) if refresh else "none"
+                self.enqueuer.delta(item_id, user_uuid, tag)

@@ -1,0 +1,123 @@
+"""Enqueue work without a new webhook: archived events again, and full resyncs.
+
+Replays go through RQ's own enqueue with the same job options as the receiver
+(:func:`service.queue.build_job`), under the event's own id. An event whose job is
+still queued, running or scheduled is left alone (``in_flight``), so a replay rerun after
+an interruption does not duplicate work; jobs are idempotent anyway.
+
+Sources: the receiver's archive stream (raw bodies, by receive time) or, beyond its
+retention, the ``webhook_events`` ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from service.events import MalformedEvent, job_function, parse
+from service.queue import ARCHIVE_KEY, build_job
+from service.settings import Settings
+from workers.db import to_datetime
+from workers.storage import Storage
+
+IN_FLIGHT = {b"queued", b"started", b"scheduled", b"deferred"}
+RESYNC_ITEM = "workers.jobs.resync_item"
+RESYNC_USER = "workers.jobs.resync_user"
+RECONCILE = "workers.jobs.reconcile"
+
+Archived = tuple[str, dict[str, Any], int]  # event id, event, received at (ms)
+
+
+class Enqueuer:
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        self.redis = connection
+        self.settings = settings
+        self.queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+
+    def enqueue(
+        self, job_id: str, function: str, event: dict[str, Any], *, received_at_ms: int | None = None
+    ) -> str:
+        """``queued``, or ``in_flight`` when a job with this id is still waiting or running."""
+        status = self.redis.hget(f"rq:job:{job_id}", "status")
+        if status in IN_FLIGHT or (isinstance(status, str) and status.encode() in IN_FLIGHT):
+            return "in_flight"
+        FailedJobRegistry(queue=self.queue).remove(job_id)  # it goes back through the queue instead
+        job = build_job(self.redis, self.settings, job_id, function, event,
+                        received_at_ms=received_at_ms, replayed=True)  # fmt: skip
+        self.queue.enqueue_job(job)
+        return "queued"
+
+    def event(self, event_id: str, event: dict[str, Any], received_at_ms: int | None = None) -> str:
+        function = job_function(str(event.get("type", "")))
+        if function is None:
+            return "ignored"
+        return self.enqueue(event_id, function, event, received_at_ms=received_at_ms)
+
+    def resync_item(self, item_id: int, user_uuid: str) -> str:
+        return self.enqueue(f"resync-item-{item_id}", RESYNC_ITEM, _task("resync.item", item_id=item_id,
+                                                                           user_uuid=user_uuid))  # fmt: skip
+
+    def resync_user(self, user_uuid: str) -> str:
+        return self.enqueue(
+            f"resync-user-{user_uuid}", RESYNC_USER, _task("resync.user", user_uuid=user_uuid)
+        )
+
+    def delta(self, item_id: int, user_uuid: str, tag: str) -> str:
+        """An incremental sync of the item, as if ``item.refreshed`` had arrived."""
+        event = {"type": "item.refreshed", "content": {"item_id": item_id, "user_uuid": user_uuid},
+                 "timestamp": int(time.time() * 1000)}  # fmt: skip
+        return self.enqueue(f"reconcile-{item_id}-{tag}", "workers.jobs.item_refreshed", event)
+
+    # -- sources ---------------------------------------------------------------------------------
+
+    def archived(self, since: datetime, until: datetime | None) -> Iterator[Archived]:
+        """Signed deliveries the receiver archived between the two times, each event once."""
+        start = f"{int(since.timestamp() * 1000)}-0"
+        end = f"{int(until.timestamp() * 1000) - 1}-99999999" if until else "+"
+        seen: set[str] = set()
+        while True:
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = self.redis.xrange(  # type: ignore[assignment]
+                ARCHIVE_KEY, min=start, max=end, count=500
+            )
+            for _, fields in entries:
+                event_id = fields[b"id"].decode()
+                if fields.get(b"decision") in (b"queued", b"duplicate") and event_id not in seen:
+                    seen.add(event_id)
+                    try:
+                        yield event_id, parse(fields[b"body"]), int(fields[b"received_at"])
+                    except MalformedEvent:
+                        continue
+            if len(entries) < 500:
+                return
+            start = "(" + entries[-1][0].decode()
+
+
+def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[Archived]:
+    """The same, read from ``webhook_events`` (beyond the archive's retention)."""
+    sql = "SELECT id, body, received_at FROM webhook_events WHERE received_at >= %s"
+    params: list[Any] = [since]
+    if until is not None:
+        sql += " AND received_at < %s"
+        params.append(until)
+    with storage.transaction() as tx:
+        rows = tx.execute(sql + " ORDER BY received_at", params).fetchall()
+    for event_id, body, received_at in rows:
+        try:
+            event = json.loads(storage.codec.decode(body) or "")
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "content" in event:
+            when = to_datetime(received_at)
+            yield event_id, event, int(when.timestamp() * 1000) if when else 0
+
+
+def _task(kind: str, **content: Any) -> dict[str, Any]:
+    return {"type": f"bridgehook.{kind}", "content": content, "timestamp": int(time.time() * 1000)}
