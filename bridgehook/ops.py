@@ -26,12 +26,12 @@ from rich.table import Table
 from bridgehook import devenv
 from service.settings import Settings, SettingsError
 from workers.db import Database
-from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact
+from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact, traceback_of
 from workers.replay import Enqueuer, from_ledger
 from workers.storage import Storage
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 CONFIRM_ABOVE = 10
 
 
@@ -193,12 +193,12 @@ def dlq_show(job_id: str) -> None:
     console.print(f"failed    {d.failed_at.isoformat() if d.failed_at else '?'}   attempts {d.attempts}")
     console.print("event (bank data redacted):")
     console.print(json.dumps(redact(d.event), indent=2, sort_keys=True, default=str))
-    table = Table("#", "at", "outcome", "error", title="attempts recorded by RQ")
+    table = Table("#", "at", "outcome", "error", title="attempts")
     for n, a in enumerate(attempts, 1):
         table.add_row(str(n), a["at"].isoformat() if a["at"] else "?", a["outcome"], a["error"][:90])
     console.print(table)
     console.print("last traceback:")
-    console.print((d.job.exc_info if d.job is not None else None) or "(none kept)", markup=False)
+    console.print(traceback_of(d.job) or "(none kept)", markup=False)
 
 
 def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:

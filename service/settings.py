@@ -92,6 +92,8 @@ class Settings:
     bridge_version: str = "2025-01-15"
     bridge_accept_language: str = "en"
     bridge_timeout_seconds: float = 30.0
+    bridge_max_attempts: int = 4
+    bridge_backoff_ms: int = 500
     rate_app: Rate = RATE_APP
     rate_user: Rate = RATE_USER
     rate_token: Rate = RATE_TOKEN
@@ -146,6 +148,8 @@ class Settings:
             bridge_version=env.get("BRIDGE_VERSION") or cls.bridge_version,
             bridge_accept_language=env.get("BRIDGE_ACCEPT_LANGUAGE") or cls.bridge_accept_language,
             bridge_timeout_seconds=float(env.positive_int("BRIDGE_TIMEOUT_SECONDS", 30)),
+            bridge_max_attempts=env.positive_int("BRIDGE_MAX_ATTEMPTS", 4),
+            bridge_backoff_ms=env.positive_int("BRIDGE_BACKOFF_MS", 500),
             rate_app=env.rate("BRIDGE_RATE_LIMIT_APP", RATE_APP),
             rate_user=env.rate("BRIDGE_RATE_LIMIT_USER", RATE_USER),
             rate_token=env.rate("BRIDGE_RATE_LIMIT_TOKEN", RATE_TOKEN),

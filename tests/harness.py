@@ -45,6 +45,7 @@ def worker_settings(redis_url: str, database_url: str, api_url: str, world: Worl
         # Bridge's real budgets would throttle a test suite; the limiter has its own test.
         "BRIDGE_RATE_LIMIT_USER": "100000/60",
         "BRIDGE_RATE_LIMIT_APP": "100000/60",
+        "BRIDGE_BACKOFF_MS": "5",  # the policy (4 attempts, doubling) stays; the waits shrink
     }
     base.update(env)
     return Settings.from_env(base)

@@ -36,7 +36,13 @@ class WorkerContext:
             settings=settings,
             redis=connection,
             storage=Storage(Database.from_url(settings.database_url)),
-            client=BridgeClient(settings, connection, transport=transport),
+            client=BridgeClient(
+                settings,
+                connection,
+                transport=transport,
+                max_attempts=settings.bridge_max_attempts,
+                backoff_base=settings.bridge_backoff_ms / 1000,
+            ),
         )
 
     def syncer(self, heartbeat: object = None) -> Syncer:

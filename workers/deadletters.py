@@ -123,7 +123,7 @@ class DeadLetters:
         for job_id, job in zip(ids, jobs, strict=True):
             row = ledger.get(job_id, {})
             event = _event_of(job) or row.get("event") or {}
-            error = _last_line(job.exc_info if job is not None else None) or _last_line(row.get("last_error"))
+            error = _last_line(traceback_of(job)) or _last_line(row.get("last_error"))
             letters.append(
                 DeadLetter(
                     id=job_id,
@@ -157,11 +157,10 @@ class DeadLetters:
         return out
 
     def attempts(self, job: Job) -> list[dict[str, Any]]:
-        """Every execution RQ recorded for the job, oldest first: when, how it ended, the error."""
-        results = sorted(job.results(), key=lambda r: r.created_at)
+        """Every failed attempt, oldest first: when, and the error (the job records them in its meta)."""
         return [
-            {"at": _aware(r.created_at), "outcome": r.type.name.lower(), "error": _last_line(r.exc_string)}
-            for r in results
+            {"at": to_datetime(a.get("at")), "outcome": "failed", "error": str(a.get("error", ""))}
+            for a in job.meta.get("attempts", [])
         ]
 
     def replay(
@@ -216,6 +215,12 @@ class DeadLetters:
                     "event": _json(self.storage.codec.decode(body)),
                 }
         return rows
+
+
+def traceback_of(job: Job | None) -> str | None:
+    """The last attempt's traceback, as RQ kept it."""
+    result = job.latest_result() if job is not None else None
+    return result.exc_string if result is not None else None
 
 
 def _event_of(job: Job | None) -> dict[str, Any] | None:

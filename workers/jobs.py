@@ -105,6 +105,11 @@ def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
     final = job is None or not job.retries_left
     error = f"{type(exc).__name__}: {exc}"
+    if job is not None:  # RQ keeps the last traceback; the history of attempts is ours to keep
+        history = job.meta.setdefault("attempts", [])
+        history.append({"at": datetime.now(UTC).isoformat(), "error": error[:500]})
+        del history[:-20]
+        job.save_meta()
     try:
         ctx.storage.event_failed(event_id, error, final=final)
     except Exception:  # the database may be what failed; the job's own error matters more

@@ -1,0 +1,371 @@
+"""Operations through the real `bridgehook` entry point (click's runner), on SQLite and PostgreSQL,
+with real Redis, the fake Bridge over HTTP and RQ workers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from click.testing import CliRunner, Result
+from freezegun import freeze_time
+
+from bridgehook.cli import main
+from fakebridge.world import World
+from tests.harness import Harness
+from workers import context, jobs
+from workers.deadletters import DeadLetters
+from workers.observe import StatusCollector, snapshot
+from workers.reconcile import Reconciler
+
+Cli = Callable[..., Result]
+
+
+@pytest.fixture
+def cli(harness: Harness, tmp_path: Path) -> Cli:
+    s = harness.settings
+    env = {
+        "REDIS_URL": s.redis_url,
+        "DATABASE_URL": s.database_url,
+        "BRIDGEHOOK_HOME": str(tmp_path / "home"),
+        "WORKER_RETRY_INTERVALS": "0,0,0",
+        "BRIDGE_API_URL": s.bridge_api_url,
+    }
+
+    def run(*args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(main, list(args), env=env, input=input, catch_exceptions=False)
+
+    return run
+
+
+def items(world: World, n: int, per_account: int = 30) -> list[tuple[str, int]]:
+    out = []
+    for _ in range(n):
+        user = world.add_user()
+        item = world.add_item(user)
+        account = world.add_account(item)
+        world.add_transactions(account, per_account)
+        out.append((user, item))
+    return out
+
+
+# The event loops of the fake Bridge and the receiver (threads of this process) keep real time;
+# what we freeze is our code's and RQ's clock.
+REAL_TIME = [
+    "asyncio",
+    "anyio",
+    "uvicorn",
+    "httpcore",
+    "h11",
+    "httptools",
+    "selectors",
+    "concurrent",
+    "threading",
+]
+
+
+def frozen(at: datetime) -> Any:
+    return freeze_time(at, tick=True, ignore=REAL_TIME)
+
+
+def dead_ids(harness: Harness) -> set[str]:
+    return set(harness.failed_ids())
+
+
+def test_dead_letters_list_show_replay(harness: Harness, world: World, cli: Cli) -> None:
+    (_, good), (_, bad) = items(world, 2)
+    world.faults.fail_item(bad, status=500)
+    harness.send(world.event_item_created(good))
+    harness.send(world.event_item_created(bad))
+    harness.send(world.event_item_refreshed(bad))
+    harness.drain()
+    assert len(dead_ids(harness)) == 2
+
+    listed = cli("dlq", "list")
+    assert listed.exit_code == 0
+    assert "2 dead letter(s)" in listed.output
+    assert "item.created" in listed.output and "item.refreshed" in listed.output
+    rows = [json.loads(line) for line in cli("dlq", "list", "--json").output.splitlines()]
+    assert {r["item_id"] for r in rows} == {bad}
+    assert all(r["attempts"] == 4 and "TransientError" in r["error"] for r in rows)
+    assert len(cli("dlq", "list", "--json", "--type", "item.refreshed").output.splitlines()) == 1
+    assert len(cli("dlq", "list", "--json", "--item", str(good)).output.splitlines()) == 0
+    assert len(cli("dlq", "list", "--json", "--error", "500 FROM BRIDGE").output.splitlines()) == 2
+    assert len(cli("dlq", "list", "--json", "--since", "1h", "--limit", "1").output.splitlines()) == 1
+    assert cli("dlq", "list", "--json", "--until", "1h").output == ""
+
+    shown = cli("dlq", "show", rows[0]["id"][:12])
+    assert shown.exit_code == 0
+    assert rows[0]["id"] in shown.output
+    attempts = shown.output.split("attempts", 1)[1].split("last traceback")[0]
+    assert attempts.count("TransientError: 500 from Bridge") == 4, shown.output  # each attempt, its error
+    assert "Traceback" in shown.output and "TransientError" in shown.output
+
+    # Fix Bridge; a dry run reports the right count and changes nothing.
+    world.faults.unfail_item(bad)
+    dry = cli("dlq", "replay", "--all", "--dry-run")
+    assert dry.exit_code == 0
+    assert "would replay 2 dead letter(s)" in dry.output
+    assert len(dead_ids(harness)) == 2
+    assert harness.r.llen("rq:queue:bridgehook") == 0
+
+    replayed = cli("dlq", "replay", "--all")
+    assert replayed.exit_code == 0, replayed.output
+    assert "requeued 2, missing 0" in replayed.output
+    harness.drain()
+    assert dead_ids(harness) == set()
+    assert harness.tables() == harness.truth()
+    assert harness.rows("SELECT status, attempts FROM webhook_events WHERE item_id = %s", (bad,)) == [
+        ("done", 5),
+        ("done", 5),
+    ]
+    assert harness.r.hget("bridgehook:replays", "requeued") == b"2"
+
+
+def test_replay_asks_above_ten_and_survives_interruption(harness: Harness, world: World, cli: Cli) -> None:
+    made = items(world, 12, per_account=3)
+    for _, item in made:
+        world.faults.fail_item(item, status=400)  # permanent: straight to the DLQ
+        harness.send(world.event_item_created(item))
+    harness.drain()
+    assert len(dead_ids(harness)) == 12
+
+    refused = cli("dlq", "replay", "--all", input="n\n")
+    assert refused.exit_code == 1
+    assert "Replay 12 events?" in refused.output
+    assert len(dead_ids(harness)) == 12
+
+    for _, item in made:
+        world.faults.unfail_item(item)
+    # An operator's Ctrl-C after five requeues…
+    letters = DeadLetters(harness.r, harness.settings.queue_name, None)
+    done: list[str] = []
+
+    def interrupt(job_id: str, outcome: str) -> None:
+        done.append(job_id)
+        if len(done) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        letters.replay(sorted(letters.ids()), progress=interrupt)
+    assert len(dead_ids(harness)) == 7
+    # …then the same command again: only what is left goes, nothing twice.
+    rerun = cli("dlq", "replay", "--all", "--yes")
+    assert rerun.exit_code == 0
+    assert "requeued 7, missing 0" in rerun.output
+    assert harness.r.llen("rq:queue:bridgehook") == 12
+    harness.drain()
+    assert dead_ids(harness) == set()
+    assert harness.tables() == harness.truth()
+
+
+def test_event_failing_again_returns_with_one_more_attempt(harness: Harness, world: World, cli: Cli) -> None:
+    [(_, item)] = items(world, 1)
+    world.faults.fail_item(item, status=400)
+    harness.send(world.event_item_created(item))
+    harness.drain()
+    [job_id] = dead_ids(harness)
+    assert cli("dlq", "replay", job_id).exit_code == 0
+    harness.drain()
+    assert dead_ids(harness) == {job_id}
+    assert harness.rows("SELECT status, attempts FROM webhook_events") == [("failed", 2)]
+    missing = cli("dlq", "replay", "0" * 64)
+    assert missing.exit_code == 1
+    assert "is not in the dead-letter queue" in missing.output
+
+
+def test_purge_keeps_the_ledger_row(harness: Harness, world: World, cli: Cli) -> None:
+    (_, a), (_, b) = items(world, 2)
+    for item in (a, b):
+        world.faults.fail_item(item, status=400)
+        harness.send(world.event_item_created(item))
+    harness.drain()
+    ids = sorted(dead_ids(harness))
+    assert cli("dlq", "purge").exit_code == 2  # says which, or nothing happens
+    assert cli("dlq", "purge", "--all", "--dry-run").output.startswith("would purge 2")
+    assert cli("dlq", "purge", "nonexistent-id").exit_code == 1
+    purged = cli("dlq", "purge", ids[0])
+    assert purged.exit_code == 0 and "purged 1" in purged.output
+    assert dead_ids(harness) == {ids[1]}
+    assert harness.rows("SELECT status FROM webhook_events WHERE id = %s", (ids[0],)) == [("purged",)]
+    assert harness.r.exists(f"rq:job:{ids[0]}") == 0
+
+
+def test_events_replay_from_the_archive_by_window(harness: Harness, world: World, cli: Cli) -> None:
+    batches: list[list[int]] = []
+    marks: list[datetime] = []
+    for _ in range(3):
+        marks.append(datetime.now(UTC))
+        time.sleep(0.02)
+        made = items(world, 2, per_account=2)
+        for _, item in made:
+            harness.send(world.event_item_created(item))
+        batches.append([item for _, item in made])
+        time.sleep(0.02)
+    marks.append(datetime.now(UTC))
+    harness.drain()
+    # "We lost a bug's worth of rows": wipe them, then replay the middle window only.
+    with harness.db.transaction() as tx:
+        for table in ("items", "accounts", "transactions"):
+            tx.execute(f"DELETE FROM {table}")  # noqa: S608
+    window = ("--since", marks[1].isoformat(), "--until", marks[2].isoformat())
+    dry = cli("events", "replay", *window, "--dry-run")
+    assert dry.exit_code == 0
+    assert "would replay 2 event(s) from the archive" in dry.output
+    assert harness.r.llen("rq:queue:bridgehook") == 0
+    done = cli("events", "replay", *window)
+    assert done.exit_code == 0 and "queued 2" in done.output
+    harness.drain()
+    assert sorted(row[0] for row in harness.rows("SELECT id FROM items")) == sorted(batches[1])
+    only = cli("events", "replay", "--since", marks[0].isoformat(), "--item", str(batches[2][0]))
+    assert "queued 1" in only.output
+
+
+def test_events_replay_from_the_ledger_with_frozen_time(harness: Harness, world: World, cli: Cli) -> None:
+    made = items(world, 3, per_account=2)
+    start = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    for hour, (_, item) in enumerate(made):
+        with frozen(start + timedelta(hours=hour)):
+            harness.send(world.event_item_created(item))
+            harness.drain()
+    received = [row[0] for row in harness.rows("SELECT received_at FROM webhook_events ORDER BY received_at")]
+    assert len(received) == 3
+    window = ("--since", "2026-03-01T09:30:00", "--until", "2026-03-01T10:30:00Z", "--from", "ledger")
+    dry = cli("events", "replay", *window, "--dry-run")
+    assert "would replay 1 event(s) from the ledger" in dry.output
+    assert f"item {made[1][1]}" in dry.output
+    assert "queued 1" in cli("events", "replay", *window).output
+    assert cli("events", "replay", "--since", "yesterday").exit_code == 2
+
+
+def test_resync(harness: Harness, world: World, cli: Cli) -> None:
+    [(user, item)] = items(world, 1, per_account=40)
+    harness.send(world.event_item_created(item))
+    harness.drain()
+    # A bug wrote wrong rows and pushed the cursor past them.
+    with harness.db.transaction() as tx:
+        tx.execute("DELETE FROM transactions WHERE id IN (SELECT id FROM transactions ORDER BY id LIMIT 10)")
+        tx.execute("UPDATE accounts SET transactions_cursor = %s", (datetime(2099, 1, 1, tzinfo=UTC),))
+    assert harness.tables() != harness.truth()
+    assert cli("resync").exit_code == 2
+    assert cli("resync", "--item", "999999").exit_code == 1
+    out = cli("resync", "--item", str(item))
+    assert out.exit_code == 0 and f"item {item}: queued" in out.output
+    assert "in_flight" in cli("resync", "--item", str(item)).output  # not twice
+    harness.drain()
+    assert harness.tables() == harness.truth()
+
+    with harness.db.transaction() as tx:
+        tx.execute("DELETE FROM transactions")
+    assert "queued" in cli("resync", "--user", user).output
+    harness.drain()
+    assert harness.tables() == harness.truth()
+
+    with harness.db.transaction() as tx:
+        tx.execute("UPDATE items SET last_synced_at = %s", (datetime.now(UTC) - timedelta(hours=3),))
+    assert "nothing to resync" in cli("resync", "--all-stale", "4h").output
+    stale = cli("resync", "--all-stale", "2h")
+    assert f"item {item}: queued" in stale.output
+    assert cli("resync", "--all-stale", "soon").exit_code == 2
+
+
+def sweep(harness: Harness, now: datetime | None = None, *, drain: bool = True) -> dict[str, Any]:
+    if drain:
+        harness.drain()  # runs what is queued, and builds the worker context
+    reconciler = Reconciler(context.current(), now=(lambda: now) if now else (lambda: datetime.now(UTC)))
+    return reconciler.run()
+
+
+def test_1100_is_found_by_polling_until_it_leaves(harness: Harness, world: World) -> None:
+    [(_, item)] = items(world, 1, per_account=5)
+    harness.send(world.event_item_created(item))
+    harness.drain()
+    names = harness.rows("SELECT name, iban FROM accounts")
+    world.set_item_status(item, 1100)  # Bridge never sends a webhook for this
+    counts = sweep(harness)
+    assert counts["changed"] == 1 and counts["deltas"] == 0
+    assert harness.rows("SELECT status, needs_user_action FROM items") in ([(1100, True)], [(1100, 1)])
+    assert sweep(harness)["changed"] == 0  # polled again, still 1100
+    assert harness.rows("SELECT name, iban FROM accounts") == names  # never overwritten by XXXX
+
+    account = harness.rows("SELECT id FROM accounts")[0][0]
+    world.add_transactions(account, 4)
+    world.set_item_status(item, 0)  # verified: it leaves 1100
+    counts = sweep(harness)
+    assert counts["changed"] == 1 and counts["deltas"] == 1
+    harness.drain()
+    assert harness.rows("SELECT needs_user_action FROM items") in ([(False,)], [(0,)])
+    assert harness.tables() == harness.truth()
+
+
+def test_missed_webhook_is_caught_by_the_sweep(harness: Harness, world: World) -> None:
+    [(_, item)] = items(world, 1, per_account=5)
+    harness.send(world.event_item_created(item))
+    harness.drain()
+    account = harness.rows("SELECT id FROM accounts")[0][0]
+    world.add_transactions(account, 6)
+    world.set_item_status(item, 0)  # Bridge refreshed; the webhook never reached us
+    assert harness.tables() != harness.truth()
+    assert sweep(harness)["deltas"] == 1
+    assert sweep(harness, drain=False)["deltas"] == 1  # the same refresh: the same job id, not a second job
+    assert harness.r.llen("rq:queue:bridgehook") == 1
+    harness.drain()
+    assert harness.tables() == harness.truth()
+    assert sweep(harness)["deltas"] == 0
+
+
+def test_item_stuck_in_1003_raises_an_alert(harness: Harness, world: World, cli: Cli) -> None:
+    [(_, item)] = items(world, 1)
+    world.set_item_status(item, 1003)
+    start = datetime.now(UTC)
+    with frozen(start):
+        harness.send(world.event_item_refreshed(item))
+        harness.drain()  # recorded as 1003, retried, dead-lettered
+    with structlog.testing.capture_logs() as logs:
+        assert sweep(harness, now=start + timedelta(hours=23))["stuck"] == 0
+    assert not [e for e in logs if e["event"] == "reconcile.item_stuck_1003"]
+    with structlog.testing.capture_logs() as logs:
+        assert sweep(harness, now=start + timedelta(hours=25))["stuck"] == 1
+    [alert] = [e for e in logs if e["event"] == "reconcile.item_stuck_1003"]
+    assert alert["log_level"] == "warning" and alert["item_id"] == item
+    assert harness.r.hget(f"rq:job:resync-item-{item}", "status") == b"queued"
+
+    with frozen(start + timedelta(hours=25)):
+        snap = snapshot(context.current())
+        metrics = {m.name: m for m in StatusCollector(context.current()).collect()}
+        status = cli("status")
+    assert snap.stuck_1003 == [item]
+    assert metrics["bridgehook_items_stuck_1003"].samples[0].value == 1
+    assert metrics["bridgehook_dead_letter_oldest_age_seconds"].samples[0].value > 0
+    assert status.exit_code == 0
+    assert "stuck in 1003 > 24 h: 1" in status.output
+    assert "dead letters 1" in status.output
+
+
+def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
+    (_, good), (_, bad) = items(world, 2)
+    world.set_item_status(bad, 402)
+    harness.send(world.event_item_created(good))
+    harness.send(world.event_item_created(bad))
+    harness.drain()
+    data = json.loads(cli("status", "--json").output)
+    assert data["queues"]["queued"] == 0 and data["dead_letters"] == 0
+    assert data["needs_user_action"] == 1
+    assert {(i["status"], i["needs_user_action"]) for i in data["items"]} == {(0, False), (402, True)}
+    metrics = {m.name: m for m in StatusCollector(context.current()).collect()}
+    flagged = {tuple(s.labels.values()): s.value for s in metrics["bridgehook_items"].samples}
+    assert flagged == {("0", "false"): 1, ("402", "true"): 1}
+    assert jobs.JOBS.labels("item.created", "done")._value.get() >= 2
+
+
+def test_commands_say_when_redis_is_unreachable(tmp_path: Path) -> None:
+    env = {"REDIS_URL": "redis://127.0.0.1:1/0", "BRIDGEHOOK_HOME": str(tmp_path)}
+    for args in (["dlq", "list"], ["status"], ["dlq", "replay", "--all"], ["resync", "--item", "1"]):
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 1, args
+        assert "Redis at redis://127.0.0.1:1/0 is unreachable" in result.output
