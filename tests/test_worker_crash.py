@@ -32,6 +32,7 @@ def worker_env(h: Harness) -> dict[str, str]:
         "ITEM_LOCK_SECONDS": "3",
         "BRIDGE_RATE_LIMIT_USER": "100000/60",
         "BRIDGE_RATE_LIMIT_APP": "100000/60",
+        "METRICS_PORT": "0",
     }
 
 
