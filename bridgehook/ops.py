@@ -77,6 +77,25 @@ class Duration(When):
         return timedelta(**{self._UNITS[ago[2]]: int(ago[1])})
 
 
+class PerSecond(click.ParamType):  # type: ignore[type-arg]
+    """``20``, ``20/s`` or ``600/m``: a rate in operations per second."""
+
+    name = "N/s"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        count, _, unit = str(value).strip().partition("/")
+        seconds = {"": 1, "s": 1, "m": 60, "h": 3600}.get(unit.strip())
+        try:
+            rate = float(count) / seconds if seconds else -1.0
+        except ValueError:
+            rate = -1.0
+        if rate <= 0:
+            self.fail(f"{value!r} is not a rate such as 20/s or 600/m", param, ctx)
+        return rate
+
+
 def filter_options(f: F) -> F:
     for option in reversed(
         [
@@ -221,10 +240,10 @@ def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[st
 @click.option("--yes", "-y", is_flag=True, help=f"Do not ask, even above {CONFIRM_ABOVE}.")
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0.01),
-    default=20.0,
+    type=PerSecond(),
+    default="20/s",
     show_default=True,
-    help="At most this many requeues per second (Bridge's budget is shared).",
+    help="At most this many requeues (20/s, 600/m): the jobs share Bridge's request budget.",
 )
 def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate: float, **kw: Any) -> None:
     """Requeue dead letters (idempotent; safe to interrupt and run again)."""

@@ -14,6 +14,7 @@ import pytest
 import structlog
 from click.testing import CliRunner, Result
 from freezegun import freeze_time
+from prometheus_client import REGISTRY
 
 from bridgehook.cli import main
 from fakebridge.world import World
@@ -155,7 +156,8 @@ def test_replay_asks_above_ten_and_survives_interruption(harness: Harness, world
         letters.replay(sorted(letters.ids()), progress=interrupt)
     assert len(dead_ids(harness)) == 7
     # …then the same command again: only what is left goes, nothing twice.
-    rerun = cli("dlq", "replay", "--all", "--yes")
+    assert cli("dlq", "replay", "--all", "--rate", "fast").exit_code == 2
+    rerun = cli("dlq", "replay", "--all", "--yes", "--rate", "6000/m")
     assert rerun.exit_code == 0
     assert "requeued 7, missing 0" in rerun.output
     assert harness.r.llen("rq:queue:bridgehook") == 12
@@ -361,6 +363,10 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
     flagged = {tuple(s.labels.values()): s.value for s in metrics["bridgehook_items"].samples}
     assert flagged == {("0", "false"): 1, ("402", "true"): 1}
     assert jobs.JOBS.labels("item.created", "done")._value.get() >= 2
+    lag = REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count")
+    harness.send(world.event_item_refreshed(good))
+    harness.drain()
+    assert REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count") == (lag or 0) + 1
 
 
 def test_commands_say_when_redis_is_unreachable(tmp_path: Path) -> None:
