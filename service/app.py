@@ -6,11 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.context import RequestContextMiddleware
 from service.health import livez, readyz
 from service.logs import get_logger
 from service.metrics import metrics_endpoint
@@ -48,14 +46,28 @@ def create_app(settings: Settings) -> ASGIApp:
 
     app = Starlette(
         routes=[
-            Route(WEBHOOK_PATH, view),
             Route("/livez", livez),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
         ],
-        middleware=[Middleware(RequestContextMiddleware)],
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.queue = queue
-    return behind_proxies(app, settings.trusted_proxies)
+    return behind_proxies(WebhookFirst(view, app), settings.trusted_proxies)
+
+
+class WebhookFirst:
+    """Plain ASGI: the webhook path goes straight to its view (the hot path, every delivery);
+    everything else (probes, metrics, lifespan, 404s) goes through Starlette."""
+
+    def __init__(self, webhook: ASGIApp, app: Starlette) -> None:
+        self.webhook = webhook
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH:
+            await self.webhook(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

@@ -46,6 +46,14 @@ OPTIONAL_CONTENT: dict[str, tuple[type, ...]] = {
 }
 
 
+_OPTIONAL_KEYS = frozenset(OPTIONAL_CONTENT)
+_TOP: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("type", (str,)),
+    ("content", (dict,)),
+    ("timestamp", (int,)),
+)
+
+
 class MalformedEvent(ValueError):
     """The body is signed but is not a Bridge event we can read; the message says why."""
 
@@ -67,6 +75,11 @@ def _is(value: Any, types: tuple[type, ...]) -> bool:
 
 def parse(body: bytes) -> dict[str, Any]:
     """The event as a dict with its ``type`` normalised; MalformedEvent if it is not one."""
+    return parse_delivery(body)[0]
+
+
+def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
+    """The event, and whether the body is it verbatim (an object whose type needed no normalising)."""
     try:
         event = json.loads(body)
     except (ValueError, RecursionError):
@@ -74,12 +87,7 @@ def parse(body: bytes) -> dict[str, Any]:
         raise MalformedEvent("the body is not valid JSON") from None
     if not isinstance(event, dict):
         raise MalformedEvent("the body is not a JSON object")
-    top: tuple[tuple[str, tuple[type, ...]], ...] = (
-        ("type", (str,)),
-        ("content", (dict,)),
-        ("timestamp", (int,)),
-    )
-    for key, types in top:
+    for key, types in _TOP:
         if key not in event:
             raise MalformedEvent(f"the event has no {key!r}")
         if not _is(event[key], types):
@@ -98,11 +106,12 @@ def parse(body: bytes) -> dict[str, Any]:
         if types is _ID and content[key] <= 0:
             raise MalformedEvent(f"content.{key} is not a positive id")
     if event_type in REQUIRED_CONTENT:
-        for key, types in OPTIONAL_CONTENT.items():
-            if key in content and not _is(content[key], types):
+        for key in _OPTIONAL_KEYS.intersection(content):
+            if not _is(content[key], OPTIONAL_CONTENT[key]):
                 raise MalformedEvent(f"content.{key} has the wrong type")
+    verbatim = event_type == event["type"] and body[:1] == b"{"
     event["type"] = event_type
-    return event
+    return event, verbatim
 
 
 def job_function(event_type: str) -> str | None:

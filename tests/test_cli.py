@@ -26,6 +26,7 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
     port = free_port()
     env = {
         **os.environ,
+        "LOG_LEVEL": "debug",  # accepted deliveries log at debug
         "REDIS_URL": redis_url,
         "BRIDGE_WEBHOOK_SECRETS": SECRET,
         "BRIDGE_ALLOWED_IPS": "127.0.0.1",

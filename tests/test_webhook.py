@@ -412,3 +412,35 @@ def test_response_carries_a_request_id(client: TestClient) -> None:
     kwargs["headers"]["X-Request-Id"] = "abc-123"
     echoed = client.post(URL, **kwargs)
     assert echoed.headers["x-request-id"] == "abc-123"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [fixture_body("item.account.updated"), event_body("ITEM_CREATED", {"item_id": 9, "user_uuid": "u"})],
+)
+def test_job_hash_is_what_rq_itself_writes(client: TestClient, r: redis.Redis, body: bytes) -> None:
+    """The receiver writes RQ's job hash from a template; RQ's Job.to_dict() must agree field by field."""
+    import zlib
+
+    from service.queue import build_job
+    from tests.support import make_settings
+
+    client.post(URL, **signed(body))
+    [job_id] = queued_ids(r)
+    written = {k.decode(): v for k, v in r.hgetall(f"rq:job:{job_id}").items()}
+    stored = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
+    settings = make_settings("redis://127.0.0.1:1/0")  # build_job never connects
+    expected = build_job(r, settings, job_id, stored.func_name, stored.args[0],
+                         received_at_ms=stored.meta["received_at"]).to_dict()  # fmt: skip
+    assert set(written) == {k for k, v in expected.items() if v is not None} | {"enqueued_at"}
+    for key, value in expected.items():
+        if key in ("created_at", "enqueued_at") or value is None:
+            continue
+        if key == "data":
+            assert json.loads(zlib.decompress(written[key])) == json.loads(zlib.decompress(value))
+        elif key == "meta":
+            assert json.loads(written[key]) == json.loads(value)
+        else:
+            assert written[key].decode() == (value.decode() if isinstance(value, bytes) else str(value)), key
+    assert stored.args[0]["type"] == json.loads(body)["type"].lower().replace("_", ".")
+    assert stored.enqueued_at is not None and stored.created_at is not None

@@ -47,13 +47,19 @@ def test_sigkill_mid_sync_then_restart(harness: Harness, world: World, r: redis.
     assert h.send(world.event_item_created(item)) == "queued"
 
     env = worker_env(h)
-    worker = subprocess.Popen([sys.executable, "-m", "bridgehook", "worker"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # Its own process group: the worker and the RQ scheduler it forks die together, as in a pod.
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "bridgehook", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while h.rows("SELECT count(*) FROM transactions")[0][0] < 700:
         assert time.monotonic() < deadline, "the worker wrote nothing"
         time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
+    os.killpg(worker.pid, signal.SIGKILL)
     worker.wait(timeout=10)
 
     truth = h.truth()["transactions"]

@@ -31,13 +31,13 @@ from typing import Any
 
 import httpx
 import redis
-import structlog
 from redis.exceptions import LockError
 
+from service.logs import get_logger
 from service.settings import Settings
 from workers.ratelimit import OverBudget, RateLimiter
 
-log = structlog.stdlib.get_logger("bridgehook.bridge")
+log = get_logger("bridgehook.bridge")
 
 
 class BridgeError(Exception):

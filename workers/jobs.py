@@ -23,12 +23,13 @@ import structlog
 from redis.exceptions import LockError
 from rq import get_current_job
 
+from service.logs import get_logger
 from workers.bridge import NotFound, PermanentError
 from workers.context import WorkerContext, current
 from workers.metrics import JOBS, SYNC_LAG
 from workers.sync import Syncer, SyncResult
 
-log = structlog.stdlib.get_logger("bridgehook.jobs")
+log = get_logger("bridgehook.jobs")
 
 Event = dict[str, Any]
 

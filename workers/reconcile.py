@@ -21,15 +21,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import structlog
-
+from service.logs import get_logger
 from workers.bridge import NotFound, TransientError
 from workers.context import WorkerContext
 from workers.db import to_datetime
 from workers.replay import Enqueuer
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
 
-log = structlog.stdlib.get_logger("bridgehook.reconcile")
+log = get_logger("bridgehook.reconcile")
 
 STUCK_AFTER = timedelta(hours=24)
 

@@ -8,16 +8,16 @@ a second SIGTERM abandons it, and RQ's abandoned-job cleanup retries it on anoth
 
 from __future__ import annotations
 
-import structlog
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
+from service.logs import get_logger
 from service.settings import Settings
 from workers import context, schema
 from workers.context import WorkerContext
 
-log = structlog.stdlib.get_logger("bridgehook.worker")
+log = get_logger("bridgehook.worker")
 
 
 class SchemaOutdated(Exception):

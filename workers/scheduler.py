@@ -13,16 +13,16 @@ import threading
 import time
 from types import FrameType
 
-import structlog
 from prometheus_client import REGISTRY, start_http_server
 
+from service.logs import get_logger
 from service.settings import Settings
 from workers import context
 from workers.context import WorkerContext
 from workers.observe import StatusCollector
 from workers.replay import RECONCILE, Enqueuer
 
-log = structlog.stdlib.get_logger("bridgehook.scheduler")
+log = get_logger("bridgehook.scheduler")
 
 
 def enqueue_sweep(enqueuer: Enqueuer, interval: int, now: float | None = None) -> str:

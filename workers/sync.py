@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import structlog
-
+from service.logs import get_logger
 from workers.bridge import BridgeClient, NotFound, TransientError
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
 
-log = structlog.stdlib.get_logger("bridgehook.sync")
+log = get_logger("bridgehook.sync")
 
 
 class ItemUnavailable(TransientError):
