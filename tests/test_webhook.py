@@ -441,6 +441,7 @@ def test_job_hash_is_what_rq_itself_writes(client: TestClient, r: redis.Redis, b
         elif key == "meta":
             assert json.loads(written[key]) == json.loads(value)
         else:
-            assert written[key].decode() == (value.decode() if isinstance(value, bytes) else str(value)), key
+            text = value.decode() if isinstance(value, bytes) else getattr(value, "value", value)
+            assert written[key].decode() == str(text), key
     assert stored.args[0]["type"] == json.loads(body)["type"].lower().replace("_", ".")
     assert stored.enqueued_at is not None and stored.created_at is not None
