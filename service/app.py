@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> ASGIApp:
         try:
             yield
         finally:
+            view.deadlines.close()
             await queue.close()
             log.info("receiver.stopped")
 

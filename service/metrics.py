@@ -21,6 +21,11 @@ ENQUEUE_SECONDS = Histogram(
     "Time of the atomic dedupe + enqueue + archive round trip to Redis.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+BATCH_SIZE = Histogram(
+    "bridgehook_enqueue_batch_size",
+    "Deliveries sharing one script call to Redis (micro-batching under load).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 200),
+)
 QUEUE_DEPTH = Gauge("bridgehook_queue_depth", "Jobs waiting in the RQ queue, read at scrape time.", ["queue"])
 DEAD_LETTERS = Gauge(
     "bridgehook_dead_letter_jobs", "Jobs in RQ's failed-job registry (the dead-letter queue).", ["queue"]

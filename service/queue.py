@@ -38,6 +38,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.utils import utcformat
 
+from service.metrics import BATCH_SIZE
 from service.settings import Settings
 
 Outcome = Literal["queued", "duplicate", "ignored"]
@@ -294,6 +295,7 @@ class EventQueue:
             utcformat(rq_now()),
             self.template.json,
         ]
+        BATCH_SIZE.observe(len(batch))
         values = [v for item, _ in batch for v in item]
         args += [b"".join(values), ",".join([str(len(v)) for v in values])]
         try:

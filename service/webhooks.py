@@ -81,6 +81,7 @@ class WebhookView:
         self.queue = queue
         self.sources = SourcePolicy(settings.allowed_ips)
         self.verifier = SignatureVerifier(settings.webhook_secrets)
+        self.deadlines = Deadlines(settings.read_timeout_seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = {}
@@ -182,22 +183,68 @@ class WebhookView:
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes:
         """The whole body within the read timeout, never buffering more than the limit (chunked too)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.deadlines.watch(task)
         chunks: list[bytes] = []
         size = 0
         try:
-            async with asyncio.timeout(self.settings.read_timeout_seconds):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise Rejected(
-                            400, "client_disconnected", "the client left before sending the whole body"
-                        )
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise Rejected(413, "body_too_large", f"the limit is {limit} bytes")
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        except TimeoutError:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Rejected(
+                        400, "client_disconnected", "the client left before sending the whole body"
+                    )
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise Rejected(413, "body_too_large", f"the limit is {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except asyncio.CancelledError:
+            if not self.deadlines.expired(task):
+                raise  # a real cancellation (shutdown), not our deadline
+            task.uncancel()
             raise Rejected(408, "request_timeout", "the body did not arrive in time") from None
+        finally:
+            self.deadlines.forget(task)
+
+
+class Deadlines:
+    """Body reads that must finish in time, all watched by one ticker.
+
+    A timer per request (``asyncio.timeout``) cost more than every other check of the view
+    together; for a limit of seconds, a look every quarter of it is precise enough.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._due: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    def watch(self, task: asyncio.Task[Any]) -> None:
+        if self._ticker is None or self._ticker.done() or self._ticker.get_loop() is not task.get_loop():
+            self._ticker = task.get_loop().create_task(self._tick())
+        self._due[task] = time.monotonic() + self.seconds
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        return task in self._expired
+
+    def forget(self, task: asyncio.Task[Any]) -> None:
+        self._due.pop(task, None)
+        self._expired.discard(task)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, self.seconds / 4))
+            now = time.monotonic()
+            for task, due in list(self._due.items()):
+                if due <= now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
+
+    def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
