@@ -8,7 +8,7 @@
 #
 # The base is pinned by version (both stages use the same one, so that the venv copied from the
 # builder finds the same interpreter at the same path); pin its digest as well in the release
-# pipeline (python:3.11.x-slim-bookworm@sha256:…) and let a bot bump both. See docs/deploy.md.
+# pipeline (python:3.11.x-slim-bookworm@sha256:…) and let a bot bump both. See README.md.
 
 ############################################################################################
 # builder: a virtualenv at /opt/venv with the dependencies, then the project as a wheel.

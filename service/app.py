@@ -29,6 +29,7 @@ def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await queue.open()
+        await queue.check_durability()
         log.info(
             "receiver.started",
             queue=settings.queue_name,

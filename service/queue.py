@@ -38,10 +38,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.utils import utcformat
 
+from service.logs import get_logger
 from service.metrics import BATCH_SIZE
 from service.settings import Settings
 
 Outcome = Literal["queued", "duplicate", "ignored"]
+log = get_logger("bridgehook.queue")
 
 KEY_PREFIX = "bridgehook"
 ARCHIVE_KEY = f"{KEY_PREFIX}:archive"
@@ -312,6 +314,23 @@ class EventQueue:
         for (_, future), decision in zip(batch, decisions, strict=True):
             if not future.done():
                 future.set_result(decision)
+
+    async def check_durability(self) -> None:
+        """Warn when Redis could lose what we acknowledge: AOF off, or keys evicted under memory pressure."""
+        try:
+            config = await self.redis.config_get("appendonly")
+            config.update(await self.redis.config_get("maxmemory-policy"))
+        except (RedisError, OSError) as exc:  # unreachable now, or CONFIG disabled (managed Redis)
+            log.info("redis.durability_unknown", error=type(exc).__name__)
+            return
+        appendonly, policy = config.get("appendonly"), config.get("maxmemory-policy")
+        if appendonly not in ("yes", b"yes") or policy not in ("noeviction", b"noeviction"):
+            log.warning(
+                "redis.not_durable",
+                appendonly=str(appendonly),
+                maxmemory_policy=str(policy),
+                hint="acknowledged events need appendonly yes and maxmemory-policy noeviction",
+            )
 
     async def ping(self) -> None:
         """Raise QueueUnavailable unless Redis answers and accepts a write."""

