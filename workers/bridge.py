@@ -188,10 +188,11 @@ class BridgeClient:
 
     def _budget(self, user_uuid: str | None) -> None:
         s = self._settings
+        budgets = [("app", s.rate_app)]
+        if user_uuid is not None:
+            budgets.append((f"user:{user_uuid}", s.rate_user))
         try:
-            self._limiter.acquire("app", s.rate_app)
-            if user_uuid is not None:
-                self._limiter.acquire(f"user:{user_uuid}", s.rate_user)
+            self._limiter.acquire_all(budgets)
         except OverBudget as exc:
             raise TransientError(str(exc), retry_after=exc.wait) from exc
 

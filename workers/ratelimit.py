@@ -38,17 +38,29 @@ class RateLimiter:
 
     def acquire(self, key: str, rate: Rate) -> None:
         """Take one request from ``key``'s budget, waiting up to ``max_wait`` for a new window."""
+        self.acquire_all([(key, rate)])
+
+    def acquire_all(self, budgets: list[tuple[str, Rate]]) -> None:
+        """Take one request from each budget, in one round trip to Redis."""
         while True:
             now = self._clock()
-            window = int(now // rate.seconds)
-            counter = f"bridgehook:rate:{key}:{window}"
             pipe = self._redis.pipeline(transaction=False)
-            pipe.incr(counter)
-            pipe.expire(counter, rate.seconds + 1, nx=True)
-            used = int(pipe.execute()[0])
-            if used <= rate.requests:
+            windows = []
+            for key, rate in budgets:
+                window = int(now // rate.seconds)
+                counter = f"bridgehook:rate:{key}:{window}"
+                pipe.incr(counter)
+                pipe.expire(counter, rate.seconds + 1, nx=True)
+                windows.append(window)
+            replies = pipe.execute()
+            waits = [
+                ((window + 1) * rate.seconds - now, key)
+                for (key, rate), window, used in zip(budgets, windows, replies[::2], strict=True)
+                if int(used) > rate.requests
+            ]
+            if not waits:
                 return
-            wait = (window + 1) * rate.seconds - now
+            wait, key = max(waits)
             if wait > self._max_wait:
                 raise OverBudget(key, wait)
             self._sleep(wait + 0.01)

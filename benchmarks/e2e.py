@@ -1,0 +1,249 @@
+"""Benchmark 4: end to end, from a signed webhook to committed rows, with two workers.
+
+  python -m benchmarks.e2e [--rate 200] [--seconds 60] [--items 1000]
+
+The fake Bridge (its own process) holds `--items` items, a few transactions each. The receiver
+(`bridgehook serve`), two `bridgehook worker` processes, a valkey-server (AOF on, or REDIS_URL)
+and PostgreSQL (DATABASE_URL, a fresh schema) run as in production. An open-loop generator
+sends `--rate` signed webhooks per second for `--seconds`: first `item.created` for every item,
+then `item.refreshed` / `item.account.updated` for random items.
+
+Reported: p50 / p99 from receipt (the receiver's enqueue time) to rows committed (the job's
+`processed_at`), read from `webhook_events`. Checked: every event answered `queued` was
+processed exactly once (`done`, one attempt), none failed, and the tables equal the fake's
+ground truth. Request budgets are raised for the run (the fake has none; Bridge's real ones
+would throttle a synthetic load of one application).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import uvloop
+
+from benchmarks.receiver import free_port, machine, percentile, wait_http
+from bridgehook.devenv import embedded_redis
+
+SECRET = "benchmark-webhook-secret-0123456789"  # noqa: S105 (a throwaway secret for loopback)
+PG_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
+
+FAKE = r"""
+import json, sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+from fakebridge.app import create_app
+from fakebridge.world import World, render_json
+
+items, port = int(sys.argv[1]), int(sys.argv[2])
+world = World(seed=11)
+users = [world.add_user(external_user_id=f"bench-{n}") for n in range(max(1, items // 10))]
+events = []
+for n in range(items):
+    item = world.add_item(users[n % len(users)])
+    account = world.add_account(item)
+    world.add_transactions(account, 3)
+    events.append({"item_id": item, "account_id": account, "user_uuid": users[n % len(users)]})
+fake = create_app(world)
+
+async def truth(request):
+    return Response(render_json(world.snapshot()), media_type="application/json")
+
+async def plan(request):
+    return Response(json.dumps(events), media_type="application/json")
+
+bench = Starlette(routes=[Route("/_bench/truth", truth), Route("/_bench/plan", plan)])
+
+async def app(scope, receive, send):  # the benchmark's own routes beside the fake API
+    target = bench if scope["type"] == "http" and scope["path"].startswith("/_bench/") else fake
+    await target(scope, receive, send)
+
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+"""
+
+
+def signed(event: dict[str, Any]) -> tuple[str, bytes]:
+    body = json.dumps(event, separators=(",", ":")).encode()
+    return hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest().upper(), body
+
+
+async def send_all(url: str, deliveries: list[tuple[str, bytes]], rate: int) -> list[str]:
+    """Open loop at `rate`/s; returns the event ids answered `queued`."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=10) as client:
+        queued: list[str] = []
+        start = time.perf_counter()
+
+        async def one(sig: str, body: bytes) -> None:
+            response = await client.post(
+                url,
+                content=body,
+                headers={"Content-Type": "application/json", "BridgeApi-Signature": f"v1={sig}"},
+            )
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code} {response.text}")
+            if response.json()["status"] == "queued":
+                queued.append(response.json()["event_id"])
+
+        tasks = []
+        for i, (sig, body) in enumerate(deliveries):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(sig, body)))
+        await asyncio.gather(*tasks)
+        return queued
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=60)
+    parser.add_argument("--items", type=int, default=1000)
+    args = parser.parse_args()
+    python = sys.executable
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(PG_URL, autocommit=True)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    database_url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with embedded_redis(work) as redis_url:
+            fake_port = free_port()
+            (work / "fake.py").write_text(FAKE)
+            procs.append(subprocess.Popen([python, str(work / "fake.py"), str(args.items), str(fake_port)]))
+            wait_http(f"http://127.0.0.1:{fake_port}/_bench/plan", procs[-1], timeout=120)
+            plan = httpx.get(f"http://127.0.0.1:{fake_port}/_bench/plan", timeout=60).json()
+            env = {
+                **os.environ,
+                "REDIS_URL": redis_url,
+                "DATABASE_URL": database_url,
+                "BRIDGE_WEBHOOK_SECRETS": SECRET,
+                "BRIDGE_ALLOWED_IPS": "127.0.0.1",
+                "BRIDGE_API_URL": f"http://127.0.0.1:{fake_port}/v3/aggregation",
+                "BRIDGE_CLIENT_ID": "fake-client-id",
+                "BRIDGE_CLIENT_SECRET": "fake-client-secret",
+                "BRIDGE_RATE_LIMIT_APP": "10000000/60",
+                "BRIDGE_RATE_LIMIT_USER": "10000000/60",
+                "BRIDGE_RATE_LIMIT_TOKEN": "10000/60",
+                "METRICS_PORT": "0",
+                "SYNC_OVERLAP_SECONDS": "0",
+            }
+            subprocess.run(
+                [python, "-m", "bridgehook", "db", "upgrade"], env=env, check=True, capture_output=True
+            )
+            port = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [python, "-m", "bridgehook", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                    env=env,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            wait_http(f"http://127.0.0.1:{port}/livez", procs[-1])
+            for _ in range(2):
+                procs.append(
+                    subprocess.Popen(
+                        [python, "-m", "bridgehook", "worker"],
+                        env=env,
+                        stderr=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
+                )
+
+            total = args.rate * args.seconds
+            rng = random.Random(3)  # noqa: S311 (a reproducible load, not a secret)
+            events = [
+                {"type": "item.created", "content": {"item_id": p["item_id"], "user_uuid": p["user_uuid"]}}
+                for p in plan
+            ]
+            while len(events) < total:
+                p = rng.choice(plan)
+                kind = rng.choice(["item.refreshed", "item.account.updated"])
+                content = {"item_id": p["item_id"], "user_uuid": p["user_uuid"]}
+                if kind == "item.account.updated":
+                    content["account_id"] = p["account_id"]
+                events.append({"type": kind, "content": content})
+            deliveries = [
+                signed({**e, "timestamp": 1_700_000_000_000 + n}) for n, e in enumerate(events[:total])
+            ]
+
+            uvloop.install()
+            started = time.perf_counter()
+            queued = asyncio.run(send_all(f"http://127.0.0.1:{port}/webhooks/bridge", deliveries, args.rate))
+            sent_for = time.perf_counter() - started
+            deadline = time.monotonic() + 120
+            with psycopg.connect(database_url) as db:
+                while time.monotonic() < deadline:
+                    done = db.execute("SELECT count(*) FROM webhook_events WHERE status = 'done'").fetchone()
+                    if done and done[0] >= len(queued):
+                        break
+                    time.sleep(0.5)
+                rows = db.execute(
+                    "SELECT id, status, attempts, EXTRACT(EPOCH FROM processed_at - received_at) "
+                    "FROM webhook_events"
+                ).fetchall()
+                tables = {
+                    "items": db.execute("SELECT count(*) FROM items WHERE deleted_at IS NULL").fetchone(),
+                    "accounts": db.execute("SELECT count(*) FROM accounts").fetchone(),
+                    "transactions": dict(db.execute("SELECT id, amount::text FROM transactions").fetchall()),
+                }
+            truth_text = httpx.get(f"http://127.0.0.1:{fake_port}/_bench/truth", timeout=60).text
+            truth = json.loads(truth_text, parse_float=Decimal)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        admin.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    by_id = {row[0]: row for row in rows}
+    lags = [float(row[3]) for row in rows if row[3] is not None]
+    lost = [e for e in queued if e not in by_id or by_id[e][1] != "done"]
+    retried = [e for e in queued if e in by_id and by_id[e][2] != 1]
+    expected_txns = {
+        int(k): str(v["amount"]) for k, v in truth["transactions"].items() if not v.get("deleted")
+    }
+    right = (
+        tables["items"] == (len(truth["items"]),)
+        and tables["accounts"] == (len(truth["accounts"]),)
+        and {k: str(v) for k, v in tables["transactions"].items()} == expected_txns
+    )
+    p50, p99 = percentile(lags, 0.5) * 1000, percentile(lags, 0.99) * 1000
+    print(f"machine: {machine()}")
+    print(
+        f"sent {len(deliveries)} webhooks in {sent_for:.1f}s ({len(deliveries) / sent_for:.0f}/s), "
+        f"{len(queued)} queued, {len(set(queued))} distinct"
+    )
+    print(f"receipt → rows committed: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(lags) * 1000:.0f} ms")
+    print(f"lost {len(lost)}, retried {len(retried)}, tables equal to the fake's ground truth: {right}")
+    failed = bool(lost) or not right or len(queued) != len(deliveries)
+    print("FAIL" if failed else "PASS")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
