@@ -32,6 +32,11 @@ $(DEPLOY_VENV)/.installed: requirements-deploy.txt
 	$(DEPLOY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
 	touch $@
 
+## Benchmarks (not part of `make test`): ratios against baselines measured in the same run.
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m benchmarks
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
