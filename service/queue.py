@@ -239,7 +239,7 @@ class EventQueue:
             raise RuntimeError("EventQueue.open() was not awaited")
         return self._redis
 
-    async def submit(
+    def submit(
         self,
         event_id: str,
         function: str | None,
@@ -247,12 +247,13 @@ class EventQueue:
         archive: Mapping[str, str | bytes],
         *,
         verbatim: bool = False,
-    ) -> Outcome:
+    ) -> asyncio.Future[str]:
         """Archive a delivery and, when ``function`` is given, enqueue it unless it is a duplicate.
 
         ``archive`` holds the delivery's ``type``, ``received_at`` (ms), ``client``,
         ``signature``, ``request_id`` and raw ``body``; ``verbatim`` says the body is the
-        event as the job receives it (nothing was normalised).
+        event as the job receives it (nothing was normalised). Returns a future to await: its
+        result is the outcome (queued, duplicate, ignored), or QueueUnavailable.
         """
         if function:
             body = archive["body"] if verbatim else None
@@ -276,8 +277,7 @@ class EventQueue:
             loop.call_soon(self._flush)
         elif len(self._pending) >= MAX_BATCH:
             self._flush()
-        outcome = await future
-        return outcome  # type: ignore[return-value]
+        return future
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
