@@ -6,20 +6,33 @@ in the same transaction as the **last** page, so a crash anywhere leaves the cur
 it was and the next sync simply rewrites (idempotently) what it had already written. The
 next sync asks Bridge for transactions updated ``since`` the cursor minus an overlap that
 absorbs clock skew and updates made while we paginated.
+
+Fetching runs ahead of writing: a thread requests the next pages (and the next accounts'),
+parses them and builds their rows while this one writes, at most a couple of pages ahead;
+what is written, in which order and in which transaction stays the same. On PostgreSQL a page
+of ids never seen (a new account's history) is COPYed straight in, a transaction of its own
+that the last page, with the cursor, still follows; any other page goes through the upsert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextvars
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from service.logs import get_logger
 from workers.bridge import BridgeClient, NotFound, TransientError
-from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
+from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows
 
 log = get_logger("bridgehook.sync")
+
+
+HEARTBEAT_SECONDS = 0.5  # far below any lease (ITEM_LOCK_SECONDS ≥ 1)
 
 
 class ItemUnavailable(TransientError):
@@ -54,7 +67,8 @@ class Syncer:
         self.client = client
         self.storage = storage
         self.overlap = overlap
-        self.heartbeat = heartbeat  # called between pages: keeps the item's lock alive
+        self.heartbeat = heartbeat  # keeps the item's lock alive: called between pages (see _beat)
+        self._last_beat = float("-inf")
 
     def sync_item(self, user_uuid: str, item_id: int, *, full: bool = False) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor)."""
@@ -74,9 +88,8 @@ class Syncer:
             result.accounts += len(page)
             result.account_ids += [a["id"] for a in page]
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
-            self.heartbeat()
-        for account_id in enabled:
-            result.transactions += self.sync_transactions(user_uuid, account_id, full=full)
+            self._beat()
+        result.transactions += self.sync_transactions(user_uuid, *enabled, full=full)
         with self.storage.transaction() as tx:
             self.storage.item_synced(tx, item_id)
         return result
@@ -105,31 +118,71 @@ class Syncer:
         result.transactions = self.sync_transactions(user_uuid, account_id, full=False)
         return result
 
-    def sync_transactions(self, user_uuid: str, account_id: int, *, full: bool) -> int:
-        cursor = None if full else self.storage.cursor(account_id)
-        since = cursor - self.overlap if cursor is not None else None
-        newest: datetime | None = cursor
-        written = 0
+    def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool) -> int:
+        """Each account's transactions, one account after the other: all of them (``full``, or no
+        cursor yet), else those updated since its cursor minus the overlap. Returns the count written.
+
+        Fetching (HTTP, JSON, rows) runs ahead in a thread, across accounts too; writing stays here,
+        page after page in order, each page in its own transaction and each cursor with its account's
+        last page, exactly as if it all ran in this thread."""
+        written = written_here = 0
+        fresh = True
+        newest: datetime | None = None
         seen_future: set[int] = set()
-        pages = self.client.transaction_pages(user_uuid, account_id, since)
-        for page, last in _with_last(pages):
-            for t in page:
-                updated = parse_ts(t.get("updated_at"))
-                if updated is not None and (newest is None or updated > newest):
-                    newest = updated
-                if t.get("future") and not t.get("deleted"):
-                    seen_future.add(t["id"])
-            with self.storage.transaction() as tx:
-                self.storage.upsert_transactions(tx, page)
-                if last and since is None and newest is not None:
-                    # A complete listing: future transactions it no longer shows are gone.
-                    self.storage.vanish_future(tx, account_id, seen_future, newest)
-                if last and newest is not None:
-                    self.storage.advance_cursor(tx, account_id, newest)
-            written += len(page)
-            self.heartbeat()
-        log.info("sync.transactions", account_id=account_id, written=written, full=since is None)
+        chunks = _prefetched(self._listings(user_uuid, account_ids, full))
+        try:
+            for chunk in chunks:
+                if chunk.first:
+                    newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
+                if isinstance(chunk.batch, Exception):
+                    raise chunk.batch  # the page could not be read into rows: fail where writing it would
+                page, batch, last, since = chunk.page, chunk.batch, chunk.last, chunk.since
+                seen_future.update(t["id"] for t in page if t.get("future") and not t.get("deleted"))
+                if batch.latest is not None and (newest is None or batch.latest > newest):
+                    newest = batch.latest
+                # A page of ids never seen goes straight in, in a transaction of its own (the cursor only
+                # moves with the last page); after one that could not, the rest of the account goes
+                # through the upsert.
+                fresh = fresh and not last and self.storage.copy_new_transactions(batch)
+                if not fresh:
+                    with self.storage.transaction() as tx:
+                        self.storage.write_transactions(tx, batch)
+                        if last and since is None and newest is not None:
+                            # A complete listing: future transactions it no longer shows are gone.
+                            self.storage.vanish_future(tx, chunk.account_id, seen_future, newest)
+                        if last and newest is not None:
+                            self.storage.advance_cursor(tx, chunk.account_id, newest)
+                written += len(page)
+                written_here += len(page)
+                self._beat()
+                if last:
+                    log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
+                             full=since is None)  # fmt: skip
+        finally:
+            chunks.close()  # stops the prefetching thread, whatever happened
         return written
+
+    def _listings(self, user_uuid: str, account_ids: tuple[int, ...], full: bool) -> Iterator[_Chunk]:
+        """The pages to write, account after account, each with its rows and whether it is the last of
+        its account (one page of look-ahead). Runs in the prefetching thread."""
+        for account_id in account_ids:
+            cursor = None if full else self.storage.cursor(account_id)
+            since = cursor - self.overlap if cursor is not None else None
+            pages = self.client.transaction_pages(user_uuid, account_id, since)
+            for n, (page, last) in enumerate(_with_last(pages)):
+                try:
+                    batch: TransactionRows | Exception = self.storage.transaction_rows(page)
+                except Exception as exc:
+                    batch = exc
+                yield _Chunk(account_id, cursor, since, page, batch, n == 0, last)
+
+    def _beat(self) -> None:
+        """Renew the item's lease between pages, at most every HEARTBEAT_SECONDS: a page takes a few
+        milliseconds, and a round trip to Redis for each would cost as much as writing it."""
+        now = time.monotonic()
+        if now - self._last_beat >= HEARTBEAT_SECONDS:
+            self.heartbeat()
+            self._last_beat = now
 
     def _usable(self, item: dict[str, Any], result: SyncResult) -> bool:
         status = item.get("status")
@@ -140,6 +193,68 @@ class Syncer:
         if status in TEMPORARY_STATUSES:
             raise ItemUnavailable(f"item {result.item_id} is temporarily unavailable (status {status})")
         return True
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One page of one account's listing, ready to write."""
+
+    account_id: int
+    cursor: datetime | None  # the account's cursor when its listing began
+    since: datetime | None  # what the listing asked for (None: everything)
+    page: list[dict[str, Any]]
+    batch: TransactionRows | Exception  # its rows, or why they could not be built
+    first: bool
+    last: bool
+
+
+_AHEAD = 2  # chunks ready ahead of the one being written (memory: a few pages, whatever the history)
+
+
+def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
+    """``items`` as they are, produced by a thread of their own while the ones before are consumed:
+    Bridge's latency, JSON parsing and row building overlap the database's work instead of adding up.
+
+    Order, contents and errors are unchanged (an error surfaces where the item it prevented would
+    have). The thread runs in a copy of the caller's context (the job's log fields); when the consumer
+    stops early (an error, a job timeout) the thread stops after at most the request in flight, and
+    at most ``_AHEAD`` items wait, so memory stays flat however long the history."""
+    ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=_AHEAD)
+    stop = threading.Event()
+
+    def offer(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(("item", item)):
+                    return
+            offer(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(("error", exc))
+
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(produce,), name="bridgehook-prefetch", daemon=True
+    )
+    thread.start()
+    try:
+        while True:
+            kind, value = ahead.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)  # at most one request in flight; a daemon thread if it hangs
 
 
 def _with_last(pages: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], bool]]:

@@ -1,0 +1,348 @@
+"""The bulk write paths write exactly what the row-by-row upsert writes, on PostgreSQL and SQLite.
+
+On PostgreSQL a page of transactions goes through binary COPY: into a staging table merged by one
+``INSERT … SELECT … ON CONFLICT`` (any page), or straight into ``transactions`` (a page of ids never
+seen, in a transaction of its own). The reference here is the original path, verbatim: each row
+built field by field and upserted by ``executemany``. Every path must leave the same rows, whatever
+the order: the ``updated_at`` guard (older loses, equal wins), obfuscated descriptions that never
+overwrite (``COALESCE``), ``deleted`` → ``deleted_at``, ``future``, ids twice in a page, odd types.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fakebridge.server import FakeBridgeServer
+from fakebridge.world import World
+from tests.harness import worker_settings
+from workers.bridge import BridgeClient
+from workers.db import Database
+from workers.schema import upgrade
+from workers.storage import (
+    COPY_MIN_ROWS,
+    TRANSACTION_COLUMNS,
+    TRANSACTION_PG_TYPES,
+    UPSERT_TRANSACTION,
+    Storage,
+    clear,
+    money,
+    parse_date,
+    parse_ts,
+)
+from workers.sync import Syncer
+
+Page = list[dict[str, Any]]
+T0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def storage(database_url: str) -> Iterator[Storage]:
+    db = Database.from_url(database_url)
+    upgrade(db)
+    yield Storage(db)
+    db.close()
+
+
+def reference_rows(transactions: list[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """How the worker built rows before COPY (kept verbatim as the reference)."""
+    rows = []
+    for t in transactions:
+        updated_at = parse_ts(t.get("updated_at"))
+        rows.append(
+            (
+                t["id"], t.get("account_id"), money(t.get("amount")), t.get("currency_code"),
+                parse_date(t.get("date")), parse_date(t.get("booking_date")),
+                parse_date(t.get("transaction_date")), parse_date(t.get("value_date")),
+                clear(t.get("clean_description")), clear(t.get("provider_description")),
+                t.get("category_id"), t.get("operation_type"), bool(t.get("future", False)),
+                updated_at, updated_at if t.get("deleted") else None,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def by_executemany(storage: Storage, page: Page) -> None:
+    with storage.transaction() as tx:
+        tx.executemany(UPSERT_TRANSACTION, reference_rows(page))
+
+
+def by_upsert(storage: Storage, page: Page) -> None:
+    with storage.transaction() as tx:
+        storage.upsert_transactions(tx, page)
+
+
+def by_copy_first(storage: Storage, page: Page) -> None:
+    """As the syncer writes a page of a new account: COPY it straight in, else the upsert."""
+    batch = storage.transaction_rows(page)
+    if not storage.copy_new_transactions(batch):
+        with storage.transaction() as tx:
+            storage.write_transactions(tx, batch)
+
+
+WRITERS: dict[str, Callable[[Storage, Page], None]] = {
+    "executemany": by_executemany,
+    "upsert": by_upsert,
+    "copy_first": by_copy_first,
+}
+
+
+def table(storage: Storage) -> list[tuple[Any, ...]]:
+    with storage.transaction() as tx:
+        return tx.execute(f"SELECT {', '.join(TRANSACTION_COLUMNS)} FROM transactions ORDER BY id").fetchall()  # noqa: S608
+
+
+def replay(storage: Storage, pages: list[Page], writer: str) -> list[tuple[Any, ...]]:
+    with storage.transaction() as tx:
+        tx.execute("DELETE FROM transactions")
+    for page in pages:
+        WRITERS[writer](storage, page)
+    return table(storage)
+
+
+def txn(
+    id: int,
+    minutes: int,
+    *,
+    description: str = "Carrefour",
+    deleted: bool = False,
+    future: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A transaction as Bridge renders it (keys with no value omitted)."""
+    data: dict[str, Any] = {
+        "id": id, "account_id": 20_000_001, "amount": Decimal("-12.30"), "currency_code": "EUR",
+        "date": "2026-11-20", "booking_date": "2026-11-20", "transaction_date": "2026-11-19",
+        "value_date": "2026-11-21", "clean_description": description,
+        "provider_description": f"CB {description.upper()} 19/11", "category_id": 273,
+        "operation_type": "card", "future": future, "deleted": deleted,
+        "updated_at": f"{T0 + timedelta(minutes=minutes):%Y-%m-%dT%H:%M:%S}.000Z",
+    }  # fmt: skip
+    data.update(extra)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def first_page(n: int = 40) -> Page:
+    return [txn(1000 + i, 0, future=i % 7 == 0) for i in range(n)]
+
+
+def second_page() -> Page:
+    """Over first_page(): older (ignored), equal (applied), newer, obfuscated, deleted, future flips,
+    an unknown id; more than COPY_MIN_ROWS rows."""
+    page = [txn(1000 + i, -5, amount=Decimal("-99.99")) for i in range(0, 5)]  # older: ignored
+    page += [txn(1000 + i, 0, amount=Decimal("-1.00")) for i in range(5, 10)]  # equal: applied
+    page += [txn(1000 + i, 3, description="XXXX", amount=Decimal("7")) for i in range(10, 15)]  # obfuscated
+    page += [txn(1000 + i, 4, deleted=True) for i in range(15, 20)]  # deleted
+    page += [txn(1000 + i, 6, future=i % 7 != 0) for i in range(20, 27)]  # future flips
+    page += [txn(5000 + i, 1, clean_description=None) for i in range(3)]  # new, one description missing
+    assert len(page) >= COPY_MIN_ROWS
+    return page
+
+
+@pytest.mark.parametrize("writer", ["upsert", "copy_first"])
+def test_guard_keep_deleted_future_as_the_row_by_row_upsert(storage: Storage, writer: str) -> None:
+    pages = [first_page(), second_page()]
+    expected = replay(storage, pages, "executemany")
+    assert replay(storage, pages, writer) == expected
+    rows = {row[0]: dict(zip(TRANSACTION_COLUMNS, row, strict=True)) for row in expected}
+    assert str(rows[1000]["amount"]) == "-12.30"  # the older payload lost
+    assert str(rows[1005]["amount"]) == "-1.00"  # the equal one won
+    assert rows[1010]["clean_description"] == "Carrefour"  # XXXX never overwrites…
+    assert str(rows[1010]["amount"]) == "7"  # …while the rest of the row moves on
+    assert rows[1015]["deleted_at"] is not None and rows[1014]["deleted_at"] is None
+    assert not rows[1021]["future"] and rows[1022]["future"]  # 1021 was future, 1022 was not
+    assert rows[5000]["clean_description"] is None
+    # In another order, and again: still what the row-by-row upsert leaves.
+    again = [*pages[::-1], *pages, *pages]
+    assert replay(storage, again, writer) == replay(storage, again, "executemany")
+
+
+def test_a_page_with_an_id_twice_or_odd_types_goes_row_by_row(storage: Storage) -> None:
+    twice = [*first_page(20), txn(1003, 9, amount=Decimal("-3.33")), txn(1004, -9, amount=Decimal("-4.44"))]
+    odd = [txn(2000 + i, 1, category_id=str(273)) for i in range(20)]  # a number as text
+    for pages in ([twice], [odd], [first_page(), twice, odd]):
+        expected = replay(storage, pages, "executemany")
+        assert replay(storage, pages, "upsert") == expected
+        assert replay(storage, pages, "copy_first") == expected
+    assert not storage.transaction_rows(twice).copy and not storage.transaction_rows(odd).copy
+
+
+transactions_st = st.builds(
+    lambda id, minutes, obfuscated, deleted, future, cents: txn(
+        id,
+        minutes,
+        description="XXXX" if obfuscated else f"shop {id}",
+        deleted=deleted,
+        future=future,
+        amount=Decimal(cents).scaleb(-2),
+    ),
+    id=st.integers(1, 60),
+    minutes=st.integers(0, 4),
+    obfuscated=st.booleans(),
+    deleted=st.booleans(),
+    future=st.booleans(),
+    cents=st.integers(-100_000, 100_000),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pages=st.lists(st.lists(transactions_st, min_size=1, max_size=40), min_size=1, max_size=4))
+def test_any_pages_in_any_order_leave_the_rows_the_row_by_row_upsert_leaves(
+    storage: Storage, pages: list[Page]
+) -> None:
+    expected = replay(storage, pages, "executemany")
+    assert replay(storage, pages, "upsert") == expected
+    assert replay(storage, pages, "copy_first") == expected
+
+
+# -- PostgreSQL's COPY machinery ----------------------------------------------------------------------------
+@pytest.fixture
+def pg(pg_schema_url: str) -> Iterator[Storage]:
+    db = Database.from_url(pg_schema_url)
+    upgrade(db)
+    yield Storage(db)
+    db.close()
+
+
+def test_binary_copy_types_are_the_schema_types(pg: Storage) -> None:
+    with pg.transaction() as tx:
+        found = dict(
+            tx.execute(
+                "SELECT column_name, udt_name FROM information_schema.columns "
+                "WHERE table_name = 'transactions' AND table_schema = current_schema()"
+            ).fetchall()
+        )
+    assert [found[c] for c in TRANSACTION_COLUMNS] == TRANSACTION_PG_TYPES
+
+
+def test_a_copy_that_meets_a_known_id_writes_nothing(pg: Storage) -> None:
+    by_upsert(pg, [txn(1020, 0)])
+    batch = pg.transaction_rows(first_page())  # ids 1000…1039: 1020 is known
+    assert batch.copy
+    assert pg.copy_new_transactions(batch) is False
+    assert [row[0] for row in table(pg)] == [1020]
+    assert pg.copy_new_transactions(pg.transaction_rows([txn(3000 + i, 0) for i in range(20)])) is True
+    assert len(table(pg)) == 21
+
+
+def test_the_staging_table_serves_twice_in_a_transaction_and_after_a_rollback(pg: Storage) -> None:
+    with pytest.raises(RuntimeError), pg.transaction() as tx:
+        pg.upsert_transactions(tx, first_page())
+        raise RuntimeError("rolled back, staging table with it")
+    assert table(pg) == []
+    with pg.transaction() as tx:
+        pg.upsert_transactions(tx, first_page())
+        pg.upsert_transactions(tx, second_page())
+    reference = replay(pg, [first_page(), second_page()], "executemany")
+    replay(pg, [], "executemany")
+    with pg.transaction() as tx:
+        pg.upsert_transactions(tx, first_page())
+        pg.upsert_transactions(tx, second_page())
+    assert table(pg) == reference
+
+
+def test_copy_rows_is_postgresql_only(tmp_path: Any) -> None:
+    db = Database.from_url(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(NotImplementedError), db.transaction() as tx:
+        tx.copy_rows("transactions", ["id"], [(1,)])
+    with pytest.raises(NotImplementedError):
+        db.copy_in("transactions", ["id"], [(1,)], ["int8"])
+    db.close()
+
+
+# -- the syncer: multi-page accounts, new then known ---------------------------------------------------------
+def stored(storage: Storage) -> dict[int, tuple[Any, ...]]:
+    with storage.transaction() as tx:
+        rows = tx.execute(
+            "SELECT id, amount, clean_description, bridge_updated_at, deleted_at FROM transactions"
+        ).fetchall()
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_multi_page_accounts_new_then_resynced_then_changed(
+    storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
+) -> None:
+    user = world.add_user()
+    item = world.add_item(user)
+    accounts = [world.add_account(item) for _ in range(2)]
+    ids = [world.add_transactions(a, 1234) for a in accounts]  # 3 pages each: COPYed straight in
+    with storage.transaction() as tx:
+        storage.upsert_accounts(tx, [{"id": a, "item_id": item} for a in accounts])
+    settings_ = worker_settings(redis_url, storage.db.url, fake.api_url, world)
+    client = BridgeClient(settings_, r)
+    copies: list[bool] = []  # what each attempt to COPY a page straight in did
+    copy_new = storage.copy_new_transactions
+    storage.copy_new_transactions = lambda batch: copies.append(copy_new(batch)) or copies[-1]  # type: ignore[method-assign]
+    postgresql = storage.db.dialect == "postgresql"
+    try:
+        syncer = Syncer(client, storage, overlap=timedelta(0))
+        assert syncer.sync_transactions(user, *accounts, full=True) == 2468
+        # PostgreSQL: pages 1-2 of each account (the last goes with the cursor); SQLite: refused at once.
+        assert copies == ([True] * 4 if postgresql else [False, False])
+        first = stored(storage)
+        assert len(first) == 2468 and all(row[2] is not None and row[3] is None for row in first.values())
+        # A full resync of what is stored: every page meets known ids and goes through the upsert.
+        copies.clear()
+        assert syncer.sync_transactions(user, *accounts, full=True) == 2468
+        assert copies == [False, False]  # one refused attempt per account, then the upsert
+        assert stored(storage) == first
+        # Changes spread over the history, a deletion, then a delta sync and a full one.
+        rng = random.Random(7)
+        changed = rng.sample(ids[0], 30)
+        for n, t in enumerate(changed):
+            world.update_transaction(t, amount=f"-{n}.50", clean_description=f"changed {n}")
+        world.delete_transaction(ids[1][600])
+        new = world.add_transactions(accounts[1], 700)  # a page and more of new ids after known ones
+        assert syncer.sync_transactions(user, *accounts, full=False) == 30 + 1 + 700
+        after = stored(storage)
+        assert len(after) == 2468 + 700
+        assert all(
+            after[t][1] == f"changed {n}" and str(after[t][0]) == f"-{n}.50" for n, t in enumerate(changed)
+        )
+        assert after[ids[1][600]][3] is not None and all(after[t][3] is None for t in new)
+        assert syncer.sync_transactions(user, *accounts, full=True) == 2468 + 700 - 1
+        assert stored(storage) == after
+    finally:
+        client.close()
+
+
+def test_an_error_mid_listing_writes_the_pages_before_it_and_moves_no_cursor(
+    storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
+) -> None:
+    user = world.add_user()
+    item = world.add_item(user)
+    account = world.add_account(item)
+    world.add_transactions(account, 1600)  # 4 pages
+    with storage.transaction() as tx:
+        storage.upsert_accounts(tx, [{"id": account, "item_id": item}])
+    settings_ = worker_settings(redis_url, storage.db.url, fake.api_url, world, BRIDGE_MAX_ATTEMPTS="1")
+    client = BridgeClient(settings_, r, max_attempts=1)
+    try:
+        syncer = Syncer(client, storage, overlap=timedelta(0))
+        pages_seen = 0
+        original = client.transaction_pages
+
+        def pages(*args: Any, **kwargs: Any) -> Iterator[Page]:
+            nonlocal pages_seen
+            for page in original(*args, **kwargs):
+                pages_seen += 1
+                if pages_seen == 3:
+                    raise ConnectionError("Bridge went away")
+                yield page
+
+        client.transaction_pages = pages  # type: ignore[method-assign]
+        with pytest.raises(ConnectionError):
+            syncer.sync_transactions(user, account, full=False)
+        # Page 1 is written; page 2 was held back (was it the last?) when page 3 failed: as before.
+        assert len(stored(storage)) == 500
+        assert storage.cursor(account) is None
+    finally:
+        client.close()
