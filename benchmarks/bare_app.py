@@ -10,6 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from service.server import UVICORN_OPTIONS
+
 
 async def ok(request: Request) -> JSONResponse:
     return JSONResponse({"status": "queued"})
@@ -19,14 +21,5 @@ app = Starlette(routes=[Route("/webhooks/bridge", ok, methods=["POST"])])
 
 if __name__ == "__main__":
     uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=int(sys.argv[1]),
-        loop="uvloop",
-        http="httptools",
-        lifespan="off",
-        proxy_headers=False,
-        server_header=False,
-        access_log=False,
-        log_level="warning",
+        app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off", log_level="warning", **UVICORN_OPTIONS
     )

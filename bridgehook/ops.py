@@ -232,6 +232,13 @@ def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[st
     return letters.select(filters)
 
 
+def _would(verb: str, chosen: list[DeadLetter]) -> None:
+    """What a dry run prints: how many, and which."""
+    click.echo(f"would {verb} {len(chosen)} dead letter(s)")
+    for d in chosen:
+        click.echo(f"  {d.id}  {d.type}  item {d.item_id or '-'}")
+
+
 @dlq.command("replay")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter.")
@@ -251,9 +258,7 @@ def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate:
         letters = DeadLetters(r, s.queue_name, storage)
         chosen = _selection(letters, ids, all_, kw)
         if dry_run:
-            click.echo(f"would replay {len(chosen)} dead letter(s)")
-            for d in chosen:
-                click.echo(f"  {d.id}  {d.type}  item {d.item_id or '-'}")
+            _would("replay", chosen)
             return
         _confirm("Replay", len(chosen), yes)
         with Progress(console=console, disable=not console.is_terminal or len(chosen) < 2) as bar:
@@ -278,9 +283,7 @@ def dlq_purge(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, **kw: 
         letters = DeadLetters(r, s.queue_name, storage)
         chosen = _selection(letters, ids, all_, kw)
         if dry_run:
-            click.echo(f"would purge {len(chosen)} dead letter(s)")
-            for d in chosen:
-                click.echo(f"  {d.id}  {d.type}  item {d.item_id or '-'}")
+            _would("purge", chosen)
             return
         _confirm("Purge", len(chosen), yes)
         click.echo(f"purged {letters.purge(chosen)}")

@@ -524,9 +524,10 @@ def test_receiver_scales_spreads_and_drains(manifests: Rendered) -> None:
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     # preStop sleep, then uvicorn's graceful drain (service/server.py), then a margin.
-    drain = re.search(r"timeout_graceful_shutdown=(\d+)", (ROOT / "service" / "server.py").read_text())
-    assert drain, "service/server.py sets uvicorn's timeout_graceful_shutdown"
-    assert spec["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + int(drain[1]) + 5
+    from service.server import UVICORN_OPTIONS
+
+    drain = UVICORN_OPTIONS["timeout_graceful_shutdown"]
+    assert spec["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + int(drain) + 5
     _assert_pdb(manifests, deployment)
 
 
