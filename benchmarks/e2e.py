@@ -38,7 +38,8 @@ import httpx
 import psycopg
 import uvloop
 
-from benchmarks.receiver import free_port, machine, percentile, wait_http
+from benchmarks.common import machine
+from benchmarks.receiver import free_port, percentile, wait_http
 from bridgehook.devenv import embedded_redis
 
 SECRET = "benchmark-webhook-secret-0123456789"  # noqa: S105 (a throwaway secret for loopback)
@@ -201,7 +202,7 @@ def main() -> int:
                     "SELECT id, status, attempts, EXTRACT(EPOCH FROM processed_at - received_at) "
                     "FROM webhook_events"
                 ).fetchall()
-                tables = {
+                tables: dict[str, Any] = {
                     "items": db.execute("SELECT count(*) FROM items WHERE deleted_at IS NULL").fetchone(),
                     "accounts": db.execute("SELECT count(*) FROM accounts").fetchone(),
                     "transactions": dict(db.execute("SELECT id, amount::text FROM transactions").fetchall()),

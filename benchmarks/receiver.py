@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -40,6 +39,7 @@ import httpx
 import redis
 import uvloop
 
+from benchmarks.common import machine
 from bridgehook.devenv import embedded_redis
 
 SECRET = "benchmark-webhook-secret-0123456789"  # noqa: S105 (a throwaway secret for loopback)
@@ -93,11 +93,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 20) -> N
         except httpx.HTTPError:
             time.sleep(0.1)
     sys.exit(f"{url} did not answer in {timeout}s")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def bodies(path: Path, count: int) -> None:

@@ -33,28 +33,19 @@ log = get_logger("bridgehook.reconcile")
 STUCK_AFTER = timedelta(hours=24)
 
 
-def stuck_items(storage: Storage, now: datetime) -> list[tuple[int, str]]:
+def _live_items(storage: Storage, where: str, before: datetime) -> list[tuple[int, str]]:
+    """(item id, user uuid) of live items matching ``where`` (a constant condition on ``%s`` = before)."""
+    sql = f"SELECT id, user_uuid FROM items WHERE deleted_at IS NULL AND {where} ORDER BY id"  # noqa: S608
     with storage.transaction() as tx:
-        return [
-            (row[0], row[1])
-            for row in tx.execute(
-                "SELECT id, user_uuid FROM items WHERE deleted_at IS NULL AND status = 1003 "
-                "AND status_changed_at < %s ORDER BY id",
-                (now - STUCK_AFTER,),
-            ).fetchall()
-        ]
+        return [(row[0], row[1]) for row in tx.execute(sql, (before,)).fetchall()]
+
+
+def stuck_items(storage: Storage, now: datetime) -> list[tuple[int, str]]:
+    return _live_items(storage, "status = 1003 AND status_changed_at < %s", now - STUCK_AFTER)
 
 
 def stale_items(storage: Storage, now: datetime, age: timedelta) -> list[tuple[int, str]]:
-    with storage.transaction() as tx:
-        return [
-            (row[0], row[1])
-            for row in tx.execute(
-                "SELECT id, user_uuid FROM items WHERE deleted_at IS NULL AND status = 0 "
-                "AND (last_synced_at IS NULL OR last_synced_at < %s) ORDER BY id",
-                (now - age,),
-            ).fetchall()
-        ]
+    return _live_items(storage, "status = 0 AND (last_synced_at IS NULL OR last_synced_at < %s)", now - age)
 
 
 class Reconciler:
