@@ -22,6 +22,8 @@ from bridgehook import devenv
 from service.settings import Settings, SettingsError
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
+# What the worker and the scheduler cannot start without (the receiver never reads bank data).
+WORKER_NEEDS = ("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -164,7 +166,7 @@ def worker(burst: bool, name: str | None) -> None:
     from service.logs import configure_logging
     from workers.runner import SchemaOutdated, run_worker
 
-    settings = load_settings("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+    settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_worker(settings, burst=burst, name=name)
@@ -208,15 +210,15 @@ def scheduler() -> None:
     from service.logs import configure_logging
     from workers.scheduler import run_scheduler
 
-    settings = load_settings("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+    settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
     run_scheduler(settings)
 
 
 def _register_ops() -> None:
-    from bridgehook import ops
+    from bridgehook import data, ops
 
-    for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, ops.status):
+    for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, ops.status, data.keys, data.accounts):
         main.add_command(command)
 
 

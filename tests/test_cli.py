@@ -106,7 +106,7 @@ def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
     """What `make run` does: no REDIS_URL, no database, no Bridge; a fixture becomes rows in SQLite."""
     port = free_port()
     unset = ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "DATABASE_URL", "BRIDGE_API_URL", "BRIDGE_CLIENT_ID",
-             "BRIDGE_CLIENT_SECRET")  # fmt: skip
+             "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS", "ALLOW_PLAINTEXT_STORAGE")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["BRIDGEHOOK_HOME"] = str(tmp_path)
     proc = subprocess.Popen([*BIN, "dev", "--port", str(port)], env=env,
@@ -133,7 +133,14 @@ def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
         assert db.execute("SELECT id, status FROM items WHERE id = 4568477").fetchall() == [(4568477, 0)]
         assert db.execute("SELECT count(*) FROM accounts WHERE item_id = 4568477").fetchone() == (2,)
         assert db.execute("SELECT count(*) FROM transactions").fetchone()[0] == 150
+        # Bank data is encrypted with a local key made for the purpose, and readable through the CLI.
+        assert (tmp_path / "encryption-key").stat().st_mode & 0o777 == 0o600
+        [(iban, name)] = db.execute("SELECT iban, name FROM accounts WHERE id = 22908771").fetchall()
+        assert iban.startswith("bh1:") and name.startswith("bh1:")
         db.close()
+        show = run("accounts", "show", "22908771", "--reveal", env=env)
+        assert show.returncode == 0, show.stderr
+        assert "Livret A" in show.stdout and "FR7630006000019876543210128" in show.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

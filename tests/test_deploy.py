@@ -37,7 +37,7 @@ import yaml
 
 from service.queue import JOB_TIMEOUT_SECONDS
 from service.settings import Settings
-from tests.support import free_port, wait_for_http
+from tests.support import TEST_ENCRYPTION_KEY, free_port, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -59,8 +59,8 @@ CHECKOV_ACCEPTED = {
     "CKV_K8S_43": "image by digest: the repository cannot know the digest of an image that CI has not "
     "built yet; the release pipeline pins it (kustomize edit set image bridgehook=…@sha256:…)",
 }
-# Environment variables the manifests may set that Settings does not read (yet).
-EXTRA_ENV = {"ENCRYPTION_KEYS"}
+# Environment variables the manifests may set that Settings does not read.
+EXTRA_ENV: set[str] = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1113,6 +1113,7 @@ def test_probe_paths_answer_on_the_real_processes(
         "BRIDGE_WEBHOOK_SECRETS": "deploy-test-secret",
         "BRIDGE_CLIENT_ID": "deploy-test",
         "BRIDGE_CLIENT_SECRET": "deploy-test-secret",
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
         "BRIDGE_API_URL": "http://127.0.0.1:9/v3/aggregation",  # never called: no job is queued
         "RQ_QUEUE": f"deploy-test-{token}",  # a queue of its own: no other test's job runs here
     }

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from bridgehook.cli import main
 from fakebridge.world import World
 from tests.harness import Harness
+from tests.support import TEST_ENCRYPTION_KEY
 from workers import context, jobs
 from workers.deadletters import DeadLetters
 from workers.observe import StatusCollector, snapshot
@@ -36,6 +37,7 @@ def cli(harness: Harness, tmp_path: Path) -> Cli:
         "BRIDGEHOOK_HOME": str(tmp_path / "home"),
         "WORKER_RETRY_INTERVALS": "0,0,0",
         "BRIDGE_API_URL": s.bridge_api_url,
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
     }
 
     def run(*args: str, input: str | None = None) -> Result:
@@ -370,7 +372,11 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
 
 
 def test_commands_say_when_redis_is_unreachable(tmp_path: Path) -> None:
-    env = {"REDIS_URL": "redis://127.0.0.1:1/0", "BRIDGEHOOK_HOME": str(tmp_path)}
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "BRIDGEHOOK_HOME": str(tmp_path),
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+    }
     for args in (["dlq", "list"], ["status"], ["dlq", "replay", "--all"], ["resync", "--item", "1"]):
         result = CliRunner().invoke(main, args, env=env)
         assert result.exit_code == 1, args

@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from tests.harness import Harness, ts
+from tests.support import TEST_ENCRYPTION_KEY
 
 
 def worker_env(h: Harness) -> dict[str, str]:
@@ -33,6 +34,7 @@ def worker_env(h: Harness) -> dict[str, str]:
         "BRIDGE_RATE_LIMIT_USER": "100000/60",
         "BRIDGE_RATE_LIMIT_APP": "100000/60",
         "METRICS_PORT": "0",
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
     }
 
 

@@ -15,6 +15,7 @@ import redis
 
 from service.settings import Settings
 from workers.bridge import BridgeClient
+from workers.codec import codec_from_settings
 from workers.db import Database
 from workers.storage import Storage
 from workers.sync import Syncer
@@ -29,13 +30,14 @@ class WorkerContext:
 
     @classmethod
     def build(cls, settings: Settings, transport: httpx.BaseTransport | None = None) -> WorkerContext:
-        settings.require("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET")
+        settings.require("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS")
         assert settings.redis_url is not None
+        codec = codec_from_settings(settings)
         connection = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=5)
         return cls(
             settings=settings,
             redis=connection,
-            storage=Storage(Database.from_url(settings.database_url)),
+            storage=Storage(Database.from_url(settings.database_url), codec),
             client=BridgeClient(
                 settings,
                 connection,

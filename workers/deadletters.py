@@ -212,7 +212,7 @@ class DeadLetters:
                     "received_at": _aware(to_datetime(received_at)),
                     "attempts": attempts,
                     "last_error": last_error,
-                    "event": _json(self.storage.codec.decode(body)),
+                    "event": _json(self.storage.codec.decode(body, "webhook_events.body")),
                 }
         return rows
 

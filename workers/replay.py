@@ -111,7 +111,7 @@ def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> It
         rows = tx.execute(sql + " ORDER BY received_at", params).fetchall()
     for event_id, body, received_at in rows:
         try:
-            event = json.loads(storage.codec.decode(body) or "")
+            event = json.loads(storage.codec.decode(body, "webhook_events.body") or "")
         except ValueError:
             continue
         if isinstance(event, dict) and "content" in event:

@@ -231,10 +231,11 @@ class Storage:
         enc = self.codec.encode
         rows = [
             (
-                a["id"], a.get("item_id"), enc(clear(a.get("name"))), a.get("type"), a.get("currency_code"),
-                money(a.get("balance")), money(a.get("accounting_balance")), money(a.get("instant_balance")),
-                enc(clear(a.get("iban"))), a.get("data_access"), a.get("last_refresh_status"), a.get("pro"),
-                a.get("provider_id"), parse_ts(a.get("updated_at")),
+                a["id"], a.get("item_id"), enc(clear(a.get("name")), "accounts.name"), a.get("type"),
+                a.get("currency_code"), money(a.get("balance")), money(a.get("accounting_balance")),
+                money(a.get("instant_balance")), enc(clear(a.get("iban")), "accounts.iban"),
+                a.get("data_access"), a.get("last_refresh_status"), a.get("pro"), a.get("provider_id"),
+                parse_ts(a.get("updated_at")),
             )
             for a in accounts
         ]  # fmt: skip
@@ -243,7 +244,7 @@ class Storage:
 
     def transaction_rows(self, transactions: Iterable[Mapping[str, Any]]) -> TransactionRows:
         """A page of Bridge transactions as rows to write (no I/O: a prefetching thread may build them)."""
-        enc = None if type(self.codec) is PlainCodec else self.codec.encode  # the identity, today
+        enc = None if type(self.codec) is PlainCodec else self.codec.encode
         days, texts = _Memo(parse_date), _Memo(clear)
         rows = []
         for t in transactions:
@@ -251,7 +252,8 @@ class Storage:
             updated_at, amount = parse_ts(get("updated_at")), get("amount")
             clean, provider = texts[get("clean_description")], texts[get("provider_description")]
             if enc is not None:
-                clean, provider = enc(clean), enc(provider)
+                clean = enc(clean, "transactions.clean_description")
+                provider = enc(provider, "transactions.provider_description")
             rows.append(
                 (
                     t["id"], get("account_id"), amount if type(amount) is Decimal else money(amount),
@@ -348,7 +350,13 @@ class Storage:
                 "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
                 "VALUES (%s, %s, %s, %s, 'queued', 1, %s) ON CONFLICT (id) DO UPDATE SET "
                 "attempts = webhook_events.attempts + 1, status = 'queued'",
-                (event_id, event.get("type"), content.get("item_id"), received_at, self.codec.encode(body)),
+                (
+                    event_id,
+                    event.get("type"),
+                    content.get("item_id"),
+                    received_at,
+                    self.codec.encode(body, "webhook_events.body"),
+                ),
             )
 
     def event_done(self, event_id: str) -> None:
@@ -368,7 +376,7 @@ class Storage:
                 "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
                 "VALUES (%s, %s, %s, %s, 'purged', %s, %s) ON CONFLICT (id) DO UPDATE SET status = 'purged'",
                 (event_id, event.get("type", "?"), content.get("item_id"), received_at, attempts,
-                 self.codec.encode(body)),
+                 self.codec.encode(body, "webhook_events.body")),
             )  # fmt: skip
 
     def event_failed(self, event_id: str, error: str, *, final: bool) -> None:

@@ -1,0 +1,143 @@
+"""Commands for the bank data at rest: encryption keys and decrypted reads.
+
+``keys`` needs only the database and ``ENCRYPTION_KEYS``; ``accounts show`` prints decrypted
+values to the terminal (IBANs masked unless ``--reveal``) and never to a log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bridgehook import devenv
+from bridgehook.ops import console, fail
+from service.settings import Settings, SettingsError
+from workers.codec import AESGCMCodec, CodecError, generate_key
+from workers.reader import Reader
+
+
+@contextmanager
+def reader() -> Iterator[Reader]:
+    devenv.adopt_local_state(os.environ)
+    try:
+        settings = Settings.from_env()
+        built = Reader.from_env(settings)
+    except SettingsError as exc:
+        fail(str(exc), code=2)
+    except Exception as exc:  # psycopg, sqlite3 and pool errors alike
+        fail(f"database {settings.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}")
+    with built:
+        yield built
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+@click.group()
+def keys() -> None:
+    """Encryption keys of the bank data at rest (ENCRYPTION_KEYS, newest first)."""
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new key. Put it FIRST in ENCRYPTION_KEYS, keep the old ones after it until
+    `bridgehook keys rotate` has run."""
+    click.echo(generate_key())
+
+
+@keys.command("rotate")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--dry-run", is_flag=True, help="Count the rows to rotate; change nothing.")
+def keys_rotate(batch_size: int, dry_run: bool) -> None:
+    """Re-encrypt every encrypted value (and any plaintext one) with the first key.
+
+    Batches commit one by one: interrupted, it resumes where it stopped when run again.
+    Safe while workers run (they write with the first key already).
+    """
+    from workers.rotation import Rotation
+
+    with reader() as r:
+        if not isinstance(r.codec, AESGCMCodec):
+            fail("ENCRYPTION_KEYS is not set: there is no key to rotate to", code=2)
+        assert isinstance(r.codec, AESGCMCodec)
+        rotation = Rotation(r.db, r.codec, batch_size)
+        pending = rotation.pending()
+        total = sum(pending.values())
+        counts = ", ".join(f"{n} {table}" for table, n in pending.items())
+        click.echo(f"key {r.codec.current_key_id}: {total} rows to rotate ({counts})", err=True)
+        if dry_run or total == 0:
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=False) as bar:
+            tasks = {table: bar.add_task(table, total=n) for table, n in pending.items() if n}
+            try:
+                done = rotation.run(lambda table, n: bar.advance(tasks[table], n) if table in tasks else None)
+            except CodecError as exc:
+                fail(f"{exc}; nothing after this row was rotated, rows before it were")
+        left = sum(rotation.pending().values())
+        click.echo(f"rotated {done} rows; {left} left" + (" (run again)" if left else ""), err=True)
+        if left:
+            raise SystemExit(1)
+
+
+# -- accounts ---------------------------------------------------------------------------------------
+
+
+@click.group()
+def accounts() -> None:
+    """Accounts and transactions, decrypted."""
+
+
+def mask_iban(iban: str | None) -> str:
+    if not iban:
+        return ""
+    compact = iban.replace(" ", "")
+    return f"{compact[:4]} **** {compact[-4:]}" if len(compact) > 8 else "****"
+
+
+@accounts.command("show")
+@click.argument("account_id", type=int)
+@click.option("--transactions", "-t", "limit", default=10, show_default=True, help="Latest transactions.")
+@click.option("--reveal", is_flag=True, help="Print the whole IBAN (masked by default).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: the account and its transactions.")
+def accounts_show(account_id: int, limit: int, reveal: bool, as_json: bool) -> None:
+    """One account with its latest transactions, bank data decrypted."""
+    with reader() as r:
+        try:
+            account = r.account(account_id)
+            transactions = r.transactions(account_id, limit=limit) if account else []
+        except CodecError as exc:
+            fail(str(exc))
+    if account is None:
+        fail(f"no account {account_id}")
+    assert account is not None
+    if not reveal:
+        account["iban"] = mask_iban(account["iban"])
+    if as_json:
+        click.echo(json.dumps({**account, "transactions": transactions}, default=str))
+        return
+    summary = Table(show_header=False, title=f"account {account_id}")
+    for name, value in account.items():
+        summary.add_row(name, "" if value is None else str(value))
+    console.print(summary)
+    table = Table("date", "amount", "description", "category", "id", title=f"latest {len(transactions)}")
+    for t in transactions:
+        table.add_row(
+            str(t["date"]),
+            f"{t['amount']} {t['currency_code'] or ''}",
+            _description(t),
+            str(t["category_id"]),
+            str(t["id"]),
+        )
+    console.print(table)
+
+
+def _description(t: dict[str, Any]) -> str:
+    return str(t["clean_description"] or t["provider_description"] or "")
