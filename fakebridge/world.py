@@ -525,6 +525,11 @@ class World:
             entry = self._tokens.get(token)
             return entry[0] if entry is not None and entry[1] > time.time() else None
 
+    def issued_tokens(self) -> list[str]:
+        """Every access token handed out and not revoked (tests search logs for them)."""
+        with self.lock:
+            return list(self._tokens)
+
     def expire_tokens(self) -> None:
         with self.lock:
             past = time.time() - 1

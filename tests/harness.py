@@ -91,7 +91,11 @@ class Harness:
 
     def send(self, event: tuple[str, dict[str, Any]]) -> str:
         """POST the event, signed, to the receiver; return its status (queued, duplicate…)."""
-        response = self.receiver.post("/webhooks/bridge", **signed(self.body(event)))
+        return self.post(self.body(event))
+
+    def post(self, body: bytes) -> str:
+        """POST the body, signed, to the receiver; return its status (queued, duplicate…)."""
+        response = self.receiver.post("/webhooks/bridge", **signed(body))
         assert response.status_code == 200, response.text
         self.acknowledged.append(str(response.json()["event_id"]))
         return str(response.json()["status"])
@@ -119,6 +123,11 @@ class Harness:
         """``webhook_events``: each event id with its status and number of attempts."""
         rows = self.rows("SELECT id, status, attempts FROM webhook_events")
         return {event_id: (status, attempts) for event_id, status, attempts in rows}
+
+    def every_row(self) -> list[list[dict[str, Any]]]:
+        """Every row of the synced tables, deleted ones included, bank data decrypted: what two runs
+        that must leave the same state are compared by."""
+        return [self.reader.select(table, cols.split(", ")) for table, cols in COMPARED]
 
     def tables(self) -> dict[str, dict[Any, dict[str, Any]]]:
         """Live rows in the shape of the fake's ground truth."""
@@ -161,6 +170,19 @@ class Harness:
             out["transactions"][t["id"]] = _shape(TRANSACTION_FIELDS, [t.get(f) for f in TRANSACTION_FIELDS])
         return out
 
+
+# Every column but our own bookkeeping times (users.updated_at, items.updated_at, last_synced_at).
+COMPARED = (
+    ("items", "id, user_uuid, status, provider_id, needs_user_action, last_try_refresh, deleted_at"),
+    (
+        "accounts",
+        "id, item_id, name, balance, iban, data_access, bridge_updated_at, transactions_cursor, deleted_at",
+    ),
+    (
+        "transactions",
+        "id, account_id, amount, date, clean_description, future, bridge_updated_at, deleted_at",
+    ),
+)
 
 ACCOUNT_FIELDS = [
     "item_id",
