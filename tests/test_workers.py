@@ -10,10 +10,15 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import redis
+from rq import Queue
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from tests.harness import Harness, ts
 from workers import context, jobs
+from workers.runner import Worker
 from workers.storage import Storage
 
 
@@ -314,3 +319,29 @@ def test_item_lock_serialises_jobs_of_one_item(harness: Harness, world: World) -
         other = ctx.redis.lock("bridgehook:lock:item:999999", blocking_timeout=0.2)
         assert other.acquire()  # …while another item proceeds
         other.release()
+
+
+def test_the_worker_keeps_a_short_lease_on_a_running_job(r: redis.Redis) -> None:
+    """A job's entry in RQ's started registry expires a minute after the last heartbeat, not after
+    the job's whole timeout: a killed worker's job is found abandoned and requeued that much sooner."""
+    queue = Queue("lease-test", connection=r, serializer=JSONSerializer)
+    job = queue.enqueue("time.sleep", 4, job_timeout=600)
+    worker = Worker([queue], connection=r, serializer=JSONSerializer, job_monitoring_interval=1)
+    leases: list[float] = []
+
+    def watch() -> None:
+        registry = StartedJobRegistry(queue=queue)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and job.get_status(refresh=True) != "finished":
+            expiries = [score for _, score in r.zrange(registry.key, 0, -1, withscores=True)]
+            leases.extend(e - time.time() for e in expiries)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    assert worker.work(burst=True, with_scheduler=False)
+    watcher.join()
+    assert worker.maintenance_interval == 60
+    assert leases and max(leases) <= 61 + 1, "the lease runs for the heartbeat interval + 60 s only"
+    # Renewed while the job ran: the remaining lease does not just count down from the first one.
+    assert min(leases[len(leases) // 2 :]) >= 59

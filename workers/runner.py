@@ -4,13 +4,28 @@ A ``SimpleWorker`` runs jobs in this process instead of forking one per job, so 
 client's HTTP connections and the database pool are reused from job to job; job timeouts
 still apply (SIGALRM). RQ's warm shutdown applies too: on SIGTERM the current job finishes,
 a second SIGTERM abandons it, and RQ's abandoned-job cleanup retries it on another worker.
+
+What :class:`Worker` adds to ``SimpleWorker``: heartbeats while a job runs. RQ's forking worker
+sends them from its monitoring loop; ``SimpleWorker`` has none, so it registers each job as
+started for the job's whole timeout (10 minutes), and a worker killed mid-job leaves its job
+unclaimed for that long plus RQ's 10-minute maintenance period. Here a thread renews the job's
+lease every ``HEARTBEAT_SECONDS`` for ``HEARTBEAT_SECONDS + 60`` seconds, and maintenance runs
+every ``MAINTENANCE_SECONDS``: a killed worker's job is requeued (with one retry fewer) about two
+minutes later.
 """
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+import redis
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import BaseWorker, WorkerStatus
 
 from service.logs import get_logger
 from service.settings import Settings
@@ -18,10 +33,45 @@ from workers import context, schema
 from workers.context import WorkerContext
 
 log = get_logger("bridgehook.worker")
+HEARTBEAT_SECONDS = 10
+MAINTENANCE_SECONDS = 60
 
 
 class SchemaOutdated(Exception):
     pass
+
+
+class Worker(SimpleWorker):
+    """RQ's ``SimpleWorker`` with heartbeats during jobs (see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
+        kwargs.setdefault("job_monitoring_interval", HEARTBEAT_SECONDS)
+        super().__init__(*args, **kwargs)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return int(BaseWorker.get_heartbeat_ttl(self, job, working_time))  # the forking worker's lease
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beats = threading.Thread(
+            target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True
+        )
+        beats.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beats.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Execution, done: threading.Event) -> None:
+        while not done.wait(self.job_monitoring_interval):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.RedisError as exc:  # the job itself will meet the outage; keep beating
+                log.warning("worker.heartbeat_failed", error=str(exc))
 
 
 def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> bool:
@@ -36,7 +86,7 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
         start_http_server(settings.metrics_port)  # bridgehook_jobs_total, bridgehook_sync_lag_seconds
     try:
         queue = Queue(settings.queue_name, connection=ctx.redis, serializer=JSONSerializer)
-        worker = SimpleWorker([queue], connection=ctx.redis, serializer=JSONSerializer, name=name)
+        worker = Worker([queue], connection=ctx.redis, serializer=JSONSerializer, name=name)
         log.info("worker.started", queue=settings.queue_name, burst=burst, name=worker.name)
         return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper()))
     finally:
