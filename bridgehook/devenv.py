@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -90,18 +91,35 @@ def fake_bridge(env: MutableMapping[str, str]) -> Iterator[str | None]:
 
 
 @contextmanager
-def process(command: str, env: MutableMapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """``bridgehook <command>`` beside the receiver; SIGTERM (RQ's warm shutdown) when the block ends.
+def process(command: str, env: MutableMapping[str, str]) -> Iterator[None]:
+    """``bridgehook <command>`` beside the receiver, restarted whenever it exits on its own (as
+    Kubernetes restarts a pod: an RQ worker exits when Redis vanishes mid-job); SIGTERM (RQ's warm
+    shutdown) when the block ends.
 
     Metrics ports are per pod in production; locally the processes share one host, so none listens.
     """
     child_env = {**env, "METRICS_PORT": "0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bridgehook", command], env=child_env, start_new_session=True
-    )
+    argv = [sys.executable, "-m", "bridgehook", command]
+    stopping = threading.Event()
+    current = [subprocess.Popen(argv, env=child_env, start_new_session=True)]
+
+    def supervise() -> None:
+        while not stopping.is_set():
+            if current[0].poll() is not None and not stopping.wait(1.0):
+                print(
+                    f"bridgehook dev: {command} exited ({current[0].returncode}); restarting", file=sys.stderr
+                )
+                current[0] = subprocess.Popen(argv, env=child_env, start_new_session=True)
+            stopping.wait(0.5)
+
+    supervisor = threading.Thread(target=supervise, name=f"supervise-{command}", daemon=True)
+    supervisor.start()
     try:
-        yield proc
+        yield
     finally:
+        stopping.set()
+        supervisor.join()
+        proc = current[0]
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)

@@ -102,6 +102,17 @@ def test_send_usage_errors(tmp_path: Path) -> None:
     assert "could not POST" in unreachable.stderr
 
 
+def worker_pids(r: redis.Redis, timeout: float) -> set[int]:
+    """The pids of the RQ workers registered in ``r``, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = {int(r.hget(key, "pid") or 0) for key in r.smembers("rq:workers")} - {0}
+        if pids:
+            return pids
+        time.sleep(0.2)
+    return set()
+
+
 def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
     """What `make run` does: no REDIS_URL, no database, no Bridge; a fixture becomes rows in SQLite."""
     port = free_port()
@@ -141,6 +152,13 @@ def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
         show = run("accounts", "show", "22908771", "--reveal", env=env)
         assert show.returncode == 0, show.stderr
         assert "Livret A" in show.stdout and "FR7630006000019876543210128" in show.stdout
+        # A worker that dies is restarted, as Kubernetes would restart its pod.
+        r = redis.Redis.from_url(redis_url)
+        first = worker_pids(r, timeout=20)
+        os.killpg(first.pop(), signal.SIGKILL)
+        r.delete(*r.smembers("rq:workers"))  # what RQ's cleanup would do, minutes later
+        assert worker_pids(r, timeout=20), "the worker was not restarted"
+        r.close()
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
