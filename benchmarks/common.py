@@ -5,10 +5,11 @@ The fake runs in a separate process (``python -m benchmarks.common fake …``) s
 the worker's GIL. Its history is seeded on a simulated clock, one object every 1.2 s ending a few
 minutes ago, as a real bank history is spread over time (the stock fake ticks 1 ms per object, so
 that any sync overlap would re-read a thousand rows per account). By default it is also
-*accelerated*, in its own process only (``fakebridge/`` is untouched): the stock fake sorts and
-renders every transaction of the world for each page it serves (~0.1 s a page here, 20x the whole
-write path), so the accelerated one lists from a per-account index, reuses each transaction's
-rendering while it is unchanged, pages with a bisection and joins memoised per-row JSON. Its
+*accelerated*, in its own process only (``fakebridge/`` is untouched): the stock fake renders every
+transaction of the listing for each page it serves (a whole account's history per page here, many
+times the whole write path), so the accelerated one lists from a per-account index, reuses each transaction's
+rendering while it is unchanged, pages with a bisection, joins memoised per-row JSON and serves a page
+it has rendered before as the same bytes (a remote Bridge's CPU is not the worker's machine's). Its
 listings and bodies are checked byte for byte against the stock code for every account at start-up;
 ``--stock-fake`` serves the unmodified fake instead. A few control routes under ``/_bench/``
 (outside the fake's API and its request log) report the request log and change transactions.
@@ -195,7 +196,10 @@ def serve_fake(port: int, accounts: int, transactions: int, stock: bool) -> None
 
 def _accelerated_world() -> Any:
     """A World whose transaction listing reads a per-account index and reuses each transaction's
-    rendering while it is unchanged, and whose pages join memoised per-row JSON."""
+    rendering while it is unchanged, and whose pages join memoised per-row JSON, each page's body
+    kept once rendered (the same listing at the same tick, the same request: the same bytes)."""
+    from starlette.responses import Response
+
     import fakebridge.app
     from fakebridge.world import OBFUSCATED, World, render, render_json
 
@@ -218,7 +222,7 @@ def _accelerated_world() -> Any:
                 if self._listed[0] != key:
                     self._listed = (key, self._list(user_uuid, account_id, since_ms))
                     rows = self._listed[1] or []
-                    listed[:] = [rows, [r["id"] for r in rows]]
+                    listed[:] = [rows, [r["id"] for r in rows], key]
                 return self._listed[1]
 
         def _list(
@@ -273,19 +277,30 @@ def _accelerated_world() -> Any:
         return render_json(obj)
 
     stock_page = fakebridge.app._page
-    listed: list[Any] = [None, []]  # the latest listing (sorted by id) and its ids
+    listed: list[Any] = [None, [], None]  # the latest listing (sorted by id), its ids and its key
+    # A page's body is a function of its listing (user, account, since, world clock) and of the request's
+    # path and query only: served again as the bytes it was, as a remote Bridge costs us no CPU.
+    served: dict[tuple[Any, str, str], bytes] = {}
 
     def page(request: Any, rows: list[dict[str, Any]]) -> Any:
         """The stock page of ``rows`` from only the rows it can look at: the limit + 1 after ``after``."""
         if rows is not listed[0]:
             return stock_page(request, rows)
+        key = (listed[2], request.url.path, request.url.query)
+        if (body := served.get(key)) is not None:
+            return Response(body, media_type="application/json")
         try:
             limit = int(request.query_params.get("limit") or 50)
             after = int(request.query_params.get("after") or 0) or None
         except ValueError:
             return stock_page(request, rows)  # which answers the stock error
         start = 0 if after is None else bisect.bisect_right(listed[1], after)
-        return stock_page(request, rows[start : start + max(limit, 0) + 1])
+        response = stock_page(request, rows[start : start + max(limit, 0) + 1])
+        if response.status_code == 200:
+            if len(served) >= 4096:  # bounded: a few benchmark histories' worth of pages
+                served.clear()
+            served[key] = bytes(response.body)
+        return response
 
     vars(fakebridge.app)["render_json"] = fast_render_json  # what its JSONResponse calls
     vars(fakebridge.app)["_page"] = page  # what its list routes call
@@ -308,7 +323,10 @@ def _check_and_warm(world: Any, user: str, account_ids: list[int], stock_render:
 
 # -- running the real worker ---------------------------------------------------------------------
 def worker_env(redis: str, database_url: str, fake: Fake, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "SYNC_", "RQ_"))}
+    """The worker's environment: bank data in clear (``ALLOW_PLAINTEXT_STORAGE``) unless ``extra`` gives
+    ``ENCRYPTION_KEYS``; nothing of the kind is inherited from the caller's environment."""
+    inherited = ("BRIDGE_", "SYNC_", "RQ_", "ENCRYPTION_KEYS", "ALLOW_PLAINTEXT_STORAGE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     env.update({
         "REDIS_URL": redis, "DATABASE_URL": database_url, "BRIDGE_API_URL": fake.info["api_url"],
         "BRIDGE_CLIENT_ID": fake.info["client_id"], "BRIDGE_CLIENT_SECRET": fake.info["client_secret"],
@@ -316,6 +334,7 @@ def worker_env(redis: str, database_url: str, fake: Fake, **extra: str) -> dict[
         # Bridge's real budgets (60 requests a minute per user) would make this a rate-limit benchmark.
         "BRIDGE_RATE_LIMIT_USER": "1000000/60", "BRIDGE_RATE_LIMIT_APP": "1000000/60",
         "METRICS_PORT": "0", "LOG_LEVEL": "warning", "WORKER_RETRY_INTERVALS": "",
+        "ALLOW_PLAINTEXT_STORAGE": "1",
     })  # fmt: skip
     env.update(extra)
     return env

@@ -41,6 +41,7 @@ import uvloop
 from benchmarks.common import machine
 from benchmarks.receiver import free_port, percentile, wait_http
 from bridgehook.devenv import embedded_redis
+from workers.codec import generate_key
 
 SECRET = "benchmark-webhook-secret-0123456789"  # noqa: S105 (a throwaway secret for loopback)
 PG_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
@@ -87,17 +88,25 @@ def signed(event: dict[str, Any]) -> tuple[str, bytes]:
 
 
 async def send_all(url: str, deliveries: list[tuple[str, bytes]], rate: int) -> list[str]:
-    """Open loop at `rate`/s; returns the event ids answered `queued`."""
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=10) as client:
+    """Open loop at `rate`/s; returns the event ids answered `queued`.
+
+    At most as many requests in flight as connections: requests waiting inside httpx's pool make
+    each of its steps scan all of them (quadratic), so that a short stall of a loaded machine used to
+    snowball until the generator, not the receiver, set the pace."""
+    connections = 64
+    slots = asyncio.Semaphore(connections)
+    limits = httpx.Limits(max_connections=connections)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
         queued: list[str] = []
         start = time.perf_counter()
 
         async def one(sig: str, body: bytes) -> None:
-            response = await client.post(
-                url,
-                content=body,
-                headers={"Content-Type": "application/json", "BridgeApi-Signature": f"v1={sig}"},
-            )
+            async with slots:
+                response = await client.post(
+                    url,
+                    content=body,
+                    headers={"Content-Type": "application/json", "BridgeApi-Signature": f"v1={sig}"},
+                )
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code} {response.text}")
             if response.json()["status"] == "queued":
@@ -147,6 +156,7 @@ def main() -> int:
                 "BRIDGE_RATE_LIMIT_TOKEN": "10000/60",
                 "METRICS_PORT": "0",
                 "SYNC_OVERLAP_SECONDS": "0",
+                "ENCRYPTION_KEYS": generate_key(),  # as in production: bank data encrypted at rest
             }
             subprocess.run(
                 [python, "-m", "bridgehook", "db", "upgrade"], env=env, check=True, capture_output=True

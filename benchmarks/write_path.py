@@ -1,7 +1,7 @@
 """Benchmark 2: the worker's write path against the database's own bulk speed, in the same run.
 
 ``python -m benchmarks.write_path [--runs N] [--engines postgresql,sqlite] [--baseline binary|text]
-[--stock-fake]``
+[--stock-fake] [--encrypted]``
 
 Ours: an ``item.created`` job for an item of 20 accounts x 5,000 transactions, drained by a real
 ``bridgehook worker --burst`` process (fetching every page from the fake Bridge in another process,
@@ -11,6 +11,9 @@ our run), already in memory, into an empty schema as well: on PostgreSQL COPYed 
 staging table shaped like ``transactions`` and merged by one ``INSERT … SELECT … ON CONFLICT (id) DO
 UPDATE`` (the very statement the worker uses), in COPY's binary format and in its text format (what
 ``write_row`` sends by default); on SQLite one bare ``executemany`` of the upsert in one transaction.
+Bank data is stored in clear (``ALLOW_PLAINTEXT_STORAGE=1``) unless ``--encrypted``: then the worker
+encrypts both descriptions of every row (AES-256-GCM, a few µs a value), a cost the baselines, which
+copy the stored rows as they are, do not have.
 Targets: ours >= 50 % of the baseline's rows/s (best run of each side; on PostgreSQL against the
 ``--baseline`` format, binary by default, the faster and so the stricter), worker peak RSS <= 200 MB.
 Exit 1 when a target is missed.
@@ -40,6 +43,7 @@ from benchmarks.common import (
     verdict,
     worker_env,
 )
+from workers.codec import generate_key
 from workers.storage import (
     MERGE_TRANSACTIONS,
     TRANSACTION_COLUMNS,
@@ -90,13 +94,15 @@ def read_rows(engine: str, url: str) -> list[tuple[Any, ...]]:
         return lite.execute(sql).fetchall()
 
 
-def measure(engine: str, redis: str, fake: Any, expected: int, tmp: Path, n: int) -> dict[str, Any]:
+def measure(
+    engine: str, redis: str, fake: Any, expected: int, tmp: Path, n: int, keys: dict[str, str]
+) -> dict[str, Any]:
     """One run of ours, then one of each baseline, each into an empty schema of its own."""
     item = {"item_id": fake.info["item_id"], "user_uuid": fake.info["user_uuid"]}
     baselines: dict[str, float] = {}
     if engine == "postgresql":
         with pg_schema() as url:
-            env = worker_env(redis, url, fake)
+            env = worker_env(redis, url, fake, **keys)
             upgrade(env)
             ours = run_job(env, "workers.jobs.item_created", event("item.created", item))
             rows = read_rows(engine, url)
@@ -108,7 +114,7 @@ def measure(engine: str, redis: str, fake: Any, expected: int, tmp: Path, n: int
                     raise SystemExit("the baseline did not write every row")
     else:
         url = f"sqlite:///{tmp / f'ours-{n}.db'}"
-        env = worker_env(redis, url, fake)
+        env = worker_env(redis, url, fake, **keys)
         upgrade(env)
         ours = run_job(env, "workers.jobs.item_created", event("item.created", item))
         rows = read_rows(engine, url)
@@ -136,11 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument("--transactions", type=int, default=5000, help="per account")
     parser.add_argument("--stock-fake", action="store_true", help="serve the unmodified (slow) fake")
+    encrypted = "encrypt bank data at rest as production does (ENCRYPTION_KEYS: AES-256-GCM on both "
+    encrypted += "descriptions of every row); default ALLOW_PLAINTEXT_STORAGE=1"
+    parser.add_argument("--encrypted", action="store_true", help=encrypted)
     args = parser.parse_args(argv)
+    keys = {"ENCRYPTION_KEYS": generate_key()} if args.encrypted else {}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     expected = args.accounts * args.transactions
-    print(f"write path: {args.accounts} accounts x {args.transactions} transactions = {expected} rows; "
-          f"{machine()}", flush=True)  # fmt: skip
+    storage = "encrypted at rest" if args.encrypted else "bank data in clear"
+    print(f"write path: {args.accounts} accounts x {args.transactions} transactions = {expected} rows, "
+          f"{storage}; {machine()}", flush=True)  # fmt: skip
     results: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     with (
         redis_url() as redis,
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fake Bridge ready ({kind}) in its own process", flush=True)
         for n in range(args.runs):
             for engine in engines:
-                r = measure(engine, redis, fake, expected, Path(tmp), n)
+                r = measure(engine, redis, fake, expected, Path(tmp), n, keys)
                 results[engine].append(r)
                 base = ", ".join(f"{k} {v:.2f} s" for k, v in r["baselines"].items())
                 print(f"  {engine} run {n + 1}: ours {r['ours'].seconds:.2f} s (worker process "

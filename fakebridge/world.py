@@ -9,6 +9,7 @@ render them exactly as the HTTP API does.
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import secrets
@@ -245,6 +246,12 @@ class World:
         self._items: dict[int, _Rec] = {}
         self._accounts: dict[int, _Rec] = {}
         self._txns: dict[int, _Rec] = {}
+        # Indexes over what never changes once created (an item's owner, an account's item, a
+        # transaction's account; records are never removed): each request looks at its user's objects
+        # only, not at the whole world.
+        self._user_items: dict[str, list[int]] = {}
+        self._item_accounts: dict[int, list[int]] = {}
+        self._account_txns: dict[int, list[int]] = {}  # sorted
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (user uuid, expiry epoch seconds)
         self._next_id = {"item": 4_000_001, "account": 20_000_001, "txn": 50_000_001}
         self._event_marks: dict[int, int] = {}  # account id -> clock at its last item.account.updated
@@ -329,6 +336,7 @@ class World:
                 "authentication_expires_at": authentication_expires_at,
             }
             self._items[item_id] = _Rec(data, now, now, owner=user_uuid)
+            self._user_items.setdefault(user_uuid, []).append(item_id)
             return item_id
 
     def add_account(
@@ -369,6 +377,7 @@ class World:
                 {k: _decimal(v) if k in _AMOUNT_FIELDS and v is not None else v for k, v in extra.items()}
             )
             self._accounts[account_id] = _Rec(data, now, now)
+            self._item_accounts.setdefault(item_id, []).append(account_id)
             self._event_marks[account_id] = now
             return account_id
 
@@ -410,7 +419,7 @@ class World:
                         self.update_account(acc_id)
 
     def _item_account_ids(self, item_id: int) -> list[int]:
-        return sorted(k for k, a in self._accounts.items() if not a.deleted and a.data["item_id"] == item_id)
+        return sorted(k for k in self._item_accounts.get(item_id, ()) if not self._accounts[k].deleted)
 
     def delete_item(self, item_id: int) -> None:
         with self.lock:
@@ -455,6 +464,7 @@ class World:
                     deleted=False,
                 )
                 self._txns[txn_id] = _Rec({k: data[k] for k in _TXN_ORDER}, now, now)
+                bisect.insort(self._account_txns.setdefault(account_id, []), txn_id)
             return ids
 
     def update_transaction(self, transaction_id: int, **fields: Any) -> None:
@@ -537,8 +547,14 @@ class World:
 
     # -- API views (what a user's token can see), rendered, sorted by id -----------------------------
     def _user_accounts(self, user_uuid: str) -> dict[int, _Rec]:
-        items = {k for k, i in self._items.items() if not i.deleted and i.owner == user_uuid}
-        return {k: a for k, a in self._accounts.items() if not a.deleted and a.data["item_id"] in items}
+        """The live accounts of the user's live items, by id (in no particular order)."""
+        return {
+            k: self._accounts[k]
+            for item in self._user_items.get(user_uuid, ())
+            if not self._items[item].deleted
+            for k in self._item_accounts.get(item, ())
+            if not self._accounts[k].deleted
+        }
 
     def _render_account(self, rec: _Rec) -> dict[str, Any]:
         out = render(rec.data)
@@ -587,10 +603,14 @@ class World:
                 if account_id not in accounts:
                     return None
                 accounts = {account_id: accounts[account_id]}
+            ids = [t for a in accounts for t in self._account_txns.get(a, ())]
+            if len(accounts) > 1:
+                ids.sort()  # by id, as each account's own list is
             out = []
-            for _, txn in sorted(self._txns.items()):
-                account = accounts.get(txn.data["account_id"])
-                if account is None or (since_ms is None and txn.data["deleted"]):
+            for txn_id in ids:
+                txn = self._txns[txn_id]
+                account = accounts[txn.data["account_id"]]
+                if since_ms is None and txn.data["deleted"]:
                     continue
                 if since_ms is not None and txn.updated_ms <= since_ms:
                     continue

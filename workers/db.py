@@ -10,6 +10,15 @@ as ISO text and booleans as 0/1. Reads adapt back through :func:`to_decimal` and
 PostgreSQL alone also takes bulk rows through ``COPY … FROM STDIN`` (:meth:`Tx.copy_rows`, in the
 caller's transaction; :meth:`Database.copy_in`, a transaction of its own), in COPY's binary format
 when given the columns' types.
+
+Durability: a transaction commits synchronously (PostgreSQL waits for its WAL to reach the disk)
+unless it is opened with ``durable=False``: then PostgreSQL answers the COMMIT at once and flushes
+within a few hundred milliseconds (asynchronous commit, ``synchronous_commit = off`` for that
+transaction only). A server crash in that window may lose such a transaction, never corrupt
+anything, and WAL is flushed in order: once a later synchronous commit returns, every transaction
+committed before it is on disk too. A job writes its pages that way and ends with a synchronous
+commit (its ledger row), so nothing it reports done can be lost, and what a crash loses before that
+is what a retry rewrites. SQLite commits the same way either way (WAL, ``synchronous=NORMAL``).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from psycopg_pool import ConnectionPool
 from service.settings import mask_url
 
 Dialect = Literal["postgresql", "sqlite"]
+
+ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off"  # this transaction only; see the module's docstring
 
 
 class Tx:
@@ -52,8 +63,9 @@ class Tx:
         self._cursor.execute(self._sql(sql), self._params(params))
         return self
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._cursor.executemany(self._sql(sql), [self._params(r) for r in rows])
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], *, stored: bool = False) -> None:
+        """``stored``: the values are already what the engine stores (nothing to adapt)."""
+        self._cursor.executemany(self._sql(sql), rows if stored else [self._params(r) for r in rows])
 
     def copy_rows(
         self,
@@ -171,10 +183,13 @@ class Database:
         return f"Database({mask_url(self.url)!r})"
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
+    def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
+        """One transaction: committed when the block ends, rolled back if it raises; ``durable=False``:
+        committed asynchronously (see the module's docstring)."""
         if self._pool is not None:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if not durable:
+                    cur.execute(ASYNC_COMMIT)
                 yield Tx(cur, "postgresql")
             return
         assert self._sqlite is not None
@@ -189,13 +204,27 @@ class Database:
             lite.execute("COMMIT")
 
     def copy_in(
-        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], types: Sequence[str]
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        types: Sequence[str],
+        *,
+        durable: bool = True,
     ) -> bool:
         """COPY the rows into ``table`` as one statement, committed on its own (one round trip, no
-        BEGIN or COMMIT): True, or False with nothing written when a row collides with one already
-        there (a unique violation). PostgreSQL only; see :meth:`Tx.copy_rows` for ``types``."""
+        BEGIN or COMMIT; with ``durable=False`` a transaction committed asynchronously): True, or
+        False with nothing written when a row collides with one already there (a unique violation).
+        PostgreSQL only; see :meth:`Tx.copy_rows` for ``types``."""
         if self._pool is None:
             raise NotImplementedError("COPY is PostgreSQL's")
+        if not durable:
+            try:
+                with self.transaction(durable=False) as tx:
+                    tx.copy_rows(table, columns, rows, types)
+            except psycopg.errors.UniqueViolation:
+                return False
+            return True
         with self._pool.connection() as conn:
             conn.autocommit = True  # a single statement is its own transaction: all or nothing
             try:

@@ -73,7 +73,8 @@ def _run(
     ctx = current()
     try:
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
-        ctx.storage.event_started(event_id, event, body, received)
+        # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
+        ctx.storage.event_started(event_id, event, body, received, durable=False)
         item_id = content.get("item_id")
         try:
             if item_id is None:

@@ -12,13 +12,16 @@ PostgreSQL a page of transactions through ``COPY`` into a staging table merged b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from itertools import chain
+from operator import attrgetter, methodcaller
+from typing import Any, NamedTuple, cast
 
+from workers.bridge import Transaction
 from workers.codec import Codec, PlainCodec
-from workers.db import Database, Tx, to_datetime
+from workers.db import Database, Tx, iso_utc, to_datetime
 
 USER_ACTION_STATUSES = frozenset({402, 429, 430, 1007, 1009, 1010, 1100})
 TEMPORARY_STATUSES = frozenset({1003, -2, -3})
@@ -180,6 +183,24 @@ class TransactionRows(NamedTuple):
     rows: list[tuple[Any, ...]]  # in TRANSACTION_COLUMNS order, adapted
     latest: datetime | None  # the latest updated_at among them
     copy: bool  # PostgreSQL writes them with COPY and one merge (see _copyable)
+    future_ids: Sequence[Any] = ()  # ids of its future transactions that are not deleted
+    stored: bool = False  # values already as the engine stores them (SQLite: text, 0/1), not adapted again
+
+
+def _sqlite_day(value: Any) -> str | None:
+    """parse_date, as SQLite stores it (db.py: ISO text)."""
+    day = parse_date(value)
+    return None if day is None else day.isoformat()
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """A parsed timestamp as SQLite stores it (db.py's iso_utc)."""
+    return None if value is None else iso_utc(value)
+
+
+_fromiso = datetime.fromisoformat
+_NONE = type(None)
+_ISO_MICROSECONDS = methodcaller("isoformat", timespec="microseconds")
 
 
 def _copyable(rows: list[tuple[Any, ...]]) -> bool:
@@ -200,8 +221,8 @@ class Storage:
     def __repr__(self) -> str:
         return f"Storage({self.db!r})"
 
-    def transaction(self) -> Any:
-        return self.db.transaction()
+    def transaction(self, *, durable: bool = True) -> Any:
+        return self.db.transaction(durable=durable)
 
     # -- users and items -----------------------------------------------------------------------
 
@@ -242,8 +263,13 @@ class Storage:
         if rows:
             tx.executemany(UPSERT_ACCOUNT, rows)
 
-    def transaction_rows(self, transactions: Iterable[Mapping[str, Any]]) -> TransactionRows:
-        """A page of Bridge transactions as rows to write (no I/O: a prefetching thread may build them)."""
+    def transaction_rows(self, transactions: Iterable[Mapping[str, Any] | Transaction]) -> TransactionRows:
+        """A page of Bridge transactions as rows to write (no I/O: a prefetching thread may build them):
+        dicts, or :class:`Transaction` structs (a page the client decoded strictly), the same rows."""
+        page: list[Any] = transactions if isinstance(transactions, list) else list(transactions)
+        if page and type(page[0]) is Transaction:
+            return self._typed_rows(page)
+        transactions = cast(list[Mapping[str, Any]], page)
         enc = None if type(self.codec) is PlainCodec else self.codec.encode
         days, texts = _Memo(parse_date), _Memo(clear)
         rows = []
@@ -265,7 +291,78 @@ class Storage:
             )  # fmt: skip
         latest = max((row[13] for row in rows if row[13] is not None), default=None)
         copy = self.db.dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS and _copyable(rows)
-        return TransactionRows(rows, latest, copy)
+        future = [t["id"] for t in transactions if t.get("future") and not t.get("deleted")]
+        return TransactionRows(rows, latest, copy, future)
+
+    def _typed_rows(self, page: list[Transaction]) -> TransactionRows:
+        """transaction_rows of a strictly decoded page: the very same rows (descriptions through the
+        codec as there), built column by column: each conversion runs once per distinct value (a page
+        holds a few dozen days) and the rest in C (``map``, ``zip``) rather than a Python step per
+        field of every row. On SQLite the values come out as db.py stores them (Decimal and times as
+        text, bools as 0/1), so that the page is not adapted again value by value."""
+        enc = None if type(self.codec) is PlainCodec else self.codec.encode
+        sqlite = self.db.dialect == "sqlite"
+
+        def column(name: str) -> list[Any]:
+            return list(map(attrgetter(name), page))
+
+        ids, account_ids, amounts = column("id"), column("account_id"), column("amount")
+        if sqlite:  # (a Decimal compared with None costs an isinstance on an ABC: look at types instead)
+            nulls = _NONE in set(map(type, amounts))
+            amounts = [None if a is None else str(a) for a in amounts] if nulls else list(map(str, amounts))
+        # Days: parse_date once per distinct day of the page, whichever of the four columns holds it.
+        days = [column(name) for name in ("date", "booking_date", "transaction_date", "value_date")]
+        day = _sqlite_day if sqlite else parse_date
+        parsed = {v: day(v) for v in set().union(*days)}
+        if not all(k is v or (type(k) is str and type(v) is str and k == v) for k, v in parsed.items()):
+            days = [list(map(parsed.__getitem__, values)) for values in days]
+        # Descriptions: clear() changes only a value holding XXXX ("\0" between values: no false match).
+        texts = [column("clean_description"), column("provider_description")]
+        if "XXXX" in "\0".join(filter(None, chain(*texts))):
+            texts = [list(map(clear, values)) for values in texts]
+        if enc is not None:  # as transaction_rows encodes them
+            texts = [
+                [enc(v, "transactions.clean_description") for v in texts[0]],
+                [enc(v, "transactions.provider_description") for v in texts[1]],
+            ]
+        flags, deleted, stamps = column("future"), column("deleted"), column("updated_at")
+        times: list[Any]
+        zones: set[Any] = set()
+        if None in stamps or "" in stamps:
+            times = list(map(parse_ts, stamps))
+            latest = max((t for t in times if t is not None), default=None)
+        else:  # parse_ts, in C
+            times = list(map(_fromiso, stamps))
+            zones = set(map(attrgetter("tzinfo"), times))
+            if None in zones:
+                times = [t if t.tzinfo is not None else t.replace(tzinfo=UTC) for t in times]
+            latest = max(times, default=None)
+        future = flags
+        if sqlite:  # iso_utc, in C when every time is in UTC already (astimezone would change nothing)
+            times = list(map(_ISO_MICROSECONDS if zones == {UTC} else _sqlite_time, times))
+            future = list(map(int, flags))
+        gone = (
+            [t if d else None for t, d in zip(times, deleted, strict=True)]
+            if True in deleted
+            else [None] * len(page)
+        )
+        rows = list(zip(
+            ids, account_ids, amounts, column("currency_code"), *days, *texts, column("category_id"),
+            column("operation_type"), future, times, gone, strict=True,
+        ))  # fmt: skip
+        # Every value Bridge sent has its binary COPY type already (msgspec checked): left to check are
+        # what types cannot say (ids distinct, account_id present) and what the codec made.
+        copy = (
+            not sqlite
+            and len(rows) >= COPY_MIN_ROWS
+            and len(set(ids)) == len(ids)
+            and None not in account_ids
+            and (enc is None or all({type(v) for v in values} <= _TEXT for values in texts))
+        )
+        future_ids = (
+            [i for i, f, d in zip(ids, flags, deleted, strict=True) if f and not d] if True in flags else []
+        )
+        return TransactionRows(rows, latest, copy, future_ids, stored=sqlite)
 
     def write_transactions(self, tx: Tx, batch: TransactionRows) -> None:
         """Write rows built by :meth:`transaction_rows`, in the caller's transaction."""
@@ -274,16 +371,19 @@ class Storage:
             tx.copy_rows(TRANSACTION_STAGE, TRANSACTION_COLUMNS, batch.rows, TRANSACTION_PG_TYPES)
             tx.execute(MERGE_TRANSACTIONS)
         elif batch.rows:  # SQLite, a few rows, or a page binary COPY cannot take as it is: row by row
-            tx.executemany(UPSERT_TRANSACTION, batch.rows)
+            tx.executemany(UPSERT_TRANSACTION, batch.rows, stored=batch.stored)
 
     def copy_new_transactions(self, batch: TransactionRows) -> bool:
         """Write a page none of whose ids is known yet (a new account's history: most rows we ever
         write), in a transaction of its own: the upsert would insert each row as it is, which a plain
         COPY does for a fraction of the cost. False, with nothing written, when that does not apply
-        (SQLite, a page :func:`_copyable` refuses) or when a row turns out to exist already."""
+        (SQLite, a page :func:`_copyable` refuses) or when a row turns out to exist already.
+        Committed asynchronously, as every page of a sync (see :mod:`workers.sync`)."""
         if not batch.copy or self.db.dialect != "postgresql":
             return False
-        return self.db.copy_in("transactions", TRANSACTION_COLUMNS, batch.rows, TRANSACTION_PG_TYPES)
+        return self.db.copy_in(
+            "transactions", TRANSACTION_COLUMNS, batch.rows, TRANSACTION_PG_TYPES, durable=False
+        )
 
     def upsert_transactions(self, tx: Tx, transactions: Iterable[Mapping[str, Any]]) -> datetime | None:
         """Write a page of transactions; return the latest ``updated_at`` among them (None if none)."""
@@ -342,10 +442,18 @@ class Storage:
     # -- the event ledger ----------------------------------------------------------------------
 
     def event_started(
-        self, event_id: str, event: Mapping[str, Any], body: str, received_at: datetime
+        self,
+        event_id: str,
+        event: Mapping[str, Any],
+        body: str,
+        received_at: datetime,
+        *,
+        durable: bool = True,
     ) -> None:
+        """``durable=False``: committed asynchronously, for a job whose ledger row ends done or failed by
+        a synchronous commit (which makes this one durable too; see workers.db)."""
         content = event.get("content") or {}
-        with self.db.transaction() as tx:
+        with self.db.transaction(durable=durable) as tx:
             tx.execute(
                 "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
                 "VALUES (%s, %s, %s, %s, 'queued', 1, %s) ON CONFLICT (id) DO UPDATE SET "

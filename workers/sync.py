@@ -12,6 +12,12 @@ parses them and builds their rows while this one writes, at most a couple of pag
 what is written, in which order and in which transaction stays the same. On PostgreSQL a page
 of ids never seen (a new account's history) is COPYed straight in, a transaction of its own
 that the last page, with the cursor, still follows; any other page goes through the upsert.
+
+Every transaction here commits asynchronously on PostgreSQL (``durable=False``, see
+:mod:`workers.db`): the job that runs a sync ends with a synchronous commit of its ledger row, which
+makes all of them durable at once instead of waiting for the disk once per page. A server crash
+before that loses, in commit order, only what the job's retry rewrites: the cursor still never
+survives without the rows before it.
 """
 
 from __future__ import annotations
@@ -68,14 +74,14 @@ class Syncer:
         self.storage = storage
         self.overlap = overlap
         self.heartbeat = heartbeat  # keeps the item's lock alive: called between pages (see _beat)
-        self._last_beat = float("-inf")
+        self._last_beat = time.monotonic()  # a syncer is made as its item's lease is taken: no renewal yet
 
     def sync_item(self, user_uuid: str, item_id: int, *, full: bool = False) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor)."""
         result = SyncResult(item_id)
         item = self.client.get_item(user_uuid, item_id)
         user = self.client.user(user_uuid)
-        with self.storage.transaction() as tx:
+        with self.storage.transaction(durable=False) as tx:
             self.storage.upsert_user(tx, user_uuid, user.get("external_user_id"))
             self.storage.upsert_item(tx, user_uuid, item)
         result.status = item.get("status")
@@ -83,14 +89,14 @@ class Syncer:
             return result
         enabled: list[int] = []
         for page in self.client.account_pages(user_uuid, item_id):
-            with self.storage.transaction() as tx:
+            with self.storage.transaction(durable=False) as tx:
                 self.storage.upsert_accounts(tx, page)
             result.accounts += len(page)
             result.account_ids += [a["id"] for a in page]
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
             self._beat()
         result.transactions += self.sync_transactions(user_uuid, *enabled, full=full)
-        with self.storage.transaction() as tx:
+        with self.storage.transaction(durable=False) as tx:
             self.storage.item_synced(tx, item_id)
         return result
 
@@ -98,7 +104,7 @@ class Syncer:
         """One account and its transactions since its cursor (all of them for a new account)."""
         result = SyncResult(item_id)
         item = self.client.get_item(user_uuid, item_id)
-        with self.storage.transaction() as tx:
+        with self.storage.transaction(durable=False) as tx:
             self.storage.upsert_user(tx, user_uuid)
             self.storage.upsert_item(tx, user_uuid, item)
         result.status = item.get("status")
@@ -109,7 +115,7 @@ class Syncer:
         except NotFound:
             result.skipped = "account_not_found"
             return result
-        with self.storage.transaction() as tx:
+        with self.storage.transaction(durable=False) as tx:
             self.storage.upsert_accounts(tx, [account])
         result.accounts, result.account_ids = 1, [account_id]
         if account.get("data_access", "enabled") == "disabled":
@@ -136,24 +142,31 @@ class Syncer:
                     newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
                 if isinstance(chunk.batch, Exception):
                     raise chunk.batch  # the page could not be read into rows: fail where writing it would
-                page, batch, last, since = chunk.page, chunk.batch, chunk.last, chunk.since
-                seen_future.update(t["id"] for t in page if t.get("future") and not t.get("deleted"))
+                batch, last, since = chunk.batch, chunk.last, chunk.since
+                seen_future.update(batch.future_ids)
                 if batch.latest is not None and (newest is None or batch.latest > newest):
                     newest = batch.latest
                 # A page of ids never seen goes straight in, in a transaction of its own (the cursor only
                 # moves with the last page); after one that could not, the rest of the account goes
                 # through the upsert.
                 fresh = fresh and not last and self.storage.copy_new_transactions(batch)
-                if not fresh:
-                    with self.storage.transaction() as tx:
+                # Nothing to write: no rows, a cursor that would not move, no complete listing to close
+                # (a delta that found nothing new, most refreshes): no transaction at all.
+                idle = (
+                    not batch.rows
+                    and not (last and since is None and newest is not None)
+                    and (not last or newest is None or newest == chunk.cursor)
+                )
+                if not fresh and not idle:
+                    with self.storage.transaction(durable=False) as tx:
                         self.storage.write_transactions(tx, batch)
                         if last and since is None and newest is not None:
                             # A complete listing: future transactions it no longer shows are gone.
                             self.storage.vanish_future(tx, chunk.account_id, seen_future, newest)
                         if last and newest is not None:
                             self.storage.advance_cursor(tx, chunk.account_id, newest)
-                written += len(page)
-                written_here += len(page)
+                written += len(batch.rows)
+                written_here += len(batch.rows)
                 self._beat()
                 if last:
                     log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
@@ -168,13 +181,13 @@ class Syncer:
         for account_id in account_ids:
             cursor = None if full else self.storage.cursor(account_id)
             since = cursor - self.overlap if cursor is not None else None
-            pages = self.client.transaction_pages(user_uuid, account_id, since)
+            pages = self.client.transaction_pages(user_uuid, account_id, since, typed=True)
             for n, (page, last) in enumerate(_with_last(pages)):
                 try:
                     batch: TransactionRows | Exception = self.storage.transaction_rows(page)
                 except Exception as exc:
                     batch = exc
-                yield _Chunk(account_id, cursor, since, page, batch, n == 0, last)
+                yield _Chunk(account_id, cursor, since, batch, n == 0, last)
 
     def _beat(self) -> None:
         """Renew the item's lease between pages, at most every HEARTBEAT_SECONDS: a page takes a few
@@ -202,7 +215,6 @@ class _Chunk:
     account_id: int
     cursor: datetime | None  # the account's cursor when its listing began
     since: datetime | None  # what the listing asked for (None: everything)
-    page: list[dict[str, Any]]
     batch: TransactionRows | Exception  # its rows, or why they could not be built
     first: bool
     last: bool
@@ -257,9 +269,9 @@ def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
         thread.join(timeout=5)  # at most one request in flight; a daemon thread if it hangs
 
 
-def _with_last(pages: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+def _with_last(pages: Iterator[list[Any]]) -> Iterator[tuple[list[Any], bool]]:
     """Each page with a flag telling whether it is the last one (one page of look-ahead)."""
-    previous: list[dict[str, Any]] | None = None
+    previous: list[Any] | None = None
     for page in pages:
         if previous is not None:
             yield previous, False
