@@ -3,6 +3,7 @@ against the fake Bridge over HTTP. The fake's state is the ground truth."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+from redis.exceptions import LockError
 from rq import Queue
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -18,6 +20,7 @@ from rq.serializers import JSONSerializer
 from fakebridge.world import World
 from tests.harness import Harness, ts
 from workers import context, jobs
+from workers.context import WorkerContext
 from workers.runner import Worker
 from workers.storage import Storage
 
@@ -345,3 +348,25 @@ def test_the_worker_keeps_a_short_lease_on_a_running_job(r: redis.Redis) -> None
     assert leases and max(leases) <= 61 + 1, "the lease runs for the heartbeat interval + 60 s only"
     # Renewed while the job ran: the remaining lease does not just count down from the first one.
     assert min(leases[len(leases) // 2 :]) >= 59
+
+
+def test_the_item_lock_outlives_a_slow_call_and_a_lost_lock_stops_the_job(
+    harness: Harness, r: redis.Redis
+) -> None:
+    """The lease is renewed while the job runs, however long one Bridge call takes; if the lock is
+    lost anyway (here: deleted), the next heartbeat raises before the job writes another page."""
+    ctx = WorkerContext.build(dataclasses.replace(harness.settings, item_lock_seconds=2))
+    key = "bridgehook:lock:item:42"
+    try:
+        with jobs.item_lock(ctx, 42) as heartbeat:
+            time.sleep(3)  # one call slower than the lease
+            heartbeat()
+            assert r.pttl(key) > 0, "the lease lapsed while its job was running"
+            assert not r.lock(key, timeout=5, blocking=False).acquire()
+            r.delete(key)
+            time.sleep(1.2)  # past the next renewal
+            with pytest.raises(LockError):
+                heartbeat()
+        assert r.exists(key) == 0
+    finally:
+        ctx.close()

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 import structlog
 from redis.exceptions import LockError
 from rq import get_current_job
@@ -46,15 +48,37 @@ def event_time(event: Event) -> datetime:
 
 @contextmanager
 def item_lock(ctx: WorkerContext, item_id: int) -> Iterator[Callable[[], None]]:
-    """Hold ``item_id``'s lock (a lease, renewed by the yielded heartbeat) for the block."""
+    """Hold ``item_id``'s lock for the block: a lease renewed by a thread every third of it, so that
+    a slow Bridge call cannot outlast it while the job is alive (and a killed job's lease lapses).
+    The yielded heartbeat costs no round trip: it raises if a renewal found the lock lost, so the
+    job stops before writing beside another holder."""
     lease = ctx.settings.item_lock_seconds
     lock = ctx.redis.lock(f"bridgehook:lock:item:{item_id}", timeout=lease, blocking_timeout=lease + 5,
                           thread_local=False)  # fmt: skip
     if not lock.acquire():
         raise ItemBusy(f"item {item_id} stayed locked for {lease + 5}s")
+    lost: list[Exception] = []
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(lease / 3):
+            try:
+                lock.reacquire()
+            except (LockError, redis.RedisError) as exc:
+                lost.append(exc)
+                return
+
+    def heartbeat() -> None:
+        if lost:
+            raise lost[0]
+
+    renewer = threading.Thread(target=renew, name=f"lease-item-{item_id}", daemon=True)
+    renewer.start()
     try:
-        yield lambda: lock.reacquire()
+        yield heartbeat
     finally:
+        done.set()
+        renewer.join()
         try:
             lock.release()
         except LockError:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -38,7 +37,6 @@ from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, T
 log = get_logger("bridgehook.sync")
 
 
-HEARTBEAT_SECONDS = 0.5  # far below any lease (ITEM_LOCK_SECONDS ≥ 1)
 
 
 class ItemUnavailable(TransientError):
@@ -73,8 +71,7 @@ class Syncer:
         self.client = client
         self.storage = storage
         self.overlap = overlap
-        self.heartbeat = heartbeat  # keeps the item's lock alive: called between pages (see _beat)
-        self._last_beat = time.monotonic()  # a syncer is made as its item's lease is taken: no renewal yet
+        self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
 
     def sync_item(self, user_uuid: str, item_id: int, *, full: bool = False) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor)."""
@@ -190,12 +187,9 @@ class Syncer:
                 yield _Chunk(account_id, cursor, since, batch, n == 0, last)
 
     def _beat(self) -> None:
-        """Renew the item's lease between pages, at most every HEARTBEAT_SECONDS: a page takes a few
-        milliseconds, and a round trip to Redis for each would cost as much as writing it."""
-        now = time.monotonic()
-        if now - self._last_beat >= HEARTBEAT_SECONDS:
-            self.heartbeat()
-            self._last_beat = now
+        """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
+        see workers.jobs.item_lock; this check costs no round trip)."""
+        self.heartbeat()
 
     def _usable(self, item: dict[str, Any], result: SyncResult) -> bool:
         status = item.get("status")
