@@ -38,8 +38,24 @@ def _renderer(fmt: str) -> structlog.typing.Processor:
     return structlog.processors.JSONRenderer()
 
 
+# The level configure_logging set; structlog's own default configuration logs every level.
+_level = logging.DEBUG
+
+
+def enabled(level: int) -> bool:
+    """Whether our loggers write lines of ``level``.
+
+    For a line on the hot path that is usually filtered out: building its arguments and going
+    through structlog's lazy proxy cost as much as validating the event, even when the line
+    is then dropped.
+    """
+    return level >= _level
+
+
 def configure_logging(fmt: str = "json", level: str = "info") -> None:
+    global _level
     numeric = logging.getLevelName(level.upper())
+    _level = numeric
     exceptions = [structlog.processors.format_exc_info] if fmt == "json" else []
     structlog.configure(
         processors=[*_SHARED, *exceptions, _renderer(fmt)],

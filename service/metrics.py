@@ -18,7 +18,7 @@ REQUESTS = Counter(
 )
 ENQUEUE_SECONDS = Histogram(
     "bridgehook_enqueue_seconds",
-    "Time of the atomic dedupe + enqueue + archive round trip to Redis.",
+    "Time of each atomic dedupe + enqueue + archive round trip to Redis (one per batch of deliveries).",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 BATCH_SIZE = Histogram(

@@ -37,8 +37,6 @@ from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, T
 log = get_logger("bridgehook.sync")
 
 
-
-
 class ItemUnavailable(TransientError):
     """The bank is temporarily unavailable for this item (1003, -2, -3): sync it later."""
 
