@@ -233,7 +233,9 @@ def main() -> int:
 
     by_id = {row[0]: row for row in rows}
     lags = [float(row[3]) for row in rows if row[3] is not None]
-    lost = [e for e in queued if e not in by_id or by_id[e][1] != "done"]
+    # Not done when the drain's deadline passed: still queued in Redis, not lost, but the target
+    # (every event processed within the run) is missed all the same.
+    unprocessed = [e for e in queued if e not in by_id or by_id[e][1] != "done"]
     retried = [e for e in queued if e in by_id and by_id[e][2] != 1]
     expected_txns = {
         int(k): str(v["amount"]) for k, v in truth["transactions"].items() if not v.get("deleted")
@@ -250,8 +252,11 @@ def main() -> int:
         f"{len(queued)} queued, {len(set(queued))} distinct"
     )
     print(f"receipt → rows committed: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(lags) * 1000:.0f} ms")
-    print(f"lost {len(lost)}, retried {len(retried)}, tables equal to the fake's ground truth: {right}")
-    failed = bool(lost) or not right or len(queued) != len(deliveries)
+    print(
+        f"not yet processed when the 120 s drain ended {len(unprocessed)} (still queued), "
+        f"retried {len(retried)}, tables equal to the fake's ground truth: {right}"
+    )
+    failed = bool(unprocessed) or not right or len(queued) != len(deliveries)
     print("FAIL" if failed else "PASS")
     return 1 if failed else 0
 

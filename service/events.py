@@ -70,18 +70,32 @@ _DECODER = json.JSONDecoder()
 
 
 def _load(body: bytes) -> Any:
-    """``json.loads(body)``, minus its per-call detours for the usual body.
-
-    A body that opens an object (``{"``) is UTF-8 by json's own detection: it is decoded as
-    ``json.loads`` decodes it and handed straight to the decoder. Anything else, or anything
-    left after the object (trailing whitespace, extra data), goes through ``json.loads``.
-    """
-    if body[:2] == b'{"':
-        text = body.decode("utf-8", "surrogatepass")
+    """The body as JSON, which between systems is UTF-8 (RFC 8259): strictly decoded, so that
+    UTF-16, UTF-32 and encoded surrogates (all of which ``json.loads(bytes)`` would accept, and a
+    worker could not read back from the job) are refused. The usual body, an object, goes straight
+    to the decoder; anything else, or anything left after the object, through ``json.loads``."""
+    text = body.decode("utf-8")
+    if text[:2] == '{"':
         value, end = _DECODER.raw_decode(text)
         if end == len(text):
             return value
-    return json.loads(body)
+    return json.loads(text)
+
+
+# Past these a worker cannot store the value: ids are int64 (BIGINT), times end in year 9999.
+_MAX_ID = 2**63 - 1
+_MAX_TIMESTAMP = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z in milliseconds
+
+
+def _storable(text: str) -> bool:
+    """No lone surrogate (a ``\\ud800`` escape): such a string cannot be encoded for Redis or the database."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse(body: bytes) -> dict[str, Any]:
@@ -110,6 +124,10 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
         raise MalformedEvent("the event's 'type' is empty")
     if event["timestamp"] < 0:
         raise MalformedEvent("the event's 'timestamp' is negative")
+    if event["timestamp"] > _MAX_TIMESTAMP:
+        raise MalformedEvent("the event's 'timestamp' is past the year 9999")
+    if not _storable(event["type"]):
+        raise MalformedEvent("the event's 'type' is not valid text")
     content = event["content"]
     required = REQUIRED_CONTENT.get(event_type)
     if required is not None:
@@ -119,8 +137,10 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
             value = content[key]
             if type(value) not in types:
                 raise MalformedEvent(f"content.{key} is not {_NAMES[types[0]]}")
-            if types is _ID and value <= 0:
-                raise MalformedEvent(f"content.{key} is not a positive id")
+            if types is _ID and not 0 < value <= _MAX_ID:
+                raise MalformedEvent(f"content.{key} is not a positive 64-bit id")
+            if types is _UUID and not _storable(value):
+                raise MalformedEvent(f"content.{key} is not valid text")
         for key in _OPTIONAL_KEYS.intersection(content):
             if type(content[key]) not in OPTIONAL_CONTENT[key]:
                 raise MalformedEvent(f"content.{key} has the wrong type")
