@@ -67,7 +67,11 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*_SHARED, _logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(fmt)],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *exceptions,  # a record's exc_info as text (JSON cannot hold a traceback object)
+                _renderer(fmt),
+            ],
         )
     )
     root = logging.getLogger()

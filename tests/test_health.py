@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import redis
@@ -56,3 +59,19 @@ def test_start_up_warns_when_redis_would_lose_acknowledged_events(tmp_path: Path
     finally:
         server.stop()
     assert not [e for e in logs if e["event"] == "redis.not_durable"]
+
+
+def test_json_logs_keep_the_tracebacks_of_standard_library_loggers() -> None:
+    """RQ and uvicorn log through the standard library: their exceptions arrive as text in JSON lines."""
+    code = (
+        "import logging\n"
+        "from service.logs import configure_logging\n"
+        "configure_logging('json', 'info')\n"
+        "try:\n    1 / 0\n"
+        "except ZeroDivisionError:\n    logging.getLogger('rq.worker').exception('job failed')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    [line] = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
+    assert line["event"] == "job failed" and line["logger_name"] == "rq.worker"
+    assert "Traceback" in line["exception"] and "ZeroDivisionError" in line["exception"]
+    assert "exc_info" not in line
