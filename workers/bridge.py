@@ -128,8 +128,9 @@ class _TransactionPage(msgspec.Struct):
 _TRANSACTION_PAGE = msgspec.json.Decoder(_TransactionPage)
 
 
-def _page(data: Any) -> tuple[list[Any], str | None]:
-    """The resources and the next_uri of a generically decoded page."""
+def _page(content: bytes) -> tuple[list[Any], str | None]:
+    """The resources (dicts) and the next_uri of a page, decoded generically."""
+    data = _json(content)
     return list(data.get("resources") or []), (data.get("pagination") or {}).get("next_uri")
 
 
@@ -138,7 +139,7 @@ def _typed_transaction_page(content: bytes) -> tuple[list[Any], str | None]:
     try:
         page = _TRANSACTION_PAGE.decode(content)
     except msgspec.MsgspecError:  # malformed for msgspec, or a value of another type: the generic way
-        return _page(_json(content))
+        return _page(content)
     return page.resources or [], page.pagination.next_uri if page.pagination is not None else None
 
 
@@ -216,7 +217,7 @@ class BridgeClient:
         params: dict[str, Any] = {"account_id": int(account_id), "limit": 500}
         if since is not None:
             params["since"] = _iso(since)
-        return self._pages("/transactions", params, user_uuid, _typed_transaction_page if typed else None)
+        return self._pages("/transactions", params, user_uuid, _typed_transaction_page if typed else _page)
 
     def user(self, user_uuid: str) -> dict[str, Any]:
         """The user as the last token response described it (uuid, external_user_id)."""
@@ -231,17 +232,12 @@ class BridgeClient:
         path: str,
         params: dict[str, Any],
         user_uuid: str,
-        decode: Callable[[bytes], tuple[list[Any], str | None]] | None = None,
+        decode: Callable[[bytes], tuple[list[Any], str | None]] = _page,
     ) -> Iterator[list[Any]]:
         url: str | None = path
         query: dict[str, Any] | None = params
         while url is not None:
-            if decode is None:
-                resources, next_uri = _page(self._request("GET", url, user_uuid=user_uuid, params=query))
-            else:
-                resources, next_uri = self._request(
-                    "GET", url, user_uuid=user_uuid, params=query, decode=decode
-                )
+            resources, next_uri = self._request("GET", url, user_uuid=user_uuid, params=query, decode=decode)
             yield resources
             url, query = (self._resolve(next_uri), None) if next_uri else (None, None)
 
@@ -373,11 +369,15 @@ class BridgeClient:
         pipe.pttl(key)
         raw, ttl_ms = pipe.execute()
         token = _text(raw)
-        if token is not None and isinstance(ttl_ms, int) and ttl_ms > 0:
-            self._tokens[user_uuid] = (token, time.monotonic() + ttl_ms / 1000)
+        self._hold(user_uuid, token, ttl_ms / 1000 if isinstance(ttl_ms, int) else 0)
+        return token
+
+    def _hold(self, user_uuid: str, token: str | None, seconds: float) -> None:
+        """Keep the user's token in this process for ``seconds`` (as long as Redis does), or forget it."""
+        if token is not None and seconds > 0:
+            self._tokens[user_uuid] = (token, time.monotonic() + seconds)
         else:
             self._tokens.pop(user_uuid, None)
-        return token
 
     def _new_token(self, user_uuid: str, key: str) -> str:
         try:
@@ -397,9 +397,6 @@ class BridgeClient:
             pipe.delete(key)
         pipe.set(f"bridgehook:token-user:{user_uuid}", json.dumps(data.get("user") or {"uuid": user_uuid}))
         pipe.execute()
-        if ttl > 0:
-            self._tokens[user_uuid] = (token, time.monotonic() + ttl)
-        else:
-            self._tokens.pop(user_uuid, None)
+        self._hold(user_uuid, token, ttl)
         log.info("bridge.token_issued", user_uuid=user_uuid, ttl=ttl)
         return token
