@@ -36,6 +36,11 @@ def _local_secret(path: Path, make: Callable[[], str]) -> str:
     return path.read_text().strip()
 
 
+def local_database_url(home: Path) -> str:
+    """The SQLite database `make run` uses."""
+    return f"sqlite:///{home / 'bridgehook.db'}"
+
+
 def dev_secret(home: Path) -> str:
     """The local webhook secret."""
     return _local_secret(home / "webhook-secret", lambda: secrets.token_hex(32))
@@ -54,7 +59,7 @@ def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
     env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
-    env.setdefault("DATABASE_URL", f"sqlite:///{home / 'bridgehook.db'}")
+    env.setdefault("DATABASE_URL", local_database_url(home))
     if not env.get("ALLOW_PLAINTEXT_STORAGE"):
         env.setdefault("ENCRYPTION_KEYS", dev_encryption_key(home))
 
@@ -66,10 +71,10 @@ def adopt_local_state(env: MutableMapping[str, str]) -> None:
     redis_url, key = home / "redis.url", home / "encryption-key"
     if not env.get("REDIS_URL") and redis_url.exists():
         env["REDIS_URL"] = redis_url.read_text().strip()
-    local_db = not env.get("DATABASE_URL") or env["DATABASE_URL"] == f"sqlite:///{home / 'bridgehook.db'}"
+    local_db = env.get("DATABASE_URL") in (None, "", local_database_url(home))
     if local_db and not env.get("ENCRYPTION_KEYS") and key.exists():
         env["ENCRYPTION_KEYS"] = key.read_text().strip()
-        env.setdefault("DATABASE_URL", f"sqlite:///{home / 'bridgehook.db'}")
+        env.setdefault("DATABASE_URL", local_database_url(home))
 
 
 @contextmanager
