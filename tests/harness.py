@@ -29,6 +29,7 @@ from workers.context import WorkerContext
 from workers.db import Database, to_datetime
 from workers.reader import Reader
 from workers.schema import upgrade
+from workers.storage import Storage
 
 PG_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -230,6 +231,17 @@ def ts(value: Any) -> str | None:
 
 def dec(value: Any) -> Decimal | None:
     return None if value is None else Decimal(str(value))
+
+
+@contextmanager
+def storage_at(url: str) -> Iterator[Storage]:
+    """A Storage on ``url``, its schema up to date, closed afterwards."""
+    db = Database.from_url(url)
+    upgrade(db)
+    try:
+        yield Storage(db)
+    finally:
+        db.close()
 
 
 @contextmanager

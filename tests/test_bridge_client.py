@@ -34,7 +34,7 @@ from fakebridge.app import PREFIX, create_app
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import RequestRecord, World, iso_ms
 from service.settings import Rate, Settings
-from tests.harness import worker_settings
+from tests.harness import storage_at, worker_settings
 from workers.bridge import (
     AuthError,
     BridgeClient,
@@ -44,9 +44,7 @@ from workers.bridge import (
     TransientError,
     parse_retry_after,
 )
-from workers.db import Database
 from workers.ratelimit import OverBudget, RateLimiter
-from workers.schema import upgrade
 from workers.storage import Storage
 from workers.sync import Syncer
 
@@ -753,10 +751,8 @@ def test_limiter_budgets_are_shared_through_redis(redis_url: str, r: redis.Redis
 # -- Syncer overlap --------------------------------------------------------------------------------------
 @pytest.fixture
 def storage(db_url: str) -> Iterator[Storage]:
-    db = Database.from_url(db_url)
-    upgrade(db)
-    yield Storage(db)
-    db.close()
+    with storage_at(db_url) as opened:
+        yield opened
 
 
 def test_sync_asks_for_transactions_since_the_cursor_minus_the_overlap(

@@ -23,10 +23,9 @@ from hypothesis import strategies as st
 
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
-from tests.harness import worker_settings
+from tests.harness import storage_at, worker_settings
 from workers.bridge import BridgeClient
 from workers.db import Database
-from workers.schema import upgrade
 from workers.storage import (
     COPY_MIN_ROWS,
     TRANSACTION_COLUMNS,
@@ -46,10 +45,8 @@ T0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
 
 @pytest.fixture
 def storage(database_url: str) -> Iterator[Storage]:
-    db = Database.from_url(database_url)
-    upgrade(db)
-    yield Storage(db)
-    db.close()
+    with storage_at(database_url) as opened:
+        yield opened
 
 
 def reference_rows(transactions: list[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
@@ -206,10 +203,8 @@ def test_any_pages_in_any_order_leave_the_rows_the_row_by_row_upsert_leaves(
 # -- PostgreSQL's COPY machinery ----------------------------------------------------------------------------
 @pytest.fixture
 def pg(pg_schema_url: str) -> Iterator[Storage]:
-    db = Database.from_url(pg_schema_url)
-    upgrade(db)
-    yield Storage(db)
-    db.close()
+    with storage_at(pg_schema_url) as opened:
+        yield opened
 
 
 def test_binary_copy_types_are_the_schema_types(pg: Storage) -> None:
