@@ -228,6 +228,17 @@ def test_a_copy_that_meets_a_known_id_writes_nothing(pg: Storage) -> None:
     assert len(table(pg)) == 21
 
 
+def test_pages_copied_together_write_all_or_nothing(pg: Storage) -> None:
+    one = pg.transaction_rows([txn(5000 + i, 0) for i in range(20)])
+    two = pg.transaction_rows([txn(5019 + i, 0) for i in range(20)])  # 5019 is in both pages
+    assert one.copy and two.copy
+    assert pg.copy_new_transactions(one, two) is False
+    assert table(pg) == []
+    three = pg.transaction_rows([txn(5020 + i, 0) for i in range(20)])
+    assert pg.copy_new_transactions(one, three) is True
+    assert len(table(pg)) == 40
+
+
 def test_the_staging_table_serves_twice_in_a_transaction_and_after_a_rollback(pg: Storage) -> None:
     with pytest.raises(RuntimeError), pg.transaction() as tx:
         pg.upsert_transactions(tx, first_page())
@@ -275,19 +286,20 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
     client = BridgeClient(settings_, r)
     copies: list[bool] = []  # what each attempt to COPY a page straight in did
     copy_new = storage.copy_new_transactions
-    storage.copy_new_transactions = lambda batch: copies.append(copy_new(batch)) or copies[-1]  # type: ignore[method-assign]
+    storage.copy_new_transactions = lambda *pages, **kw: copies.append(copy_new(*pages, **kw)) or copies[-1]  # type: ignore[method-assign]
     postgresql = storage.db.dialect == "postgresql"
     try:
         syncer = Syncer(client, storage, overlap=timedelta(0))
         assert syncer.sync_transactions(user, *accounts, full=True) == 2468
-        # PostgreSQL: pages 1-2 of each account (the last goes with the cursor); SQLite: refused at once.
-        assert copies == ([True] * 4 if postgresql else [False, False])
+        # PostgreSQL: pages 1-2 of each account in one COPY (the last goes with the cursor); SQLite:
+        # pages never offered to COPY.
+        assert copies == ([True, True] if postgresql else [])
         first = stored(storage)
         assert len(first) == 2468 and all(row[2] is not None and row[3] is None for row in first.values())
         # A full resync of what is stored: every page meets known ids and goes through the upsert.
         copies.clear()
         assert syncer.sync_transactions(user, *accounts, full=True) == 2468
-        assert copies == [False, False]  # one refused attempt per account, then the upsert
+        assert copies == ([False, False] if postgresql else [])  # one refused COPY per account
         assert stored(storage) == first
         # Changes spread over the history, a deletion, then a delta sync and a full one.
         rng = random.Random(7)
@@ -309,7 +321,29 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
         client.close()
 
 
-def test_an_error_mid_listing_writes_the_pages_before_it_and_moves_no_cursor(
+def test_a_long_new_history_goes_in_by_copies_of_ten_pages(
+    storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
+) -> None:
+    user = world.add_user()
+    item = world.add_item(user)
+    account = world.add_account(item)
+    world.add_transactions(account, 5600)  # 12 pages: 1-10 in a COPY, 11-12 (cursor) in one more
+    with storage.transaction() as tx:
+        storage.upsert_accounts(tx, [{"id": account, "item_id": item}])
+    client = BridgeClient(worker_settings(redis_url, storage.db.url, fake.api_url, world), r)
+    copies: list[int] = []
+    copy_new = storage.copy_new_transactions
+    storage.copy_new_transactions = lambda *pages, **kw: copies.append(len(pages)) or copy_new(*pages, **kw)  # type: ignore[method-assign]
+    try:
+        syncer = Syncer(client, storage, overlap=timedelta(0))
+        assert syncer.sync_transactions(user, account, full=True) == 5600
+    finally:
+        client.close()
+    assert copies == ([10, 2] if storage.db.dialect == "postgresql" else [])
+    assert len(stored(storage)) == 5600 and storage.cursor(account) is not None
+
+
+def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
     storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
 ) -> None:
     user = world.add_user()
@@ -336,8 +370,12 @@ def test_an_error_mid_listing_writes_the_pages_before_it_and_moves_no_cursor(
         client.transaction_pages = pages  # type: ignore[method-assign]
         with pytest.raises(ConnectionError):
             syncer.sync_transactions(user, account, full=False)
-        # Page 1 is written; page 2 was held back (was it the last?) when page 3 failed: as before.
-        assert len(stored(storage)) == 500
+        # Pages 1 and 2 were new ids, held back to be COPYed together (SQLite: page 1 written, page 2
+        # held back while page 3, maybe the last, was fetched): nothing past them, and no cursor.
+        assert len(stored(storage)) == (0 if storage.db.dialect == "postgresql" else 500)
         assert storage.cursor(account) is None
+        client.transaction_pages = original  # type: ignore[method-assign]
+        assert syncer.sync_transactions(user, account, full=False) == 1600
+        assert len(stored(storage)) == 1600 and storage.cursor(account) is not None
     finally:
         client.close()

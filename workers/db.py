@@ -207,34 +207,24 @@ class Database:
         self,
         table: str,
         columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
+        rows: Iterable[Sequence[Any]],
         types: Sequence[str],
         *,
         durable: bool = True,
+        then: Callable[[Tx], None] | None = None,
     ) -> bool:
-        """COPY the rows into ``table`` as one statement, committed on its own (one round trip, no
-        BEGIN or COMMIT; with ``durable=False`` a transaction committed asynchronously): True, or
-        False with nothing written when a row collides with one already there (a unique violation).
-        PostgreSQL only; see :meth:`Tx.copy_rows` for ``types``."""
+        """COPY the rows into ``table``, then run ``then``, in one transaction (``durable=False``:
+        committed asynchronously): True, or False with nothing written when a row collides with one
+        already there (a unique violation). PostgreSQL only; see :meth:`Tx.copy_rows` for ``types``."""
         if self._pool is None:
             raise NotImplementedError("COPY is PostgreSQL's")
-        if not durable:
-            try:
-                with self.transaction(durable=False) as tx:
-                    tx.copy_rows(table, columns, rows, types)
-            except psycopg.errors.UniqueViolation:
-                return False
-            return True
-        with self._pool.connection() as conn:
-            conn.autocommit = True  # a single statement is its own transaction: all or nothing
-            try:
-                with conn.cursor() as cur:
-                    Tx(cur, "postgresql").copy_rows(table, columns, rows, types)
-            except psycopg.errors.UniqueViolation:
-                return False
-            finally:
-                if not conn.broken:  # a broken one is the pool's to discard: keep its own error
-                    conn.autocommit = False
+        try:
+            with self.transaction(durable=durable) as tx:
+                tx.copy_rows(table, columns, rows, types)
+                if then is not None:
+                    then(tx)
+        except psycopg.errors.UniqueViolation:
+            return False
         return True
 
     def close(self) -> None:

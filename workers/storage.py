@@ -373,17 +373,20 @@ class Storage:
         elif batch.rows:  # SQLite, a few rows, or a page binary COPY cannot take as it is: row by row
             tx.executemany(UPSERT_TRANSACTION, batch.rows, stored=batch.stored)
 
-    def copy_new_transactions(self, batch: TransactionRows) -> bool:
-        """Write a page none of whose ids is known yet (a new account's history: most rows we ever
-        write), in a transaction of its own: the upsert would insert each row as it is, which a plain
-        COPY does for a fraction of the cost. False, with nothing written, when that does not apply
-        (SQLite, a page :func:`_copyable` refuses) or when a row turns out to exist already.
-        Committed asynchronously, as every page of a sync (see :mod:`workers.sync`)."""
-        if not batch.copy or self.db.dialect != "postgresql":
+    def copy_new_transactions(
+        self, *batches: TransactionRows, then: Callable[[Tx], None] | None = None
+    ) -> bool:
+        """Write pages none of whose ids is known yet (a new account's history: most rows we ever
+        write) with one COPY, then run ``then`` in the same transaction: the upsert would insert each
+        row as it is, which a plain COPY does for a fraction of the cost. False, with nothing written,
+        when that does not apply (SQLite, a page :func:`_copyable` refuses) or when a row turns out to
+        exist already (in the table, or twice among the pages). Committed asynchronously, as every page
+        of a sync (see :mod:`workers.sync`)."""
+        if self.db.dialect != "postgresql" or not all(batch.copy for batch in batches):
             return False
-        return self.db.copy_in(
-            "transactions", TRANSACTION_COLUMNS, batch.rows, TRANSACTION_PG_TYPES, durable=False
-        )
+        rows = chain.from_iterable(batch.rows for batch in batches)
+        types = TRANSACTION_PG_TYPES
+        return self.db.copy_in("transactions", TRANSACTION_COLUMNS, rows, types, durable=False, then=then)
 
     def upsert_transactions(self, tx: Tx, transactions: Iterable[Mapping[str, Any]]) -> datetime | None:
         """Write a page of transactions; return the latest ``updated_at`` among them (None if none)."""

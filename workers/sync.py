@@ -1,17 +1,18 @@
 """Delta logic: what to fetch from Bridge for an item or an account, and in which transactions.
 
 Transactions stream page by page (never a whole history in memory). Each page is written
-in its own transaction; the account's cursor, the highest ``updated_at`` written, commits
-in the same transaction as the **last** page, so a crash anywhere leaves the cursor where
-it was and the next sync simply rewrites (idempotently) what it had already written. The
-next sync asks Bridge for transactions updated ``since`` the cursor minus an overlap that
+in its own transaction (pages of new ids, a few together); the account's cursor, the highest
+``updated_at`` written, commits in the same transaction as the **last** page, so a crash anywhere
+leaves the cursor where it was and the next sync simply rewrites (idempotently) what it had already
+written. The next sync asks Bridge for transactions updated ``since`` the cursor minus an overlap that
 absorbs clock skew and updates made while we paginated.
 
 Fetching runs ahead of writing: a thread requests the next pages (and the next accounts'),
 parses them and builds their rows while this one writes, at most a couple of pages ahead;
-what is written, in which order and in which transaction stays the same. On PostgreSQL a page
-of ids never seen (a new account's history) is COPYed straight in, a transaction of its own
-that the last page, with the cursor, still follows; any other page goes through the upsert.
+what is written, in which order and in which transaction stays the same. On PostgreSQL pages
+of ids never seen (a new account's history) are COPYed straight in, up to ten in one statement
+and transaction (the last page, with the cursor, joins the last of them); any other page goes
+through the upsert.
 
 Every transaction here commits asynchronously on PostgreSQL (``durable=False``, see
 :mod:`workers.db`): the job that runs a sync ends with a synchronous commit of its ledger row, which
@@ -28,10 +29,12 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from service.logs import get_logger
 from workers.bridge import BridgeClient, NotFound, TransientError
+from workers.db import Tx
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows
 
 log = get_logger("bridgehook.sync")
@@ -130,6 +133,7 @@ class Syncer:
         fresh = True
         newest: datetime | None = None
         seen_future: set[int] = set()
+        held = _HeldPages(self.storage)
         chunks = _prefetched(self._listings(user_uuid, account_ids, full))
         try:
             for chunk in chunks:
@@ -141,25 +145,27 @@ class Syncer:
                 seen_future.update(batch.future_ids)
                 if batch.latest is not None and (newest is None or batch.latest > newest):
                     newest = batch.latest
-                # A page of ids never seen goes straight in, in a transaction of its own (the cursor only
-                # moves with the last page); after one that could not, the rest of the account goes
-                # through the upsert.
-                fresh = fresh and not last and self.storage.copy_new_transactions(batch)
-                # Nothing to write: no rows, a cursor that would not move, no complete listing to close
-                # (a delta that found nothing new, most refreshes): no transaction at all.
-                idle = (
-                    not batch.rows
-                    and not (last and since is None and newest is not None)
-                    and (not last or newest is None or newest == chunk.cursor)
-                )
-                if not fresh and not idle:
-                    with self.storage.transaction(durable=False) as tx:
-                        self.storage.write_transactions(tx, batch)
-                        if last and since is None and newest is not None:
-                            # A complete listing: future transactions it no longer shows are gone.
-                            self.storage.vanish_future(tx, chunk.account_id, seen_future, newest)
-                        if last and newest is not None:
-                            self.storage.advance_cursor(tx, chunk.account_id, newest)
+                close = partial(self._close_listing, chunk.account_id, since, newest, seen_future)
+                # Pages of ids never seen are held back and COPYed straight in together (the cursor
+                # with the last page); once a page or a COPY could not, the rest of the account goes
+                # through the upsert, a page per transaction.
+                if fresh and batch.copy:
+                    fresh = held.add(batch, then=close if last else None)
+                else:
+                    fresh = False
+                    held.flush()
+                    # Nothing to write: no rows, a cursor that would not move, no complete listing to
+                    # close (a delta that found nothing new, most refreshes): no transaction at all.
+                    idle = (
+                        not batch.rows
+                        and not (last and since is None and newest is not None)
+                        and (not last or newest is None or newest == chunk.cursor)
+                    )
+                    if not idle:
+                        with self.storage.transaction(durable=False) as tx:
+                            self.storage.write_transactions(tx, batch)
+                            if last:
+                                close(tx)
                 written += len(batch.rows)
                 written_here += len(batch.rows)
                 self._beat()
@@ -169,6 +175,16 @@ class Syncer:
         finally:
             chunks.close()  # stops the prefetching thread, whatever happened
         return written
+
+    def _close_listing(
+        self, account_id: int, since: datetime | None, newest: datetime | None, seen: set[int], tx: Tx
+    ) -> None:
+        """With a listing's last page, in its transaction: what only a whole listing tells."""
+        if since is None and newest is not None:
+            # A complete listing: future transactions it no longer shows are gone.
+            self.storage.vanish_future(tx, account_id, seen, newest)
+        if newest is not None:
+            self.storage.advance_cursor(tx, account_id, newest)
 
     def _listings(self, user_uuid: str, account_ids: tuple[int, ...], full: bool) -> Iterator[_Chunk]:
         """The pages to write, account after account, each with its rows and whether it is the last of
@@ -198,6 +214,42 @@ class Syncer:
         if status in TEMPORARY_STATUSES:
             raise ItemUnavailable(f"item {result.item_id} is temporarily unavailable (status {status})")
         return True
+
+
+_HELD_ROWS = 5000  # rows of new pages COPYed in one statement (ten of Bridge's pages of 500)
+
+
+class _HeldPages:
+    """Pages of ids never seen, held back until they make ``_HELD_ROWS`` rows or the listing ends, then
+    COPYed in one statement and one transaction, not one per page: most of a first sync's cost on
+    PostgreSQL was per statement. Memory stays bounded by ``_HELD_ROWS`` rows."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.pages: list[TransactionRows] = []
+        self.rows = 0
+
+    def add(self, batch: TransactionRows, then: Callable[[Tx], None] | None = None) -> bool:
+        """Hold ``batch``; written at once if it fills the batch or if ``then`` (what ends the listing,
+        run in the same transaction as its last page) is given. False when a COPY had to give way to
+        the upsert (the pages were written all the same): the rest of the account goes that way too."""
+        self.pages.append(batch)
+        self.rows += len(batch.rows)
+        return self.flush(then) if then is not None or self.rows >= _HELD_ROWS else True
+
+    def flush(self, then: Callable[[Tx], None] | None = None) -> bool:
+        """Write the held pages (and ``then``) in one transaction: one COPY, or, if a row turns out to
+        exist already (nothing written then), each page through the upsert in a transaction of its own,
+        ``then`` with the last. True if the COPY took them."""
+        pages, self.pages, self.rows = self.pages, [], 0
+        if not pages or self.storage.copy_new_transactions(*pages, then=then):
+            return True
+        for n, batch in enumerate(pages, 1):
+            with self.storage.transaction(durable=False) as tx:
+                self.storage.write_transactions(tx, batch)
+                if then is not None and n == len(pages):
+                    then(tx)
+        return False
 
 
 @dataclass(frozen=True)
