@@ -80,7 +80,7 @@ def by_upsert(storage: Storage, page: Page) -> None:
 def by_copy_first(storage: Storage, page: Page) -> None:
     """As the syncer writes a page of a new account: COPY it straight in, else the upsert."""
     batch = storage.transaction_rows(page)
-    if not storage.copy_new_transactions(batch):
+    if not storage.write_pages(batch):
         with storage.transaction() as tx:
             storage.write_transactions(tx, batch)
 
@@ -222,9 +222,9 @@ def test_a_copy_that_meets_a_known_id_writes_nothing(pg: Storage) -> None:
     by_upsert(pg, [txn(1020, 0)])
     batch = pg.transaction_rows(first_page())  # ids 1000…1039: 1020 is known
     assert batch.copy
-    assert pg.copy_new_transactions(batch) is False
+    assert pg.write_pages(batch) is False
     assert [row[0] for row in table(pg)] == [1020]
-    assert pg.copy_new_transactions(pg.transaction_rows([txn(3000 + i, 0) for i in range(20)])) is True
+    assert pg.write_pages(pg.transaction_rows([txn(3000 + i, 0) for i in range(20)])) is True
     assert len(table(pg)) == 21
 
 
@@ -232,10 +232,10 @@ def test_pages_copied_together_write_all_or_nothing(pg: Storage) -> None:
     one = pg.transaction_rows([txn(5000 + i, 0) for i in range(20)])
     two = pg.transaction_rows([txn(5019 + i, 0) for i in range(20)])  # 5019 is in both pages
     assert one.copy and two.copy
-    assert pg.copy_new_transactions(one, two) is False
+    assert pg.write_pages(one, two) is False
     assert table(pg) == []
     three = pg.transaction_rows([txn(5020 + i, 0) for i in range(20)])
-    assert pg.copy_new_transactions(one, three) is True
+    assert pg.write_pages(one, three) is True
     assert len(table(pg)) == 40
 
 
@@ -285,21 +285,21 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
     settings_ = worker_settings(redis_url, storage.db.url, fake.api_url, world)
     client = BridgeClient(settings_, r)
     copies: list[bool] = []  # what each attempt to COPY a page straight in did
-    copy_new = storage.copy_new_transactions
-    storage.copy_new_transactions = lambda *pages, **kw: copies.append(copy_new(*pages, **kw)) or copies[-1]  # type: ignore[method-assign]
+    copy_new = storage.write_pages
+    storage.write_pages = lambda *pages, **kw: copies.append(copy_new(*pages, **kw)) or copies[-1]  # type: ignore[method-assign]
     postgresql = storage.db.dialect == "postgresql"
     try:
         syncer = Syncer(client, storage, overlap=timedelta(0))
         assert syncer.sync_transactions(user, *accounts, full=True) == 2468
-        # PostgreSQL: pages 1-2 of each account in one COPY (the last goes with the cursor); SQLite:
-        # pages never offered to COPY.
-        assert copies == ([True, True] if postgresql else [])
+        # All three pages of each account in one transaction (PostgreSQL: one COPY, with the cursor).
+        assert copies == [True, True]
         first = stored(storage)
         assert len(first) == 2468 and all(row[2] is not None and row[3] is None for row in first.values())
         # A full resync of what is stored: every page meets known ids and goes through the upsert.
         copies.clear()
         assert syncer.sync_transactions(user, *accounts, full=True) == 2468
-        assert copies == ([False, False] if postgresql else [])  # one refused COPY per account
+        # PostgreSQL: one refused COPY per account, then the upsert; SQLite: the upsert, as the first time.
+        assert copies == ([False, False] if postgresql else [True, True])
         assert stored(storage) == first
         # Changes spread over the history, a deletion, then a delta sync and a full one.
         rng = random.Random(7)
@@ -321,7 +321,7 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
         client.close()
 
 
-def test_a_long_new_history_goes_in_by_copies_of_ten_pages(
+def test_a_long_new_history_goes_in_by_ten_pages_a_transaction(
     storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
 ) -> None:
     user = world.add_user()
@@ -332,14 +332,14 @@ def test_a_long_new_history_goes_in_by_copies_of_ten_pages(
         storage.upsert_accounts(tx, [{"id": account, "item_id": item}])
     client = BridgeClient(worker_settings(redis_url, storage.db.url, fake.api_url, world), r)
     copies: list[int] = []
-    copy_new = storage.copy_new_transactions
-    storage.copy_new_transactions = lambda *pages, **kw: copies.append(len(pages)) or copy_new(*pages, **kw)  # type: ignore[method-assign]
+    copy_new = storage.write_pages
+    storage.write_pages = lambda *pages, **kw: copies.append(len(pages)) or copy_new(*pages, **kw)  # type: ignore[method-assign]
     try:
         syncer = Syncer(client, storage, overlap=timedelta(0))
         assert syncer.sync_transactions(user, account, full=True) == 5600
     finally:
         client.close()
-    assert copies == ([10, 2] if storage.db.dialect == "postgresql" else [])
+    assert copies == [10, 2]
     assert len(stored(storage)) == 5600 and storage.cursor(account) is not None
 
 
@@ -370,9 +370,9 @@ def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
         client.transaction_pages = pages  # type: ignore[method-assign]
         with pytest.raises(ConnectionError):
             syncer.sync_transactions(user, account, full=False)
-        # Pages 1 and 2 were new ids, held back to be COPYed together (SQLite: page 1 written, page 2
-        # held back while page 3, maybe the last, was fetched): nothing past them, and no cursor.
-        assert len(stored(storage)) == (0 if storage.db.dialect == "postgresql" else 500)
+        # Pages 1 and 2 were held back to be written together with the pages after them: nothing
+        # written, and no cursor.
+        assert stored(storage) == {}
         assert storage.cursor(account) is None
         client.transaction_pages = original  # type: ignore[method-assign]
         assert syncer.sync_transactions(user, account, full=False) == 1600

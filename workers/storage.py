@@ -373,16 +373,27 @@ class Storage:
         elif batch.rows:  # SQLite, a few rows, or a page binary COPY cannot take as it is: row by row
             tx.executemany(UPSERT_TRANSACTION, batch.rows, stored=batch.stored)
 
-    def copy_new_transactions(
-        self, *batches: TransactionRows, then: Callable[[Tx], None] | None = None
-    ) -> bool:
-        """Write pages none of whose ids is known yet (a new account's history: most rows we ever
-        write) with one COPY, then run ``then`` in the same transaction: the upsert would insert each
-        row as it is, which a plain COPY does for a fraction of the cost. False, with nothing written,
-        when that does not apply (SQLite, a page :func:`_copyable` refuses) or when a row turns out to
-        exist already (in the table, or twice among the pages). Committed asynchronously, as every page
-        of a sync (see :mod:`workers.sync`)."""
-        if self.db.dialect != "postgresql" or not all(batch.copy for batch in batches):
+    def holds(self, batch: TransactionRows) -> bool:
+        """Whether a sync may hold ``batch`` back to write it with the pages after it by
+        :meth:`write_pages`: on PostgreSQL a page COPY can take as it is, on SQLite any page of rows."""
+        return bool(batch.rows) and (batch.copy or self.db.dialect == "sqlite")
+
+    def write_pages(self, *batches: TransactionRows, then: Callable[[Tx], None] | None = None) -> bool:
+        """Write several pages :meth:`holds` accepted, then run ``then``, in one transaction. On
+        PostgreSQL, with one COPY of pages none of whose ids is known yet (a new account's history:
+        most rows we ever write): the upsert would insert each row as it is, which a plain COPY does
+        for a fraction of the cost. False, with nothing written, when a row turns out to exist
+        already (in the table, or twice among the pages). On SQLite, with the upsert, always True:
+        its cost is per commit. Committed asynchronously, as every page of a sync (see
+        :mod:`workers.sync`)."""
+        if self.db.dialect == "sqlite":
+            with self.transaction(durable=False) as tx:
+                for batch in batches:
+                    self.write_transactions(tx, batch)
+                if then is not None:
+                    then(tx)
+            return True
+        if not all(batch.copy for batch in batches):
             return False
         rows = chain.from_iterable(batch.rows for batch in batches)
         types = TRANSACTION_PG_TYPES

@@ -12,7 +12,7 @@ parses them and builds their rows while this one writes, at most a couple of pag
 what is written, in which order and in which transaction stays the same. On PostgreSQL pages
 of ids never seen (a new account's history) are COPYed straight in, up to ten in one statement
 and transaction (the last page, with the cursor, joins the last of them); any other page goes
-through the upsert.
+through the upsert. On SQLite, whose cost is per commit, up to ten pages share a transaction.
 
 Every transaction here commits asynchronously on PostgreSQL (``durable=False``, see
 :mod:`workers.db`): the job that runs a sync ends with a synchronous commit of its ledger row, which
@@ -146,10 +146,10 @@ class Syncer:
                 if batch.latest is not None and (newest is None or batch.latest > newest):
                     newest = batch.latest
                 close = partial(self._close_listing, chunk.account_id, since, newest, seen_future)
-                # Pages of ids never seen are held back and COPYed straight in together (the cursor
-                # with the last page); once a page or a COPY could not, the rest of the account goes
-                # through the upsert, a page per transaction.
-                if fresh and batch.copy:
+                # Pages are held back and written together (the cursor with the last page): on
+                # PostgreSQL pages of ids never seen, COPYed straight in; once a page or a COPY could
+                # not, the rest of the account goes through the upsert, a page per transaction.
+                if fresh and self.storage.holds(batch):
                     fresh = held.add(batch, then=close if last else None)
                 else:
                     fresh = False
@@ -216,13 +216,14 @@ class Syncer:
         return True
 
 
-_HELD_ROWS = 5000  # rows of new pages COPYed in one statement (ten of Bridge's pages of 500)
+_HELD_ROWS = 5000  # rows of pages written in one transaction (ten of Bridge's pages of 500)
 
 
 class _HeldPages:
-    """Pages of ids never seen, held back until they make ``_HELD_ROWS`` rows or the listing ends, then
-    COPYed in one statement and one transaction, not one per page: most of a first sync's cost on
-    PostgreSQL was per statement. Memory stays bounded by ``_HELD_ROWS`` rows."""
+    """Pages held back until they make ``_HELD_ROWS`` rows or the listing ends, then written in one
+    transaction (:meth:`Storage.write_pages`: on PostgreSQL one COPY of pages of new ids), not one per
+    page: most of a first sync's cost was per statement and per commit. Memory stays bounded by
+    ``_HELD_ROWS`` rows."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -242,7 +243,7 @@ class _HeldPages:
         exist already (nothing written then), each page through the upsert in a transaction of its own,
         ``then`` with the last. True if the COPY took them."""
         pages, self.pages, self.rows = self.pages, [], 0
-        if not pages or self.storage.copy_new_transactions(*pages, then=then):
+        if not pages or self.storage.write_pages(*pages, then=then):
             return True
         for n, batch in enumerate(pages, 1):
             with self.storage.transaction(durable=False) as tx:
