@@ -55,6 +55,10 @@ KEY_PREFIX = "bridgehook"
 ARCHIVE_KEY = f"{KEY_PREFIX}:archive"
 TEMPLATE_KEY = f"{KEY_PREFIX}:job-template"  # exists only while the script runs
 DEDUPE_PREFIX = f"{KEY_PREFIX}:dedupe:"
+# One counter for every event enqueued from a webhook, taken in the enqueueing script: an event
+# whose number a worker has read before it starts syncing the item was received before that sync
+# (see workers.coverage). Only Redis's own order is compared, never two machines' clocks.
+RECEIVED_SEQ_KEY = f"{KEY_PREFIX}:received-seq"
 JOB_TIMEOUT_SECONDS = 600
 RESULT_TTL_SECONDS = 3600
 FAILURE_TTL_SECONDS = 90 * 86400  # dead letters stay inspectable for a quarter
@@ -67,7 +71,8 @@ MAX_BATCH = 200
 # cuts the values without parsing a number.
 _FIELDS = 11
 _SCRIPT = """
--- KEYS: 1 the queue, 2 RQ's set of queues, 3 the archive stream, 4 a scratch key for the template
+-- KEYS: 1 the queue, 2 RQ's set of queues, 3 the archive stream, 4 a scratch key for the template,
+--       5 the counter of received events
 -- ARGV: 1 dedupe key prefix, 2 job key prefix, 3 dedupe seconds, 4 archive max length,
 --       5 archive min id (ms), 6 now (RQ's time format), 7 the job hash template (JSON),
 --       8 the batch's values concatenated, 9 their lengths, 11 per delivery.
@@ -92,9 +97,11 @@ for o = 1, #values, 11 do
     if redis.call("SET", ARGV[1] .. id, "1", "NX", "EX", ARGV[3]) then
       -- The job hash: a fresh copy of the template (no stale field or TTL of an older job
       -- under the same id), then this event's own fields.
-      local job = ARGV[2] .. id
+      -- meta.received_seq: this event's number in the order of receipt (the meta ends with "}").
+      local job, seq = ARGV[2] .. id, redis.call("INCR", KEYS[5])
+      local meta = string.sub(values[o + 4], 1, -2) .. ', "received_seq": ' .. seq .. "}"
       redis.call("COPY", KEYS[4], job, "REPLACE")
-      redis.call("HSET", job, "data", values[o + 2], "description", values[o + 3], "meta", values[o + 4])
+      redis.call("HSET", job, "data", values[o + 2], "description", values[o + 3], "meta", meta)
       queued[#queued + 1] = id
       decision = "queued"
     else
@@ -129,12 +136,15 @@ def build_job(
     *,
     received_at_ms: int | None = None,
     replayed: bool = False,
+    received_seq: int | None = None,
 ) -> Job:
     """An RQ job for one event, as the receiver and every replay command enqueue it.
 
     The retry schedule (``WORKER_RETRY_INTERVALS``) travels with the job: RQ's scheduler
     re-queues it, and RQ's abandoned-job cleanup honours it too when a worker dies mid-job.
-    ``meta.received_at`` (ms) is when the webhook arrived, for the sync-lag metric.
+    ``meta.received_at`` (ms) is when the webhook arrived, for the sync-lag metric;
+    ``meta.received_seq``, the receiver's alone, its place in the order of receipt (see
+    :data:`RECEIVED_SEQ_KEY`): replays and resyncs have none, so no earlier sync covers them.
     """
     intervals = list(settings.retry_intervals)
     return Job.create(
@@ -150,7 +160,11 @@ def build_job(
         description=description(event, job_id),
         status=JobStatus.QUEUED,
         retry=Retry(max=len(intervals), interval=intervals) if intervals else None,
-        meta={"received_at": received_at_ms or int(time.time() * 1000), "replayed": replayed},
+        meta={
+            "received_at": received_at_ms or int(time.time() * 1000),
+            "replayed": replayed,
+            **({} if received_seq is None else {"received_seq": received_seq}),
+        },
     )
 
 
@@ -257,7 +271,7 @@ class EventQueue:
         self._settings = settings
         self._url = settings.redis_url
         self.queue_key = Queue.redis_queue_namespace_prefix + settings.queue_name
-        self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY]
+        self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY, RECEIVED_SEQ_KEY]
         self._redis: aioredis.Redis | None = None
         # RQ builds the template from a Job bound to a (never used) synchronous connection.
         rq_connection = redis.Redis.from_url(self._url)

@@ -431,7 +431,8 @@ def test_job_hash_is_what_rq_itself_writes(client: TestClient, r: redis.Redis, b
     stored = Job.fetch(job_id, connection=r, serializer=JSONSerializer)
     settings = make_settings("redis://127.0.0.1:1/0")  # build_job never connects
     expected = build_job(r, settings, job_id, stored.func_name, stored.args[0],
-                         received_at_ms=stored.meta["received_at"]).to_dict()  # fmt: skip
+                         received_at_ms=stored.meta["received_at"],
+                         received_seq=stored.meta["received_seq"]).to_dict()  # fmt: skip
     assert set(written) == {k for k, v in expected.items() if v is not None} | {"enqueued_at"}
     for key, value in expected.items():
         if key in ("created_at", "enqueued_at") or value is None:

@@ -26,6 +26,7 @@ from redis.exceptions import LockError
 from rq import get_current_job
 
 from service.logs import get_logger
+from workers import coverage
 from workers.bridge import NotFound, PermanentError
 from workers.context import WorkerContext, current
 from workers.metrics import JOBS, SYNC_LAG
@@ -86,8 +87,14 @@ def item_lock(ctx: WorkerContext, item_id: int) -> Iterator[Callable[[], None]]:
 
 
 def _run(
-    event: Event, work: Callable[[WorkerContext, Syncer], SyncResult | dict[str, Any]]
+    event: Event,
+    work: Callable[[WorkerContext, Syncer], SyncResult | dict[str, Any]],
+    scope: str | None = None,
 ) -> dict[str, Any]:
+    """Run ``work`` for the event under its item's lock, with the ledger around it. ``scope``: what the
+    work syncs, when it syncs from Bridge: an event that an "item" or "account" job carries may be
+    covered by an earlier sync of its whole item (see workers.coverage), and an "item" job's own sync
+    covers the events received before it began."""
     job = get_current_job()
     body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
     event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
@@ -95,17 +102,30 @@ def _run(
     structlog.contextvars.bind_contextvars(job_id=event_id, event_type=event.get("type"),
                                            item_id=content.get("item_id"))  # fmt: skip
     ctx = current()
+    meta = job.meta if job is not None else {}
+    item_id = content.get("item_id")
+    seq = meta.get("received_seq") if scope is not None and item_id is not None else None
+    through: int | None = None  # what this job's sync covers, once committed
+
+    def is_covered() -> bool:
+        return seq is not None and item_id is not None and coverage.covered(ctx.redis, int(item_id), int(seq))
+
     try:
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
         # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
         ctx.storage.event_started(event_id, event, body, received, durable=False)
-        item_id = content.get("item_id")
         try:
             if item_id is None:
                 outcome = work(ctx, ctx.syncer())
+            elif is_covered():
+                outcome = {"skipped": "covered"}
             else:
                 with item_lock(ctx, int(item_id)) as heartbeat:
-                    outcome = work(ctx, ctx.syncer(heartbeat))
+                    if is_covered():  # by the sync that held the lock while this job waited
+                        outcome = {"skipped": "covered"}
+                    else:
+                        through = coverage.received_so_far(ctx.redis) if scope == "item" else None
+                        outcome = work(ctx, ctx.syncer(heartbeat))
         except NotFound as exc:
             # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
             log.info("job.not_found", error=str(exc))
@@ -116,14 +136,22 @@ def _run(
             raise
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         ctx.storage.event_done(event_id)
-        JOBS.labels(event.get("type"), "done").inc()
-        meta = job.meta if job is not None else {}
+        if through is not None and item_id is not None:  # after event_done's synchronous commit, which
+            _record_coverage(ctx, int(item_id), through)  # made the sync's rows durable
+        JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
             SYNC_LAG.observe(max(0.0, time.time() - int(meta["received_at"]) / 1000))
         log.info("job.done", **summary)
         return summary
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+def _record_coverage(ctx: WorkerContext, item_id: int, through: int) -> None:
+    try:
+        coverage.record(ctx.redis, item_id, through)
+    except redis.RedisError as exc:  # the sync is done; without the record later events sync again
+        log.warning("job.coverage_not_recorded", error=str(exc))
 
 
 def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None:
@@ -145,22 +173,27 @@ def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None
 
 def item_created(event: Event) -> dict[str, Any]:
     c = event["content"]
-    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=True))
+    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=True), "item")
 
 
 def item_refreshed(event: Event) -> dict[str, Any]:
     c = event["content"]
-    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=False))
+    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=False), "item")
+
+
+def _account(event: Event) -> dict[str, Any]:
+    c = event["content"]
+    return _run(
+        event, lambda ctx, s: s.sync_account(c["user_uuid"], c["item_id"], c["account_id"]), "account"
+    )
 
 
 def account_created(event: Event) -> dict[str, Any]:
-    c = event["content"]
-    return _run(event, lambda ctx, s: s.sync_account(c["user_uuid"], c["item_id"], c["account_id"]))
+    return _account(event)
 
 
 def account_updated(event: Event) -> dict[str, Any]:
-    c = event["content"]
-    return _run(event, lambda ctx, s: s.sync_account(c["user_uuid"], c["item_id"], c["account_id"]))
+    return _account(event)
 
 
 def _mark(event: Event, mark: Callable[[WorkerContext, Any], None]) -> dict[str, Any]:
@@ -196,7 +229,7 @@ def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) ->
 def resync_item(event: Event) -> dict[str, Any]:
     """A full resync of one item (cursors reset), enqueued by `bridgehook resync` or reconciliation."""
     c = event["content"]
-    return _run(event, lambda ctx, s: _resync(ctx, s, c["user_uuid"], c["item_id"]))
+    return _run(event, lambda ctx, s: _resync(ctx, s, c["user_uuid"], c["item_id"]), "item")
 
 
 def resync_user(event: Event) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""A sync of a whole item covers the events received before it began (workers.coverage): a burst of
+webhooks for one item costs one sync, and an event that arrives while a sync runs still gets its own.
+Real receiver, real Redis, real RQ worker, the fake Bridge over HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from fakebridge.world import World
+from tests.harness import Harness
+from tests.test_workers import bank
+from workers import coverage
+
+
+def results(harness: Harness, event_ids: list[str]) -> list[str | None]:
+    """What each event's job did: "covered" when an earlier sync had done its work, else None."""
+    jobs = [Job.fetch(i, connection=harness.r, serializer=JSONSerializer) for i in event_ids]
+    return [(job.return_value() or {}).get("skipped") for job in jobs]
+
+
+def item_requests(world: World, item_id: int) -> int:
+    with world.lock:
+        return sum(1 for q in world.requests if q.path.endswith(f"/items/{item_id}"))
+
+
+def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=2, per_account=30)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    world.reset_requests()
+
+    # One refresh at Bridge, as Bridge announces it: the item, then each account; then a deletion.
+    world.add_transactions(b["accounts"][0], 5)
+    world.update_account(b["accounts"][1], name="Renamed")
+    burst = [world.event_item_refreshed(b["item"])]
+    burst += [world.event_account(a, "updated") for a in b["accounts"]]
+    burst.append(world.event_account(b["accounts"][1], "deleted"))
+    world.delete_account(b["accounts"][1])
+    for event in burst:
+        assert harness.send(event) == "queued"
+    harness.drain()
+
+    ids = harness.acknowledged[1:]
+    assert results(harness, ids) == [None, "covered", "covered", None]  # a deletion always runs
+    assert item_requests(world, b["item"]) == 1
+    assert {harness.ledger()[i] for i in ids} == {("done", 1)}
+    assert harness.tables() == harness.truth()
+
+
+def test_an_event_received_while_a_sync_runs_gets_a_sync_of_its_own(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=10)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    world.reset_requests()
+    harness.send(world.event_item_refreshed(b["item"]))
+    world.faults.delay(0.3)  # every request to the fake: the sync takes a while
+    late: list[int] = []
+
+    def during_the_sync() -> None:  # (RQ's worker wants the main thread: the webhook comes from this one)
+        deadline = time.monotonic() + 30
+        while item_requests(world, b["item"]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        late.extend(world.add_transactions(b["accounts"][0], 1))
+        assert harness.send(world.event_account(b["accounts"][0], "updated")) == "queued"
+
+    sender = threading.Thread(target=during_the_sync)
+    sender.start()
+    try:
+        harness.drain()
+    finally:
+        sender.join(timeout=60)
+        world.faults.clear()
+    harness.drain()  # in case the burst ended before the late event was queued
+
+    assert results(harness, harness.acknowledged[1:]) == [None, None]
+    assert late and late[0] in harness.tables()["transactions"]
+    assert harness.tables() == harness.truth()
+
+
+def test_events_numbered_in_the_order_of_receipt(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=1)
+    for _ in range(3):
+        harness.send(world.event_item_refreshed(b["item"]))
+    seqs = [
+        Job.fetch(i, connection=harness.r, serializer=JSONSerializer).meta["received_seq"]
+        for i in harness.acknowledged
+    ]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    assert coverage.received_so_far(harness.r) == seqs[-1]
+
+
+def test_a_record_never_moves_back(r: redis.Redis) -> None:
+    assert not coverage.covered(r, 7, 1)  # nothing recorded: nothing covered
+    coverage.record(r, 7, 5)
+    coverage.record(r, 7, 3)  # a sync that began earlier and finished later
+    assert coverage.covered(r, 7, 5) and not coverage.covered(r, 7, 6)
+    assert not coverage.covered(r, 8, 1)  # another item
+    assert 0 < r.ttl(f"{coverage.RECORD_PREFIX}7") <= coverage.RECORD_TTL_SECONDS
