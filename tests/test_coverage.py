@@ -49,6 +49,8 @@ def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> 
     assert results(harness, ids) == [None, "covered", "covered", None]  # a deletion always runs
     assert item_requests(world, b["item"]) == 1
     assert {harness.ledger()[i] for i in ids} == {("done", 1)}
+    stamps = harness.rows("SELECT processed_at FROM webhook_events WHERE status = 'done'")
+    assert len(stamps) == 5 and all(stamp is not None for (stamp,) in stamps)
     assert harness.tables() == harness.truth()
 
 

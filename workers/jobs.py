@@ -112,32 +112,35 @@ def _run(
 
     try:
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
-        # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
-        ctx.storage.event_started(event_id, event, body, received, durable=False)
-        try:
-            if item_id is None:
-                outcome = work(ctx, ctx.syncer())
-            elif is_covered():
-                outcome = {"skipped": "covered"}
-            else:
-                with item_lock(ctx, int(item_id)) as heartbeat:
-                    if is_covered():  # by the sync that held the lock while this job waited
-                        outcome = {"skipped": "covered"}
-                    else:
-                        through = coverage.received_so_far(ctx.redis) if scope == "item" else None
-                        outcome = work(ctx, ctx.syncer(heartbeat))
-        except NotFound as exc:
-            # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
-            log.info("job.not_found", error=str(exc))
-            outcome = {"skipped": "not_found"}
-        except Exception as exc:
-            _failed(ctx, job, event_id, exc)
-            JOBS.labels(event.get("type"), "failed").inc()
-            raise
+        outcome: SyncResult | dict[str, Any]
+        if is_covered():  # nothing left to do: the ledger row goes in done, one synchronous commit
+            ctx.storage.event_started(event_id, event, body, received, done=True)
+            outcome = {"skipped": "covered"}
+        else:
+            # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
+            ctx.storage.event_started(event_id, event, body, received, durable=False)
+            try:
+                if item_id is None:
+                    outcome = work(ctx, ctx.syncer())
+                else:
+                    with item_lock(ctx, int(item_id)) as heartbeat:
+                        if is_covered():  # by the sync that held the lock while this job waited
+                            outcome = {"skipped": "covered"}
+                        else:
+                            through = coverage.received_so_far(ctx.redis) if scope == "item" else None
+                            outcome = work(ctx, ctx.syncer(heartbeat))
+            except NotFound as exc:
+                # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
+                log.info("job.not_found", error=str(exc))
+                outcome = {"skipped": "not_found"}
+            except Exception as exc:
+                _failed(ctx, job, event_id, exc)
+                JOBS.labels(event.get("type"), "failed").inc()
+                raise
+            ctx.storage.event_done(event_id)
+            if through is not None and item_id is not None:  # after event_done's synchronous commit,
+                _record_coverage(ctx, int(item_id), through)  # which made the sync's rows durable
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
-        ctx.storage.event_done(event_id)
-        if through is not None and item_id is not None:  # after event_done's synchronous commit, which
-            _record_coverage(ctx, int(item_id), through)  # made the sync's rows durable
         JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
             SYNC_LAG.observe(max(0.0, time.time() - int(meta["received_at"]) / 1000))

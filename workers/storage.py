@@ -463,21 +463,27 @@ class Storage:
         received_at: datetime,
         *,
         durable: bool = True,
+        done: bool = False,
     ) -> None:
         """``durable=False``: committed asynchronously, for a job whose ledger row ends done or failed by
-        a synchronous commit (which makes this one durable too; see workers.db)."""
+        a synchronous commit (which makes this one durable too; see workers.db). ``done``: the job had
+        nothing left to do (an earlier sync covered its event): the row goes in done at once."""
         content = event.get("content") or {}
         with self.db.transaction(durable=durable) as tx:
             tx.execute(
-                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
-                "VALUES (%s, %s, %s, %s, 'queued', 1, %s) ON CONFLICT (id) DO UPDATE SET "
-                "attempts = webhook_events.attempts + 1, status = 'queued'",
+                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body, "
+                "processed_at) VALUES (%s, %s, %s, %s, %s, 1, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "attempts = webhook_events.attempts + 1, status = excluded.status, processed_at = "
+                "COALESCE(excluded.processed_at, webhook_events.processed_at), last_error = CASE WHEN "
+                "excluded.status = 'done' THEN NULL ELSE webhook_events.last_error END",
                 (
                     event_id,
                     event.get("type"),
                     content.get("item_id"),
                     received_at,
+                    "done" if done else "queued",
                     self.codec.encode(body, "webhook_events.body"),
+                    datetime.now(UTC) if done else None,
                 ),
             )
 
