@@ -54,6 +54,19 @@ def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> 
     assert harness.tables() == harness.truth()
 
 
+def test_an_account_sync_covers_the_events_of_that_account(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=2, per_account=10)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    first, second = b["accounts"]
+    world.add_transactions(first, 2)
+    for account in (first, first, second):
+        assert harness.send(world.event_account(account, "updated")) == "queued"
+    harness.drain()
+    assert results(harness, harness.acknowledged[1:]) == [None, "covered", None]
+    assert harness.tables() == harness.truth()
+
+
 def test_an_event_received_while_a_sync_runs_gets_a_sync_of_its_own(harness: Harness, world: World) -> None:
     b = bank(world, accounts=1, per_account=10)
     harness.send(world.event_item_created(b["item"]))
@@ -97,9 +110,17 @@ def test_events_numbered_in_the_order_of_receipt(harness: Harness, world: World)
 
 
 def test_a_record_never_moves_back(r: redis.Redis) -> None:
-    assert not coverage.covered(r, 7, 1)  # nothing recorded: nothing covered
-    coverage.record(r, 7, 5)
-    coverage.record(r, 7, 3)  # a sync that began earlier and finished later
-    assert coverage.covered(r, 7, 5) and not coverage.covered(r, 7, 6)
-    assert not coverage.covered(r, 8, 1)  # another item
-    assert 0 < r.ttl(f"{coverage.RECORD_PREFIX}7") <= coverage.RECORD_TTL_SECONDS
+    assert not coverage.covered(r, 1, 7)  # nothing recorded: nothing covered
+    coverage.record(r, 5, 7)
+    coverage.record(r, 3, 7)  # a sync that began earlier and finished later
+    assert coverage.covered(r, 5, 7) and not coverage.covered(r, 6, 7)
+    assert coverage.covered(r, 5, 7, 70)  # an account's event, covered by its item's sync
+    assert not coverage.covered(r, 1, 8)  # another item
+    assert 0 < r.ttl(f"{coverage.RECORD_PREFIX}item:7") <= coverage.RECORD_TTL_SECONDS
+
+
+def test_an_account_sync_covers_that_account_only(r: redis.Redis) -> None:
+    coverage.record(r, 9, 7, 70)
+    assert coverage.covered(r, 9, 7, 70)
+    assert not coverage.covered(r, 9, 7, 71)  # another account of the item
+    assert not coverage.covered(r, 9, 7)  # the item's own events

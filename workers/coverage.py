@@ -7,7 +7,8 @@ enqueueing script, :data:`service.queue.RECEIVED_SEQ_KEY`). A sync of a whole it
 before its first request to Bridge and, once its rows are durably committed, records that number for
 the item. A later job for an event of that item whose number is not above the record was received
 before that sync began, so the sync fetched at least the state the event announced: the job records
-itself done without calling Bridge. Replays and resyncs carry no number: they always run.
+itself done without calling Bridge. A sync of one account does the same for that account's events.
+Replays and resyncs carry no number: they always run.
 
 Only Redis's own order is compared, never two machines' clocks. Redis, if it loses its last writes
 (a crash between two fsyncs), loses them in order: a recorded number, read from the counter before
@@ -21,7 +22,7 @@ import redis
 
 from service.queue import KEY_PREFIX, RECEIVED_SEQ_KEY
 
-RECORD_PREFIX = f"{KEY_PREFIX}:synced-through:item:"
+RECORD_PREFIX = f"{KEY_PREFIX}:synced-through:"
 RECORD_TTL_SECONDS = 86_400
 
 # Never move a record back: two syncs of one item may finish in either order.
@@ -37,13 +38,19 @@ def received_so_far(connection: redis.Redis) -> int:
     return int(connection.get(RECEIVED_SEQ_KEY) or 0)
 
 
-def covered(connection: redis.Redis, item_id: int, received_seq: int) -> bool:
-    """Whether a completed sync of the item began after the event numbered ``received_seq`` arrived."""
-    through = connection.get(f"{RECORD_PREFIX}{item_id}")
-    return through is not None and received_seq <= int(through)
+def covered(connection: redis.Redis, received_seq: int, item_id: int, account_id: int | None = None) -> bool:
+    """Whether a completed sync of the item (or of the account) began after the event numbered
+    ``received_seq`` arrived."""
+    keys = [_key(item_id, None)] + ([] if account_id is None else [_key(item_id, account_id)])
+    return any(through is not None and received_seq <= int(through) for through in connection.mget(keys))
 
 
-def record(connection: redis.Redis, item_id: int, through: int) -> None:
-    """A sync of the whole item, begun when the counter read ``through``, is committed."""
+def record(connection: redis.Redis, through: int, item_id: int, account_id: int | None = None) -> None:
+    """A sync of the whole item (or of one account), begun when the counter read ``through``, is
+    committed."""
     script = connection.register_script(_RECORD)
-    script(keys=[f"{RECORD_PREFIX}{item_id}"], args=[through, RECORD_TTL_SECONDS])
+    script(keys=[_key(item_id, account_id)], args=[through, RECORD_TTL_SECONDS])
+
+
+def _key(item_id: int, account_id: int | None) -> str:
+    return f"{RECORD_PREFIX}item:{item_id}" if account_id is None else f"{RECORD_PREFIX}account:{account_id}"

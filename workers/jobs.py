@@ -92,9 +92,9 @@ def _run(
     scope: str | None = None,
 ) -> dict[str, Any]:
     """Run ``work`` for the event under its item's lock, with the ledger around it. ``scope``: what the
-    work syncs, when it syncs from Bridge: an event that an "item" or "account" job carries may be
-    covered by an earlier sync of its whole item (see workers.coverage), and an "item" job's own sync
-    covers the events received before it began."""
+    work syncs, when it syncs from Bridge ("item" or "account"): an earlier sync of the whole item (or,
+    for an account's event, of that account) may have covered the event already (see
+    workers.coverage), and the job's own sync covers the events of its scope received before it began."""
     job = get_current_job()
     body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
     event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
@@ -104,11 +104,17 @@ def _run(
     ctx = current()
     meta = job.meta if job is not None else {}
     item_id = content.get("item_id")
+    account = content.get("account_id") if scope == "account" else None
+    account_id = None if account is None else int(account)
     seq = meta.get("received_seq") if scope is not None and item_id is not None else None
     through: int | None = None  # what this job's sync covers, once committed
 
     def is_covered() -> bool:
-        return seq is not None and item_id is not None and coverage.covered(ctx.redis, int(item_id), int(seq))
+        if seq is None or item_id is None:
+            return False
+        return coverage.covered(
+            ctx.redis, int(seq), int(item_id), None if account_id is None else int(account_id)
+        )
 
     try:
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
@@ -127,7 +133,7 @@ def _run(
                         if is_covered():  # by the sync that held the lock while this job waited
                             outcome = {"skipped": "covered"}
                         else:
-                            through = coverage.received_so_far(ctx.redis) if scope == "item" else None
+                            through = None if scope is None else coverage.received_so_far(ctx.redis)
                             outcome = work(ctx, ctx.syncer(heartbeat))
             except NotFound as exc:
                 # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
@@ -139,7 +145,7 @@ def _run(
                 raise
             ctx.storage.event_done(event_id)
             if through is not None and item_id is not None:  # after event_done's synchronous commit,
-                _record_coverage(ctx, int(item_id), through)  # which made the sync's rows durable
+                _record_coverage(ctx, through, int(item_id), account_id)  # which made the rows durable
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
@@ -150,9 +156,9 @@ def _run(
         structlog.contextvars.clear_contextvars()
 
 
-def _record_coverage(ctx: WorkerContext, item_id: int, through: int) -> None:
+def _record_coverage(ctx: WorkerContext, through: int, item_id: int, account_id: int | None) -> None:
     try:
-        coverage.record(ctx.redis, item_id, through)
+        coverage.record(ctx.redis, through, item_id, account_id)
     except redis.RedisError as exc:  # the sync is done; without the record later events sync again
         log.warning("job.coverage_not_recorded", error=str(exc))
 
