@@ -46,10 +46,11 @@ class SchemaOutdated(Exception):
 class Worker(SimpleWorker):
     """RQ's ``SimpleWorker`` with heartbeats during jobs (see the module's docstring)."""
 
+    log_result_lifespan = False  # RQ's log line per job saying how long results are kept
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
         kwargs.setdefault("job_monitoring_interval", HEARTBEAT_SECONDS)
-        kwargs.setdefault("log_result_lifespan", False)  # a log line per job saying RESULT_TTL_SECONDS
         super().__init__(*args, **kwargs)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
