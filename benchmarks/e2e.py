@@ -256,6 +256,9 @@ def main() -> int:
 
     by_id = {row[0]: row for row in rows}
     lags = [float(row[3]) for row in rows if row[3] is not None]
+    if not lags:  # (a worker that cannot start exits at once; its stderr is the one to read)
+        print(f"FAIL: no event was processed ({len(queued)} queued); try `python -m bridgehook worker`")
+        return 1
     # Not done when the drain's deadline passed: still queued in Redis, not lost, but the target
     # (every event processed within the run) is missed all the same.
     unprocessed = [e for e in queued if e not in by_id or by_id[e][1] != "done"]
