@@ -285,8 +285,8 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
     settings_ = worker_settings(redis_url, storage.db.url, fake.api_url, world)
     client = BridgeClient(settings_, r)
     copies: list[bool] = []  # what each attempt to COPY a page straight in did
-    copy_new = storage.write_pages
-    storage.write_pages = lambda *pages, **kw: copies.append(copy_new(*pages, **kw)) or copies[-1]  # type: ignore[method-assign]
+    write_pages = storage.write_pages
+    storage.write_pages = lambda *pages, **kw: copies.append(write_pages(*pages, **kw)) or copies[-1]  # type: ignore[method-assign]
     postgresql = storage.db.dialect == "postgresql"
     try:
         syncer = Syncer(client, storage, overlap=timedelta(0))
@@ -321,19 +321,25 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
         client.close()
 
 
-def test_a_long_new_history_goes_in_by_ten_pages_a_transaction(
-    storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
-) -> None:
+def one_account(storage: Storage, world: World, transactions: int) -> tuple[str, int]:
+    """A user with one item and one account of ``transactions`` at the fake; the account stored."""
     user = world.add_user()
     item = world.add_item(user)
     account = world.add_account(item)
-    world.add_transactions(account, 5600)  # 12 pages: 1-10 in a COPY, 11-12 (cursor) in one more
+    world.add_transactions(account, transactions)
     with storage.transaction() as tx:
         storage.upsert_accounts(tx, [{"id": account, "item_id": item}])
+    return user, account
+
+
+def test_a_long_new_history_goes_in_by_ten_pages_a_transaction(
+    storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
+) -> None:
+    user, account = one_account(storage, world, 5600)  # 12 pages: 1-10 in a COPY, 11-12 (cursor) in one more
     client = BridgeClient(worker_settings(redis_url, storage.db.url, fake.api_url, world), r)
     copies: list[int] = []
-    copy_new = storage.write_pages
-    storage.write_pages = lambda *pages, **kw: copies.append(len(pages)) or copy_new(*pages, **kw)  # type: ignore[method-assign]
+    write_pages = storage.write_pages
+    storage.write_pages = lambda *pages, **kw: copies.append(len(pages)) or write_pages(*pages, **kw)  # type: ignore[method-assign]
     try:
         syncer = Syncer(client, storage, overlap=timedelta(0))
         assert syncer.sync_transactions(user, account, full=True) == 5600
@@ -346,12 +352,7 @@ def test_a_long_new_history_goes_in_by_ten_pages_a_transaction(
 def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
     storage: Storage, world: World, fake: FakeBridgeServer, redis_url: str, r: redis.Redis
 ) -> None:
-    user = world.add_user()
-    item = world.add_item(user)
-    account = world.add_account(item)
-    world.add_transactions(account, 1600)  # 4 pages
-    with storage.transaction() as tx:
-        storage.upsert_accounts(tx, [{"id": account, "item_id": item}])
+    user, account = one_account(storage, world, 1600)  # 4 pages
     settings_ = worker_settings(redis_url, storage.db.url, fake.api_url, world, BRIDGE_MAX_ATTEMPTS="1")
     client = BridgeClient(settings_, r, max_attempts=1)
     try:
