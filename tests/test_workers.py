@@ -350,6 +350,26 @@ def test_the_worker_keeps_a_short_lease_on_a_running_job(r: redis.Redis) -> None
     assert min(leases[len(leases) // 2 :]) >= 59
 
 
+def test_the_worker_key_keeps_its_long_lease_between_jobs(r: redis.Redis) -> None:
+    """The worker renews its own key for worker_ttl + 60 s between jobs, in one round trip, at most once a
+    second; the shorter lease RQ sets for each job never outlives the job (else an idle worker, blocked
+    in its dequeue for minutes, would vanish from `rq info` and from the scheduler's count)."""
+    queue = Queue("ttl-test", connection=r, serializer=JSONSerializer)
+    worker = Worker([queue], connection=r, serializer=JSONSerializer)
+    worker.register_birth()
+    worker.heartbeat()  # before a dequeue
+    assert r.ttl(worker.key) > 400
+    with r.pipeline() as pipeline:  # RQ, as a job starts
+        worker.heartbeat(worker.job_monitoring_interval + 60, pipeline=pipeline)
+        pipeline.execute()
+    assert r.ttl(worker.key) <= 70
+    worker.heartbeat()  # after the job, within the second
+    assert r.ttl(worker.key) > 400
+    r.expire(worker.key, 100)
+    worker.heartbeat()  # before the next dequeue, within the second: skipped
+    assert r.ttl(worker.key) <= 100
+
+
 def test_the_item_lock_outlives_a_slow_call_and_a_lost_lock_stops_the_job(
     harness: Harness, r: redis.Redis
 ) -> None:

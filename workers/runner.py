@@ -18,6 +18,7 @@ minutes later.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import redis
@@ -26,7 +27,6 @@ from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import now
 from rq.worker import BaseWorker
 
 from service.logs import get_logger
@@ -47,6 +47,7 @@ class Worker(SimpleWorker):
     """RQ's ``SimpleWorker`` with heartbeats during jobs (see the module's docstring)."""
 
     log_result_lifespan = False  # RQ's log line per job saying how long results are kept
+    _renewed_at: float | None = None  # when the worker's key last got the default lease
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
@@ -58,13 +59,17 @@ class Worker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         """RQ renews the worker's key (three commands, a round trip each) before and after every job,
-        for a TTL of worker_ttl + 60 s (8 minutes): about a third of its own cost per short job. Here
-        the three go in one round trip, and a renewal less than a second after the last is skipped."""
+        for worker_ttl + 60 s (8 minutes): about a third of its own cost per short job. Here the three
+        go in one round trip, and a renewal for that default lease less than a second after the last
+        one is skipped, unless a shorter lease (RQ sets one for each job) was set since."""
+        if timeout is not None:
+            self._renewed_at: float | None = None  # a shorter lease stands: the next default one goes out
+        elif self._renewed_at is not None and time.monotonic() - self._renewed_at < 1:
+            return
+        else:
+            self._renewed_at = time.monotonic()
         if pipeline is not None:
             BaseWorker.heartbeat(self, timeout, pipeline)
-            return
-        last = self.last_heartbeat
-        if timeout is None and last is not None and (now() - last).total_seconds() < 1:
             return
         with self.connection.pipeline(transaction=False) as batch:
             BaseWorker.heartbeat(self, timeout, batch)
