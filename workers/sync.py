@@ -12,7 +12,8 @@ parses them and builds their rows while this one writes, at most a couple of pag
 what is written, in which order and in which transaction stays the same. On PostgreSQL pages
 of ids never seen (a new account's history) are COPYed straight in, up to ten in one statement
 and transaction (the last page, with the cursor, joins the last of them); any other page goes
-through the upsert. On SQLite, whose cost is per commit, up to ten pages share a transaction.
+through the upsert. On SQLite, whose cost is per commit, up to ten pages of a full listing share
+a transaction.
 
 Every transaction here commits asynchronously on PostgreSQL (``durable=False``, see
 :mod:`workers.db`): the job that runs a sync ends with a synchronous commit of its ledger row, which
@@ -146,10 +147,12 @@ class Syncer:
                 if batch.latest is not None and (newest is None or batch.latest > newest):
                     newest = batch.latest
                 close = partial(self._close_listing, chunk.account_id, since, newest, seen_future)
-                # Pages are held back and written together (the cursor with the last page): on
-                # PostgreSQL pages of ids never seen, COPYed straight in; once a page or a COPY could
-                # not, the rest of the account goes through the upsert, a page per transaction.
-                if fresh and self.storage.holds(batch):
+                # A whole listing's pages are held back and written together (the cursor with the last
+                # page): on PostgreSQL pages of ids never seen, COPYed straight in; once a page or a
+                # COPY could not, the rest of the account goes through the upsert, a page per
+                # transaction. A delta (``since``) goes that way from the start: its overlap re-lists
+                # rows we hold, which would make the COPY fail.
+                if fresh and since is None and self.storage.holds(batch):
                     fresh = held.add(batch, then=close if last else None)
                 else:
                     fresh = False
