@@ -102,45 +102,61 @@ async def send_all(port: int, deliveries: list[tuple[str, bytes]], rate: int) ->
     none is, and is sent as soon as one is (the receiver's slowness shows as the rate achieved)."""
     connections = 32
     free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-    for _ in range(connections):
-        free.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    opened: list[asyncio.StreamWriter] = []
     queued: list[str] = []
 
-    async def one(request: bytes) -> None:
-        reader, writer = await free.get()
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        opened.append(writer)
+        return reader, writer
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
+        """One request on a keep-alive connection; the answer's body (b"" if the server had closed it)."""
         writer.write(request)
         status = await reader.readline()
+        if not status:
+            return b""
         length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.partition(b":")
             if name.lower() == b"content-length":
                 length = int(value)
         body = await reader.readexactly(length)
-        free.put_nowait((reader, writer))
         if status.split()[1:2] != [b"200"]:
             raise RuntimeError(f"{status!r} {body!r}")
+        return body
+
+    async def one(request: bytes) -> None:
+        reader, writer = await free.get()
+        async with asyncio.timeout(10):  # a receiver that stops answering fails the run, not hangs it
+            body = await exchange(reader, writer, request)
+            if not body:  # closed while idle (keep-alive timeout): once more on a new connection
+                reader, writer = await connect()
+                body = await exchange(reader, writer, request)
+        free.put_nowait((reader, writer))
         answer = json.loads(body)
         if answer["status"] == "queued":
             queued.append(answer["event_id"])
 
-    head = "POST /webhooks/bridge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    head = f"POST /webhooks/bridge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
     requests = [
-        (
-            head.format(port=port) + f"BridgeApi-Signature: v1={sig}\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        + body
+        f"{head}BridgeApi-Signature: v1={sig}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
         for sig, body in deliveries
     ]
-    start = time.perf_counter()
-    tasks = []
-    for i, request in enumerate(requests):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(request)))
-    await asyncio.gather(*tasks)
-    while not free.empty():
-        free.get_nowait()[1].close()
+    try:
+        for _ in range(connections):
+            free.put_nowait(await connect())
+        start = time.perf_counter()
+        tasks = []
+        for i, request in enumerate(requests):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(request)))
+        await asyncio.gather(*tasks)
+    finally:
+        for writer in opened:
+            writer.close()
     return queued
 
 
