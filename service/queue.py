@@ -59,6 +59,9 @@ DEDUPE_PREFIX = f"{KEY_PREFIX}:dedupe:"
 # whose number a worker has read before it starts syncing the item was received before that sync
 # (see workers.coverage). Only Redis's own order is compared, never two machines' clocks.
 RECEIVED_SEQ_KEY = f"{KEY_PREFIX}:received-seq"
+# Changes whenever that counter starts again from 1 (first use, or the counter was lost): a number
+# from before then means nothing against one from after.
+RECEIVED_EPOCH_KEY = f"{KEY_PREFIX}:received-epoch"
 JOB_TIMEOUT_SECONDS = 600
 RESULT_TTL_SECONDS = 3600
 FAILURE_TTL_SECONDS = 90 * 86400  # dead letters stay inspectable for a quarter
@@ -72,7 +75,7 @@ MAX_BATCH = 200
 _FIELDS = 11
 _SCRIPT = """
 -- KEYS: 1 the queue, 2 RQ's set of queues, 3 the archive stream, 4 a scratch key for the template,
---       5 the counter of received events
+--       5 the counter of received events, 6 its epoch
 -- ARGV: 1 dedupe key prefix, 2 job key prefix, 3 dedupe seconds, 4 archive max length,
 --       5 archive min id (ms), 6 now (RQ's time format), 7 the job hash template (JSON),
 --       8 the batch's values concatenated, 9 their lengths, 11 per delivery.
@@ -99,6 +102,10 @@ for o = 1, #values, 11 do
       -- under the same id), then this event's own fields.
       -- meta.received_seq: this event's number in the order of receipt (the meta ends with "}").
       local job, seq = ARGV[2] .. id, redis.call("INCR", KEYS[5])
+      if seq == 1 then  -- a count that starts (again): a new epoch
+        local now = redis.call("TIME")
+        redis.call("SET", KEYS[6], now[1] .. "." .. now[2])
+      end
       local meta = string.sub(values[o + 4], 1, -2) .. ', "received_seq": ' .. seq .. "}"
       redis.call("COPY", KEYS[4], job, "REPLACE")
       redis.call("HSET", job, "data", values[o + 2], "description", values[o + 3], "meta", meta)
@@ -144,7 +151,8 @@ def build_job(
     re-queues it, and RQ's abandoned-job cleanup honours it too when a worker dies mid-job.
     ``meta.received_at`` (ms) is when the webhook arrived, for the sync-lag metric;
     ``meta.received_seq``, the receiver's alone, its place in the order of receipt (see
-    :data:`RECEIVED_SEQ_KEY`): replays and resyncs have none, so no earlier sync covers them.
+    :data:`RECEIVED_SEQ_KEY`): replays from the archive or the ledger and resyncs have none, so no
+    earlier sync covers them (see workers.coverage).
     """
     intervals = list(settings.retry_intervals)
     return Job.create(
@@ -271,7 +279,8 @@ class EventQueue:
         self._settings = settings
         self._url = settings.redis_url
         self.queue_key = Queue.redis_queue_namespace_prefix + settings.queue_name
-        self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY, RECEIVED_SEQ_KEY]
+        self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY, RECEIVED_SEQ_KEY,
+                      RECEIVED_EPOCH_KEY]  # fmt: skip
         self._redis: aioredis.Redis | None = None
         # RQ builds the template from a Job bound to a (never used) synchronous connection.
         rq_connection = redis.Redis.from_url(self._url)

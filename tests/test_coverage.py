@@ -12,6 +12,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
+from service.queue import RECEIVED_SEQ_KEY
 from tests.harness import Harness
 from tests.test_workers import bank
 from workers import coverage
@@ -52,6 +53,14 @@ def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> 
     stamps = harness.rows("SELECT processed_at FROM webhook_events WHERE status = 'done'")
     assert len(stamps) == 5 and all(stamp is not None for (stamp,) in stamps)
     assert harness.tables() == harness.truth()
+
+
+def test_a_sync_that_stops_early_covers_nothing(harness: Harness, world: World) -> None:
+    b = bank(world, accounts=1, per_account=3, status=1010)  # the user must act: nothing is fetched
+    for _ in range(2):
+        harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+    assert results(harness, harness.acknowledged) == ["needs_user_action", "needs_user_action"]
 
 
 def test_an_account_sync_covers_the_events_of_that_account(harness: Harness, world: World) -> None:
@@ -106,13 +115,18 @@ def test_events_numbered_in_the_order_of_receipt(harness: Harness, world: World)
         for i in harness.acknowledged
     ]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
-    assert coverage.received_so_far(harness.r) == seqs[-1]
+    assert coverage.received_so_far(harness.r).endswith(f":{seqs[-1]}")
+
+
+def mark(r: redis.Redis, through: int) -> str:
+    """A mark of the counter's current epoch at ``through``, as received_so_far reads one."""
+    return coverage.received_so_far(r).rpartition(":")[0] + f":{through}"
 
 
 def test_a_record_never_moves_back(r: redis.Redis) -> None:
     assert not coverage.covered(r, 1, 7)  # nothing recorded: nothing covered
-    coverage.record(r, 5, 7)
-    coverage.record(r, 3, 7)  # a sync that began earlier and finished later
+    coverage.record(r, mark(r, 5), 7)
+    coverage.record(r, mark(r, 3), 7)  # a sync that began earlier and finished later
     assert coverage.covered(r, 5, 7) and not coverage.covered(r, 6, 7)
     assert coverage.covered(r, 5, 7, 70)  # an account's event, covered by its item's sync
     assert not coverage.covered(r, 1, 8)  # another item
@@ -120,7 +134,24 @@ def test_a_record_never_moves_back(r: redis.Redis) -> None:
 
 
 def test_an_account_sync_covers_that_account_only(r: redis.Redis) -> None:
-    coverage.record(r, 9, 7, 70)
+    coverage.record(r, mark(r, 9), 7, 70)
     assert coverage.covered(r, 9, 7, 70)
     assert not coverage.covered(r, 9, 7, 71)  # another account of the item
     assert not coverage.covered(r, 9, 7)  # the item's own events
+
+
+def test_a_lost_counter_starts_an_epoch_in_which_older_records_cover_nothing(
+    harness: Harness, world: World
+) -> None:
+    b = bank(world, accounts=1, per_account=3)
+    for _ in range(3):
+        harness.send(world.event_item_refreshed(b["item"]))
+    before = coverage.received_so_far(harness.r)
+    assert before.endswith(":3")
+    coverage.record(harness.r, before, b["item"])
+    assert coverage.covered(harness.r, 3, b["item"])
+    harness.r.delete(RECEIVED_SEQ_KEY)  # evicted, or deleted by hand: the count starts again
+    harness.send(world.event_item_refreshed(b["item"]))
+    after = coverage.received_so_far(harness.r)
+    assert after.endswith(":1") and after.rpartition(":")[0] != before.rpartition(":")[0]
+    assert not coverage.covered(harness.r, 1, b["item"])  # received after the recorded sync began

@@ -107,7 +107,7 @@ def _run(
     account = content.get("account_id") if scope == "account" else None
     account_id = None if account is None else int(account)
     seq = meta.get("received_seq") if scope is not None and item_id is not None else None
-    through: int | None = None  # what this job's sync covers, once committed
+    through: str | None = None  # what this job's sync covers, once committed (coverage.received_so_far)
 
     def is_covered() -> bool:
         if seq is None or item_id is None:
@@ -144,8 +144,12 @@ def _run(
                 JOBS.labels(event.get("type"), "failed").inc()
                 raise
             ctx.storage.event_done(event_id)
-            if through is not None and item_id is not None:  # after event_done's synchronous commit,
-                _record_coverage(ctx, through, int(item_id), account_id)  # which made the rows durable
+            # Only a sync that fetched all it meant to covers anything (not one that stopped early: an item
+            # needing the user, an account gone...), and only after event_done's synchronous commit,
+            # which made its rows durable.
+            complete = isinstance(outcome, SyncResult) and outcome.skipped is None
+            if complete and through is not None and item_id is not None:
+                _record_coverage(ctx, through, int(item_id), account_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
@@ -156,7 +160,7 @@ def _run(
         structlog.contextvars.clear_contextvars()
 
 
-def _record_coverage(ctx: WorkerContext, through: int, item_id: int, account_id: int | None) -> None:
+def _record_coverage(ctx: WorkerContext, through: str, item_id: int, account_id: int | None) -> None:
     try:
         coverage.record(ctx.redis, through, item_id, account_id)
     except redis.RedisError as exc:  # the sync is done; without the record later events sync again
