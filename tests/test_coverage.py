@@ -63,6 +63,22 @@ def test_a_sync_that_stops_early_covers_nothing(harness: Harness, world: World) 
     assert results(harness, harness.acknowledged) == ["needs_user_action", "needs_user_action"]
 
 
+def test_a_whole_listing_covers_no_deletion(harness: Harness, world: World) -> None:
+    """A full sync (a redelivered item.created here) lists no deleted transaction: the account event
+    that announced a deletion still gets its own delta, which marks it."""
+    b = bank(world, accounts=1, per_account=10)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    gone = sorted(harness.tables()["transactions"])[3]
+    world.delete_transaction(gone)
+    harness.send(world.event_item_created(b["item"]))  # queued first: its full sync begins after both
+    harness.send(world.event_account(b["accounts"][0], "updated"))
+    harness.drain()
+    assert results(harness, harness.acknowledged[1:]) == [None, None]
+    assert gone not in harness.tables()["transactions"]
+    assert harness.tables() == harness.truth()
+
+
 def test_an_account_sync_covers_the_events_of_that_account(harness: Harness, world: World) -> None:
     b = bank(world, accounts=2, per_account=10)
     harness.send(world.event_item_created(b["item"]))

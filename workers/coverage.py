@@ -7,7 +7,10 @@ enqueueing script, :data:`service.queue.RECEIVED_SEQ_KEY`). A sync of a whole it
 before its first request to Bridge and, once its rows are durably committed, records that number for
 the item. A later job for an event of that item whose number is not above the record was received
 before that sync began, so the sync fetched at least the state the event announced: the job records
-itself done without calling Bridge. A sync of one account does the same for that account's events.
+itself done without calling Bridge. Only a sync that listed every account since its cursor records
+(:attr:`workers.sync.SyncResult.covers_earlier_events`): a whole listing (a first or a full sync)
+leaves deleted transactions out, so it cannot stand for the delta that would have shown them.
+A sync of one account does the same for that account's events.
 Events replayed from the archive or the ledger, and resyncs, carry no number: they always run. A dead
 letter requeued by ``dlq replay`` keeps its job and so its number: when a later sync covered it, it
 ends done (``covered``) without a call, which is what it would have fetched.

@@ -144,11 +144,9 @@ def _run(
                 JOBS.labels(event.get("type"), "failed").inc()
                 raise
             ctx.storage.event_done(event_id)
-            # Only a sync that fetched all it meant to covers anything (not one that stopped early: an item
-            # needing the user, an account gone...), and only after event_done's synchronous commit,
-            # which made its rows durable.
-            complete = isinstance(outcome, SyncResult) and outcome.skipped is None
-            if complete and through is not None and item_id is not None:
+            # Only after event_done's synchronous commit, which made the sync's rows durable.
+            covering = isinstance(outcome, SyncResult) and outcome.covers_earlier_events
+            if covering and through is not None and item_id is not None:
                 _record_coverage(ctx, through, int(item_id), account_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()

@@ -50,9 +50,20 @@ class SyncResult:
     item_id: int
     status: int | None = None
     skipped: str | None = None  # why data was not fetched, if it was not
+    # Whether some account was listed whole (no cursor yet, or a full sync) rather than since its
+    # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions.
+    whole_listing: bool = False
     accounts: int = 0
     transactions: int = 0
     account_ids: list[int] = field(default_factory=list)
+
+    @property
+    def covers_earlier_events(self) -> bool:
+        """Whether the events received before this sync began need no sync of their own (see
+        workers.coverage): only if it fetched all it meant to (not an item needing the user, an
+        account gone…) and listed every account since its cursor (a whole listing leaves deleted
+        transactions out: it cannot stand for a delta that would have shown them)."""
+        return self.skipped is None and not self.whole_listing
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +85,7 @@ class Syncer:
         self.storage = storage
         self.overlap = overlap
         self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
+        self.whole_listings = 0  # accounts listed without ``since`` by this syncer (see SyncResult)
 
     def sync_item(self, user_uuid: str, item_id: int, *, full: bool = False) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor)."""
@@ -94,7 +106,9 @@ class Syncer:
             result.account_ids += [a["id"] for a in page]
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
             self._beat()
+        whole = self.whole_listings
         result.transactions += self.sync_transactions(user_uuid, *enabled, full=full)
+        result.whole_listing = self.whole_listings > whole
         with self.storage.transaction(durable=False) as tx:
             self.storage.item_synced(tx, item_id)
         return result
@@ -120,7 +134,9 @@ class Syncer:
         if account.get("data_access", "enabled") == "disabled":
             result.skipped = "data_access_disabled"
             return result
+        whole = self.whole_listings
         result.transactions = self.sync_transactions(user_uuid, account_id, full=False)
+        result.whole_listing = self.whole_listings > whole
         return result
 
     def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool) -> int:
@@ -139,6 +155,7 @@ class Syncer:
         try:
             for chunk in chunks:
                 if chunk.first:
+                    self.whole_listings += chunk.since is None
                     newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
                 if isinstance(chunk.batch, Exception):
                     raise chunk.batch  # the page could not be read into rows: fail where writing it would
