@@ -11,13 +11,15 @@ itself done without calling Bridge. Only a sync that listed every account since 
 (:attr:`workers.sync.SyncResult.covers_earlier_events`): a whole listing (a first or a full sync)
 leaves deleted transactions out, so it cannot stand for the delta that would have shown them.
 A sync of one account does the same for that account's events.
-Events replayed from the archive or the ledger, and resyncs, carry no number: they always run. A dead
+Full syncs (``item.created``, resyncs) are never skipped and cover nothing; events replayed from the
+archive or the ledger carry no number: they always run. A dead
 letter requeued by ``dlq replay`` keeps its job and so its number: when a later sync covered it, it
 ends done (``covered``) without a call, which is what it would have fetched.
 
 Only Redis's own order is compared, never two machines' clocks. Redis, if it loses its last writes
-(a crash between two fsyncs), loses them in order: a recorded number, read from the counter before
-it was written, never exceeds the counter that comes back. Should the counter itself be lost (evicted
+(a crash between two fsyncs, a failover to a replica that lagged), loses them in order: reading the
+number also writes a sentinel, and the record is written only if the sentinel is still there, so a
+recorded number never exceeds the counter that came back. Should the counter itself be lost (evicted
 against the "noeviction" requirement, deleted by hand), it starts again in a new epoch
 (:data:`service.queue.RECEIVED_EPOCH_KEY`), and records of another epoch cover nothing. A record
 lapses after a day; a job that waited longer simply syncs.
@@ -25,16 +27,31 @@ lapses after a day; a job that waited longer simply syncs.
 
 from __future__ import annotations
 
+import uuid
+from typing import NamedTuple
+
 import redis
 
-from service.queue import KEY_PREFIX, RECEIVED_EPOCH_KEY, RECEIVED_SEQ_KEY
+from service.queue import JOB_TIMEOUT_SECONDS, KEY_PREFIX, RECEIVED_EPOCH_KEY, RECEIVED_SEQ_KEY
 
 RECORD_PREFIX = f"{KEY_PREFIX}:synced-through:"
+SENTINEL_PREFIX = f"{KEY_PREFIX}:sync-mark:"
 RECORD_TTL_SECONDS = 86_400
 
-# A record is "<epoch>:<number>". Never move one back within an epoch (two syncs of one item may
-# finish in either order); a mark of another epoch replaces it (and, if older, covers nothing).
+# The epoch and the number, and a sentinel written after every increment they count.
+_READ = """
+redis.call("SET", KEYS[3], "1", "EX", ARGV[1])
+return {redis.call("GET", KEYS[1]) or "", redis.call("GET", KEYS[2]) or "0"}
+"""
+
+# A record is "<epoch>:<number>", written only while the mark's sentinel stands (else Redis lost what
+# came after the read, perhaps increments it counted). Never moved back within an epoch (two syncs of
+# one item may finish in either order); a mark of another epoch replaces it (and, if older, covers
+# nothing).
 _RECORD = """
+if redis.call("DEL", KEYS[2]) == 0 then
+  return 0
+end
 local epoch, n = string.match(ARGV[1], "^(.*):(%d+)$")
 local current = redis.call("GET", KEYS[1])
 if current then
@@ -48,11 +65,24 @@ return 1
 """
 
 
-def received_so_far(connection: redis.Redis) -> str:
-    """A mark of the last event received (its epoch and number): read before a sync's first request
-    to Bridge, recorded once the sync is committed."""
-    epoch, seq = connection.mget([RECEIVED_EPOCH_KEY, RECEIVED_SEQ_KEY])
-    return f"{_text(epoch)}:{int(seq or 0)}"
+class Mark(NamedTuple):
+    """Where the count of received events stood when a sync began (see :func:`received_so_far`)."""
+
+    epoch: str
+    through: int
+    sentinel: str  # a key that exists as long as Redis has kept every write up to this read
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.through}"
+
+
+def received_so_far(connection: redis.Redis) -> Mark:
+    """The epoch and number of the last event received, read before a sync's first request to Bridge
+    and recorded (:func:`record`) once the sync is committed."""
+    sentinel = f"{SENTINEL_PREFIX}{uuid.uuid4().hex}"
+    read = connection.register_script(_READ)
+    epoch, seq = read(keys=[RECEIVED_EPOCH_KEY, RECEIVED_SEQ_KEY, sentinel], args=[JOB_TIMEOUT_SECONDS + 60])
+    return Mark(_text(epoch), int(seq), sentinel)
 
 
 def covered(connection: redis.Redis, received_seq: int, item_id: int, account_id: int | None = None) -> bool:
@@ -70,11 +100,12 @@ def covered(connection: redis.Redis, received_seq: int, item_id: int, account_id
     return False
 
 
-def record(connection: redis.Redis, mark: str, item_id: int, account_id: int | None = None) -> None:
-    """A sync of the whole item (or of one account), begun at ``mark`` (:func:`received_so_far`), is
-    committed."""
+def record(connection: redis.Redis, mark: Mark, item_id: int, account_id: int | None = None) -> bool:
+    """A sync of the whole item (or of one account), begun at ``mark``, is committed. False when the
+    record was refused (Redis lost the mark's sentinel) or an equal or later one stands."""
     script = connection.register_script(_RECORD)
-    script(keys=[_key(item_id, account_id)], args=[mark, RECORD_TTL_SECONDS])
+    keys = [_key(item_id, account_id), mark.sentinel]
+    return bool(script(keys=keys, args=[str(mark), RECORD_TTL_SECONDS]))
 
 
 def _key(item_id: int, account_id: int | None) -> str:

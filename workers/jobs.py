@@ -107,7 +107,7 @@ def _run(
     account = content.get("account_id") if scope == "account" else None
     account_id = None if account is None else int(account)
     seq = meta.get("received_seq") if scope is not None and item_id is not None else None
-    through: str | None = None  # what this job's sync covers, once committed (coverage.received_so_far)
+    through: coverage.Mark | None = None  # what this job's sync covers, once committed
 
     def is_covered() -> bool:
         if seq is None or item_id is None:
@@ -158,7 +158,9 @@ def _run(
         structlog.contextvars.clear_contextvars()
 
 
-def _record_coverage(ctx: WorkerContext, through: str, item_id: int, account_id: int | None) -> None:
+def _record_coverage(
+    ctx: WorkerContext, through: coverage.Mark, item_id: int, account_id: int | None
+) -> None:
     try:
         coverage.record(ctx.redis, through, item_id, account_id)
     except redis.RedisError as exc:  # the sync is done; without the record later events sync again
@@ -184,7 +186,8 @@ def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None
 
 def item_created(event: Event) -> dict[str, Any]:
     c = event["content"]
-    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=True), "item")
+    # A full sync: never skipped as covered (its whole listing is what it is for), and it covers nothing.
+    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=True))
 
 
 def item_refreshed(event: Event) -> dict[str, Any]:
@@ -240,7 +243,7 @@ def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) ->
 def resync_item(event: Event) -> dict[str, Any]:
     """A full resync of one item (cursors reset), enqueued by `bridgehook resync` or reconciliation."""
     c = event["content"]
-    return _run(event, lambda ctx, s: _resync(ctx, s, c["user_uuid"], c["item_id"]), "item")
+    return _run(event, lambda ctx, s: _resync(ctx, s, c["user_uuid"], c["item_id"]))  # as item_created
 
 
 def resync_user(event: Event) -> dict[str, Any]:
