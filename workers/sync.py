@@ -106,9 +106,7 @@ class Syncer:
             result.account_ids += [a["id"] for a in page]
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
             self._beat()
-        whole = self.whole_listings
-        result.transactions += self.sync_transactions(user_uuid, *enabled, full=full)
-        result.whole_listing = self.whole_listings > whole
+        self._sync_transactions_into(result, user_uuid, *enabled, full=full)
         with self.storage.transaction(durable=False) as tx:
             self.storage.item_synced(tx, item_id)
         return result
@@ -134,10 +132,16 @@ class Syncer:
         if account.get("data_access", "enabled") == "disabled":
             result.skipped = "data_access_disabled"
             return result
-        whole = self.whole_listings
-        result.transactions = self.sync_transactions(user_uuid, account_id, full=False)
-        result.whole_listing = self.whole_listings > whole
+        self._sync_transactions_into(result, user_uuid, account_id, full=False)
         return result
+
+    def _sync_transactions_into(
+        self, result: SyncResult, user_uuid: str, *account_ids: int, full: bool
+    ) -> None:
+        """:meth:`sync_transactions`, counted in ``result``, which learns if an account was listed whole."""
+        whole = self.whole_listings
+        result.transactions += self.sync_transactions(user_uuid, *account_ids, full=full)
+        result.whole_listing = self.whole_listings > whole
 
     def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool) -> int:
         """Each account's transactions, one account after the other: all of them (``full``, or no
