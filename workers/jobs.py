@@ -112,9 +112,7 @@ def _run(
     def is_covered() -> bool:
         if seq is None or item_id is None:
             return False
-        return coverage.covered(
-            ctx.redis, int(seq), int(item_id), None if account_id is None else int(account_id)
-        )
+        return coverage.covered(ctx.redis, int(seq), int(item_id), account_id)
 
     try:
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)

@@ -63,7 +63,7 @@ class Worker(SimpleWorker):
         go in one round trip, and a renewal for that default lease less than a second after the last
         one is skipped, unless a shorter lease (RQ sets one for each job) was set since."""
         if timeout is not None:
-            self._renewed_at: float | None = None  # a shorter lease stands: the next default one goes out
+            self._renewed_at = None  # a shorter lease stands: the next default one goes out
         elif self._renewed_at is not None and time.monotonic() - self._renewed_at < 1:
             return
         else:
