@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import redis
 from rq.job import Job
@@ -29,11 +30,18 @@ def item_requests(world: World, item_id: int) -> int:
         return sum(1 for q in world.requests if q.path.endswith(f"/items/{item_id}"))
 
 
-def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> None:
-    b = bank(world, accounts=2, per_account=30)
+def synced_bank(harness: Harness, world: World, **shape: int) -> dict[str, Any]:
+    """A bank at the fake (see test_workers.bank) whose item.created has been processed, and the fake's
+    request log cleared."""
+    b = bank(world, **shape)
     harness.send(world.event_item_created(b["item"]))
     harness.drain()
     world.reset_requests()
+    return b
+
+
+def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> None:
+    b = synced_bank(harness, world, accounts=2, per_account=30)
 
     # One refresh at Bridge, as Bridge announces it: the item, then each account; then a deletion.
     world.add_transactions(b["accounts"][0], 5)
@@ -66,9 +74,7 @@ def test_a_sync_that_stops_early_covers_nothing(harness: Harness, world: World) 
 def test_a_whole_listing_covers_no_deletion(harness: Harness, world: World) -> None:
     """A full sync (a redelivered item.created here) lists no deleted transaction: the account event
     that announced a deletion still gets its own delta, which marks it."""
-    b = bank(world, accounts=1, per_account=10)
-    harness.send(world.event_item_created(b["item"]))
-    harness.drain()
+    b = synced_bank(harness, world, accounts=1, per_account=10)
     gone = sorted(harness.tables()["transactions"])[3]
     world.delete_transaction(gone)
     harness.send(world.event_item_created(b["item"]))  # queued first: its full sync begins after both
@@ -80,9 +86,7 @@ def test_a_whole_listing_covers_no_deletion(harness: Harness, world: World) -> N
 
 
 def test_an_account_sync_covers_the_events_of_that_account(harness: Harness, world: World) -> None:
-    b = bank(world, accounts=2, per_account=10)
-    harness.send(world.event_item_created(b["item"]))
-    harness.drain()
+    b = synced_bank(harness, world, accounts=2, per_account=10)
     first, second = b["accounts"]
     world.add_transactions(first, 2)
     for account in (first, first, second):
@@ -93,10 +97,7 @@ def test_an_account_sync_covers_the_events_of_that_account(harness: Harness, wor
 
 
 def test_an_event_received_while_a_sync_runs_gets_a_sync_of_its_own(harness: Harness, world: World) -> None:
-    b = bank(world, accounts=1, per_account=10)
-    harness.send(world.event_item_created(b["item"]))
-    harness.drain()
-    world.reset_requests()
+    b = synced_bank(harness, world, accounts=1, per_account=10)
     harness.send(world.event_item_refreshed(b["item"]))
     world.faults.delay(0.3)  # every request to the fake: the sync takes a while
     late: list[int] = []
