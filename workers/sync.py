@@ -289,7 +289,10 @@ class _Chunk:
     last: bool
 
 
-_AHEAD = 2  # chunks ready ahead of the one being written (memory: a few pages, whatever the history)
+# Chunks ready ahead of the one being written: a held batch's pages and two more, so that the next
+# batch is fetched while one is written (with fewer, fetching stalls during each batch's write).
+# Memory: a few thousand rows, whatever the history.
+_AHEAD = _HELD_ROWS // 500 + 2
 
 
 def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
