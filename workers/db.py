@@ -23,12 +23,15 @@ is what a retry rewrites. SQLite commits the same way either way (WAL, ``synchro
 
 from __future__ import annotations
 
+import functools
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,8 +67,23 @@ class Tx:
         return self
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], *, stored: bool = False) -> None:
-        """``stored``: the values are already what the engine stores (nothing to adapt)."""
-        self._cursor.executemany(self._sql(sql), rows if stored else [self._params(r) for r in rows])
+        """``stored``: the values are already what the engine stores (nothing to adapt).
+
+        On SQLite an ``INSERT … VALUES (%s, …)`` goes in statements of up to :data:`_ROWS_PER_INSERT`
+        rows each, in order (a later row that conflicts with an earlier one of the same statement
+        meets it as it would one statement later): SQLite's cost is per statement run, not per value."""
+        values = rows if stored else [self._params(r) for r in rows]
+        if self.dialect == "sqlite":
+            values = values if isinstance(values, list) else list(values)
+            many = _sqlite_insert_rows(sql, _ROWS_PER_INSERT) if len(values) >= _ROWS_PER_INSERT else None
+            if many is not None:
+                whole = len(values) - len(values) % _ROWS_PER_INSERT
+                self._cursor.executemany(many, [
+                    list(chain.from_iterable(values[i : i + _ROWS_PER_INSERT]))
+                    for i in range(0, whole, _ROWS_PER_INSERT)
+                ])  # fmt: skip
+                values = values[whole:]
+        self._cursor.executemany(self._sql(sql), values)
 
     def copy_rows(
         self,
@@ -103,6 +121,21 @@ class Tx:
     @property
     def rowcount(self) -> int:
         return int(self._cursor.rowcount)
+
+
+_ROWS_PER_INSERT = 50  # Bridge pages of 500 split evenly; 50 rows of 15 values stay under 999 variables
+_SINGLE_ROW = re.compile(r"\bVALUES (\(%s(?:, %s)*\))")
+
+
+@functools.lru_cache(maxsize=32)
+def _sqlite_insert_rows(sql: str, rows: int) -> str | None:
+    """``sql``, an INSERT of one row ``VALUES (%s, …)``, as one of ``rows`` rows for SQLite; None for
+    any other statement."""
+    match = _SINGLE_ROW.search(sql)
+    if match is None or match.group(1).count("%s") * rows > 999:
+        return None
+    values = ", ".join([match.group(1)] * rows)
+    return (sql[: match.start(1)] + values + sql[match.end(1) :]).replace("%s", "?")
 
 
 _SQLITE_AS_IS = frozenset({str, int, float, bytes, type(None)})  # exactly these: _to_sqlite keeps them
