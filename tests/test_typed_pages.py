@@ -42,11 +42,16 @@ stamps = st.sampled_from(
         "2026-11-24T14:26:41.575", "2026-11-24T14:26:41.1234567Z", "2026-11-24T14:26:41Z", None, "", MISSING,
     ]
 )  # fmt: skip
+# As Bridge writes them (SQLite stores these by editing their text), and one that only looks alike.
+bridge_stamps = st.sampled_from(
+    ["2026-11-24T14:26:41.575Z", "2026-11-24T14:26:41.576Z", "2024-02-29T23:59:59.999Z",
+     "2026-W48-4T05:00:42.661Z"]
+)  # fmt: skip
 flags = st.sampled_from([True, False, MISSING])
 
 
 @st.composite
-def transaction(draw: Any) -> dict[str, Any]:
+def transaction(draw: Any, stamps: Any = stamps) -> dict[str, Any]:
     fields = {
         "id": draw(st.integers(1, 40)),
         "account_id": draw(st.sampled_from([20_000_001, 20_000_002, MISSING])),
@@ -72,8 +77,8 @@ odd = st.sampled_from(
 
 
 @st.composite
-def page(draw: Any) -> str:
-    resources = draw(st.lists(transaction(), max_size=30))
+def page(draw: Any, stamps: Any = stamps) -> str:
+    resources = draw(st.lists(transaction(stamps), max_size=30))
     if resources and draw(st.integers(0, 5)) == 0:  # now and then a value of another type
         resources[draw(st.integers(0, len(resources) - 1))].update(draw(odd))
     return render_json({"resources": resources, "pagination": {"next_uri": None}})
@@ -112,6 +117,16 @@ def decrypted(rows: list[tuple[Any, ...]], storage: Storage) -> list[tuple[Any, 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=page())
 def test_typed_pages_give_the_rows_of_the_generic_decode(storages: list[Storage], body: str) -> None:
+    same_rows(storages, body)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=page(bridge_stamps))
+def test_pages_of_bridge_timestamps_give_the_same_rows(storages: list[Storage], body: str) -> None:
+    same_rows(storages, body)
+
+
+def same_rows(storages: list[Storage], body: str) -> None:
     raw = body.encode()
     generic = json.loads(raw, parse_float=Decimal)["resources"]
     resources, next_uri = _typed_transaction_page(raw)

@@ -12,12 +12,15 @@ PostgreSQL a page of transactions through ``COPY`` into a staging table merged b
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from itertools import chain
 from operator import attrgetter, methodcaller
 from typing import Any, NamedTuple, cast
+
+from msgspec.structs import astuple
 
 from workers.bridge import Transaction
 from workers.codec import Codec, PlainCodec
@@ -201,6 +204,19 @@ def _sqlite_time(value: datetime | None) -> str | None:
 _fromiso = datetime.fromisoformat
 _NONE = type(None)
 _ISO_MICROSECONDS = methodcaller("isoformat", timespec="microseconds")
+_FIELD = {name: n for n, name in enumerate(Transaction.__struct_fields__)}
+_BRIDGE_TIMES = re.compile(r"(?:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d\d\dZ\n)+")
+
+
+def _sqlite_bridge_times(stamps: Sequence[str]) -> list[str] | None:
+    """Timestamps exactly as Bridge writes them (``2026-11-24T14:26:41.575Z``: UTC, milliseconds) as
+    SQLite stores them (``iso_utc``: ``…41.575000+00:00``), by editing the text; None unless every one
+    has exactly that shape. Formatting a datetime costs ten times as much, and a full sync formats one
+    per transaction. Only for stamps ``fromisoformat`` has accepted: the shape alone would let
+    ``2026-13-45`` through. All 24 characters long, the joined text matches stamp by stamp."""
+    if set(map(len, stamps)) != {24} or not _BRIDGE_TIMES.fullmatch("\n".join(stamps) + "\n"):
+        return None
+    return [stamp[:23] + "000+00:00" for stamp in stamps]
 
 
 def _copyable(rows: list[tuple[Any, ...]]) -> bool:
@@ -302,9 +318,10 @@ class Storage:
         text, bools as 0/1), so that the page is not adapted again value by value."""
         enc = None if type(self.codec) is PlainCodec else self.codec.encode
         sqlite = self.db.dialect == "sqlite"
+        columns = list(zip(*map(astuple, page), strict=True))  # the page column by column, in C
 
-        def column(name: str) -> list[Any]:
-            return list(map(attrgetter(name), page))
+        def column(name: str) -> Sequence[Any]:
+            return columns[_FIELD[name]]
 
         ids, account_ids, amounts = column("id"), column("account_id"), column("amount")
         if sqlite:  # (a Decimal compared with None costs an isinstance on an ABC: look at types instead)
@@ -337,9 +354,10 @@ class Storage:
             if None in zones:
                 times = [t if t.tzinfo is not None else t.replace(tzinfo=UTC) for t in times]
             latest = max(times, default=None)
-        future = flags
-        if sqlite:  # iso_utc, in C when every time is in UTC already (astimezone would change nothing)
-            times = list(map(_ISO_MICROSECONDS if zones == {UTC} else _sqlite_time, times))
+        future: Sequence[Any] = flags
+        if sqlite:  # iso_utc: Bridge's own text edited, or in C when every time is in UTC already
+            stored = _sqlite_bridge_times(stamps) if zones == {UTC} else None
+            times = stored or list(map(_ISO_MICROSECONDS if zones == {UTC} else _sqlite_time, times))
             future = list(map(int, flags))
         gone = (
             [t if d else None for t, d in zip(times, deleted, strict=True)]
