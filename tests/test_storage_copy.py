@@ -12,6 +12,7 @@ overwrite (``COALESCE``), ``deleted`` → ``deleted_at``, ``future``, ids twice 
 from __future__ import annotations
 
 import random
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,7 +27,7 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import storage_at, worker_settings
 from workers.bridge import BridgeClient
-from workers.db import Database
+from workers.db import Database, _sqlite_insert_block
 from workers.storage import (
     COPY_MIN_ROWS,
     TRANSACTION_COLUMNS,
@@ -46,7 +47,12 @@ T0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
 
 @pytest.fixture
 def storage(database_url: str) -> Iterator[Storage]:
+    """On SQLite with the variable limit of builds that allow 750 (fifty rows to a statement), so that
+    the pages here span several statements (at the usual 32,766, a page of 500 rows is one)."""
     with storage_at(database_url) as opened:
+        if opened.db.dialect == "sqlite":
+            assert opened.db._sqlite is not None
+            opened.db._sqlite.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 750)
         yield opened
 
 
@@ -181,15 +187,28 @@ def test_a_page_with_an_id_twice_or_odd_types_goes_row_by_row(storage: Storage) 
     assert not storage.transaction_rows(twice).copy and not storage.transaction_rows(odd).copy
 
 
-def test_ids_repeated_within_a_statement_of_many_rows_end_as_one_by_one(storage: Storage) -> None:
-    """110 rows of 30 ids at the same ``updated_at``: on SQLite each id comes back within one statement
-    of fifty rows and across statements (and ten leftover rows go on their own), and the last of each
+@pytest.mark.parametrize("variables", [750, 32766])
+def test_ids_repeated_within_a_statement_of_many_rows_end_as_one_by_one(
+    storage: Storage, variables: int
+) -> None:
+    """1,010 rows of 30 ids at the same ``updated_at``: on SQLite each id comes back within a statement
+    of 50 or 500 rows and across statements (ten leftover rows go on their own), and the last of each
     must win."""
-    page = [txn(3000 + i % 30, 0, amount=Decimal(i)) for i in range(110)]
+    if storage.db._sqlite is not None:
+        storage.db._sqlite.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+    page = [txn(3000 + i % 30, 0, amount=Decimal(i)) for i in range(1010)]
     expected = replay(storage, [page], "one_by_one")
-    assert {row[0]: int(row[2]) for row in expected} == {3000 + k: max(range(k, 110, 30)) for k in range(30)}
+    assert {row[0]: int(row[2]) for row in expected} == {3000 + k: max(range(k, 1010, 30)) for k in range(30)}
     assert replay(storage, [page], "executemany") == expected
     assert replay(storage, [page], "upsert") == expected
+
+
+def test_sqlite_sends_as_many_rows_to_a_statement_as_its_variable_limit_allows() -> None:
+    assert (_sqlite_insert_block(UPSERT_TRANSACTION, 32766) or ("", 0))[1] == 500  # a page of Bridge's
+    statement, rows = _sqlite_insert_block(UPSERT_TRANSACTION, 999) or ("", 0)
+    assert rows == 66 and statement.count("?") == 66 * len(TRANSACTION_COLUMNS) and "%s" not in statement
+    assert _sqlite_insert_block(UPSERT_TRANSACTION, 20) is None  # one row: the plain statement
+    assert _sqlite_insert_block("UPDATE transactions SET deleted_at = %s WHERE id = %s", 32766) is None
 
 
 transactions_st = st.builds(

@@ -67,23 +67,27 @@ class Tx:
         return self
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], *, stored: bool = False) -> None:
-        """``stored``: the values are already what the engine stores (nothing to adapt).
-
-        On SQLite an ``INSERT … VALUES (%s, …)`` goes in statements of up to :data:`_ROWS_PER_INSERT`
-        rows each, in order (a later row that conflicts with an earlier one of the same statement
-        meets it as it would one statement later): SQLite's cost is per statement run, not per value."""
+        """``stored``: the values are already what the engine stores (nothing to adapt)."""
         values = rows if stored else [self._params(r) for r in rows]
         if self.dialect == "sqlite":
-            values = values if isinstance(values, list) else list(values)
-            many = _sqlite_insert_rows(sql, _ROWS_PER_INSERT) if len(values) >= _ROWS_PER_INSERT else None
-            if many is not None:
-                whole = len(values) - len(values) % _ROWS_PER_INSERT
-                self._cursor.executemany(many, [
-                    list(chain.from_iterable(values[i : i + _ROWS_PER_INSERT]))
-                    for i in range(0, whole, _ROWS_PER_INSERT)
-                ])  # fmt: skip
-                values = values[whole:]
+            values = self._insert_in_blocks(sql, values if isinstance(values, list) else list(values))
         self._cursor.executemany(self._sql(sql), values)
+
+    def _insert_in_blocks(self, sql: str, values: list[Sequence[Any]]) -> list[Sequence[Any]]:
+        """SQLite: when ``sql`` inserts one row ``VALUES (%s, …)``, send ``values`` many rows to a
+        statement (a page of Bridge's in one), in order, and return the few left over for the one-row
+        statement. SQLite's cost is per statement run, far more than per value, and each run hands the
+        interpreter lock to other threads and waits to take it back. A row that conflicts with an
+        earlier one of its statement meets it exactly as it would one statement later."""
+        limit = self._cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        block = _sqlite_insert_block(sql, limit)
+        if block is None or len(values) < block[1]:
+            return values
+        statement, per = block
+        whole = len(values) - len(values) % per
+        blocks = (list(chain.from_iterable(values[i : i + per])) for i in range(0, whole, per))
+        self._cursor.executemany(statement, blocks)
+        return values[whole:]
 
     def copy_rows(
         self,
@@ -123,19 +127,21 @@ class Tx:
         return int(self._cursor.rowcount)
 
 
-_ROWS_PER_INSERT = 50  # Bridge pages of 500 split evenly; 50 rows of 15 values stay under 999 variables
-_SINGLE_ROW = re.compile(r"\bVALUES (\(%s(?:, %s)*\))")
+_ROWS_PER_INSERT = 500  # at most: a page of Bridge's (its largest ``limit``)
+_ONE_ROW = re.compile(r"\bVALUES (\(%s(?:, %s)*\))")
 
 
 @functools.lru_cache(maxsize=32)
-def _sqlite_insert_rows(sql: str, rows: int) -> str | None:
-    """``sql``, an INSERT of one row ``VALUES (%s, …)``, as one of ``rows`` rows for SQLite; None for
-    any other statement."""
-    match = _SINGLE_ROW.search(sql)
-    if match is None or match.group(1).count("%s") * rows > 999:
+def _sqlite_insert_block(sql: str, max_variables: int) -> tuple[str, int] | None:
+    """``sql``, an INSERT of one row ``VALUES (%s, …)``, as an INSERT of as many rows as SQLite's
+    variable limit allows (up to ``_ROWS_PER_INSERT``), and that number; None for any other statement
+    (or a limit too low for two rows)."""
+    match = _ONE_ROW.search(sql)
+    per = 0 if match is None else min(_ROWS_PER_INSERT, max_variables // match.group(1).count("%s"))
+    if match is None or per < 2:
         return None
-    values = ", ".join([match.group(1)] * rows)
-    return (sql[: match.start(1)] + values + sql[match.end(1) :]).replace("%s", "?")
+    values = ", ".join([match.group(1)] * per)
+    return (sql[: match.start(1)] + values + sql[match.end(1) :]).replace("%s", "?"), per
 
 
 _SQLITE_AS_IS = frozenset({str, int, float, bytes, type(None)})  # exactly these: _to_sqlite keeps them
