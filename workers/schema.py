@@ -110,6 +110,14 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX items_status ON items (status, status_changed_at)",
         ],
     ),
+    (
+        3,
+        "transactions_future: an account's live future transactions without reading its whole history",
+        [
+            "CREATE INDEX transactions_future ON transactions (account_id, id) "
+            "WHERE future = TRUE AND deleted_at IS NULL",
+        ],
+    ),
 ]
 
 _LOCK_ID = 0x62726964  # "brid": the advisory lock all bridgehook upgrades share

@@ -443,10 +443,12 @@ class Storage:
         tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
 
     def vanish_future(self, tx: Tx, account_id: int, seen: set[int], at: datetime) -> int:
-        """After a full listing: future transactions we hold that Bridge no longer lists are gone."""
+        """After a full listing: future transactions we hold that Bridge no longer lists are gone.
+        (The condition is the partial index ``transactions_future``'s, literally, so that both engines
+        use it: a few rows, not the account's whole history, once per full listing.)"""
         rows = tx.execute(
-            "SELECT id FROM transactions WHERE account_id = %s AND future = %s AND deleted_at IS NULL",
-            (account_id, True),
+            "SELECT id FROM transactions WHERE account_id = %s AND future = TRUE AND deleted_at IS NULL",
+            (account_id,),
         ).fetchall()
         gone = [(at, row[0]) for row in rows if row[0] not in seen]
         if gone:
