@@ -169,6 +169,60 @@ def test_item_and_user_deletion_keep_rows(harness: Harness, world: World) -> Non
     assert harness.failed_ids() == []
 
 
+def test_a_sync_after_the_user_was_deleted_leaves_no_live_row(harness: Harness, world: World) -> None:
+    """user.deleted handled before the item's events (redelivered late, or a Bridge that still answers
+    for a moment): the syncs mark what they would have written as deleted and fetch no account."""
+    b = bank(world, accounts=2, per_account=5)
+    unseen = world.add_item(b["user"])  # an item we never synced
+    world.add_transactions(world.add_account(unseen), 3)
+    harness.send(world.event_user_deleted(b["user"]))
+    harness.drain()
+    world.reset_requests()
+    harness.send(world.event_item_created(b["item"]))
+    harness.send(world.event_item_refreshed(unseen))
+    harness.send(world.event_account(b["accounts"][0], "updated"))
+    harness.drain()
+    assert harness.failed_ids() == []
+    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(0,)]
+    assert harness.rows("SELECT count(*) FROM items") == [(2,)]
+    assert harness.rows("SELECT count(*) FROM accounts") == [(0,)]
+    assert harness.rows("SELECT count(*) FROM transactions") == [(0,)]
+    assert not [r for r in world.requests if "/accounts" in r.path or "/transactions" in r.path]
+
+
+def test_user_deletion_marks_what_a_running_sync_writes_after_it_began(
+    harness: Harness, world: World
+) -> None:
+    """A sync holds the item's lock when user.deleted is handled: the user is marked at once (later
+    syncs stop), the item waits for the sync to end, then the account that sync added is marked."""
+    b = bank(world, accounts=1, per_account=5)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    sync = harness.r.lock(f"bridgehook:lock:item:{b['item']}", timeout=60, thread_local=False)
+    assert sync.acquire(blocking=False)  # the running sync
+    storage = Storage(harness.db)
+
+    def running_sync() -> None:
+        try:
+            deadline = time.monotonic() + 30
+            while harness.rows("SELECT deleted_at FROM users") == [(None,)] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NOT NULL") == [(1,)]
+            with storage.transaction() as tx:  # what the sync still writes: an account it just listed
+                storage.upsert_accounts(tx, [{"id": 999_001, "item_id": b["item"], "name": "Livret"}])
+        finally:
+            sync.release()
+
+    writer = threading.Thread(target=running_sync)
+    writer.start()
+    harness.send(world.event_user_deleted(b["user"]))
+    harness.drain()
+    writer.join()
+    assert harness.failed_ids() == []
+    assert harness.rows("SELECT count(*) FROM accounts WHERE deleted_at IS NULL") == [(0,)]
+    assert harness.rows("SELECT count(*) FROM accounts") == [(2,)]
+
+
 def test_user_action_status_is_flagged_and_not_fetched(harness: Harness, world: World) -> None:
     b = bank(world, status=402)
     world.reset_requests()

@@ -228,8 +228,20 @@ def item_deleted(event: Event) -> dict[str, Any]:
 
 
 def user_deleted(event: Event) -> dict[str, Any]:
-    c, at = event["content"], event_time(event)
-    return _mark(event, lambda ctx, tx: ctx.storage.mark_user_deleted(tx, c["user_uuid"], at))
+    """The user first, with its items and accounts: a sync that writes its item after this marks it
+    and stops (Syncer._write_item). Then each item we hold for the user again, under the item's
+    lock: after the sync that holds it now, which began before and may have added accounts since."""
+    user_uuid, at = event["content"]["user_uuid"], event_time(event)
+
+    def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
+        with ctx.storage.transaction() as tx:
+            ctx.storage.mark_user_deleted(tx, user_uuid, at)
+        for item_id in ctx.storage.item_ids_of(user_uuid):
+            with item_lock(ctx, item_id), ctx.storage.transaction() as tx:
+                ctx.storage.mark_item_deleted(tx, item_id, at)
+        return {"deleted_at": at.isoformat()}
+
+    return _run(event, work)
 
 
 def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) -> SyncResult:

@@ -259,6 +259,18 @@ class Storage:
             ),
         )  # fmt: skip
 
+    def user_deleted_at(self, tx: Tx, uuid: str) -> datetime | None:
+        """When the user was marked deleted (user.deleted), None if not. In the transaction that has
+        just upserted the user, whose row it then holds locked (see workers.jobs.user_deleted)."""
+        row = tx.execute("SELECT deleted_at FROM users WHERE uuid = %s", (uuid,)).fetchone()
+        return None if row is None else to_datetime(row[0])
+
+    def item_ids_of(self, user_uuid: str) -> list[int]:
+        """The ids of the items we hold for the user, deleted ones included."""
+        with self.db.transaction() as tx:
+            rows = tx.execute("SELECT id FROM items WHERE user_uuid = %s ORDER BY id", (user_uuid,))
+            return [int(row[0]) for row in rows.fetchall()]
+
     def item_synced(self, tx: Tx, item_id: int) -> None:
         tx.execute("UPDATE items SET last_synced_at = %s WHERE id = %s", (datetime.now(UTC), item_id))
 

@@ -92,11 +92,7 @@ class Syncer:
         result = SyncResult(item_id)
         item = self.client.get_item(user_uuid, item_id)
         user = self.client.user(user_uuid)
-        with self.storage.transaction(durable=False) as tx:
-            self.storage.upsert_user(tx, user_uuid, user.get("external_user_id"))
-            self.storage.upsert_item(tx, user_uuid, item)
-        result.status = item.get("status")
-        if not self._usable(item, result):
+        if not self._write_item(user_uuid, item, result, user.get("external_user_id")):
             return result
         enabled: list[int] = []
         for page in self.client.account_pages(user_uuid, item_id):
@@ -115,11 +111,7 @@ class Syncer:
         """One account and its transactions since its cursor (all of them for a new account)."""
         result = SyncResult(item_id)
         item = self.client.get_item(user_uuid, item_id)
-        with self.storage.transaction(durable=False) as tx:
-            self.storage.upsert_user(tx, user_uuid)
-            self.storage.upsert_item(tx, user_uuid, item)
-        result.status = item.get("status")
-        if not self._usable(item, result):
+        if not self._write_item(user_uuid, item, result):
             return result
         try:
             account = self.client.get_account(user_uuid, account_id)
@@ -228,6 +220,26 @@ class Syncer:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
         see workers.jobs.item_lock; this check costs no round trip)."""
         self.heartbeat()
+
+    def _write_item(
+        self, user_uuid: str, item: dict[str, Any], result: SyncResult, external_user_id: str | None = None
+    ) -> bool:
+        """The user and the item, in one transaction; whether the sync goes on to the accounts. Not
+        for a user marked deleted: the item is marked too, and nothing more is written (a late
+        event, or Bridge still answering for a moment). The upsert locks the user's row, so this
+        transaction and user.deleted's first one happen one after the other (see
+        workers.jobs.user_deleted)."""
+        with self.storage.transaction(durable=False) as tx:
+            self.storage.upsert_user(tx, user_uuid, external_user_id)
+            self.storage.upsert_item(tx, user_uuid, item)
+            if (deleted := self.storage.user_deleted_at(tx, user_uuid)) is not None:
+                self.storage.mark_item_deleted(tx, result.item_id, deleted)
+        result.status = item.get("status")
+        if deleted is not None:
+            result.skipped = "user_deleted"
+            log.info("sync.user_deleted", item_id=result.item_id)
+            return False
+        return self._usable(item, result)
 
     def _usable(self, item: dict[str, Any], result: SyncResult) -> bool:
         status = item.get("status")
