@@ -8,7 +8,7 @@ written. The next sync asks Bridge for transactions updated ``since`` the cursor
 absorbs clock skew and updates made while we paginated.
 
 Fetching runs ahead of writing: a thread requests the next pages (and the next accounts'),
-parses them and builds their rows while this one writes, at most a couple of pages ahead;
+parses them and builds their rows while this one writes, at most twelve pages ahead;
 what is written, in which order and in which transaction stays the same. On PostgreSQL pages
 of ids never seen (a new account's history) are COPYed straight in, up to ten in one statement
 and transaction (the last page, with the cursor, joins the last of them); any other page goes
