@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
@@ -28,8 +29,10 @@ from fakebridge.world import World
 from tests.harness import storage_at, worker_settings
 from workers.bridge import BridgeClient
 from workers.db import Database, _sqlite_insert_block
+from workers.schema import upgrade
 from workers.storage import (
     COPY_MIN_ROWS,
+    LIVE_FUTURE_IDS,
     TRANSACTION_COLUMNS,
     TRANSACTION_PG_TYPES,
     UPSERT_TRANSACTION,
@@ -47,12 +50,13 @@ T0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
 
 @pytest.fixture
 def storage(database_url: str) -> Iterator[Storage]:
-    """On SQLite with the variable limit of builds that allow 750 (fifty rows to a statement), so that
-    the pages here span several statements (at the usual 32,766, a page of 500 rows is one)."""
+    """On SQLite with a variable limit of 45 (three rows to a statement), so that every page here of
+    three rows or more goes in several multi-row statements and a leftover (at the usual 32,766, a
+    page of 500 rows is one statement)."""
     with storage_at(database_url) as opened:
         if opened.db.dialect == "sqlite":
             assert opened.db._sqlite is not None
-            opened.db._sqlite.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 750)
+            opened.db._sqlite.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 45)
         yield opened
 
 
@@ -187,12 +191,12 @@ def test_a_page_with_an_id_twice_or_odd_types_goes_row_by_row(storage: Storage) 
     assert not storage.transaction_rows(twice).copy and not storage.transaction_rows(odd).copy
 
 
-@pytest.mark.parametrize("variables", [750, 32766])
+@pytest.mark.parametrize("variables", [45, 750, 32766])
 def test_ids_repeated_within_a_statement_of_many_rows_end_as_one_by_one(
     storage: Storage, variables: int
 ) -> None:
     """1,010 rows of 30 ids at the same ``updated_at``: on SQLite each id comes back within a statement
-    of 50 or 500 rows and across statements (ten leftover rows go on their own), and the last of each
+    of 3, 50 or 500 rows and across statements (leftover rows go on their own), and the last of each
     must win."""
     if storage.db._sqlite is not None:
         storage.db._sqlite.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
@@ -209,6 +213,22 @@ def test_sqlite_sends_as_many_rows_to_a_statement_as_its_variable_limit_allows()
     assert rows == 66 and statement.count("?") == 66 * len(TRANSACTION_COLUMNS) and "%s" not in statement
     assert _sqlite_insert_block(UPSERT_TRANSACTION, 20) is None  # one row: the plain statement
     assert _sqlite_insert_block("UPDATE transactions SET deleted_at = %s WHERE id = %s", 32766) is None
+    other = "INSERT INTO t (a, b) VALUES (%s, %s) ON CONFLICT (a) DO UPDATE SET b = %s"  # a third value
+    assert _sqlite_insert_block(other, 32766) is None
+
+
+def test_rows_of_another_length_fail_as_one_by_one(storage: Storage) -> None:
+    """One row one value short and another one value over: blocks of eleven rows would take the 88
+    values, shifted into the wrong columns; the one-row statement refuses them, as it always did."""
+    now = datetime.now(UTC)
+    rows: list[tuple[Any, ...]] = [(f"u{i}", None, now, now) for i in range(22)]
+    rows[3], rows[4] = ("u3", None, now, now, now), ("u4", None, now)
+    error = sqlite3.ProgrammingError if storage.db.dialect == "sqlite" else psycopg.ProgrammingError
+    with pytest.raises(error), storage.transaction() as tx:
+        sql = "INSERT INTO users (uuid, external_user_id, created_at, updated_at) VALUES (%s, %s, %s, %s)"
+        tx.executemany(sql, rows)
+    with storage.transaction() as tx:
+        assert tx.execute("SELECT count(*) FROM users").fetchone() == (0,)
 
 
 transactions_st = st.builds(
@@ -246,6 +266,33 @@ def test_any_pages_in_any_order_leave_the_rows_the_row_by_row_upsert_leaves(
 def pg(pg_schema_url: str) -> Iterator[Storage]:
     with storage_at(pg_schema_url) as opened:
         yield opened
+
+
+def test_the_future_index_built_concurrently_beforehand_satisfies_migration_3(pg_schema_url: str) -> None:
+    """As the README's upgrade notes tell an operator with a large table: build the index without
+    holding writes back, then upgrade."""
+    with storage_at(pg_schema_url) as opened, opened.transaction() as tx:  # migrated: back to version 2
+        tx.execute("DROP INDEX transactions_future")
+        tx.execute("DELETE FROM schema_migrations WHERE version = 3")
+    with psycopg.connect(pg_schema_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE INDEX CONCURRENTLY transactions_future ON transactions (account_id, id) "
+            "WHERE future = TRUE AND deleted_at IS NULL"
+        )
+    db = Database.from_url(pg_schema_url)
+    try:
+        assert upgrade(db) == [3]
+    finally:
+        db.close()
+
+
+def test_closing_a_listing_reads_live_future_transactions_by_their_index(storage: Storage) -> None:
+    explain = "EXPLAIN QUERY PLAN " if storage.db.dialect == "sqlite" else "EXPLAIN "
+    with storage.transaction() as tx:
+        if storage.db.dialect == "postgresql":
+            tx.execute("SET LOCAL enable_seqscan = off")  # an empty table: judge the plan, not the size
+        plan = " ".join(str(row) for row in tx.execute(explain + LIVE_FUTURE_IDS, (1,)).fetchall())
+    assert "transactions_future" in plan
 
 
 def test_binary_copy_types_are_the_schema_types(pg: Storage) -> None:

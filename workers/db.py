@@ -84,6 +84,8 @@ class Tx:
         if block is None or len(values) < block[1]:
             return values
         statement, per = block
+        if set(map(len, values)) != {sql.count("%s")}:
+            return values  # a row of another length: the one-row statement says which, as before
         whole = len(values) - len(values) % per
         blocks = (list(chain.from_iterable(values[i : i + per])) for i in range(0, whole, per))
         self._cursor.executemany(statement, blocks)
@@ -128,17 +130,19 @@ class Tx:
 
 
 _ROWS_PER_INSERT = 500  # at most: a page of Bridge's (its largest ``limit``)
-_ONE_ROW = re.compile(r"\bVALUES (\(%s(?:, %s)*\))")
+_ONE_ROW = re.compile(r"^INSERT INTO \w+ \([\w, ]+\) VALUES (\(%s(?:, %s)*\))")
 
 
 @functools.lru_cache(maxsize=32)
 def _sqlite_insert_block(sql: str, max_variables: int) -> tuple[str, int] | None:
-    """``sql``, an INSERT of one row ``VALUES (%s, …)``, as an INSERT of as many rows as SQLite's
-    variable limit allows (up to ``_ROWS_PER_INSERT``), and that number; None for any other statement
-    (or a limit too low for two rows)."""
-    match = _ONE_ROW.search(sql)
-    per = 0 if match is None else min(_ROWS_PER_INSERT, max_variables // match.group(1).count("%s"))
-    if match is None or per < 2:
+    """``sql``, an INSERT of one row ``VALUES (%s, …)`` whose only parameters are those values, as an
+    INSERT of as many rows as SQLite's variable limit allows (up to ``_ROWS_PER_INSERT``), and that
+    number; None for any other statement (or a limit too low for two rows)."""
+    match = _ONE_ROW.match(sql)
+    if match is None or match.group(1).count("%s") != sql.count("%s"):
+        return None
+    per = min(_ROWS_PER_INSERT, max_variables // sql.count("%s"))
+    if per < 2:
         return None
     values = ", ".join([match.group(1)] * per)
     return (sql[: match.start(1)] + values + sql[match.end(1) :]).replace("%s", "?"), per

@@ -114,7 +114,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         3,
         "transactions_future: an account's live future transactions without reading its whole history",
         [
-            "CREATE INDEX transactions_future ON transactions (account_id, id) "
+            # IF NOT EXISTS: an operator may have built it beforehand with CREATE INDEX CONCURRENTLY
+            # (see the README), which, unlike this transaction, does not hold writes back.
+            "CREATE INDEX IF NOT EXISTS transactions_future ON transactions (account_id, id) "
             "WHERE future = TRUE AND deleted_at IS NULL",
         ],
     ),

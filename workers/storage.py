@@ -169,6 +169,9 @@ TRANSACTION_PG_TYPES = [
     "int8", "int8", "numeric", "text", "date", "date", "date", "date", "text", "text", "int8", "text",
     "bool", "timestamptz", "timestamptz",
 ]  # fmt: skip
+# An account's live future transactions: the very condition of the partial index transactions_future
+# (migration 3), so that both engines read those few rows by it and not the account's whole history.
+LIVE_FUTURE_IDS = "SELECT id FROM transactions WHERE account_id = %s AND future = TRUE AND deleted_at IS NULL"
 COPY_MIN_ROWS = 16  # below this a pipelined executemany is as quick as three round trips
 
 
@@ -205,7 +208,8 @@ _fromiso = datetime.fromisoformat
 _NONE = type(None)
 _ISO_MICROSECONDS = methodcaller("isoformat", timespec="microseconds")
 _FIELD = {name: n for n, name in enumerate(Transaction.__struct_fields__)}
-_BRIDGE_TIMES = re.compile(r"(?:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d\d\dZ\n)+")
+# (Hours 00 to 23 only: from Python 3.14 fromisoformat takes 24:00 as the next day's midnight.)
+_BRIDGE_TIMES = re.compile(r"(?:\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):\d\d:\d\d\.\d\d\dZ\n)+")
 
 
 def _sqlite_bridge_times(stamps: Sequence[str]) -> list[str] | None:
@@ -455,13 +459,8 @@ class Storage:
         tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
 
     def vanish_future(self, tx: Tx, account_id: int, seen: set[int], at: datetime) -> int:
-        """After a full listing: future transactions we hold that Bridge no longer lists are gone.
-        (The condition is the partial index ``transactions_future``'s, literally, so that both engines
-        use it: a few rows, not the account's whole history, once per full listing.)"""
-        rows = tx.execute(
-            "SELECT id FROM transactions WHERE account_id = %s AND future = TRUE AND deleted_at IS NULL",
-            (account_id,),
-        ).fetchall()
+        """After a full listing: future transactions we hold that Bridge no longer lists are gone."""
+        rows = tx.execute(LIVE_FUTURE_IDS, (account_id,)).fetchall()
         gone = [(at, row[0]) for row in rows if row[0] not in seen]
         if gone:
             tx.executemany("UPDATE transactions SET deleted_at = %s WHERE id = %s", gone)
