@@ -223,6 +223,43 @@ def test_user_deletion_marks_what_a_running_sync_writes_after_it_began(
     assert harness.rows("SELECT count(*) FROM accounts") == [(2,)]
 
 
+def test_user_deletion_marks_the_other_items_when_one_stays_locked(harness: Harness, world: World) -> None:
+    """One of the user's items stays locked past the wait (a long sync): the job marks the others,
+    then fails, and its retry marks that one. An item id in the event is no lock of its own."""
+    b = bank(world, accounts=1, per_account=2)
+    other = world.add_item(b["user"])
+    world.add_account(other)
+    harness.send(world.event_item_created(b["item"]))
+    harness.send(world.event_item_created(other))
+    harness.drain()
+    first, second = sorted([b["item"], other])
+    context.configure(WorkerContext.build(dataclasses.replace(harness.settings, item_lock_seconds=1)))
+    long_sync = harness.r.lock(f"bridgehook:lock:item:{first}", timeout=60, thread_local=False)
+    assert long_sync.acquire(blocking=False)
+    storage = Storage(harness.db)
+
+    def while_the_job_waits() -> None:  # an account the other item's sync writes after the user's mark
+        deadline = time.monotonic() + 30
+        while harness.rows("SELECT deleted_at FROM users") == [(None,)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with storage.transaction() as tx:
+            storage.upsert_accounts(tx, [{"id": 999_002, "item_id": second, "name": "Livret"}])
+
+    writer = threading.Thread(target=while_the_job_waits)
+    writer.start()
+    event = {"type": "user.deleted", "content": {"user_uuid": b["user"], "item_id": first},
+             "timestamp": 1_700_000_000_000}  # fmt: skip
+    try:
+        with pytest.raises(jobs.ItemBusy, match=str(first)):
+            jobs.user_deleted(event)
+    finally:
+        writer.join()
+        long_sync.release()
+    assert harness.rows("SELECT deleted_at IS NOT NULL FROM accounts WHERE id = 999002") == [(True,)]
+    assert jobs.user_deleted(event) == {"deleted_at": "2023-11-14T22:13:20+00:00"}  # the retry
+    assert harness.rows("SELECT count(*) FROM accounts WHERE deleted_at IS NULL") == [(0,)]
+
+
 def test_user_action_status_is_flagged_and_not_fetched(harness: Harness, world: World) -> None:
     b = bank(world, status=402)
     world.reset_requests()

@@ -90,11 +90,15 @@ def _run(
     event: Event,
     work: Callable[[WorkerContext, Syncer], SyncResult | dict[str, Any]],
     scope: str | None = None,
+    *,
+    locks_itself: bool = False,
 ) -> dict[str, Any]:
     """Run ``work`` for the event under its item's lock, with the ledger around it. ``scope``: what the
     work syncs, when it syncs from Bridge ("item" or "account"): an earlier sync of the whole item (or,
     for an account's event, of that account) may have covered the event already (see
-    workers.coverage), and the job's own sync covers the events of its scope received before it began."""
+    workers.coverage), and the job's own sync covers the events of its scope received before it began.
+    ``locks_itself``: the work takes the item locks it needs (a user's items), whatever item id the
+    event carries: holding one here would make it wait for itself."""
     job = get_current_job()
     body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
     event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
@@ -103,7 +107,7 @@ def _run(
                                            item_id=content.get("item_id"))  # fmt: skip
     ctx = current()
     meta = job.meta if job is not None else {}
-    item_id = content.get("item_id")
+    item_id = None if locks_itself else content.get("item_id")
     account = content.get("account_id") if scope == "account" else None
     account_id = None if account is None else int(account)
     seq = meta.get("received_seq") if scope is not None and item_id is not None else None
@@ -236,12 +240,18 @@ def user_deleted(event: Event) -> dict[str, Any]:
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
         with ctx.storage.transaction() as tx:
             ctx.storage.mark_user_deleted(tx, user_uuid, at)
+        busy = []
         for item_id in ctx.storage.item_ids_of(user_uuid):
-            with item_lock(ctx, item_id), ctx.storage.transaction() as tx:
-                ctx.storage.mark_item_deleted(tx, item_id, at)
+            try:
+                with item_lock(ctx, item_id), ctx.storage.transaction() as tx:
+                    ctx.storage.mark_item_deleted(tx, item_id, at)
+            except ItemBusy:  # a long sync: the other items first, this one on the job's retry
+                busy.append(item_id)
+        if busy:
+            raise ItemBusy(f"items {busy} stayed locked; the user is marked, these items will be again")
         return {"deleted_at": at.isoformat()}
 
-    return _run(event, work)
+    return _run(event, work, locks_itself=True)
 
 
 def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) -> SyncResult:
@@ -269,7 +279,7 @@ def resync_user(event: Event) -> dict[str, Any]:
                 synced.append(item["id"])
         return {"items": synced}
 
-    return _run(event, work)
+    return _run(event, work, locks_itself=True)
 
 
 def reconcile(event: Event) -> dict[str, Any]:
