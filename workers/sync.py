@@ -303,7 +303,8 @@ class _Chunk:
 
 # Chunks ready ahead of the one being written: a held batch's pages and two more, so that the next
 # batch is fetched while one is written (with fewer, fetching stalls during each batch's write).
-# Memory: a few thousand rows, whatever the history.
+# Memory: these twelve pages, the ten held, the one looked ahead and the one being built, about
+# 12,000 rows at 500 a page, whatever the history.
 _AHEAD = _HELD_ROWS // 500 + 2
 
 
@@ -314,7 +315,8 @@ def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
     Order, contents and errors are unchanged (an error surfaces where the item it prevented would
     have). The thread runs in a copy of the caller's context (the job's log fields); when the consumer
     stops early (an error, a job timeout) the thread stops after at most the request in flight, and
-    at most ``_AHEAD`` items wait, so memory stays flat however long the history."""
+    at most ``_AHEAD`` items wait (besides what the consumer holds), so memory stays flat however
+    long the history."""
     ahead: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
 
