@@ -28,7 +28,7 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import storage_at, worker_settings
 from workers.bridge import BridgeClient
-from workers.db import Database, _sqlite_insert_block
+from workers.db import Database, _sqlite_insert_blocks
 from workers.schema import upgrade
 from workers.storage import (
     COPY_MIN_ROWS,
@@ -208,13 +208,19 @@ def test_ids_repeated_within_a_statement_of_many_rows_end_as_one_by_one(
 
 
 def test_sqlite_sends_as_many_rows_to_a_statement_as_its_variable_limit_allows() -> None:
-    assert (_sqlite_insert_block(UPSERT_TRANSACTION, 32766) or ("", 0))[1] == 500  # a page of Bridge's
-    statement, rows = _sqlite_insert_block(UPSERT_TRANSACTION, 999) or ("", 0)
-    assert rows == 66 and statement.count("?") == 66 * len(TRANSACTION_COLUMNS) and "%s" not in statement
-    assert _sqlite_insert_block(UPSERT_TRANSACTION, 20) is None  # one row: the plain statement
-    assert _sqlite_insert_block("UPDATE transactions SET deleted_at = %s WHERE id = %s", 32766) is None
+    def sizes(sql: str, limit: int) -> list[int]:
+        blocks = _sqlite_insert_blocks(sql, limit)
+        for statement, rows in blocks:
+            assert statement.count("?") == rows * sql.count("%s") and "%s" not in statement
+        return [rows for _, rows in blocks]
+
+    assert sizes(UPSERT_TRANSACTION, 32766) == [500, 50, 5]  # a page of Bridge's, then what is left
+    assert sizes(UPSERT_TRANSACTION, 999) == [66, 6]  # builds with the old, lower limit
+    assert sizes(UPSERT_TRANSACTION, 45) == [3]
+    assert sizes(UPSERT_TRANSACTION, 20) == []  # one row: the plain statement
+    assert sizes("UPDATE transactions SET deleted_at = %s WHERE id = %s", 32766) == []
     other = "INSERT INTO t (a, b) VALUES (%s, %s) ON CONFLICT (a) DO UPDATE SET b = %s"  # a third value
-    assert _sqlite_insert_block(other, 32766) is None
+    assert sizes(other, 32766) == []
 
 
 def test_rows_of_another_length_fail_as_one_by_one(storage: Storage) -> None:

@@ -75,21 +75,24 @@ class Tx:
 
     def _insert_in_blocks(self, sql: str, values: list[Sequence[Any]]) -> list[Sequence[Any]]:
         """SQLite: when ``sql`` inserts one row ``VALUES (%s, …)``, send ``values`` many rows to a
-        statement (a page of Bridge's in one), in order, and return the few left over for the one-row
-        statement. SQLite's cost is per statement run, far more than per value, and each run hands the
-        interpreter lock to other threads and waits to take it back. A row that conflicts with an
-        earlier one of its statement meets it exactly as it would one statement later."""
+        statement (a page of Bridge's in one; what is left in statements of a tenth, then a hundredth
+        of that), in order, and return the few left over for the one-row statement. SQLite's cost is
+        per statement run, far more than per value, and each run hands the interpreter lock to other
+        threads and waits to take it back. A row that conflicts with an earlier one of its statement
+        meets it exactly as it would one statement later."""
         limit = self._cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        block = _sqlite_insert_block(sql, limit)
-        if block is None or len(values) < block[1]:
+        blocks = _sqlite_insert_blocks(sql, limit)
+        if not blocks or len(values) < blocks[-1][1]:
             return values
-        statement, per = block
         if set(map(len, values)) != {sql.count("%s")}:
             return values  # a row of another length: the one-row statement says which, as before
-        whole = len(values) - len(values) % per
-        blocks = (list(chain.from_iterable(values[i : i + per])) for i in range(0, whole, per))
-        self._cursor.executemany(statement, blocks)
-        return values[whole:]
+        for statement, per in blocks:
+            whole = len(values) - len(values) % per
+            if whole:
+                rows = (list(chain.from_iterable(values[i : i + per])) for i in range(0, whole, per))
+                self._cursor.executemany(statement, rows)
+                values = values[whole:]
+        return values
 
     def copy_rows(
         self,
@@ -134,18 +137,18 @@ _ONE_ROW = re.compile(r"^INSERT INTO \w+ \([\w, ]+\) VALUES (\(%s(?:, %s)*\))")
 
 
 @functools.lru_cache(maxsize=32)
-def _sqlite_insert_block(sql: str, max_variables: int) -> tuple[str, int] | None:
-    """``sql``, an INSERT of one row ``VALUES (%s, …)`` whose only parameters are those values, as an
-    INSERT of as many rows as SQLite's variable limit allows (up to ``_ROWS_PER_INSERT``), and that
-    number; None for any other statement (or a limit too low for two rows)."""
+def _sqlite_insert_blocks(sql: str, max_variables: int) -> list[tuple[str, int]]:
+    """``sql``, an INSERT of one row ``VALUES (%s, …)`` whose only parameters are those values, as
+    INSERTs of many rows, each with its number of rows, largest first: as many as SQLite's variable
+    limit allows (up to ``_ROWS_PER_INSERT``), a tenth and a hundredth of that (at least two rows).
+    None for any other statement."""
     match = _ONE_ROW.match(sql)
     if match is None or match.group(1).count("%s") != sql.count("%s"):
-        return None
-    per = min(_ROWS_PER_INSERT, max_variables // sql.count("%s"))
-    if per < 2:
-        return None
-    values = ", ".join([match.group(1)] * per)
-    return (sql[: match.start(1)] + values + sql[match.end(1) :]).replace("%s", "?"), per
+        return []
+    most = min(_ROWS_PER_INSERT, max_variables // sql.count("%s"))
+    sizes = sorted({n for n in (most, most // 10, most // 100) if n >= 2}, reverse=True)
+    head, tail = sql[: match.start(1)], sql[match.end(1) :]
+    return [(f"{head}{', '.join([match.group(1)] * n)}{tail}".replace("%s", "?"), n) for n in sizes]
 
 
 _SQLITE_AS_IS = frozenset({str, int, float, bytes, type(None)})  # exactly these: _to_sqlite keeps them
