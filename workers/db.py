@@ -141,7 +141,7 @@ def _sqlite_insert_blocks(sql: str, max_variables: int) -> list[tuple[str, int]]
     """``sql``, an INSERT of one row ``VALUES (%s, …)`` whose only parameters are those values, as
     INSERTs of many rows, each with its number of rows, largest first: as many as SQLite's variable
     limit allows (up to ``_ROWS_PER_INSERT``), a tenth and a hundredth of that (at least two rows).
-    None for any other statement."""
+    None of them (an empty list) for any other statement."""
     match = _ONE_ROW.match(sql)
     if match is None or match.group(1).count("%s") != sql.count("%s"):
         return []
