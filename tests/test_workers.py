@@ -4,6 +4,7 @@ against the fake Bridge over HTTP. The fake's state is the ground truth."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import threading
 import time
@@ -21,7 +22,7 @@ from fakebridge.world import World
 from tests.harness import Harness, ts
 from workers import context, jobs
 from workers.context import WorkerContext
-from workers.runner import Worker
+from workers.runner import GC_YOUNGEST_THRESHOLD, Worker, run_worker
 from workers.storage import Storage
 
 
@@ -439,6 +440,18 @@ def test_the_worker_keeps_a_short_lease_on_a_running_job(r: redis.Redis) -> None
     assert leases and max(leases) <= 61 + 1, "the lease runs for the heartbeat interval + 60 s only"
     # Renewed while the job ran: the remaining lease does not just count down from the first one.
     assert min(leases[len(leases) // 2 :]) >= 59
+
+
+def test_the_worker_collects_its_youngest_objects_less_often(harness: Harness) -> None:
+    """`bridgehook worker` raises CPython's threshold for collecting its youngest generation (the
+    cost measured is in workers.runner); the other two generations keep theirs."""
+    before = gc.get_threshold()
+    assert before[0] != GC_YOUNGEST_THRESHOLD
+    try:
+        assert not run_worker(dataclasses.replace(harness.settings, metrics_port=0), burst=True)  # no job
+        assert gc.get_threshold() == (GC_YOUNGEST_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_the_worker_key_keeps_its_long_lease_between_jobs(r: redis.Redis) -> None:
