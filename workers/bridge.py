@@ -304,7 +304,12 @@ class BridgeClient:
                 continue
             status = response.status_code
             if status < 400:
-                return decode(response.content)
+                content = response.content
+                # httpx's response and its stream refer to each other: left so, every page (about
+                # 190 KB of JSON) would wait for the cyclic collector, which a worker runs seldom
+                # (workers.runner.GC_YOUNGEST_THRESHOLD). Without the stream, it is freed right here.
+                response.stream = httpx.ByteStream(b"")
+                return decode(content)
             if status == 401 and token is not None and not renewed:
                 renewed = True
                 self._token(user_uuid or "", stale=token)
