@@ -266,6 +266,7 @@ def test_a_read_page_is_freed_at_once_not_left_to_the_cyclic_collector(
     def responses() -> int:
         return sum(isinstance(o, httpx.Response) for o in gc.get_objects())
 
+    enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -273,7 +274,8 @@ def test_a_read_page_is_freed_at_once_not_left_to_the_cyclic_collector(
         pages = list(client.transaction_pages(user, account))
         left = responses() - before
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
     assert [len(p) for p in pages] == [500, 500, 201]
     assert left == 0, f"{left} responses wait for the cyclic collector"
 

@@ -444,7 +444,8 @@ def test_the_worker_keeps_a_short_lease_on_a_running_job(r: redis.Redis) -> None
 
 def test_the_worker_collects_its_youngest_objects_less_often(harness: Harness) -> None:
     """`bridgehook worker` raises CPython's threshold for collecting its youngest generation (the
-    cost measured is in workers.runner); the other two generations keep theirs."""
+    cost measured is in workers.runner); the older generations keep theirs (ten collections of the
+    one below)."""
     before = gc.get_threshold()
     assert before[0] != GC_YOUNGEST_THRESHOLD
     try:

@@ -302,14 +302,14 @@ class BridgeClient:
                     raise TransientError(f"{type(exc).__name__} on {method} {path.split('?')[0]}") from exc
                 self._backoff(attempt)
                 continue
+            # httpx's response and its stream refer to each other (encode/httpx#3733): left so, each
+            # response, a page's 190 KB of JSON with it, would wait for the cyclic collector, which a
+            # worker runs seldom (workers.runner.GC_YOUNGEST_THRESHOLD). The body is read already
+            # (not a streaming request): without its stream, the response goes with its last use.
+            response.stream = httpx.ByteStream(b"")
             status = response.status_code
             if status < 400:
-                content = response.content
-                # httpx's response and its stream refer to each other: left so, every page (about
-                # 190 KB of JSON) would wait for the cyclic collector, which a worker runs seldom
-                # (workers.runner.GC_YOUNGEST_THRESHOLD). Without the stream, it is freed right here.
-                response.stream = httpx.ByteStream(b"")
-                return decode(content)
+                return decode(response.content)
             if status == 401 and token is not None and not renewed:
                 renewed = True
                 self._token(user_uuid or "", stale=token)
