@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import psycopg
+import pytest
 import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -120,6 +122,71 @@ def test_an_event_received_while_a_sync_runs_gets_a_sync_of_its_own(harness: Har
 
     assert results(harness, harness.acknowledged[1:]) == [None, None]
     assert late and late[0] in harness.tables()["transactions"]
+    assert harness.tables() == harness.truth()
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_for(
+    harness: Harness, world: World
+) -> None:
+    """A sync records what it covers before it lets go of the item's lock: a job for an event it
+    covers, waiting for that lock, finds the record as it takes it and calls Bridge for nothing. Here
+    the first job's final commit is held up by a lock on its ledger row (as a slow disk would hold it
+    up): were the record written after the lock's release, the waiting job would take the lock then,
+    and sync again. On PostgreSQL, where a row lock holds up that commit alone."""
+    b = synced_bank(harness, world, accounts=1, per_account=10)
+    world.add_transactions(b["accounts"][0], 2)
+    for _ in range(2):
+        assert harness.send(world.event_item_refreshed(b["item"])) == "queued"
+    first, second = harness.acknowledged[-2:]
+    outcomes: dict[str, Any] = {}
+
+    def perform(event_id: str) -> threading.Thread:
+        """The event's RQ job, run as a worker runs it (two workers: two threads here)."""
+
+        def run() -> None:
+            job = Job.fetch(event_id, connection=harness.r, serializer=JSONSerializer)
+            try:
+                outcomes[event_id] = job.perform()
+            except Exception as exc:
+                outcomes[event_id] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    world.faults.delay(0.2)  # the first sync takes a while: time to lock its ledger row
+    with psycopg.connect(harness.settings.database_url) as blocker:
+        running = perform(first)
+        rows = "SELECT status FROM webhook_events WHERE id = %s"
+        wait_for(lambda: blocker.execute(rows, (first,)).fetchall(), "the first job's ledger row")
+        blocker.rollback()
+        locked = blocker.execute(rows + " FOR UPDATE", (first,)).fetchall()
+        assert locked == [("queued",)], "the first job ended before its row was locked"
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE 'UPDATE webhook_events SET status = ''done''%%'"
+        )
+        with psycopg.connect(harness.settings.database_url, autocommit=True) as watcher:
+            wait_for(lambda: watcher.execute(waiting).fetchone() == (1,), "the first job's final commit")
+        world.faults.clear()
+        waiter = perform(second)
+        waiter.join(timeout=3)  # long enough for a sync of its own, had it taken the lock at once
+        blocker.rollback()  # the first job's final commit goes through
+    running.join(timeout=30)
+    waiter.join(timeout=30)
+
+    assert outcomes[first]["skipped"] is None
+    assert outcomes[second] == {"skipped": "covered"}
+    assert item_requests(world, b["item"]) == 1  # the first sync's, and no other
+    assert {harness.ledger()[i] for i in (first, second)} == {("done", 1)}
     assert harness.tables() == harness.truth()
 
 

@@ -127,6 +127,7 @@ def _run(
         else:
             # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
             ctx.storage.event_started(event_id, event, body, received, durable=False)
+            finished = False
             try:
                 if item_id is None:
                     outcome = work(ctx, ctx.syncer())
@@ -137,6 +138,8 @@ def _run(
                         else:
                             through = None if scope is None else coverage.received_so_far(ctx.redis)
                             outcome = work(ctx, ctx.syncer(heartbeat))
+                            # Before the lock goes: a job that waited for it then finds the record.
+                            finished = _finish(ctx, event_id, outcome, through, int(item_id), account_id)
             except NotFound as exc:
                 # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
                 log.info("job.not_found", error=str(exc))
@@ -145,11 +148,8 @@ def _run(
                 _failed(ctx, job, event_id, exc)
                 JOBS.labels(event.get("type"), "failed").inc()
                 raise
-            ctx.storage.event_done(event_id)
-            # Only after event_done's synchronous commit, which made the sync's rows durable.
-            covering = isinstance(outcome, SyncResult) and outcome.covers_earlier_events
-            if covering and through is not None and item_id is not None:
-                _record_coverage(ctx, through, int(item_id), account_id)
+            if not finished:
+                ctx.storage.event_done(event_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
@@ -158,6 +158,23 @@ def _run(
         return summary
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+def _finish(
+    ctx: WorkerContext,
+    event_id: str,
+    outcome: SyncResult | dict[str, Any],
+    through: coverage.Mark | None,
+    item_id: int,
+    account_id: int | None,
+) -> bool:
+    """The ledger row in done: a synchronous commit, which makes the sync's rows durable. Only then,
+    if the sync covers the events received before it began (``through``), the record of it
+    (workers.coverage). True: the job is done."""
+    ctx.storage.event_done(event_id)
+    if through is not None and isinstance(outcome, SyncResult) and outcome.covers_earlier_events:
+        _record_coverage(ctx, through, item_id, account_id)
+    return True
 
 
 def _record_coverage(
