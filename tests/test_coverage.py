@@ -163,25 +163,32 @@ def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_f
         return thread
 
     world.faults.delay(0.2)  # the first sync takes a while: time to lock its ledger row
-    with psycopg.connect(harness.settings.database_url) as blocker:
-        running = perform(first)
-        rows = "SELECT status FROM webhook_events WHERE id = %s"
-        wait_for(lambda: blocker.execute(rows, (first,)).fetchall(), "the first job's ledger row")
-        blocker.rollback()
-        locked = blocker.execute(rows + " FOR UPDATE", (first,)).fetchall()
-        assert locked == [("queued",)], "the first job ended before its row was locked"
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE 'UPDATE webhook_events SET status = ''done''%%'"
-        )
-        with psycopg.connect(harness.settings.database_url, autocommit=True) as watcher:
-            wait_for(lambda: watcher.execute(waiting).fetchone() == (1,), "the first job's final commit")
+    threads: list[threading.Thread] = []
+    try:
+        with psycopg.connect(harness.settings.database_url) as blocker:
+            threads.append(perform(first))
+            rows = "SELECT status FROM webhook_events WHERE id = %s"
+            wait_for(lambda: blocker.execute(rows, (first,)).fetchall(), "the first job's ledger row")
+            blocker.rollback()
+            locked = blocker.execute(rows + " FOR UPDATE", (first,)).fetchall()
+            assert locked == [("queued",)], "the first job ended before its row was locked"
+            # The first job's final commit, waiting for this connection's lock (and no other test's).
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid)) "
+                "AND query LIKE 'UPDATE webhook_events SET status = ''done''%%'"
+            )
+            pid = blocker.info.backend_pid
+            with psycopg.connect(harness.settings.database_url, autocommit=True) as watcher:
+                wait_for(lambda: watcher.execute(waiting, (pid,)).fetchone() == (1,), "the final commit")
+            world.faults.clear()
+            threads.append(perform(second))
+            threads[-1].join(timeout=3)  # long enough for a sync of its own, had it taken the lock at once
+            blocker.rollback()  # the first job's final commit goes through
+    finally:
         world.faults.clear()
-        waiter = perform(second)
-        waiter.join(timeout=3)  # long enough for a sync of its own, had it taken the lock at once
-        blocker.rollback()  # the first job's final commit goes through
-    running.join(timeout=30)
-    waiter.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
 
     assert outcomes[first]["skipped"] is None
     assert outcomes[second] == {"skipped": "covered"}

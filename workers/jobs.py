@@ -82,8 +82,8 @@ def item_lock(ctx: WorkerContext, item_id: int) -> Iterator[Callable[[], None]]:
         renewer.join()
         try:
             lock.release()
-        except LockError:
-            log.warning("job.lock_lost", item_id=item_id)
+        except (LockError, redis.RedisError) as exc:  # the lease lapses by itself
+            log.warning("job.lock_lost", item_id=item_id, error=str(exc))
 
 
 def _run(
@@ -138,16 +138,25 @@ def _run(
                         else:
                             through = None if scope is None else coverage.received_so_far(ctx.redis)
                             outcome = work(ctx, ctx.syncer(heartbeat))
-                            # Before the lock goes: a job that waited for it then finds the record.
-                            finished = _finish(ctx, event_id, outcome, through, int(item_id), account_id)
+                            ctx.storage.event_done(event_id)  # synchronous: the sync's rows are durable
+                            finished = True
+                            # Only now (the rows are durable), and before the lock goes: a job
+                            # waiting for the lock finds the record as it takes it.
+                            covers = isinstance(outcome, SyncResult) and outcome.covers_earlier_events
+                            if covers and through is not None:
+                                _record_coverage(ctx, through, int(item_id), account_id)
             except NotFound as exc:
                 # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
                 log.info("job.not_found", error=str(exc))
                 outcome = {"skipped": "not_found"}
             except Exception as exc:
-                _failed(ctx, job, event_id, exc)
-                JOBS.labels(event.get("type"), "failed").inc()
-                raise
+                if not finished:
+                    _failed(ctx, job, event_id, exc)
+                    JOBS.labels(event.get("type"), "failed").inc()
+                    raise
+                # Done and durable already (a job timeout, Redis gone as the lock was released):
+                # the ledger and RQ must not call it failed, nor run it again.
+                log.warning("job.error_after_done", error=f"{type(exc).__name__}: {exc}")
             if not finished:
                 ctx.storage.event_done(event_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
@@ -158,23 +167,6 @@ def _run(
         return summary
     finally:
         structlog.contextvars.clear_contextvars()
-
-
-def _finish(
-    ctx: WorkerContext,
-    event_id: str,
-    outcome: SyncResult | dict[str, Any],
-    through: coverage.Mark | None,
-    item_id: int,
-    account_id: int | None,
-) -> bool:
-    """The ledger row in done: a synchronous commit, which makes the sync's rows durable. Only then,
-    if the sync covers the events received before it began (``through``), the record of it
-    (workers.coverage). True: the job is done."""
-    ctx.storage.event_done(event_id)
-    if through is not None and isinstance(outcome, SyncResult) and outcome.covers_earlier_events:
-        _record_coverage(ctx, through, item_id, account_id)
-    return True
 
 
 def _record_coverage(
