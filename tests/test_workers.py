@@ -416,6 +416,21 @@ def test_item_lock_serialises_jobs_of_one_item(harness: Harness, world: World) -
         other.release()
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_item_lock_redis_fails_to_release_ends_the_block_quietly(harness: Harness, r: redis.Redis) -> None:
+    """Redis failing the release (here the key holds another type, so the release script errors) does
+    not turn a job that has done its work into a failure: the lease lapses by itself."""
+    ctx = WorkerContext.build(harness.settings)
+    key = "bridgehook:lock:item:43"
+    try:
+        with jobs.item_lock(ctx, 43):
+            r.delete(key)
+            r.hset(key, "not", "a lock")
+        assert r.type(key) == b"hash"  # the release found what it could not release
+    finally:
+        ctx.close()
+
+
 def test_the_worker_keeps_a_short_lease_on_a_running_job(r: redis.Redis) -> None:
     """A job's entry in RQ's started registry expires a minute after the last heartbeat, not after
     the job's whole timeout: a killed worker's job is found abandoned and requeued that much sooner."""
