@@ -65,6 +65,38 @@ def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> 
     assert harness.tables() == harness.truth()
 
 
+def test_an_account_without_transactions_does_not_stop_a_sync_from_covering(
+    harness: Harness, world: World
+) -> None:
+    """An account listed whole that shows nothing keeps no cursor: whichever sync lists it next lists
+    it whole too, so that listing stands for any of them, and the burst still costs one sync."""
+    b = bank(world, accounts=1, per_account=10)
+    empty = world.add_account(b["item"], name="Livret vide")
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    world.reset_requests()
+
+    world.add_transactions(b["accounts"][0], 2)
+    burst = [world.event_item_refreshed(b["item"])]
+    burst += [world.event_account(a, "updated") for a in (b["accounts"][0], empty)]
+    for event in burst:
+        assert harness.send(event) == "queued"
+    harness.drain()
+
+    assert results(harness, harness.acknowledged[1:]) == [None, "covered", "covered"]
+    assert item_requests(world, b["item"]) == 1
+    assert harness.rows("SELECT transactions_cursor FROM accounts WHERE id = %s", (empty,)) == [(None,)]
+    assert harness.tables() == harness.truth()
+
+    # Once it has a transaction, it has a cursor, and is listed since it like any other.
+    world.add_transactions(empty, 1)
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.send(world.event_account(empty, "updated"))
+    harness.drain()
+    assert results(harness, harness.acknowledged[-2:]) == [None, None]  # the first listing was whole
+    assert harness.tables() == harness.truth()
+
+
 def test_a_sync_that_stops_early_covers_nothing(harness: Harness, world: World) -> None:
     b = bank(world, accounts=1, per_account=3, status=1010)  # the user must act: nothing is fetched
     for _ in range(2):

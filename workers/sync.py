@@ -51,7 +51,9 @@ class SyncResult:
     status: int | None = None
     skipped: str | None = None  # why data was not fetched, if it was not
     # Whether some account was listed whole (no cursor yet, or a full sync) rather than since its
-    # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions.
+    # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions. Not
+    # counted: an account without a cursor whose listing found nothing. It still has no cursor, so
+    # whichever sync lists it next lists it whole as well: this listing stands for any of them.
     whole_listing: bool = False
     accounts: int = 0
     transactions: int = 0
@@ -85,7 +87,7 @@ class Syncer:
         self.storage = storage
         self.overlap = overlap
         self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
-        self.whole_listings = 0  # accounts listed without ``since`` by this syncer (see SyncResult)
+        self.whole_listings = 0  # accounts listed whole by this syncer, as SyncResult counts them
 
     def sync_item(self, user_uuid: str, item_id: int, *, full: bool = False) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor)."""
@@ -151,7 +153,6 @@ class Syncer:
         try:
             for chunk in chunks:
                 if chunk.first:
-                    self.whole_listings += chunk.since is None
                     newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
                 if isinstance(chunk.batch, Exception):
                     raise chunk.batch  # the page could not be read into rows: fail where writing it would
@@ -186,6 +187,7 @@ class Syncer:
                 written_here += len(batch.rows)
                 self._beat()
                 if last:
+                    self.whole_listings += since is None and (full or newest is not None)
                     log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
                              full=since is None)  # fmt: skip
         finally:
