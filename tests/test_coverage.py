@@ -88,6 +88,12 @@ def test_an_account_without_transactions_does_not_stop_a_sync_from_covering(
     assert harness.rows("SELECT transactions_cursor FROM accounts WHERE id = %s", (empty,)) == [(None,)]
     assert harness.tables() == harness.truth()
 
+    # An account's own sync covers that account's events the same way.
+    for _ in range(2):
+        harness.send(world.event_account(empty, "updated"))
+    harness.drain()
+    assert results(harness, harness.acknowledged[-2:]) == [None, "covered"]
+
     # Once it has a transaction, it has a cursor, and is listed since it like any other.
     world.add_transactions(empty, 1)
     harness.send(world.event_item_refreshed(b["item"]))

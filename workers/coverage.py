@@ -11,9 +11,9 @@ was received before that sync began, so the sync fetched at least the state the 
 job records itself done without calling Bridge. Only a sync that listed every account since its cursor records
 (:attr:`workers.sync.SyncResult.covers_earlier_events`): a whole listing (a first or a full sync)
 leaves deleted transactions out, so it cannot stand for the delta that would have shown them. An
-account that has never had a transaction is the exception: listed whole, it shows nothing and keeps
-no cursor, so whichever sync lists it next lists it whole too. A sync of one account does the same
-for that account's events.
+account without a cursor whose listing shows no transaction is the exception: it keeps no cursor, so
+whichever sync lists it next lists it whole too. A sync of one account does the same for that
+account's events.
 Full syncs (``item.created``, resyncs) are never skipped and cover nothing; events replayed from the
 archive or the ledger carry no number: they always run. A dead
 letter requeued by ``dlq replay`` keeps its job and so its number: when a later sync covered it, it

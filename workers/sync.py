@@ -52,8 +52,9 @@ class SyncResult:
     skipped: str | None = None  # why data was not fetched, if it was not
     # Whether some account was listed whole (no cursor yet, or a full sync) rather than since its
     # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions. Not
-    # counted: an account without a cursor whose listing found nothing. It still has no cursor, so
-    # whichever sync lists it next lists it whole as well: this listing stands for any of them.
+    # counted: the listing of an account without a cursor that sets none (it showed no transaction
+    # with an ``updated_at``: see _close_listing). The account still has no cursor, so whichever sync
+    # lists it next lists it whole as well: this listing stands for any of them.
     whole_listing: bool = False
     accounts: int = 0
     transactions: int = 0
@@ -186,7 +187,7 @@ class Syncer:
                 written += len(batch.rows)
                 written_here += len(batch.rows)
                 self._beat()
-                if last:
+                if last:  # (newest is not None: the listing sets a cursor, see _close_listing)
                     self.whole_listings += since is None and (full or newest is not None)
                     log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
                              full=since is None)  # fmt: skip
@@ -197,7 +198,9 @@ class Syncer:
     def _close_listing(
         self, account_id: int, since: datetime | None, newest: datetime | None, seen: set[int], tx: Tx
     ) -> None:
-        """With a listing's last page, in its transaction: what only a whole listing tells."""
+        """With a listing's last page, in its transaction: what only a whole listing tells, and the
+        cursor. A listing that sets no cursor (``newest`` None) leaves the account as it found it:
+        sync_transactions then does not count it as whole (see SyncResult.whole_listing)."""
         if since is None and newest is not None:
             # A complete listing: future transactions it no longer shows are gone.
             self.storage.vanish_future(tx, account_id, seen, newest)

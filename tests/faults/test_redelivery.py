@@ -26,11 +26,13 @@ pytestmark = POSTGRESQL
 def history(world: World) -> list[Event]:
     """What Bridge would have sent while three items lived their lives: creations, new and deleted
     transactions, a new account, refreshes, then an account, an item and a user deleted. One account
-    never has a transaction (a sync that lists it still covers the events before it)."""
+    shows no transaction, its only one deleted (a sync that lists it still covers what came before)."""
     bank = populate(world, items=3, accounts=2, transactions=80)
     (first, accounts), (second, _), (third, _) = bank.items.items()
-    world.add_account(first, name="Compte joint")
+    joint = world.add_account(first, name="Compte joint")
     events = [world.event_item_created(item) for item in bank.items]
+    world.delete_transaction(world.add_transactions(joint, 1)[0])
+    events.append(world.event_account(joint, "updated"))
     extra = world.add_account(first, name="Livret")
     world.add_transactions(extra, 15)
     events.append(world.event_account(extra, "created"))
