@@ -278,6 +278,28 @@ def test_resync(harness: Harness, world: World, cli: Cli) -> None:
     assert cli("resync", "--all-stale", "soon").exit_code == 2
 
 
+def test_a_resync_marks_what_bridge_deleted_since_the_cursor(
+    harness: Harness, world: World, cli: Cli
+) -> None:
+    """Webhooks were missed: a transaction we hold was deleted at Bridge, another one added. The
+    resync that catches up lists each account since its cursor before everything (a whole listing
+    leaves deleted transactions out): the deleted one does not stay live."""
+    [(_, item)] = items(world, 1, per_account=40)
+    harness.send(world.event_item_created(item))
+    harness.drain()
+    [(account,)] = harness.rows("SELECT id FROM accounts WHERE item_id = %s", (item,))
+    gone = sorted(harness.tables()["transactions"])[5]
+    world.delete_transaction(gone)
+    added = world.add_transactions(account, 2)
+
+    assert f"item {item}: queued" in cli("resync", "--item", str(item)).output
+    harness.drain()
+    tables = harness.tables()
+    assert gone not in tables["transactions"] and set(added) <= set(tables["transactions"])
+    assert harness.rows("SELECT deleted_at IS NOT NULL FROM transactions WHERE id = %s", (gone,)) == [(True,)]
+    assert tables == harness.truth()
+
+
 def sweep(harness: Harness, now: datetime | None = None, *, drain: bool = True) -> dict[str, Any]:
     if drain:
         harness.drain()  # runs what is queued, and builds the worker context

@@ -264,9 +264,7 @@ def user_deleted(event: Event) -> dict[str, Any]:
 
 
 def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) -> SyncResult:
-    with ctx.storage.transaction() as tx:
-        ctx.storage.reset_cursors(tx, item_id)
-    return syncer.sync_item(user_uuid, item_id, full=True)
+    return syncer.sync_item(user_uuid, item_id, resync=True)
 
 
 def resync_item(event: Event) -> dict[str, Any]:

@@ -90,8 +90,14 @@ class Syncer:
         self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
         self.whole_listings = 0  # accounts listed whole by this syncer, as SyncResult counts them
 
-    def sync_item(self, user_uuid: str, item_id: int, *, full: bool = False) -> SyncResult:
-        """Item, then its accounts, then each enabled account's transactions (all, or since the cursor)."""
+    def sync_item(
+        self, user_uuid: str, item_id: int, *, full: bool = False, resync: bool = False
+    ) -> SyncResult:
+        """Item, then its accounts, then each enabled account's transactions (all, or since the cursor).
+
+        ``resync``: a full sync that also forgets the accounts' cursors (one may be wrong), after
+        listing each account that has one since it: a whole listing leaves deleted transactions out,
+        so what Bridge deleted since the cursor (announced by webhooks we missed) would stay live."""
         result = SyncResult(item_id)
         item = self.client.get_item(user_uuid, item_id)
         user = self.client.user(user_uuid)
@@ -105,7 +111,12 @@ class Syncer:
             result.account_ids += [a["id"] for a in page]
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
             self._beat()
-        self._sync_transactions_into(result, user_uuid, *enabled, full=full)
+        if resync:
+            if with_cursor := [a for a in enabled if self.storage.cursor(a) is not None]:
+                self._sync_transactions_into(result, user_uuid, *with_cursor, full=False)
+            with self.storage.transaction(durable=False) as tx:
+                self.storage.reset_cursors(tx, item_id)
+        self._sync_transactions_into(result, user_uuid, *enabled, full=full or resync)
         with self.storage.transaction(durable=False) as tx:
             self.storage.item_synced(tx, item_id)
         return result
