@@ -21,6 +21,7 @@ from fakebridge.world import World
 from tests.harness import Harness
 from tests.support import TEST_ENCRYPTION_KEY
 from workers import context, jobs
+from workers.db import to_datetime
 from workers.deadletters import DeadLetters
 from workers.observe import StatusCollector, snapshot
 from workers.reconcile import Reconciler
@@ -263,6 +264,8 @@ def test_resync(harness: Harness, world: World, cli: Cli) -> None:
     assert "in_flight" in cli("resync", "--item", str(item)).output  # not twice
     harness.drain()
     assert harness.tables() == harness.truth()
+    with world.lock:  # a cursor in the future is wrong for sure: forgotten, never sent as `since`
+        assert not any("since=2099" in q.query for q in world.requests)
 
     with harness.db.transaction() as tx:
         tx.execute("DELETE FROM transactions")
@@ -291,6 +294,13 @@ def test_a_resync_marks_what_bridge_deleted_since_the_cursor(
     gone = sorted(harness.tables()["transactions"])[5]
     world.delete_transaction(gone)
     added = world.add_transactions(account, 2)
+    # An account whose data access was withdrawn keeps its cursor: it is neither listed nor reset.
+    disabled = world.add_account(item, data_access="disabled", name="Livret")
+    harness.send(world.event_account(disabled, "created"))
+    harness.drain()
+    then = datetime(2026, 1, 1, tzinfo=UTC)
+    with harness.db.transaction() as tx:
+        tx.execute("UPDATE accounts SET transactions_cursor = %s WHERE id = %s", (then, disabled))
 
     assert f"item {item}: queued" in cli("resync", "--item", str(item)).output
     harness.drain()
@@ -298,6 +308,8 @@ def test_a_resync_marks_what_bridge_deleted_since_the_cursor(
     assert gone not in tables["transactions"] and set(added) <= set(tables["transactions"])
     assert harness.rows("SELECT deleted_at IS NOT NULL FROM transactions WHERE id = %s", (gone,)) == [(True,)]
     assert tables == harness.truth()
+    [(cursor,)] = harness.rows("SELECT transactions_cursor FROM accounts WHERE id = %s", (disabled,))
+    assert to_datetime(cursor) == then
 
 
 def sweep(harness: Harness, now: datetime | None = None, *, drain: bool = True) -> dict[str, Any]:

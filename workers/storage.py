@@ -454,9 +454,10 @@ class Storage:
             (cursor, account_id, cursor),
         )
 
-    def reset_cursors(self, tx: Tx, item_id: int) -> None:
-        """Forget how far the item's accounts were synced: the next sync reads everything."""
-        tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
+    def reset_cursors(self, tx: Tx, account_ids: Sequence[int]) -> None:
+        """Forget how far these accounts were synced: their next sync reads everything."""
+        forget = "UPDATE accounts SET transactions_cursor = NULL WHERE id = %s"
+        tx.executemany(forget, [(account_id,) for account_id in account_ids])
 
     def vanish_future(self, tx: Tx, account_id: int, seen: set[int], at: datetime) -> int:
         """After a full listing: future transactions we hold that Bridge no longer lists are gone."""

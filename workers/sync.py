@@ -29,7 +29,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -57,7 +57,7 @@ class SyncResult:
     # lists it next lists it whole as well: this listing stands for any of them.
     whole_listing: bool = False
     accounts: int = 0
-    transactions: int = 0
+    transactions: int = 0  # rows written (a resync writes those changed since the cursor twice)
     account_ids: list[int] = field(default_factory=list)
 
     @property
@@ -95,9 +95,10 @@ class Syncer:
     ) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor).
 
-        ``resync``: a full sync that also forgets the accounts' cursors (one may be wrong), after
-        listing each account that has one since it: a whole listing leaves deleted transactions out,
-        so what Bridge deleted since the cursor (announced by webhooks we missed) would stay live."""
+        ``resync``: a full sync that also forgets the enabled accounts' cursors (one may be wrong),
+        after listing each account that has one since it: a whole listing leaves deleted transactions
+        out, so what Bridge deleted since the cursor (announced by webhooks we missed) would stay live.
+        A cursor later than now is wrong for sure: it is only forgotten."""
         result = SyncResult(item_id)
         item = self.client.get_item(user_uuid, item_id)
         user = self.client.user(user_uuid)
@@ -112,10 +113,13 @@ class Syncer:
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
             self._beat()
         if resync:
-            if with_cursor := [a for a in enabled if self.storage.cursor(a) is not None]:
-                self._sync_transactions_into(result, user_uuid, *with_cursor, full=False)
+            now = datetime.now(UTC)
+            cursors = {a: self.storage.cursor(a) for a in enabled}
+            if since_cursor := [a for a, c in cursors.items() if c is not None and c <= now]:
+                self._sync_transactions_into(result, user_uuid, *since_cursor, full=False)
+            self._beat()  # (a lost lock stops the job before it forgets cursors beside another holder)
             with self.storage.transaction(durable=False) as tx:
-                self.storage.reset_cursors(tx, item_id)
+                self.storage.reset_cursors(tx, enabled)
         self._sync_transactions_into(result, user_uuid, *enabled, full=full or resync)
         with self.storage.transaction(durable=False) as tx:
             self.storage.item_synced(tx, item_id)
@@ -147,7 +151,7 @@ class Syncer:
         """:meth:`sync_transactions`, counted in ``result``, which learns if an account was listed whole."""
         whole = self.whole_listings
         result.transactions += self.sync_transactions(user_uuid, *account_ids, full=full)
-        result.whole_listing = self.whole_listings > whole
+        result.whole_listing |= self.whole_listings > whole
 
     def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool) -> int:
         """Each account's transactions, one account after the other: all of them (``full``, or no
