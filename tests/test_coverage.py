@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from service.queue import RECEIVED_SEQ_KEY
+from tests.faults.support import wait_until
 from tests.harness import Harness
 from tests.test_workers import bank
 from workers import coverage
@@ -163,13 +164,6 @@ def test_an_event_received_while_a_sync_runs_gets_a_sync_of_its_own(harness: Har
     assert harness.tables() == harness.truth()
 
 
-def wait_for(condition: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_for(
     harness: Harness, world: World
@@ -206,7 +200,7 @@ def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_f
         with psycopg.connect(harness.settings.database_url) as blocker:
             threads.append(perform(first))
             rows = "SELECT status FROM webhook_events WHERE id = %s"
-            wait_for(lambda: blocker.execute(rows, (first,)).fetchall(), "the first job's ledger row")
+            wait_until(lambda: blocker.execute(rows, (first,)).fetchall(), 30, "the first job's ledger row")
             blocker.rollback()
             locked = blocker.execute(rows + " FOR UPDATE", (first,)).fetchall()
             assert locked == [("queued",)], "the first job ended before its row was locked"
@@ -217,7 +211,9 @@ def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_f
             )
             pid = blocker.info.backend_pid
             with psycopg.connect(harness.settings.database_url, autocommit=True) as watcher:
-                wait_for(lambda: watcher.execute(waiting, (pid,)).fetchone() == (1,), "the final commit")
+                wait_until(
+                    lambda: watcher.execute(waiting, (pid,)).fetchone() == (1,), 30, "the final commit"
+                )
             world.faults.clear()
             threads.append(perform(second))
             threads[-1].join(timeout=3)  # long enough for a sync of its own, had it taken the lock at once
