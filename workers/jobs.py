@@ -263,14 +263,11 @@ def user_deleted(event: Event) -> dict[str, Any]:
     return _run(event, work, locks_itself=True)
 
 
-def _resync(ctx: WorkerContext, syncer: Syncer, user_uuid: str, item_id: int) -> SyncResult:
-    return syncer.sync_item(user_uuid, item_id, resync=True)
-
-
 def resync_item(event: Event) -> dict[str, Any]:
     """A full resync of one item (cursors reset), enqueued by `bridgehook resync` or reconciliation."""
     c = event["content"]
-    return _run(event, lambda ctx, s: _resync(ctx, s, c["user_uuid"], c["item_id"]))  # as item_created
+    # As item_created: never skipped as covered, and it covers nothing.
+    return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], resync=True))
 
 
 def resync_user(event: Event) -> dict[str, Any]:
@@ -282,7 +279,7 @@ def resync_user(event: Event) -> dict[str, Any]:
         for page in ctx.client.item_pages(user_uuid):
             for item in page:
                 with item_lock(ctx, int(item["id"])) as heartbeat:
-                    _resync(ctx, ctx.syncer(heartbeat), user_uuid, int(item["id"]))
+                    ctx.syncer(heartbeat).sync_item(user_uuid, int(item["id"]), resync=True)
                 synced.append(item["id"])
         return {"items": synced}
 

@@ -114,8 +114,7 @@ class Syncer:
             self._beat()
         if resync:
             now = datetime.now(UTC)
-            cursors = {a: self.storage.cursor(a) for a in enabled}
-            if since_cursor := [a for a, c in cursors.items() if c is not None and c <= now]:
+            if since_cursor := [a for a in enabled if (c := self.storage.cursor(a)) is not None and c <= now]:
                 self._sync_transactions_into(result, user_uuid, *since_cursor, full=False)
             self._beat()  # (a lost lock stops the job before it forgets cursors beside another holder)
             with self.storage.transaction(durable=False) as tx:
