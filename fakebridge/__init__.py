@@ -11,12 +11,14 @@ Standalone: it never imports the service, the workers or the CLI.
 from fakebridge.app import create_app
 from fakebridge.sender import WebhookSender, sign, webhook_body
 from fakebridge.server import FakeBridgeServer
-from fakebridge.world import Fault, Faults, RequestRecord, World, seed_demo
+from fakebridge.world import Budgets, Fault, Faults, Refusal, RequestRecord, World, seed_demo
 
 __all__ = [
+    "Budgets",
     "FakeBridgeServer",
     "Fault",
     "Faults",
+    "Refusal",
     "RequestRecord",
     "WebhookSender",
     "World",

@@ -1,4 +1,10 @@
-"""``python -m fakebridge serve [--host H] [--port P] [--seed-demo] [--seed N]``: the fake (foreground)."""
+"""``python -m fakebridge serve [--host H] [--port P] [--seed-demo] [--seed N] [--latency-ms MS]
+[--jitter-ms MS] [--budget-app N/S] [--budget-user N/S] [--budget-token N/S]``: the fake (foreground).
+
+The latency and budget options make the fake as slow and as strict as the real API (whose documented
+limits are 2000/300 per application, 60/60 per user and 10/60 token requests per user), so that a client
+is tried against them before production; without them it answers at once and never throttles.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,22 @@ import sys
 import uvicorn
 
 from fakebridge.app import PREFIX, create_app
-from fakebridge.world import World, seed_demo
+from fakebridge.world import Limit, World, seed_demo
 
 
-def main(argv: list[str] | None = None) -> int:
+def budget(text: str) -> Limit:
+    """``N/S``: at most N requests per S seconds (S may be fractional)."""
+    count, slash, seconds = text.partition("/")
+    try:
+        limit = (int(count), float(seconds))
+    except ValueError:
+        limit = (0, 0.0)
+    if not slash or limit[0] < 1 or not limit[1] > 0:
+        raise argparse.ArgumentTypeError(f"expected N/S (N >= 1 requests per S > 0 seconds), not {text!r}")
+    return limit
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fakebridge", description="A local fake of Bridge's API v3."
     )
@@ -21,9 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8990)
     serve.add_argument("--seed-demo", action="store_true", help="populate the demo users, items and accounts")
-    serve.add_argument("--seed", type=int, default=0, help="seed of generated content")
+    serve.add_argument("--seed", type=int, default=0, help="seed of generated content and latency draws")
+    serve.add_argument("--latency-ms", type=float, default=0.0, help="mean latency of every request")
+    serve.add_argument("--jitter-ms", type=float, default=0.0, help="latency spread: mean ± jitter")
+    for kind, real in (("app", "2000/300"), ("user", "60/60"), ("token", "10/60")):
+        serve.add_argument(
+            f"--budget-{kind}",
+            type=budget,
+            metavar="N/S",
+            help=f"{kind} rate limit, N requests per S seconds (Bridge: {real}; default unlimited)",
+        )
     args = parser.parse_args(argv)
+    if not 0 <= args.jitter_ms <= args.latency_ms:
+        parser.error("--jitter-ms must be between 0 and --latency-ms")
+    return args
 
+
+def make_world(args: argparse.Namespace) -> World:
+    """The World the options describe (credentials from FAKE_BRIDGE_CLIENT_ID / _SECRET)."""
     world = World(
         client_id=os.environ.get("FAKE_BRIDGE_CLIENT_ID", "fake-client-id"),
         client_secret=os.environ.get("FAKE_BRIDGE_CLIENT_SECRET", "fake-client-secret"),
@@ -31,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.seed_demo:
         seed_demo(world)
+    world.faults.latency(args.latency_ms / 1000, args.jitter_ms / 1000, seed=args.seed)
+    world.budgets.set(app=args.budget_app, user=args.budget_user, token=args.budget_token)
+    return world
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = make_world(args)
     print(
         f"fake Bridge API at http://{args.host}:{args.port}{PREFIX} (client id {world.client_id})", flush=True
     )

@@ -18,9 +18,10 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fakebridge.world import RequestRecord, World, parse_iso_ms, render, render_json
+from fakebridge.world import Refusal, RequestRecord, World, parse_iso_ms, render, render_json
 
 PREFIX = "/v3/aggregation"
+TOKEN_PATH = PREFIX + "/authorization/token"
 
 
 class JSONResponse(Response):
@@ -52,14 +53,55 @@ def fault_response(status: int, retry_after: int | None = None) -> JSONResponse:
     return error_response(status, message="injected fault", headers=headers)
 
 
+def budget_response(refusal: Refusal) -> JSONResponse:
+    return error_response(
+        429,
+        "too_many_requests",
+        f"{refusal.kind} rate limit exceeded, retry in {refusal.retry_after} s",
+        {"Retry-After": str(refusal.retry_after)},
+    )
+
+
 def _bearer(request: Request | Scope) -> str:
     headers = request.headers if isinstance(request, Request) else Request(request).headers
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
+async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The whole request body, and a ``receive`` that hands the same messages to the route again."""
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            break
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return body, replay
+
+
+def _token_request_user(world: World, body: bytes) -> str | None:
+    """The user a token request names (its user_uuid, else the owner of its external_user_id): the key
+    of its token budget, so that switching identifiers does not dodge the limit."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(user := data.get("user_uuid"), str) and user:
+        return user
+    external = data.get("external_user_id")
+    return world.user_by_external_id(external) if isinstance(external, str) else None
+
+
 class FakeBridgeMiddleware:
-    """Delay, one-shot and ratio faults, client credentials check, request log, JSON errors."""
+    """Delay and latency, one-shot and ratio faults, client credentials check, request budgets (rate
+    limits), request log, JSON errors."""
 
     def __init__(self, app: ASGIApp, world: World) -> None:
         self.app, self.world = app, world
@@ -88,8 +130,8 @@ class FakeBridgeMiddleware:
             await send(message)
 
         try:
-            if (delay := self.world.faults.delay_seconds) > 0:
-                await asyncio.sleep(delay)
+            if (delay := self.world.faults.next_delay()) > 0:
+                await asyncio.sleep(delay)  # not time.sleep: the other requests go on meanwhile
             await self._handle(scope, receive, send_and_record)
         finally:
             record(500)  # no response was started: the error handler outside answers 500
@@ -107,10 +149,26 @@ class FakeBridgeMiddleware:
             response = error_response(
                 401, "invalid_client", "Client-Id, Client-Secret and Bridge-Version are required"
             )
+        else:
+            keys, receive = await self._budget_keys(scope, receive)
+            if (refusal := self.world.budgets.admit(keys)) is not None:
+                response = budget_response(refusal)
         if response is not None:
             await response(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _budget_keys(self, scope: Scope, receive: Receive) -> tuple[dict[str, str], Receive]:
+        """What the request is charged to: the application always, the user of a valid bearer token, and
+        the user a token request names (read from its body, which is then replayed to the route)."""
+        keys = {"app": self.world.client_id}
+        if (user := self.world.token_user(_bearer(scope))) is not None:
+            keys["user"] = user
+        if scope["method"] == "POST" and scope["path"] == TOKEN_PATH:
+            body, receive = await _read_body(receive)
+            if (named := _token_request_user(self.world, body)) is not None:
+                keys["token"] = named
+        return keys, receive
 
 
 # -- request helpers -------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""In-memory state of the fake Bridge: users, items, accounts, transactions, tokens, faults, request log.
+"""In-memory state of the fake Bridge: users, items, accounts, transactions, tokens, faults, request
+budgets (rate limits), request log.
 
 Everything is guarded by one re-entrant lock (``World.lock``). Internal records keep the API fields
 (``None`` meaning "omitted when rendered") plus bookkeeping; ``snapshot()`` and the ``api_*`` views
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import random
 import secrets
 import threading
@@ -22,7 +24,20 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-__all__ = ["Fault", "Faults", "RequestRecord", "World", "iso_ms", "parse_iso_ms", "render_json", "seed_demo"]
+__all__ = [
+    "BUDGET_KINDS",
+    "Budgets",
+    "Fault",
+    "Faults",
+    "Limit",
+    "Refusal",
+    "RequestRecord",
+    "World",
+    "iso_ms",
+    "parse_iso_ms",
+    "render_json",
+    "seed_demo",
+]
 
 OBFUSCATED = "XXXX"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -126,6 +141,8 @@ class Faults:
         self._queue: deque[Fault] = deque()
         self._items: dict[int, int] = {}
         self._delay = 0.0
+        self._latency = (0.0, 0.0)  # (mean, jitter) seconds
+        self._latency_rng = random.Random(0)
         self._p500 = self._p429 = 0.0
         self._ratio_retry_after = 0
         self._rng = random.Random(0)
@@ -155,17 +172,41 @@ class Faults:
         with self._lock:
             self._delay = seconds
 
+    def latency(self, mean: float, jitter: float = 0.0, seed: int = 0) -> None:
+        """Realistic latency: each request waits a uniform draw in ``mean ± jitter`` seconds (on top of
+        ``delay``); ``mean=0`` turns it off. Its own seeded generator, so that switching latency on does
+        not change the sequence of ratio faults. ``jitter <= mean`` keeps the mean the real mean."""
+        if not 0 <= jitter <= mean:
+            raise ValueError(f"latency needs 0 <= jitter <= mean, not mean={mean} jitter={jitter}")
+        with self._lock:
+            self._latency = (mean, jitter)
+            self._latency_rng = random.Random(seed)
+
     def clear(self) -> None:
         with self._lock:
             self._queue.clear()
             self._items.clear()
             self._delay = self._p500 = self._p429 = 0.0
+            self._latency = (0.0, 0.0)
             self._ratio_retry_after = 0
 
     @property
     def delay_seconds(self) -> float:
         with self._lock:
             return self._delay
+
+    @property
+    def latency_seconds(self) -> tuple[float, float]:
+        """(mean, jitter) of the latency option, (0.0, 0.0) when off."""
+        with self._lock:
+            return self._latency
+
+    def next_delay(self) -> float:
+        """Seconds the next request waits before it is handled: the fixed delay plus a latency draw."""
+        with self._lock:
+            mean, jitter = self._latency
+            drawn = self._latency_rng.uniform(mean - jitter, mean + jitter) if mean > 0 else 0.0
+            return self._delay + drawn
 
     def take(self) -> Fault | None:
         """The fault for the next request, if any: queued one-shot faults first, then the ratios."""
@@ -183,6 +224,91 @@ class Faults:
     def item_status(self, item_id: int | None) -> int | None:
         with self._lock:
             return None if item_id is None else self._items.get(item_id)
+
+
+# -- request budgets (rate limits) -------------------------------------------------------------------
+BUDGET_KINDS = ("app", "user", "token")
+Limit = tuple[int, float]  # (N, S): at most N requests per S seconds
+
+
+class Refusal(NamedTuple):
+    """Why a request gets a 429: the budget that refused it, whole seconds until it admits one more."""
+
+    kind: str
+    retry_after: int
+
+
+class Budgets:
+    """Bridge's documented rate limits: N requests per S seconds per application (the client id), per user
+    (bearer token requests, by user uuid) and per user's token requests (POST /authorization/token).
+
+    An exact sliding window, a log of the admitted requests' times per key: a fixed window would let a
+    client burst twice its budget around the window's edge, which the real API does not allow, and a
+    client tuned against such a fake would be throttled in production. A request is admitted by all its
+    budgets or by none: a refused one is logged nowhere, so a client retrying too early does not push its
+    own window further out. Every budget is unlimited (and logs nothing) until ``set``."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._lock = lock
+        self._limits: dict[str, Limit | None] = dict.fromkeys(BUDGET_KINDS)
+        self._admitted: dict[tuple[str, str], deque[float]] = {}  # (kind, key) -> admission times
+        self._refused = dict.fromkeys(BUDGET_KINDS, 0)
+
+    def set(self, *, app: Limit | None = None, user: Limit | None = None, token: Limit | None = None) -> None:
+        """Replace all three budgets (None: unlimited) and start them full: logs of the previous
+        configuration do not carry over, so a test's budget is its own. The refusal counters stay."""
+        limits = {"app": app, "user": user, "token": token}
+        for kind, limit in limits.items():
+            if limit is not None and (limit[0] < 1 or limit[1] <= 0):
+                raise ValueError(f"the {kind} budget needs N >= 1 requests per S > 0 seconds, not {limit}")
+        with self._lock:
+            self._limits = limits
+            self._admitted.clear()
+
+    def clear(self) -> None:
+        """Unlimited again, with logs and refusal counters forgotten."""
+        with self._lock:
+            self.set()
+            self._refused = dict.fromkeys(BUDGET_KINDS, 0)
+
+    @property
+    def limits(self) -> dict[str, Limit | None]:
+        with self._lock:
+            return dict(self._limits)
+
+    @property
+    def refused(self) -> dict[str, int]:
+        """429s answered for budget reasons, by kind; each counted once, under the kind it names."""
+        with self._lock:
+            return dict(self._refused)
+
+    def admit(self, keys: dict[str, str], now: float | None = None) -> Refusal | None:
+        """Charge a request to ``keys`` (kind -> key: client id, user uuid, ...). None when every limited
+        budget has room, the request then logged in each; otherwise nothing is logged and the Refusal names
+        the budget with the longest wait (the request needs them all), which is counted."""
+        with self._lock:
+            now = time.monotonic() if now is None else now
+            logs: list[deque[float]] = []
+            refusal: Refusal | None = None
+            for kind, key in keys.items():
+                limit = self._limits[kind]
+                if limit is None:
+                    continue
+                count, window = limit
+                log = self._admitted.setdefault((kind, key), deque())
+                while log and log[0] <= now - window:
+                    log.popleft()
+                if len(log) >= count:  # room again once the oldest entries beyond count - 1 have expired
+                    wait = max(1, math.ceil(log[len(log) - count] + window - now))
+                    if refusal is None or wait > refusal.retry_after:
+                        refusal = Refusal(kind, wait)
+                logs.append(log)
+            if refusal is not None:
+                self._refused[refusal.kind] += 1
+                return refusal
+            for log in logs:
+                log.append(now)
+            return None
 
 
 _ITEM_FIELDS = ("status_code_info", "status_code_description", "provider_id", "authentication_expires_at")
@@ -239,6 +365,7 @@ class World:
         self.client_id, self.client_secret = client_id, client_secret
         self.token_ttl_seconds, self.page_limit_max, self.seed = token_ttl_seconds, page_limit_max, seed
         self.faults = Faults(self.lock)
+        self.budgets = Budgets(self.lock)
         self.requests: list[RequestRecord] = []
         self._rng = random.Random(seed)
         self._clock_ms = int(time.time() * 1000)
@@ -303,6 +430,11 @@ class World:
             now = self._tick()
             self._users[uuid] = _Rec({"uuid": uuid, "external_user_id": external_user_id}, now, now)
             return uuid
+
+    def user_by_external_id(self, external_user_id: str) -> str | None:
+        """The uuid of the live user with this external_user_id, if any."""
+        with self.lock:
+            return self._find_external(external_user_id)
 
     def _find_external(self, external_user_id: str) -> str | None:
         for key, rec in self._users.items():

@@ -1,13 +1,19 @@
-"""The fake Bridge over real HTTP: auth, shapes, exact amounts, pagination, since, 1100, faults, webhooks."""
+"""The fake Bridge over real HTTP: auth, shapes, exact amounts, pagination, since, 1100, faults, rate
+limits, latency, webhooks, CLI."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -17,7 +23,8 @@ import httpx
 import pytest
 
 from fakebridge import FakeBridgeServer, WebhookSender, World, seed_demo, sign, webhook_body
-from fakebridge.world import parse_iso_ms
+from fakebridge.__main__ import make_world, parse_args
+from fakebridge.world import Refusal, parse_iso_ms
 
 HEADERS = {
     "Client-Id": "fake-client-id",
@@ -50,9 +57,11 @@ def server(world: World) -> Iterator[FakeBridgeServer]:
 @pytest.fixture(autouse=True)
 def _clean_faults(world: World) -> Iterator[None]:
     world.faults.clear()
+    world.budgets.clear()
     world.reset_requests()
     yield
     world.faults.clear()
+    world.budgets.clear()
 
 
 @pytest.fixture
@@ -211,6 +220,17 @@ def test_pagination_limits_and_other_lists(
     assert http.get("/v3/aggregation/accounts?item_id=1", headers=auth).status_code == 404
 
 
+def test_pages_are_capped_at_500(world: World, http: httpx.Client) -> None:
+    user, _, account = new_user(world, transactions=501)
+    auth = token_for(http, user)
+    url = f"/v3/aggregation/transactions?account_id={account}"
+    full = http.get(f"{url}&limit=500", headers=auth).json()
+    assert len(full["resources"]) == 500 and full["pagination"]["next_uri"] is not None
+    too_big = http.get(f"{url}&limit=501", headers=auth)
+    assert (too_big.status_code, too_big.json()["code"]) == (400, "invalid_parameter")
+    assert "500" in too_big.json()["message"]
+
+
 def test_since_returns_only_newer_changes_including_deletions(world: World, http: httpx.Client) -> None:
     user, _, account = new_user(world, transactions=10)
     ids = sorted(t["id"] for t in world.snapshot()["transactions"].values() if t["account_id"] == account)
@@ -348,6 +368,197 @@ def test_request_log_records_user_and_status(world: World, http: httpx.Client) -
     assert log[2].query == "limit=10" and log[0].time <= log[1].time <= log[3].time
     world.reset_requests()
     assert world.requests == []
+
+
+# -- rate limits (budgets) ------------------------------------------------------------------------------
+def items(http: httpx.Client, auth: dict[str, str]) -> httpx.Response:
+    return http.get("/v3/aggregation/items", headers=auth)
+
+
+def token_request(http: httpx.Client, **body: str) -> httpx.Response:
+    return http.post("/v3/aggregation/authorization/token", json=body)
+
+
+def test_sliding_window_arithmetic() -> None:
+    budgets = World().budgets
+    budgets.set(user=(2, 10))
+    assert budgets.admit({"app": "c", "user": "u"}, now=0) is None
+    assert budgets.admit({"app": "c", "user": "u"}, now=4) is None
+    assert budgets.admit({"app": "c", "user": "u"}, now=5) == Refusal("user", 5)
+    assert budgets.admit({"app": "c", "user": "u"}, now=9.5) == Refusal("user", 1)  # 0.5 s, rounded up
+    assert budgets.admit({"app": "c", "user": "other"}, now=9.5) is None
+    assert budgets.admit({"app": "c", "user": "u"}, now=10) is None  # the request at 0 has left
+    assert budgets.admit({"app": "c", "user": "u"}, now=10.2) == Refusal("user", 4)  # the one at 4 next
+    assert budgets.refused == {"app": 0, "user": 3, "token": 0}
+    budgets.set(app=(1, 60), user=(1, 5))
+    assert budgets.admit({"app": "c", "user": "u"}, now=100) is None
+    assert budgets.admit({"app": "c", "user": "u"}, now=101) == Refusal("app", 59)  # the longest wait
+    assert budgets.limits == {"app": (1, 60), "user": (1, 5), "token": None}
+    with pytest.raises(ValueError, match="user budget"):
+        budgets.set(user=(0, 60))
+    budgets.clear()
+    assert budgets.refused == {"app": 0, "user": 0, "token": 0}
+    assert budgets.admit({"app": "c", "user": "u"}, now=101) is None
+
+
+def test_user_budget_answers_429_with_retry_after(world: World, http: httpx.Client) -> None:
+    user = new_user(world)[0]
+    auth, other = token_for(http, user), token_for(http, new_user(world)[0])
+    world.budgets.set(user=(3, 1))
+    world.reset_requests()
+    assert [items(http, auth).status_code for _ in range(3)] == [200] * 3
+    refused = items(http, auth)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json() == {
+        "code": "too_many_requests",
+        "message": "user rate limit exceeded, retry in 1 s",
+    }
+    assert items(http, other).status_code == 200  # a budget per user
+    assert [(r.status, r.user_uuid) for r in world.requests][3] == (429, user)
+    assert world.budgets.refused == {"app": 0, "user": 1, "token": 0}
+    time.sleep(int(refused.headers["Retry-After"]))
+    assert items(http, auth).status_code == 200
+
+
+def test_refused_requests_do_not_count(world: World, http: httpx.Client) -> None:
+    auth = token_for(http, new_user(world)[0])
+    world.budgets.set(user=(3, 1))
+    started = time.monotonic()
+    assert [items(http, auth).status_code for _ in range(3)] == [200] * 3
+    hammering = []
+    while time.monotonic() - started < 0.8:  # a client retrying too early, all the window long
+        hammering.append(items(http, auth).status_code)
+        time.sleep(0.05)
+    assert set(hammering) == {429}
+    time.sleep(max(0.0, started + 1.1 - time.monotonic()))
+    assert [items(http, auth).status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_sliding_window_has_no_double_burst_at_the_edge(world: World, http: httpx.Client) -> None:
+    auth = token_for(http, new_user(world)[0])
+    world.budgets.set(user=(3, 1))
+    started = time.monotonic()
+    assert items(http, auth).status_code == 200
+    time.sleep(0.5)
+    assert [items(http, auth).status_code for _ in range(2)] == [200, 200]
+    time.sleep(max(0.0, started + 1.15 - time.monotonic()))
+    # A fixed window would start afresh at 1 s and admit 3 more: 5 within 0.7 s. Only the first left.
+    after_edge = [items(http, auth) for _ in range(3)]
+    assert [r.status_code for r in after_edge] == [200, 429, 429]
+    assert after_edge[1].headers["Retry-After"] == "1"
+
+
+def test_app_budget_is_shared_by_all_users_and_all_or_none(world: World, http: httpx.Client) -> None:
+    first, second = (token_for(http, new_user(world)[0]) for _ in range(2))
+    world.budgets.set(app=(5, 10), user=(2, 10))
+    assert [items(http, first).status_code for _ in range(3)] == [200, 200, 429]  # the user budget
+    # The refusal above took nothing from the app budget: the second user still has 3 of its 5.
+    assert [items(http, second).status_code for _ in range(2)] == [200, 200]
+    assert token_request(http, user_uuid=new_user(world)[0]).status_code == 201
+    wrong_secret = http.get("/v3/aggregation/items", headers={**first, "Client-Secret": "nope"})
+    assert wrong_secret.status_code == 401  # credentials first: neither refused nor counted
+    for refused in (items(http, second), token_request(http, user_uuid=new_user(world)[0])):
+        assert (refused.status_code, refused.headers["Retry-After"]) == (429, "10")
+        assert refused.json()["message"].startswith("app rate limit exceeded")
+    assert world.budgets.refused == {"app": 2, "user": 1, "token": 0}
+    assert [r.status for r in world.requests][-3:] == [401, 429, 429]
+
+
+def test_token_budget_is_per_user_and_by_any_identifier(world: World, http: httpx.Client) -> None:
+    user = world.add_user("ext-budget")
+    other = new_user(world)[0]
+    auth = token_for(http, user)
+    world.budgets.set(token=(2, 1))
+    assert [token_request(http, user_uuid=user).status_code for _ in range(2)] == [201, 201]
+    refused = token_request(http, external_user_id="ext-budget")  # the same user, otherwise named
+    assert (refused.status_code, refused.json()["code"]) == (429, "too_many_requests")
+    assert refused.headers["Retry-After"] == "1"
+    assert token_request(http, user_uuid=other).status_code == 201
+    assert items(http, auth).status_code == 200  # only token requests count
+    assert world.budgets.refused == {"app": 0, "user": 0, "token": 1}
+    time.sleep(int(refused.headers["Retry-After"]))
+    assert token_request(http, external_user_id="ext-budget").json()["user"]["uuid"] == user
+
+
+# -- latency --------------------------------------------------------------------------------------------
+def test_latency_draws_are_seeded_and_bounded() -> None:
+    faults = World().faults
+    faults.latency(mean=0.12, jitter=0.04, seed=3)
+    draws = [faults.next_delay() for _ in range(500)]
+    assert all(0.08 <= d <= 0.16 for d in draws) and sum(draws) / 500 == pytest.approx(0.12, abs=0.005)
+    faults.latency(mean=0.12, jitter=0.04, seed=3)
+    assert [faults.next_delay() for _ in range(500)] == draws
+    faults.delay(1)
+    assert 1.08 <= faults.next_delay() <= 1.16  # on top of the fixed delay
+    assert faults.latency_seconds == (0.12, 0.04)
+    faults.clear()
+    assert (faults.next_delay(), faults.latency_seconds) == (0.0, (0.0, 0.0))
+    with pytest.raises(ValueError, match="jitter"):
+        faults.latency(mean=0.01, jitter=0.02)
+
+
+def test_latency_slows_requests_without_blocking_the_others(world: World, http: httpx.Client) -> None:
+    auth = token_for(http, new_user(world)[0])
+    world.faults.latency(mean=0.1, jitter=0.05, seed=0)
+    elapsed = []
+    for _ in range(6):
+        started = time.monotonic()
+        assert items(http, auth).status_code == 200
+        elapsed.append(time.monotonic() - started)
+    assert all(0.05 <= e < 0.4 for e in elapsed) and 0.07 <= sum(elapsed) / 6 < 0.3
+    world.faults.latency(mean=0.2, jitter=0.05)
+    started = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(lambda _: items(http, auth).status_code, range(10)))
+    assert statuses == [200] * 10 and time.monotonic() - started < 1.0  # one after the other: >= 1.5 s
+    world.faults.clear()
+    started = time.monotonic()
+    items(http, auth)
+    assert time.monotonic() - started < 0.15
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+def test_cli_options_configure_latency_and_budgets() -> None:
+    flags = "--latency-ms 120 --jitter-ms 40 --budget-app 2000/300 --budget-user 60/60 --budget-token 10/0.5"
+    strict = make_world(parse_args(["serve", *flags.split()]))
+    assert strict.budgets.limits == {"app": (2000, 300), "user": (60, 60), "token": (10, 0.5)}
+    assert strict.faults.latency_seconds == pytest.approx((0.12, 0.04))
+    lenient = make_world(parse_args(["serve"]))
+    assert lenient.budgets.limits == {"app": None, "user": None, "token": None}
+    assert lenient.faults.latency_seconds == (0.0, 0.0)
+    for bad in (
+        ["--budget-user", "60"],
+        ["--budget-user", "0/60"],
+        ["--budget-app", "x/1"],
+        ["--budget-token", "10/0"],
+        ["--latency-ms", "10", "--jitter-ms", "20"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(["serve", *bad])
+        assert exited.value.code == 2
+
+
+def test_cli_serves_with_its_budgets() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "fakebridge", "serve", "--port", str(port), "--budget-app", "2/60"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_BRIDGE_")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/v3/aggregation/items", time.monotonic() + 10
+        while True:
+            try:
+                first = httpx.get(url, headers=HEADERS)  # no bearer token: 401, counted all the same
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None, "the CLI did not serve"
+                time.sleep(0.05)
+        statuses = [first.status_code] + [httpx.get(url, headers=HEADERS).status_code for _ in range(2)]
+        assert statuses == [401, 401, 429]
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 # -- webhooks -------------------------------------------------------------------------------------------
