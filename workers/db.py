@@ -18,7 +18,11 @@ transaction only). A server crash in that window may lose such a transaction, ne
 anything, and WAL is flushed in order: once a later synchronous commit returns, every transaction
 committed before it is on disk too. A job writes its pages that way and ends with a synchronous
 commit (its ledger row), so nothing it reports done can be lost, and what a crash loses before that
-is what a retry rewrites. SQLite commits the same way either way (WAL, ``synchronous=NORMAL``).
+is what a retry rewrites. SQLite does the same: in WAL mode with ``synchronous=NORMAL`` a commit
+is not synced to disk (a power loss may drop it, never corrupt the file), and a durable transaction
+commits with ``synchronous=FULL``, which syncs the WAL, and so every commit before it, to the disk.
+A job's final ledger row is such a commit: what a sync records in Redis (workers.coverage) after it
+can never outlive the rows it describes.
 """
 
 from __future__ import annotations
@@ -241,13 +245,19 @@ class Database:
         assert self._sqlite is not None
         with self._lock:
             lite = self._sqlite.cursor()
-            lite.execute("BEGIN IMMEDIATE")
+            if durable:  # (SQLite refuses to change it inside a transaction)
+                lite.execute("PRAGMA synchronous=FULL")
             try:
-                yield Tx(lite, "sqlite")
-            except BaseException:
-                lite.execute("ROLLBACK")
-                raise
-            lite.execute("COMMIT")
+                lite.execute("BEGIN IMMEDIATE")
+                try:
+                    yield Tx(lite, "sqlite")
+                except BaseException:
+                    lite.execute("ROLLBACK")
+                    raise
+                lite.execute("COMMIT")
+            finally:
+                if durable:
+                    lite.execute("PRAGMA synchronous=NORMAL")
 
     def copy_in(
         self,

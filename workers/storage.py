@@ -2,8 +2,8 @@
 
 Every write is an upsert keyed by Bridge's id with an ``updated_at`` guard, so an older
 payload never overwrites a newer row and running any job twice, or jobs in any order,
-leaves the same rows. Values Bridge obfuscates (``XXXX``, as under status 1100) are
-written as NULL and the upsert keeps the stored value (``COALESCE``). Deletions only set
+leaves the same rows. Values Bridge obfuscates (``XXXX``, as under status 1100: see :func:`clear`)
+are written as NULL and the upsert keeps the stored value (``COALESCE``). Deletions only set
 ``deleted_at`` (the earliest time we heard of), never drop a row. Batches are written in the
 caller's transaction (one transaction per page, not per row): through ``executemany``, and on
 PostgreSQL a page of transactions through ``COPY`` into a staging table merged by one
@@ -54,12 +54,30 @@ def money(value: Any) -> Decimal | None:
     return Decimal(str(value))
 
 
+MASK = "XXXX"  # what Bridge shows in place of a sensitive value while an item is in 1100
+
+
+def masked(text: str) -> bool:
+    """Whether ``text`` is Bridge's mask itself (``XXXX``, or any run of X's and blanks holding it),
+    not bank data. A real label may hold X's (``CB CARTE 4974XXXXXXXX1234 MONOPRIX``): it is data."""
+    return MASK in text and not text.replace("X", "").strip()
+
+
 def clear(value: Any) -> str | None:
-    """A bank-data string, or None when Bridge obfuscated it."""
+    """A bank-data string, or None when it is Bridge's mask (see :func:`masked`)."""
     if value is None:
         return None
     text = str(value)
-    return None if "XXXX" in text else text
+    return None if masked(text) else text
+
+
+def clear_iban(value: Any) -> str | None:
+    """An IBAN, or None when any of it is masked: an IBAN never holds four X's in a row
+    (``FR76XXXXXXXXXXXX`` is a masked one)."""
+    if value is None:
+        return None
+    text = str(value)
+    return None if MASK in text else text
 
 
 class _Memo(dict[Any, Any]):
@@ -269,6 +287,31 @@ class Storage:
         row = tx.execute("SELECT deleted_at FROM users WHERE uuid = %s", (uuid,)).fetchone()
         return None if row is None else to_datetime(row[0])
 
+    def item_deleted_at(self, tx: Tx, item_id: int) -> datetime | None:
+        """When we marked the item deleted (item.deleted, user.deleted, a 404), None if we did not."""
+        row = tx.execute("SELECT deleted_at FROM items WHERE id = %s", (item_id,)).fetchone()
+        return None if row is None else to_datetime(row[0])
+
+    def deleted_accounts(self, tx: Tx, account_ids: Sequence[int]) -> set[int]:
+        """Those of ``account_ids`` we marked deleted: deleted stays deleted, whatever Bridge still
+        answers for a moment (a sync that runs after item.account.deleted writes nothing under them)."""
+        if not account_ids:
+            return set()
+        marks = ", ".join(["%s"] * len(account_ids))
+        sql = f"SELECT id FROM accounts WHERE deleted_at IS NOT NULL AND id IN ({marks})"  # noqa: S608
+        return {int(row[0]) for row in tx.execute(sql, tuple(account_ids)).fetchall()}
+
+    def vanish_accounts(self, tx: Tx, item_id: int, listed: Sequence[int], at: datetime) -> list[int]:
+        """After a complete listing of the item's accounts: the live ones we hold that Bridge no longer
+        lists are gone (an item.account.deleted we missed). Returns their ids."""
+        rows = tx.execute(
+            "SELECT id FROM accounts WHERE item_id = %s AND deleted_at IS NULL", (item_id,)
+        ).fetchall()
+        gone = sorted(set(int(row[0]) for row in rows) - set(listed))
+        for account_id in gone:
+            self.mark_account_deleted(tx, account_id, at)
+        return gone
+
     def item_ids_of(self, user_uuid: str) -> list[int]:
         """The ids of the items we hold for the user, deleted ones included."""
         with self.db.transaction() as tx:
@@ -286,7 +329,7 @@ class Storage:
             (
                 a["id"], a.get("item_id"), enc(clear(a.get("name")), "accounts.name"), a.get("type"),
                 a.get("currency_code"), money(a.get("balance")), money(a.get("accounting_balance")),
-                money(a.get("instant_balance")), enc(clear(a.get("iban")), "accounts.iban"),
+                money(a.get("instant_balance")), enc(clear_iban(a.get("iban")), "accounts.iban"),
                 a.get("data_access"), a.get("last_refresh_status"), a.get("pro"), a.get("provider_id"),
                 parse_ts(a.get("updated_at")),
             )
@@ -351,7 +394,7 @@ class Storage:
             days = [list(map(parsed.__getitem__, values)) for values in days]
         # Descriptions: clear() changes only a value holding XXXX ("\0" between values: no false match).
         texts = [column("clean_description"), column("provider_description")]
-        if "XXXX" in "\0".join(filter(None, chain(*texts))):
+        if MASK in "\0".join(filter(None, chain(*texts))):
             texts = [list(map(clear, values)) for values in texts]
         if enc is not None:  # as transaction_rows encodes them
             texts = [

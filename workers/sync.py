@@ -59,14 +59,16 @@ class SyncResult:
     accounts: int = 0
     transactions: int = 0  # rows written (a resync writes those changed since the cursor twice)
     account_ids: list[int] = field(default_factory=list)
+    accounts_gone: list[int] = field(default_factory=list)  # Bridge answered 404: marked deleted
 
     @property
     def covers_earlier_events(self) -> bool:
         """Whether the events received before this sync began need no sync of their own (see
         workers.coverage): only if it fetched all it meant to (not an item needing the user, an
         account gone…) and listed every account since its cursor (a whole listing leaves deleted
-        transactions out: it cannot stand for a delta that would have shown them)."""
-        return self.skipped is None and not self.whole_listing
+        transactions out: it cannot stand for a delta that would have shown them). Nor one that met an
+        account gone meanwhile: it stopped short of that account."""
+        return self.skipped is None and not self.whole_listing and not self.accounts_gone
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,18 +91,24 @@ class Syncer:
         self.overlap = overlap
         self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
         self.whole_listings = 0  # accounts listed whole by this syncer, as SyncResult counts them
+        self.accounts_gone: list[int] = []  # accounts Bridge answered 404 for, marked deleted
 
     def sync_item(
         self, user_uuid: str, item_id: int, *, full: bool = False, resync: bool = False
     ) -> SyncResult:
         """Item, then its accounts, then each enabled account's transactions (all, or since the cursor).
 
-        ``resync``: a full sync that also forgets the enabled accounts' cursors (one may be wrong),
-        after listing each account that has one since it: a whole listing leaves deleted transactions
-        out, so what Bridge deleted since the cursor (announced by webhooks we missed) would stay live.
-        A cursor later than now is wrong for sure: it is only forgotten."""
+        ``full``: each account is listed whole. A whole listing leaves deleted transactions out, so
+        an account that has a cursor is first listed since it: what Bridge deleted since then (a
+        deletion announced by a webhook we missed, or by none) is marked before the whole listing
+        moves the cursor past it. ``resync``: a full sync that also replaces each enabled account's
+        cursor with what its whole listing saw (one may be wrong); a cursor later than now is wrong
+        for sure, and not listed since. Accounts Bridge no longer lists are marked deleted, and
+        accounts or items we marked deleted stay so: nothing is written under them."""
         result = SyncResult(item_id)
-        item = self.client.get_item(user_uuid, item_id)
+        item = self._item(user_uuid, item_id, result)
+        if item is None:
+            return result
         user = self.client.user(user_uuid)
         if not self._write_item(user_uuid, item, result, user.get("external_user_id")):
             return result
@@ -112,14 +120,19 @@ class Syncer:
             result.account_ids += [a["id"] for a in page]
             enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
             self._beat()
-        if resync:
+        with self.storage.transaction(durable=False) as tx:
+            if gone := self.storage.vanish_accounts(tx, item_id, result.account_ids, datetime.now(UTC)):
+                log.info("sync.accounts_vanished", count=len(gone))
+            deleted = self.storage.deleted_accounts(tx, enabled)
+        enabled = [a for a in enabled if a not in deleted]
+        whole = full or resync
+        if whole:
             now = datetime.now(UTC)
             if since_cursor := [a for a in enabled if (c := self.storage.cursor(a)) is not None and c <= now]:
                 self._sync_transactions_into(result, user_uuid, *since_cursor, full=False)
-            self._beat()  # (a lost lock stops the job before it forgets cursors beside another holder)
-            with self.storage.transaction(durable=False) as tx:
-                self.storage.reset_cursors(tx, enabled)
-        self._sync_transactions_into(result, user_uuid, *enabled, full=full or resync)
+                enabled = [a for a in enabled if a not in result.accounts_gone]
+            self._beat()
+        self._sync_transactions_into(result, user_uuid, *enabled, full=whole, reset=resync)
         with self.storage.transaction(durable=False) as tx:
             self.storage.item_synced(tx, item_id)
         return result
@@ -127,15 +140,20 @@ class Syncer:
     def sync_account(self, user_uuid: str, item_id: int, account_id: int) -> SyncResult:
         """One account and its transactions since its cursor (all of them for a new account)."""
         result = SyncResult(item_id)
-        item = self.client.get_item(user_uuid, item_id)
-        if not self._write_item(user_uuid, item, result):
+        item = self._item(user_uuid, item_id, result)
+        if item is None or not self._write_item(user_uuid, item, result):
             return result
         try:
             account = self.client.get_account(user_uuid, account_id)
         except NotFound:
+            self._account_gone(account_id)
+            result.accounts_gone.append(account_id)
             result.skipped = "account_not_found"
             return result
         with self.storage.transaction(durable=False) as tx:
+            if self.storage.deleted_accounts(tx, [account_id]):
+                result.skipped = "account_deleted"
+                return result
             self.storage.upsert_accounts(tx, [account])
         result.accounts, result.account_ids = 1, [account_id]
         if account.get("data_access", "enabled") == "disabled":
@@ -144,17 +162,41 @@ class Syncer:
         self._sync_transactions_into(result, user_uuid, account_id, full=False)
         return result
 
-    def _sync_transactions_into(
-        self, result: SyncResult, user_uuid: str, *account_ids: int, full: bool
-    ) -> None:
-        """:meth:`sync_transactions`, counted in ``result``, which learns if an account was listed whole."""
-        whole = self.whole_listings
-        result.transactions += self.sync_transactions(user_uuid, *account_ids, full=full)
-        result.whole_listing |= self.whole_listings > whole
+    def _item(self, user_uuid: str, item_id: int, result: SyncResult) -> dict[str, Any] | None:
+        """The item as Bridge has it, or None when Bridge answers 404: the item is gone, and marked
+        so with its accounts (a reconciliation sweep would otherwise resync it forever)."""
+        try:
+            return self.client.get_item(user_uuid, item_id)
+        except NotFound:
+            with self.storage.transaction(durable=False) as tx:
+                self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
+            result.skipped = "item_not_found"
+            log.info("sync.item_gone", item_id=item_id)
+            return None
 
-    def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool) -> int:
+    def _account_gone(self, account_id: int) -> None:
+        """Bridge answered 404 for the account: it is gone, and marked so."""
+        with self.storage.transaction(durable=False) as tx:
+            self.storage.mark_account_deleted(tx, account_id, datetime.now(UTC))
+        self.accounts_gone.append(account_id)
+        log.info("sync.account_gone", account_id=account_id)
+
+    def _sync_transactions_into(
+        self, result: SyncResult, user_uuid: str, *account_ids: int, full: bool, reset: bool = False
+    ) -> None:
+        """:meth:`sync_transactions`, counted in ``result``, which learns if an account was listed whole
+        and which accounts were gone."""
+        whole, gone = self.whole_listings, len(self.accounts_gone)
+        result.transactions += self.sync_transactions(user_uuid, *account_ids, full=full, reset=reset)
+        result.whole_listing |= self.whole_listings > whole
+        result.accounts_gone += self.accounts_gone[gone:]
+
+    def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool, reset: bool = False) -> int:
         """Each account's transactions, one account after the other: all of them (``full``, or no
         cursor yet), else those updated since its cursor minus the overlap. Returns the count written.
+        ``reset`` (with ``full``): each account's cursor becomes what its whole listing saw, even if
+        earlier than the one it had. An account Bridge answers 404 for is marked deleted, and the
+        others are synced all the same.
 
         Fetching (HTTP, JSON, rows) runs ahead in a thread, across accounts too; writing stays here,
         page after page in order, each page in its own transaction and each cursor with its account's
@@ -169,13 +211,19 @@ class Syncer:
             for chunk in chunks:
                 if chunk.first:
                     newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
+                if isinstance(chunk.batch, NotFound):  # the account is gone: what was read of it is kept
+                    held.flush()
+                    self._account_gone(chunk.account_id)
+                    continue
                 if isinstance(chunk.batch, Exception):
                     raise chunk.batch  # the page could not be read into rows: fail where writing it would
                 batch, last, since = chunk.batch, chunk.last, chunk.since
                 seen_future.update(batch.future_ids)
                 if batch.latest is not None and (newest is None or batch.latest > newest):
                     newest = batch.latest
-                close = partial(self._close_listing, chunk.account_id, since, newest, seen_future)
+                close = partial(
+                    self._close_listing, chunk.account_id, since, newest, seen_future, reset and since is None
+                )
                 # A whole listing's pages are held back and written together (the cursor with the last
                 # page): on PostgreSQL pages of ids never seen, COPYed straight in; once a page or a
                 # COPY could not, the rest of the account goes through the upsert, a page per
@@ -187,10 +235,11 @@ class Syncer:
                     fresh = False
                     held.flush()
                     # Nothing to write: no rows, a cursor that would not move, no complete listing to
-                    # close (a delta that found nothing new, most refreshes): no transaction at all.
+                    # close nor cursor to reset (a delta that found nothing new, most refreshes): no
+                    # transaction at all.
                     idle = (
                         not batch.rows
-                        and not (last and since is None and newest is not None)
+                        and not (last and since is None and (newest is not None or reset))
                         and (not last or newest is None or newest == chunk.cursor)
                     )
                     if not idle:
@@ -210,14 +259,24 @@ class Syncer:
         return written
 
     def _close_listing(
-        self, account_id: int, since: datetime | None, newest: datetime | None, seen: set[int], tx: Tx
+        self,
+        account_id: int,
+        since: datetime | None,
+        newest: datetime | None,
+        seen: set[int],
+        reset: bool,
+        tx: Tx,
     ) -> None:
         """With a listing's last page, in its transaction: what only a whole listing tells, and the
         cursor. A listing that sets no cursor (``newest`` None) leaves the account as it found it:
-        sync_transactions then does not count it as whole (see SyncResult.whole_listing)."""
+        sync_transactions then does not count it as whole (see SyncResult.whole_listing). ``reset``
+        (a resync's whole listing): the cursor becomes ``newest`` whatever it was, none if the listing
+        showed nothing; in the same transaction, so no crash leaves rows held under no cursor."""
         if since is None and newest is not None:
             # A complete listing: future transactions it no longer shows are gone.
             self.storage.vanish_future(tx, account_id, seen, newest)
+        if reset:
+            self.storage.reset_cursors(tx, [account_id])
         if newest is not None:
             self.storage.advance_cursor(tx, account_id, newest)
 
@@ -228,12 +287,17 @@ class Syncer:
             cursor = None if full else self.storage.cursor(account_id)
             since = cursor - self.overlap if cursor is not None else None
             pages = self.client.transaction_pages(user_uuid, account_id, since, typed=True)
-            for n, (page, last) in enumerate(_with_last(pages)):
-                try:
-                    batch: TransactionRows | Exception = self.storage.transaction_rows(page)
-                except Exception as exc:
-                    batch = exc
-                yield _Chunk(account_id, cursor, since, batch, n == 0, last)
+            first = True
+            try:
+                for page, last in _with_last(pages):
+                    try:
+                        batch: TransactionRows | Exception = self.storage.transaction_rows(page)
+                    except Exception as exc:
+                        batch = exc
+                    yield _Chunk(account_id, cursor, since, batch, first, last)
+                    first = False
+            except NotFound as exc:  # the account is gone (sync_transactions marks it): the next one
+                yield _Chunk(account_id, cursor, since, exc, first, True)
 
     def _beat(self) -> None:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
@@ -245,18 +309,19 @@ class Syncer:
     ) -> bool:
         """The user and the item, in one transaction; whether the sync goes on to the accounts. Not
         for a user marked deleted: the item is marked too, and nothing more is written (a late
-        event, or Bridge still answering for a moment). The upsert locks the user's row, so this
-        transaction and user.deleted's first one happen one after the other (see
-        workers.jobs.user_deleted)."""
+        event, or Bridge still answering for a moment). Nor for an item marked deleted (item.deleted
+        handled first): deleted stays deleted. The upsert locks the user's row, so this transaction
+        and user.deleted's first one happen one after the other (see workers.jobs.user_deleted)."""
         with self.storage.transaction(durable=False) as tx:
             self.storage.upsert_user(tx, user_uuid, external_user_id)
             self.storage.upsert_item(tx, user_uuid, item)
             if (deleted := self.storage.user_deleted_at(tx, user_uuid)) is not None:
                 self.storage.mark_item_deleted(tx, result.item_id, deleted)
+            item_deleted = self.storage.item_deleted_at(tx, result.item_id) is not None
         result.status = item.get("status")
-        if deleted is not None:
-            result.skipped = "user_deleted"
-            log.info("sync.user_deleted", item_id=result.item_id)
+        if deleted is not None or item_deleted:
+            result.skipped = "user_deleted" if deleted is not None else "item_deleted"
+            log.info(f"sync.{result.skipped}", item_id=result.item_id)
             return False
         return self._usable(item, result)
 
@@ -315,7 +380,7 @@ class _Chunk:
     account_id: int
     cursor: datetime | None  # the account's cursor when its listing began
     since: datetime | None  # what the listing asked for (None: everything)
-    batch: TransactionRows | Exception  # its rows, or why they could not be built
+    batch: TransactionRows | Exception  # its rows, or why they could not be built (NotFound: gone)
     first: bool
     last: bool
 
