@@ -38,9 +38,11 @@ from fakebridge.world import RequestRecord, World, iso_ms
 from service.settings import Rate, Settings
 from tests.harness import storage_at, worker_settings
 from workers.bridge import (
+    DEFAULT_BUDGET_WAIT,
     AuthError,
     BridgeClient,
     BridgeError,
+    BudgetExhausted,
     NotFound,
     PermanentError,
     TransientError,
@@ -497,7 +499,8 @@ def test_malformed_retry_after_stays_inside_the_bridge_errors(
     redis_url: str, world: World, clients: Callable[..., BridgeClient], db_url: str
 ) -> None:
     """A Retry-After that is not a number nor a date is ignored (backoff instead); it must never turn
-    into a ValueError escaping the client, whose callers catch BridgeError."""
+    into a ValueError escaping the client, whose callers catch BridgeError. Still refused after the
+    attempts, the 429 is a spent budget whose wait is Bridge's per-user window."""
 
     def page(request: Request) -> Response:
         return Response(b'{"code":"too_many_requests"}', 429, headers={"Retry-After": "\u00b2"})
@@ -507,10 +510,10 @@ def test_malformed_retry_after_stays_inside_the_bridge_errors(
         client = clients(
             worker_settings(redis_url, db_url, root + PREFIX, world), sleeps=sleeps, jitter=lambda: 1.0
         )
-        with pytest.raises(TransientError) as info:
+        with pytest.raises(BudgetExhausted) as info:
             list(client.transaction_pages("user-1", 7))
     assert info.value.status == 429
-    assert info.value.retry_after is None
+    assert info.value.retry_after == DEFAULT_BUDGET_WAIT
     assert sleeps == [0.5, 1.0, 2.0]
 
 
@@ -722,43 +725,76 @@ def test_spent_user_budget_is_transient_and_sends_nothing(
 
 
 # -- RateLimiter -----------------------------------------------------------------------------------------
-WINDOW_START = 60 * 29_000_000.0  # a multiple of 60: the start of a one-minute window
+T0 = 1_740_000_000.0
 
 
-def test_limiter_sleeps_until_the_next_window(r: redis.Redis) -> None:
-    clock = Clock(WINDOW_START + 15.0)  # 45 s left in this window
+def test_limiter_waits_for_the_oldest_request_to_leave_its_window(r: redis.Redis) -> None:
+    clock = Clock(T0)
     limiter = RateLimiter(r, max_wait=60.0, clock=clock, sleep=clock.sleep)
     rate = Rate(3, 60)
-
     for _ in range(3):
         limiter.acquire("user:u1", rate)
+        clock.now += 10  # at T0, T0 + 10, T0 + 20
     assert clock.sleeps == []
 
-    limiter.acquire("user:u1", rate)  # the 4th in the window
-    assert clock.sleeps == [pytest.approx(45.01)]
-    assert clock.now >= WINDOW_START + 60  # now inside the next window
-    for _ in range(2):  # which has room for two more
+    limiter.acquire("user:u1", rate)  # at T0 + 30: the first leaves the window at T0 + 60
+    assert clock.sleeps == [pytest.approx(30.01)]
+    limiter.acquire("user:u1", rate)  # the second leaves it at T0 + 70
+    assert clock.sleeps[1:] == [pytest.approx(10.0)]  # 9.99 s, and the limiter's 10 ms
+
+
+def test_limiter_allows_no_burst_at_a_window_edge(r: redis.Redis) -> None:
+    """Three requests at the end of a minute leave no room at the start of the next one: Bridge counts
+    any 60 s, and a fixed window would let six through in two seconds."""
+    clock = Clock(60 * 29_000_000.0 + 59.0)  # one second before a fixed minute would end
+    limiter = RateLimiter(r, max_wait=0.0, clock=clock, sleep=clock.sleep)
+    rate = Rate(3, 60)
+    for _ in range(3):
         limiter.acquire("user:u1", rate)
-    assert len(clock.sleeps) == 1
+    clock.now += 2
+    with pytest.raises(OverBudget) as info:
+        limiter.acquire("user:u1", rate)
+    assert info.value.wait == pytest.approx(58.0)
 
 
-def test_limiter_raises_over_budget_when_the_next_window_is_too_far(r: redis.Redis) -> None:
-    clock = Clock(WINDOW_START + 10.0)
+def test_limiter_raises_over_budget_when_the_wait_is_too_long(r: redis.Redis) -> None:
+    clock = Clock(T0)
     limiter = RateLimiter(r, max_wait=10.0, clock=clock, sleep=clock.sleep)
     rate = Rate(2, 60)
     limiter.acquire("app", rate)
     limiter.acquire("app", rate)
+    clock.now += 10
 
     with pytest.raises(OverBudget) as info:
         limiter.acquire("app", rate)
 
     assert info.value.wait == pytest.approx(50.0)
-    assert "app" in str(info.value)
+    assert info.value.key == "app"
     assert clock.sleeps == []
 
 
+def test_limiter_takes_every_budget_or_none(r: redis.Redis) -> None:
+    """A request refused by one budget counts against no other: the user's spent budget must not eat
+    the application's, which every other user shares."""
+    clock = Clock(T0)
+    limiter = RateLimiter(r, max_wait=0.0, clock=clock, sleep=clock.sleep)
+    app, user = Rate(3, 60), Rate(1, 60)
+    limiter.acquire_all([("app", app), ("user:u1", user)])
+    for _ in range(5):
+        with pytest.raises(OverBudget) as info:
+            limiter.acquire_all([("app", app), ("user:u1", user)])
+        assert info.value.key == "user:u1"
+    assert r.zcard("bridgehook:rate:app") == 1
+    limiter.acquire_all([("app", app), ("user:u2", user)])  # the application's budget is intact
+    limiter.acquire_all([("app", app), ("user:u3", user)])
+    with pytest.raises(OverBudget) as info:
+        limiter.acquire_all([("app", app), ("user:u4", user)])
+    assert info.value.key == "app"
+    assert r.zcard("bridgehook:rate:user:u4") == 0
+
+
 def test_limiter_budgets_are_shared_through_redis(redis_url: str, r: redis.Redis) -> None:
-    clock = Clock(WINDOW_START + 1.0)
+    clock = Clock(T0)
     other = redis.Redis.from_url(redis_url)
     try:
         a = RateLimiter(r, max_wait=0.0, clock=clock, sleep=clock.sleep)
@@ -770,8 +806,8 @@ def test_limiter_budgets_are_shared_through_redis(redis_url: str, r: redis.Redis
             with pytest.raises(OverBudget):
                 limiter.acquire("user:u1", rate)
         b.acquire("user:u2", rate)  # another key has its own budget
-        clock.now = WINDOW_START + 60.0
-        a.acquire("user:u1", rate)  # a new window, a new budget
+        clock.now = T0 + 60.0
+        a.acquire("user:u1", rate)  # a minute later the first ones have left the window
     finally:
         other.close()
     assert clock.sleeps == []
