@@ -99,6 +99,9 @@ class Settings:
     rate_app: Rate = RATE_APP
     rate_user: Rate = RATE_USER
     rate_token: Rate = RATE_TOKEN
+    # The longest a worker waits in a job for a request budget (ours or a 429's Retry-After); a longer
+    # wait ends the attempt and the job runs again when the budget frees (workers.jobs).
+    budget_max_wait_seconds: int = 10
     retry_intervals: tuple[int, ...] = (10, 60, 300, 1800, 7200)
     sync_overlap_seconds: int = 300
     item_lock_seconds: int = 60
@@ -159,6 +162,7 @@ class Settings:
             rate_app=env.rate("BRIDGE_RATE_LIMIT_APP", RATE_APP),
             rate_user=env.rate("BRIDGE_RATE_LIMIT_USER", RATE_USER),
             rate_token=env.rate("BRIDGE_RATE_LIMIT_TOKEN", RATE_TOKEN),
+            budget_max_wait_seconds=env.positive_int("BRIDGE_BUDGET_MAX_WAIT_SECONDS", 10, allow_zero=True),
             retry_intervals=env.intervals("WORKER_RETRY_INTERVALS", cls.retry_intervals),
             sync_overlap_seconds=env.positive_int("SYNC_OVERLAP_SECONDS", 300, allow_zero=True),
             item_lock_seconds=env.positive_int("ITEM_LOCK_SECONDS", 60),

@@ -91,10 +91,13 @@ def test_worker_settings() -> None:
             "BRIDGE_CLIENT_ID": "id",
             "BRIDGE_CLIENT_SECRET": "client-secret-value",
             "BRIDGE_RATE_LIMIT_USER": "30/60",
+            "BRIDGE_BUDGET_MAX_WAIT_SECONDS": "0",
             "WORKER_RETRY_INTERVALS": "1, 2,3",
         }
     )
     assert s.rate_user == (30, 60)
+    assert s.budget_max_wait_seconds == 0
+    assert Settings.from_env({}).budget_max_wait_seconds == 10
     assert s.retry_intervals == (1, 2, 3)
     assert "client-secret-value" not in repr(s)
     assert Settings.from_env({"WORKER_RETRY_INTERVALS": ""}).retry_intervals == ()

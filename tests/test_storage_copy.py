@@ -452,9 +452,9 @@ def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
     try:
         syncer = Syncer(client, storage, overlap=timedelta(0))
         pages_seen = 0
-        original = client.transaction_pages
+        original = client.transaction_listing
 
-        def pages(*args: Any, **kwargs: Any) -> Iterator[Page]:
+        def pages(*args: Any, **kwargs: Any) -> Iterator[tuple[Page, str | None]]:
             nonlocal pages_seen
             for page in original(*args, **kwargs):
                 pages_seen += 1
@@ -462,14 +462,14 @@ def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
                     raise ConnectionError("Bridge went away")
                 yield page
 
-        client.transaction_pages = pages  # type: ignore[method-assign]
+        client.transaction_listing = pages  # type: ignore[method-assign]
         with pytest.raises(ConnectionError):
             syncer.sync_transactions(user, account, full=False)
         # Pages 1 and 2 were held back to be written together with the pages after them: nothing
         # written, and no cursor.
         assert stored(storage) == {}
         assert storage.cursor(account) is None
-        client.transaction_pages = original  # type: ignore[method-assign]
+        client.transaction_listing = original  # type: ignore[method-assign]
         assert syncer.sync_transactions(user, account, full=False) == 1600
         assert len(stored(storage)) == 1600 and storage.cursor(account) is not None
     finally:

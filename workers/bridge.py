@@ -3,14 +3,18 @@
 The exceptions a caller may catch, each with one home::
 
     BridgeError
-    ├── TransientError   retry later: 5xx, 429, timeouts, connection errors, our own budget
-    │                    (``retry_after`` says when, if anyone knows)
+    ├── TransientError   retry later: 5xx, timeouts, connection errors (``retry_after`` says
+    │   │                when, if anyone knows)
+    │   └── BudgetExhausted  a request budget is spent: ours (workers.ratelimit) or Bridge's (a
+    │                    ``429`` still refused after the waits below); ``retry_after`` says when it
+    │                    frees. The job runs again then, and spends none of its retries.
     ├── AuthError        credentials refused: 401/403 after one token renewal, or a bad client id/secret
     ├── NotFound         404: the item, account or user is gone at Bridge
     └── PermanentError   any other 4xx: the request is wrong and retrying will not help
 
 Inside one call the client already retries what is worth retrying: 5xx and network errors
-with exponential backoff and full jitter, ``429`` after its ``Retry-After`` (when short),
+with exponential backoff and full jitter, ``429`` after its ``Retry-After`` (when short: a longer
+wait is the scheduler's, not a worker's),
 a ``401`` once with a renewed token; ``max_attempts`` bounds it all. User tokens are cached
 in Redis for every worker until shortly before ``expires_at``, refreshed by one worker at a
 time per user. Request budgets per application, per user and for tokens are shared through
@@ -58,6 +62,14 @@ class TransientError(BridgeError):
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+
+class BudgetExhausted(TransientError):
+    pass
+
+
+# A 429 without a usable Retry-After: Bridge's per-user budget is counted per minute.
+DEFAULT_BUDGET_WAIT = 60.0
 
 
 class AuthError(BridgeError):
@@ -157,7 +169,7 @@ class BridgeClient:
         max_attempts: int = 4,
         backoff_base: float = 0.5,
         backoff_cap: float = 8.0,
-        max_retry_after: float = 30.0,
+        max_retry_after: float = 10.0,
         sleep: Callable[[float], None] = time.sleep,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -165,7 +177,7 @@ class BridgeClient:
             raise ValueError("BRIDGE_CLIENT_ID and BRIDGE_CLIENT_SECRET are required")
         self._settings = settings
         self._redis = connection
-        self._limiter = RateLimiter(connection, sleep=sleep)
+        self._limiter = RateLimiter(connection, max_wait=max_retry_after, sleep=sleep)
         self._base = settings.bridge_api_url.rstrip("/")
         self._origin = httpx.URL(self._base)
         self._root = f"{self._origin.scheme}://{self._origin.netloc.decode('ascii')}"
@@ -214,10 +226,23 @@ class BridgeClient:
         self, user_uuid: str, account_id: int, since: datetime | None = None, *, typed: bool = False
     ) -> Iterator[list[Any]]:
         """Pages of dicts; with ``typed``, of :class:`Transaction` structs where a page fits them."""
+        decode = _typed_transaction_page if typed else _page
+        return (page for page, _ in self._listing(*self._transactions(account_id, since), user_uuid, decode))
+
+    def transaction_listing(
+        self, user_uuid: str, account_id: int, since: datetime | None = None, *, start: str | None = None
+    ) -> Iterator[tuple[list[Any], str | None]]:
+        """Typed pages (see ``transaction_pages``), each with the ``next_uri`` that follows it (None
+        after the last): where a listing stopped, to resume it from ``start`` (a ``next_uri`` it gave)."""
+        path, params = (self._resolve(start), None) if start else self._transactions(account_id, since)
+        return self._listing(path, params, user_uuid, _typed_transaction_page)
+
+    @staticmethod
+    def _transactions(account_id: int, since: datetime | None) -> tuple[str, dict[str, Any]]:
         params: dict[str, Any] = {"account_id": int(account_id), "limit": 500}
         if since is not None:
             params["since"] = _iso(since)
-        return self._pages("/transactions", params, user_uuid, _typed_transaction_page if typed else _page)
+        return "/transactions", params
 
     def user(self, user_uuid: str) -> dict[str, Any]:
         """The user as the last token response described it (uuid, external_user_id)."""
@@ -234,11 +259,21 @@ class BridgeClient:
         user_uuid: str,
         decode: Callable[[bytes], tuple[list[Any], str | None]] = _page,
     ) -> Iterator[list[Any]]:
+        return (page for page, _ in self._listing(path, params, user_uuid, decode))
+
+    def _listing(
+        self,
+        path: str,
+        params: dict[str, Any] | None,
+        user_uuid: str,
+        decode: Callable[[bytes], tuple[list[Any], str | None]],
+    ) -> Iterator[tuple[list[Any], str | None]]:
+        """Every page from ``path`` (under the base URL, or a URL), each with its next_uri."""
         url: str | None = path
-        query: dict[str, Any] | None = params
+        query = params
         while url is not None:
             resources, next_uri = self._request("GET", url, user_uuid=user_uuid, params=query, decode=decode)
-            yield resources
+            yield resources, next_uri or None
             url, query = (self._resolve(next_uri), None) if next_uri else (None, None)
 
     def _resolve(self, next_uri: str) -> str:
@@ -267,7 +302,7 @@ class BridgeClient:
         try:
             self._limiter.acquire_all(budgets)
         except OverBudget as exc:
-            raise TransientError(str(exc), retry_after=exc.wait) from exc
+            raise BudgetExhausted(str(exc), retry_after=exc.wait) from exc
 
     def _backoff(self, attempt: int) -> None:
         ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (attempt - 1))
@@ -322,7 +357,8 @@ class BridgeClient:
                     else:
                         self._backoff(attempt)
                     continue
-                raise TransientError("429 from Bridge", retry_after=retry_after, status=429)
+                wait = DEFAULT_BUDGET_WAIT if retry_after is None else retry_after
+                raise BudgetExhausted("429 from Bridge", retry_after=wait, status=429)
             if status >= 500:
                 if attempt < self._max_attempts:
                     self._backoff(attempt)
@@ -388,7 +424,7 @@ class BridgeClient:
         try:
             self._limiter.acquire(f"token:{user_uuid}", self._settings.rate_token)
         except OverBudget as exc:
-            raise TransientError(str(exc), retry_after=exc.wait) from exc
+            raise BudgetExhausted(str(exc), retry_after=exc.wait) from exc
         data = self._request("POST", "/authorization/token", body={"user_uuid": user_uuid})
         token = str(data["access_token"])
         expires_at = datetime.fromisoformat(str(data["expires_at"]))

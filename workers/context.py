@@ -44,6 +44,7 @@ class WorkerContext:
                 transport=transport,
                 max_attempts=settings.bridge_max_attempts,
                 backoff_base=settings.bridge_backoff_ms / 1000,
+                max_retry_after=settings.budget_max_wait_seconds,
             ),
         )
 

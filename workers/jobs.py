@@ -5,14 +5,18 @@ job id = SHA-256 of the raw body). Every job records itself in ``webhook_events`
 item's lock while it writes (two jobs for one item never write concurrently; different
 items run in parallel), and fetches current state from Bridge, so that replays in any
 order converge on the same rows. Transient failures raise, and RQ's ``Retry`` schedule
-takes over; a permanent one skips the remaining retries and lands in the failed-job
-registry (our dead-letter queue) at once.
+takes over (never sooner than the error's ``retry_after``); a permanent one skips the remaining
+retries and lands in the failed-job registry (our dead-letter queue) at once. A spent request
+budget (:class:`~workers.bridge.BudgetExhausted`) is no failure: the job is scheduled again for
+when the budget frees, through the same schedule, and keeps all its retries, so no job is ever
+dead-lettered by a budget.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +31,7 @@ from rq import get_current_job
 
 from service.logs import get_logger
 from workers import coverage
-from workers.bridge import NotFound, PermanentError
+from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
 from workers.metrics import JOBS, SYNC_LAG
 from workers.sync import Syncer, SyncResult
@@ -100,6 +104,7 @@ def _run(
     ``locks_itself``: the work takes the item locks it needs (a user's items), whatever item id the
     event carries: holding one here would make it wait for itself."""
     job = get_current_job()
+    _restore_schedule(job)
     body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
     event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
     content = event.get("content") or {}
@@ -178,9 +183,39 @@ def _record_coverage(
         log.warning("job.coverage_not_recorded", error=str(exc))
 
 
+_RETRY_INTERVALS = "retry_intervals"  # meta: the job's own schedule, while a deferral replaces it
+
+
+def _schedule_after(job: Any, wait: float, *, free: bool) -> None:
+    """Make RQ's retry of ``job`` (which follows this failure) wait at least ``wait`` seconds; with
+    ``free``, without spending one of its retries. RQ takes the retry's interval from the job's
+    schedule by the number of retries left: for this one retry the schedule is ``[wait]`` (the one
+    it had is kept in the meta, and back at the job's next start)."""
+    left = job.retries_left or 0
+    if free:
+        left += 1  # RQ's retry takes it back
+    if not left:
+        return
+    intervals = list(job.retry_intervals or [0])
+    due = intervals[max(len(intervals) - left, 0)] if not free else 0
+    job.retries_left = left
+    job.meta[_RETRY_INTERVALS] = job.retry_intervals
+    job.retry_intervals = [max(math.ceil(wait), int(due), 1)]
+
+
+def _restore_schedule(job: Any) -> None:
+    """A job deferred by a budget runs with the retry schedule it had before (see _schedule_after)."""
+    if job is not None and _RETRY_INTERVALS in job.meta:
+        job.retry_intervals = job.meta.pop(_RETRY_INTERVALS)
+        job.save_meta()
+
+
 def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None:
     if isinstance(exc, PermanentError) and job is not None:
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
+    budget = isinstance(exc, BudgetExhausted)
+    if job is not None and isinstance(exc, TransientError) and (budget or exc.retry_after):
+        _schedule_after(job, exc.retry_after or 0.0, free=budget)
     final = job is None or not job.retries_left
     error = f"{type(exc).__name__}: {exc}"
     if job is not None:  # RQ keeps the last traceback; the history of attempts is ours to keep
@@ -192,6 +227,9 @@ def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None
         ctx.storage.event_failed(event_id, error, final=final)
     except Exception:  # the database may be what failed; the job's own error matters more
         log.exception("job.ledger_unavailable")
+    if budget and not final:  # expected, and handled: the job waits for its budget
+        log.info("job.deferred", error=error, retry_after=getattr(exc, "retry_after", None))
+        return
     (log.error if final else log.warning)("job.failed", error=error, final=final)
 
 

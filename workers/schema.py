@@ -120,6 +120,11 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "WHERE future = TRUE AND deleted_at IS NULL",
         ],
     ),
+    (
+        4,
+        "accounts.listing: where an unfinished listing of transactions stopped, to resume it",
+        ["ALTER TABLE accounts ADD COLUMN listing TEXT"],
+    ),
 ]
 
 _LOCK_ID = 0x62726964  # "brid": the advisory lock all bridgehook upgrades share

@@ -12,6 +12,7 @@ PostgreSQL a page of transactions through ``COPY`` into a staging table merged b
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -496,6 +497,18 @@ class Storage:
             "AND (transactions_cursor IS NULL OR transactions_cursor < %s)",
             (cursor, account_id, cursor),
         )
+
+    def listing(self, account_id: int) -> dict[str, Any] | None:
+        """Where the account's unfinished listing stopped (see :meth:`save_listing`), None if none."""
+        with self.db.transaction() as tx:
+            row = tx.execute("SELECT listing FROM accounts WHERE id = %s", (account_id,)).fetchone()
+        return None if row is None or not row[0] else dict(json.loads(row[0]))
+
+    def save_listing(self, tx: Tx, account_id: int, state: Mapping[str, Any] | None) -> None:
+        """Where the account's listing stands, in the transaction that writes its pages up to there
+        (None: the listing ended). Not bank data: a next_uri, times and transaction ids."""
+        value = None if state is None else json.dumps(state, separators=(",", ":"))
+        tx.execute("UPDATE accounts SET listing = %s WHERE id = %s", (value, account_id))
 
     def reset_cursors(self, tx: Tx, account_ids: Sequence[int]) -> None:
         """Forget how far these accounts were synced: their next sync reads everything."""

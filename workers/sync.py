@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from service.logs import get_logger
-from workers.bridge import BridgeClient, NotFound, TransientError
+from workers.bridge import BridgeClient, BridgeError, NotFound, TransientError
 from workers.db import Tx
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows
 
@@ -60,6 +60,9 @@ class SyncResult:
     transactions: int = 0  # rows written (a resync writes those changed since the cursor twice)
     account_ids: list[int] = field(default_factory=list)
     accounts_gone: list[int] = field(default_factory=list)  # Bridge answered 404: marked deleted
+    # Whether some listing went on from where an earlier attempt stopped (a spent budget, a crash):
+    # its first pages were read before this sync began.
+    resumed: bool = False
 
     @property
     def covers_earlier_events(self) -> bool:
@@ -67,8 +70,9 @@ class SyncResult:
         workers.coverage): only if it fetched all it meant to (not an item needing the user, an
         account gone…) and listed every account since its cursor (a whole listing leaves deleted
         transactions out: it cannot stand for a delta that would have shown them). Nor one that met an
-        account gone meanwhile: it stopped short of that account."""
-        return self.skipped is None and not self.whole_listing and not self.accounts_gone
+        account gone meanwhile: it stopped short of that account. Nor one that resumed a listing: what
+        it read before it began cannot stand for what changed since."""
+        return self.skipped is None and not (self.whole_listing or self.accounts_gone or self.resumed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +96,7 @@ class Syncer:
         self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
         self.whole_listings = 0  # accounts listed whole by this syncer, as SyncResult counts them
         self.accounts_gone: list[int] = []  # accounts Bridge answered 404 for, marked deleted
+        self.resumed_listings = 0  # listings this syncer took up where an earlier attempt stopped
 
     def sync_item(
         self, user_uuid: str, item_id: int, *, full: bool = False, resync: bool = False
@@ -128,7 +133,13 @@ class Syncer:
         whole = full or resync
         if whole:
             now = datetime.now(UTC)
-            if since_cursor := [a for a in enabled if (c := self.storage.cursor(a)) is not None and c <= now]:
+            # (Not an account whose whole listing an earlier attempt began: that attempt listed it since
+            # its cursor first, and the cursor has not moved since.)
+            since_cursor = [
+                a for a in enabled
+                if (c := self.storage.cursor(a)) is not None and c <= now and not self._whole_begun(a)
+            ]  # fmt: skip
+            if since_cursor:
                 self._sync_transactions_into(result, user_uuid, *since_cursor, full=False)
                 enabled = [a for a in enabled if a not in result.accounts_gone]
             self._beat()
@@ -162,6 +173,10 @@ class Syncer:
         self._sync_transactions_into(result, user_uuid, account_id, full=False)
         return result
 
+    def _whole_begun(self, account_id: int) -> bool:
+        saved = self.storage.listing(account_id)
+        return saved is not None and saved.get("since") is None
+
     def _item(self, user_uuid: str, item_id: int, result: SyncResult) -> dict[str, Any] | None:
         """The item as Bridge has it, or None when Bridge answers 404: the item is gone, and marked
         so with its accounts (a reconciliation sweep would otherwise resync it forever)."""
@@ -186,10 +201,11 @@ class Syncer:
     ) -> None:
         """:meth:`sync_transactions`, counted in ``result``, which learns if an account was listed whole
         and which accounts were gone."""
-        whole, gone = self.whole_listings, len(self.accounts_gone)
+        whole, gone, resumed = self.whole_listings, len(self.accounts_gone), self.resumed_listings
         result.transactions += self.sync_transactions(user_uuid, *account_ids, full=full, reset=reset)
         result.whole_listing |= self.whole_listings > whole
         result.accounts_gone += self.accounts_gone[gone:]
+        result.resumed |= self.resumed_listings > resumed
 
     def sync_transactions(self, user_uuid: str, *account_ids: int, full: bool, reset: bool = False) -> int:
         """Each account's transactions, one account after the other: all of them (``full``, or no
@@ -197,6 +213,13 @@ class Syncer:
         ``reset`` (with ``full``): each account's cursor becomes what its whole listing saw, even if
         earlier than the one it had. An account Bridge answers 404 for is marked deleted, and the
         others are synced all the same.
+
+        Listings resume: each transaction that writes pages also records where the listing stands
+        (the next page's ``next_uri``, the newest ``updated_at`` and the future transactions seen so
+        far), so that an attempt that stops (a spent request budget, a crash) is followed by one that
+        goes on from there instead of page 1, as long as it lists the same way (whole, or since the
+        cursor). A resumed listing read its first pages before the pause, so the cursor it sets is no
+        later than when it began: the next delta lists what changed meanwhile.
 
         Fetching (HTTP, JSON, rows) runs ahead in a thread, across accounts too; writing stays here,
         page after page in order, each page in its own transaction and each cursor with its account's
@@ -211,6 +234,11 @@ class Syncer:
             for chunk in chunks:
                 if chunk.first:
                     newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
+                    if (saved := chunk.resumed) is not None:
+                        newest = _later(newest, _time(saved.get("newest")))
+                        seen_future = set(saved.get("future") or ())
+                        self.resumed_listings += 1
+                        log.info("sync.listing_resumed", account_id=chunk.account_id)
                 if isinstance(chunk.batch, NotFound):  # the account is gone: what was read of it is kept
                     held.flush()
                     self._account_gone(chunk.account_id)
@@ -221,16 +249,25 @@ class Syncer:
                 seen_future.update(batch.future_ids)
                 if batch.latest is not None and (newest is None or batch.latest > newest):
                     newest = batch.latest
-                close = partial(
-                    self._close_listing, chunk.account_id, since, newest, seen_future, reset and since is None
-                )
+                whole_reset = (reset or chunk.reset) and since is None
+                if last:
+                    cap = chunk.started if chunk.resumed is not None else None
+                    then = partial(
+                        self._close_listing, chunk.account_id, since, newest, seen_future, whole_reset, cap
+                    )
+                else:  # where the listing stands once this page is written
+                    state = {
+                        "next": chunk.next, "since": _text(since), "newest": _text(newest),
+                        "future": sorted(seen_future), "started": _text(chunk.started), "reset": whole_reset,
+                    }  # fmt: skip
+                    then = partial(self.storage.save_listing, account_id=chunk.account_id, state=state)
                 # A whole listing's pages are held back and written together (the cursor with the last
                 # page): on PostgreSQL pages of ids never seen, COPYed straight in; once a page or a
                 # COPY could not, the rest of the account goes through the upsert, a page per
                 # transaction. A delta (``since``) goes that way from the start: its overlap re-lists
                 # rows we hold, which would make the COPY fail.
                 if fresh and since is None and self.storage.holds(batch):
-                    fresh = held.add(batch, then=close if last else None)
+                    fresh = held.add(batch, then, end=last)
                 else:
                     fresh = False
                     held.flush()
@@ -239,14 +276,13 @@ class Syncer:
                     # transaction at all.
                     idle = (
                         not batch.rows
-                        and not (last and since is None and (newest is not None or reset))
+                        and not (last and since is None and (newest is not None or whole_reset))
                         and (not last or newest is None or newest == chunk.cursor)
                     )
                     if not idle:
                         with self.storage.transaction(durable=False) as tx:
                             self.storage.write_transactions(tx, batch)
-                            if last:
-                                close(tx)
+                            then(tx)
                 written += len(batch.rows)
                 written_here += len(batch.rows)
                 self._beat()
@@ -254,6 +290,11 @@ class Syncer:
                     self.whole_listings += since is None and (full or newest is not None)
                     log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
                              full=since is None)  # fmt: skip
+        except BridgeError:
+            # Fetching stopped (a spent request budget, Bridge down): the pages read and held are
+            # written, with where the listing stands, so that the next attempt goes on from there.
+            held.flush()
+            raise
         finally:
             chunks.close()  # stops the prefetching thread, whatever happened
         return written
@@ -265,39 +306,52 @@ class Syncer:
         newest: datetime | None,
         seen: set[int],
         reset: bool,
+        cap: datetime | None,
         tx: Tx,
     ) -> None:
         """With a listing's last page, in its transaction: what only a whole listing tells, and the
         cursor. A listing that sets no cursor (``newest`` None) leaves the account as it found it:
         sync_transactions then does not count it as whole (see SyncResult.whole_listing). ``reset``
         (a resync's whole listing): the cursor becomes ``newest`` whatever it was, none if the listing
-        showed nothing; in the same transaction, so no crash leaves rows held under no cursor."""
+        showed nothing; in the same transaction, so no crash leaves rows held under no cursor.
+        ``cap``: when a resumed listing began; its cursor is no later (see sync_transactions). The
+        listing's saved position goes: it ended."""
         if since is None and newest is not None:
             # A complete listing: future transactions it no longer shows are gone.
             self.storage.vanish_future(tx, account_id, seen, newest)
         if reset:
             self.storage.reset_cursors(tx, [account_id])
         if newest is not None:
-            self.storage.advance_cursor(tx, account_id, newest)
+            self.storage.advance_cursor(tx, account_id, newest if cap is None else min(newest, cap))
+        self.storage.save_listing(tx, account_id, None)
 
     def _listings(self, user_uuid: str, account_ids: tuple[int, ...], full: bool) -> Iterator[_Chunk]:
         """The pages to write, account after account, each with its rows and whether it is the last of
-        its account (one page of look-ahead). Runs in the prefetching thread."""
+        its account; an unfinished listing of the same kind goes on where it stopped. Runs in the
+        prefetching thread."""
         for account_id in account_ids:
             cursor = None if full else self.storage.cursor(account_id)
             since = cursor - self.overlap if cursor is not None else None
-            pages = self.client.transaction_pages(user_uuid, account_id, since, typed=True)
-            first = True
+            saved = self.storage.listing(account_id)
+            if saved is not None and (saved.get("since") is None) != (since is None):
+                saved = None  # another kind of listing: this one begins afresh (and saves over it)
+            started, start, reset = datetime.now(UTC), None, False
+            if saved is not None:
+                since, start, reset = _time(saved.get("since")), saved.get("next"), bool(saved.get("reset"))
+                started = _time(saved.get("started")) or started
+            pages = self.client.transaction_listing(user_uuid, account_id, since, start=start)
+            first, resumed = True, saved
             try:
-                for page, last in _with_last(pages):
+                for page, next_uri in pages:
                     try:
                         batch: TransactionRows | Exception = self.storage.transaction_rows(page)
                     except Exception as exc:
                         batch = exc
-                    yield _Chunk(account_id, cursor, since, batch, first, last)
+                    yield _Chunk(account_id, cursor, since, batch, first, next_uri is None, next_uri, started,
+                                 resumed if first else None, reset)  # fmt: skip
                     first = False
             except NotFound as exc:  # the account is gone (sync_transactions marks it): the next one
-                yield _Chunk(account_id, cursor, since, exc, first, True)
+                yield _Chunk(account_id, cursor, since, exc, first, True, None, started, None, reset)
 
     def _beat(self) -> None:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
@@ -349,20 +403,24 @@ class _HeldPages:
         self.storage = storage
         self.pages: list[TransactionRows] = []
         self.rows = 0
+        self.then: Callable[[Tx], None] | None = None
 
-    def add(self, batch: TransactionRows, then: Callable[[Tx], None] | None = None) -> bool:
-        """Hold ``batch``; written at once if it fills the batch or if ``then`` (what ends the listing,
-        run in the same transaction as its last page) is given. False when a COPY had to give way to
-        the upsert (the pages were written all the same): the rest of the account goes that way too."""
+    def add(self, batch: TransactionRows, then: Callable[[Tx], None], *, end: bool) -> bool:
+        """Hold ``batch``, and ``then``: what to write with it, where the listing stands after it or
+        (``end``) what ends the listing. Written at once if it fills the batch or ends the listing.
+        False when a COPY had to give way to the upsert (the pages were written all the same): the
+        rest of the account goes that way too."""
         self.pages.append(batch)
         self.rows += len(batch.rows)
-        return self.flush(then) if then is not None or self.rows >= _HELD_ROWS else True
+        self.then = then
+        return self.flush() if end or self.rows >= _HELD_ROWS else True
 
-    def flush(self, then: Callable[[Tx], None] | None = None) -> bool:
-        """Write the held pages (and ``then``) in one transaction: one COPY, or, if a row turns out to
-        exist already (nothing written then), each page through the upsert in a transaction of its own,
-        ``then`` with the last. True if the COPY took them."""
-        pages, self.pages, self.rows = self.pages, [], 0
+    def flush(self) -> bool:
+        """Write the held pages (and the last page's ``then``) in one transaction: one COPY, or, if a
+        row turns out to exist already (nothing written then), each page through the upsert in a
+        transaction of its own, ``then`` with the last. True if the COPY took them."""
+        pages, self.pages, self.rows, then = self.pages, [], 0, self.then
+        self.then = None
         if not pages or self.storage.write_pages(*pages, then=then):
             return True
         for n, batch in enumerate(pages, 1):
@@ -383,6 +441,10 @@ class _Chunk:
     batch: TransactionRows | Exception  # its rows, or why they could not be built (NotFound: gone)
     first: bool
     last: bool
+    next: str | None  # the next page's next_uri: where the listing stands once this page is written
+    started: datetime  # when the listing began (an earlier attempt's, when resumed)
+    resumed: dict[str, Any] | None  # on the first page of a resumed listing: what was saved of it
+    reset: bool  # a resync's whole listing (saved with it)
 
 
 # Chunks ready ahead of the one being written: a held batch's pages and two more, so that the next
@@ -439,11 +501,13 @@ def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
         thread.join(timeout=5)  # at most one request in flight; a daemon thread if it hangs
 
 
-def _with_last(pages: Iterator[list[Any]]) -> Iterator[tuple[list[Any], bool]]:
-    """Each page with a flag telling whether it is the last one (one page of look-ahead)."""
-    previous: list[Any] | None = None
-    for page in pages:
-        if previous is not None:
-            yield previous, False
-        previous = page
-    yield (previous if previous is not None else []), True
+def _text(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _time(value: Any) -> datetime | None:
+    return None if not value else datetime.fromisoformat(str(value))
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)

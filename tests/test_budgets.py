@@ -1,0 +1,141 @@
+"""Request budgets: a job that meets one (ours, or Bridge's 429) runs again when it frees, spends none of
+its retries, and its listing goes on where it stopped. On SQLite and PostgreSQL, against the fake Bridge
+over HTTP, with real RQ scheduling."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from rq import Queue
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+
+from fakebridge.world import World
+from tests.harness import Harness, worker_settings
+
+
+def queue_of(harness: Harness) -> Queue:
+    return Queue(harness.settings.queue_name, connection=harness.r, serializer=JSONSerializer)
+
+
+def scheduled(harness: Harness) -> list[tuple[Job, datetime]]:
+    """The jobs RQ's scheduler holds, each with when it is due."""
+    registry = ScheduledJobRegistry(queue=queue_of(harness))
+    jobs = [Job.fetch(i, connection=harness.r, serializer=JSONSerializer) for i in registry.get_job_ids()]
+    return [(job, registry.get_scheduled_time(job)) for job in jobs]
+
+
+def release(harness: Harness, *, wait: bool) -> int:
+    """Hand the scheduled jobs to the queue as RQ's scheduler does, once due (``wait``) or at once."""
+    queue, registry = queue_of(harness), ScheduledJobRegistry(queue=queue_of(harness))
+    held = scheduled(harness)
+    if wait and held:
+        time.sleep(max(0.0, max(due for _, due in held).timestamp() - time.time()) + 0.05)
+    for job, _ in held:
+        registry.remove(job)
+        queue.enqueue_job(job)
+    return len(held)
+
+
+def run_to_the_end(harness: Harness, timeout: float = 60) -> int:
+    """Drain, then wait for each deferred job and run it, until none is left; the number of deferrals."""
+    deadline, deferrals = time.monotonic() + timeout, 0
+    harness.drain()
+    while scheduled(harness):
+        assert time.monotonic() < deadline, "jobs still deferred"
+        deferrals += release(harness, wait=True)
+        harness.drain()
+    return deferrals
+
+
+def bank(world: World, transactions: int) -> dict[str, Any]:
+    user = world.add_user(external_user_id="app-user-1")
+    item = world.add_item(user)
+    account = world.add_account(item)
+    world.add_transactions(account, transactions)
+    return {"user": user, "item": item, "account": account}
+
+
+def test_a_429_longer_than_a_worker_waits_defers_the_job_and_spends_no_retry(
+    harness: Harness, world: World
+) -> None:
+    """Five 429s with a Retry-After of 40 s, more than the job's three retries: each defers it by 40 s
+    in RQ's scheduler (no worker waits), none is a dead letter, and the sixth run completes."""
+    b = bank(world, 30)
+    harness.send(world.event_item_created(b["item"]))
+    for _ in range(5):
+        world.faults.rate_limit_next(1, retry_after=40)
+        release(harness, wait=False)
+        before = time.time()
+        harness.drain()
+        [(job, due)] = scheduled(harness)
+        assert job.retries_left == 3
+        assert 39 <= due.timestamp() - before <= 42
+        assert harness.failed_ids() == []
+        assert harness.rows("SELECT status FROM webhook_events") == [("queued",)]
+    release(harness, wait=False)
+    harness.drain()
+    assert scheduled(harness) == []
+    assert harness.failed_ids() == []
+    assert harness.rows("SELECT status FROM webhook_events") == [("done",)]
+    assert harness.tables() == harness.truth()
+
+
+def test_the_retry_schedule_comes_back_after_a_deferral(harness: Harness, world: World) -> None:
+    """A deferral replaces the job's retry schedule for one retry only: a real failure afterwards
+    follows the configured one (three immediate retries in the tests), then is a dead letter."""
+    b = bank(world, 5)
+    world.set_item_status(b["item"], 1003)  # the bank is down: a transient failure that is no budget
+    harness.send(world.event_item_created(b["item"]))
+    world.faults.rate_limit_next(1, retry_after=40)
+    harness.drain()
+    [(job, _)] = scheduled(harness)
+    assert job.retries_left == 3
+    release(harness, wait=False)
+    harness.drain()  # four runs, all refused by the bank, without waiting
+    assert len(harness.failed_ids()) == 1
+    assert harness.rows("SELECT status, attempts FROM webhook_events") == [("failed", 5)]
+
+
+def test_a_long_history_completes_under_a_small_user_budget(
+    harness: Harness, world: World, redis_url: str
+) -> None:
+    """Five requests per 11 s for the user, a history of six pages: the first run lists three pages and
+    meets the budget; the next goes on from the fourth page. Every page is fetched once, nothing is a
+    dead letter, and the tables equal Bridge's."""
+    b = bank(world, 2800)  # six pages of 500
+    harness.settings = worker_settings(
+        redis_url, harness.settings.database_url, harness.fake.api_url, world, BRIDGE_RATE_LIMIT_USER="5/11"
+    )
+    harness.send(world.event_item_created(b["item"]))
+    world.reset_requests()
+
+    deferrals = run_to_the_end(harness)
+
+    assert deferrals == 1
+    assert harness.failed_ids() == []
+    assert harness.tables() == harness.truth()
+    listings = [r for r in world.requests if r.path.endswith("/transactions")]
+    assert [r.status for r in listings] == [200] * 6  # each page once: the second run resumed
+    assert world.budgets.refused == {"app": 0, "user": 0, "token": 0}
+    [(cursor, listing)] = harness.rows("SELECT transactions_cursor, listing FROM accounts")
+    assert cursor is not None and listing is None
+    assert harness.rows("SELECT status FROM webhook_events") == [("done",)]
+
+
+def test_bridges_own_budget_is_never_exceeded(harness: Harness, world: World, redis_url: str) -> None:
+    """The fake Bridge enforces 5 requests per 11 s per user as Bridge would; ours is set to the same:
+    the sync completes without a single 429."""
+    b = bank(world, 2800)
+    world.budgets.set(user=(5, 11))
+    harness.settings = worker_settings(
+        redis_url, harness.settings.database_url, harness.fake.api_url, world, BRIDGE_RATE_LIMIT_USER="5/11"
+    )
+    harness.send(world.event_item_created(b["item"]))
+    run_to_the_end(harness)
+    assert world.budgets.refused == {"app": 0, "user": 0, "token": 0}
+    assert harness.tables() == harness.truth()
+    assert harness.failed_ids() == []
