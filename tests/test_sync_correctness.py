@@ -13,8 +13,9 @@ from typing import Any
 
 from fakebridge.world import World
 from tests.harness import Harness
+from workers import context
 from workers.db import Database
-from workers.reconcile import stale_items
+from workers.reconcile import Reconciler, stale_items
 from workers.replay import Enqueuer
 from workers.storage import Storage, clear, clear_iban
 
@@ -236,6 +237,41 @@ def test_a_stale_item_bridge_answers_404_for_is_marked_gone(harness: Harness, wo
     assert harness.rows("SELECT deleted_at IS NOT NULL FROM items") == [(True,)]
     assert harness.rows("SELECT count(*) FROM accounts WHERE deleted_at IS NULL") == [(0,)]
     assert stale_items(storage, later, timedelta(days=2)) == []  # the next sweep leaves it alone
+    assert harness.failed_ids() == []
+
+
+def sweep(harness: Harness) -> dict[str, int]:
+    harness.drain()  # builds the worker context too
+    return Reconciler(context.current()).run()
+
+
+def test_the_sweep_finds_an_item_deleted_without_a_webhook(harness: Harness, world: World) -> None:
+    b = synced(harness, world)
+    other = world.add_item(b["user"])
+    world.add_transactions(world.add_account(other), 3)
+    harness.send(world.event_item_created(other))
+    harness.drain()
+    world.delete_item(b["item"])  # its item.deleted never reaches us
+
+    assert sweep(harness)["gone"] == 1
+    harness.drain()
+
+    assert harness.rows("SELECT id FROM items WHERE deleted_at IS NOT NULL") == [(b["item"],)]
+    assert harness.tables() == harness.truth()
+    assert sweep(harness)["gone"] == 0  # and it is left alone
+
+
+def test_the_sweep_finds_a_user_deleted_without_a_webhook(harness: Harness, world: World) -> None:
+    b = synced(harness, world)
+    world.delete_user(b["user"])  # its user.deleted never reaches us
+
+    assert sweep(harness)["gone"] == 1
+    harness.drain()
+
+    assert harness.rows("SELECT deleted_at IS NOT NULL FROM users") == [(True,)]
+    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(0,)]
+    assert harness.tables() == harness.truth()
+    assert sweep(harness)["users"] == 0  # no live item left to ask Bridge about
     assert harness.failed_ids() == []
 
 

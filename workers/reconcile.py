@@ -8,6 +8,9 @@ One sweep (an RQ job the scheduler enqueues every ``RECONCILE_INTERVAL_SECONDS``
 - compares each item's ``last_successful_refresh`` at Bridge with ours and enqueues the
   delta when Bridge refreshed without a webhook reaching us (and a full resync for an item
   we have never seen);
+- finds what Bridge deleted without a webhook reaching us: an item we hold that Bridge no longer
+  lists gets a resync (its 404 marks it gone, under the item's lock), a user Bridge answers 404
+  for gets a ``user.deleted`` of our own;
 - warns about items stuck in ``1003`` for more than 24 h (Bridge's checklist: contact their
   support) and items whose last sync is older than ``RECONCILE_STALE_SECONDS``, and resyncs them.
 
@@ -55,7 +58,8 @@ class Reconciler:
         self.now = now
 
     def run(self) -> dict[str, Any]:
-        counts = {"users": 0, "changed": 0, "deltas": 0, "new_items": 0, "stuck": 0, "stale": 0, "partial": 0}
+        counts = {"users": 0, "changed": 0, "deltas": 0, "new_items": 0, "gone": 0, "stuck": 0, "stale": 0,
+                  "partial": 0}  # fmt: skip
         try:
             for user_uuid in self._users():
                 self._user(user_uuid, counts)
@@ -93,8 +97,16 @@ class Reconciler:
         ours = {row[0]: (row[1], to_datetime(row[2])) for row in rows}
         try:
             pages = list(self.ctx.client.item_pages(user_uuid))
-        except NotFound:
+        except NotFound:  # the user is gone at Bridge
+            log.info("reconcile.user_gone", user_uuid=user_uuid)
+            counts["gone"] += 1
+            self.enqueuer.user_gone(user_uuid)
             return
+        listed = {int(item["id"]) for page in pages for item in page}
+        for item_id in sorted(ours.keys() - listed):  # gone at Bridge
+            log.info("reconcile.item_gone", item_id=item_id)
+            counts["gone"] += 1
+            self.enqueuer.resync_item(item_id, user_uuid)
         for item in (i for page in pages for i in page):
             item_id, status = int(item["id"]), item.get("status")
             known = ours.get(item_id)

@@ -70,6 +70,12 @@ class Enqueuer:
             f"resync-user-{user_uuid}", RESYNC_USER, _task("resync.user", user_uuid=user_uuid)
         )
 
+    def user_gone(self, user_uuid: str) -> str:
+        """``user.deleted``, for a user Bridge no longer knows (its own webhook never reached us)."""
+        at = int(time.time() * 1000)
+        event = {"type": "user.deleted", "content": {"user_uuid": user_uuid}, "timestamp": at}
+        return self.enqueue(f"user-gone-{user_uuid}", "workers.jobs.user_deleted", event)
+
     def delta(self, item_id: int, user_uuid: str, tag: str) -> str:
         """An incremental sync of the item, as if ``item.refreshed`` had arrived."""
         event = {"type": "item.refreshed", "content": {"item_id": item_id, "user_uuid": user_uuid},
