@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from tests.harness import Harness, worker_settings
+from workers.storage import Storage
 
 
 def queue_of(harness: Harness) -> Queue:
@@ -139,3 +140,32 @@ def test_bridges_own_budget_is_never_exceeded(harness: Harness, world: World, re
     assert world.budgets.refused == {"app": 0, "user": 0, "token": 0}
     assert harness.tables() == harness.truth()
     assert harness.failed_ids() == []
+
+
+def test_a_listing_bridge_will_not_resume_starts_again(harness: Harness, world: World) -> None:
+    """An unfinished listing whose next_uri Bridge refuses (400) is listed again from its first page,
+    rather than failing the job for good."""
+    b = bank(world, 1200)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    account = b["account"]
+    [(cursor,)] = harness.rows("SELECT transactions_cursor FROM accounts")
+    state = {
+        "next": f"/v3/aggregation/transactions?account_id={account}&limit=500&after=expired",
+        "since": str(cursor), "newest": None, "future": [], "reset": False,
+        "started": datetime.now().astimezone().isoformat(),
+    }  # fmt: skip
+    storage = Storage(harness.db)
+    with storage.transaction() as tx:
+        storage.save_listing(tx, account, state)
+    world.add_transactions(account, 3)
+    world.set_item_status(b["item"], 0)
+    world.reset_requests()
+
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+
+    assert [r.status for r in world.requests if r.path.endswith("/transactions")] == [400, 200]
+    assert harness.failed_ids() == []
+    assert harness.tables() == harness.truth()
+    assert harness.rows("SELECT listing FROM accounts") == [(None,)]

@@ -34,7 +34,7 @@ from functools import partial
 from typing import Any
 
 from service.logs import get_logger
-from workers.bridge import BridgeClient, BridgeError, NotFound, TransientError
+from workers.bridge import BridgeClient, BridgeError, NotFound, PermanentError, TransientError
 from workers.db import Tx
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows
 
@@ -331,27 +331,43 @@ class Syncer:
         prefetching thread."""
         for account_id in account_ids:
             cursor = None if full else self.storage.cursor(account_id)
-            since = cursor - self.overlap if cursor is not None else None
             saved = self.storage.listing(account_id)
-            if saved is not None and (saved.get("since") is None) != (since is None):
+            if saved is not None and (saved.get("since") is None) != (cursor is None):
                 saved = None  # another kind of listing: this one begins afresh (and saves over it)
-            started, start, reset = datetime.now(UTC), None, False
-            if saved is not None:
-                since, start, reset = _time(saved.get("since")), saved.get("next"), bool(saved.get("reset"))
-                started = _time(saved.get("started")) or started
-            pages = self.client.transaction_listing(user_uuid, account_id, since, start=start)
-            first, resumed = True, saved
             try:
-                for page, next_uri in pages:
-                    try:
-                        batch: TransactionRows | Exception = self.storage.transaction_rows(page)
-                    except Exception as exc:
-                        batch = exc
-                    yield _Chunk(account_id, cursor, since, batch, first, next_uri is None, next_uri, started,
-                                 resumed if first else None, reset)  # fmt: skip
-                    first = False
-            except NotFound as exc:  # the account is gone (sync_transactions marks it): the next one
-                yield _Chunk(account_id, cursor, since, exc, first, True, None, started, None, reset)
+                yield from self._listing(user_uuid, account_id, cursor, saved)
+            except _NotResumed as exc:
+                # Bridge refuses where the listing stopped (a next_uri it no longer takes): from page 1.
+                log.warning("sync.listing_not_resumed", account_id=account_id, error=str(exc.__cause__))
+                yield from self._listing(user_uuid, account_id, cursor, None)
+
+    def _listing(
+        self, user_uuid: str, account_id: int, cursor: datetime | None, saved: dict[str, Any] | None
+    ) -> Iterator[_Chunk]:
+        """One account's pages: from page 1 (all, or since the cursor), or where ``saved`` stopped
+        (:class:`_NotResumed` if Bridge refuses that page)."""
+        since = cursor - self.overlap if cursor is not None else None
+        started, start, reset = datetime.now(UTC), None, False
+        if saved is not None:
+            since, start, reset = _time(saved.get("since")), saved.get("next"), bool(saved.get("reset"))
+            started = _time(saved.get("started")) or started
+        pages = self.client.transaction_listing(user_uuid, account_id, since, start=start)
+        first = True
+        try:
+            for page, next_uri in pages:
+                try:
+                    batch: TransactionRows | Exception = self.storage.transaction_rows(page)
+                except Exception as exc:
+                    batch = exc
+                yield _Chunk(account_id, cursor, since, batch, first, next_uri is None, next_uri, started,
+                             saved if first else None, reset)  # fmt: skip
+                first = False
+        except NotFound as exc:  # the account is gone (sync_transactions marks it): the next one
+            yield _Chunk(account_id, cursor, since, exc, first, True, None, started, None, reset)
+        except PermanentError as exc:
+            if first and saved is not None:
+                raise _NotResumed from exc
+            raise
 
     def _beat(self) -> None:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
@@ -429,6 +445,10 @@ class _HeldPages:
                 if then is not None and n == len(pages):
                     then(tx)
         return False
+
+
+class _NotResumed(Exception):
+    """Bridge refused the page an unfinished listing stopped at."""
 
 
 @dataclass(frozen=True)
