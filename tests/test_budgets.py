@@ -169,3 +169,59 @@ def test_a_listing_bridge_will_not_resume_starts_again(harness: Harness, world: 
     assert harness.failed_ids() == []
     assert harness.tables() == harness.truth()
     assert harness.rows("SELECT listing FROM accounts") == [(None,)]
+
+
+def fast_budget(harness: Harness, world: World, redis_url: str, rate: str) -> None:
+    """A user budget of ``rate`` (a window of a few seconds) that a worker waits for a second at most:
+    a spent budget defers the job, the requests of a run pass at once."""
+    harness.settings = worker_settings(
+        redis_url, harness.settings.database_url, harness.fake.api_url, world,
+        BRIDGE_RATE_LIMIT_USER=rate, BRIDGE_BUDGET_MAX_WAIT_SECONDS="1",
+    )  # fmt: skip
+
+
+def test_a_resumed_listing_sees_what_changed_during_its_pause(
+    harness: Harness, world: World, redis_url: str
+) -> None:
+    """The first run lists three of six pages; then Bridge deletes a transaction of the first page and
+    adds newer ones; the second run lists the last three pages. Its cursor is no later than when the
+    listing began, so the next delta sees the deletion."""
+    b = bank(world, 2800)
+    fast_budget(harness, world, redis_url, "5/3")
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    assert len(scheduled(harness)) == 1
+    [(first_page,)] = harness.rows("SELECT min(id) FROM transactions")
+    world.delete_transaction(first_page)
+    world.add_transactions(b["account"], 3)
+
+    run_to_the_end(harness)
+    world.set_item_status(b["item"], 0)
+    harness.send(world.event_item_refreshed(b["item"]))
+    run_to_the_end(harness)
+
+    assert harness.failed_ids() == []
+    assert harness.tables() == harness.truth()
+    [(deleted_at,)] = harness.rows("SELECT deleted_at FROM transactions WHERE id = %s", (first_page,))
+    assert deleted_at is not None
+
+
+def test_a_full_sync_goes_on_with_the_accounts_it_has_not_listed(
+    harness: Harness, world: World, redis_url: str
+) -> None:
+    """Two accounts of five and three pages under a budget of five requests: each run goes on where the
+    last stopped, and an account listed whole by an earlier run is not listed again."""
+    b = bank(world, 2300)
+    second = world.add_account(b["item"], name="Livret")
+    world.add_transactions(second, 1300)
+    fast_budget(harness, world, redis_url, "5/3")
+    harness.send(world.event_item_created(b["item"]))
+    world.reset_requests()
+
+    deferrals = run_to_the_end(harness)
+
+    assert 2 <= deferrals <= 3
+    assert harness.failed_ids() == []
+    assert harness.tables() == harness.truth()
+    listings = [r for r in world.requests if r.path.endswith("/transactions")]
+    assert [r.status for r in listings] == [200] * 8  # 5 + 3 pages, each once

@@ -34,7 +34,7 @@ from workers import coverage
 from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
 from workers.metrics import JOBS, SYNC_LAG
-from workers.sync import Syncer, SyncResult
+from workers.sync import PROGRESS, Progress, Syncer, SyncResult
 
 log = get_logger("bridgehook.jobs")
 
@@ -105,6 +105,8 @@ def _run(
     event carries: holding one here would make it wait for itself."""
     job = get_current_job()
     _restore_schedule(job)
+    progress = _progress(job)
+    progress_token = PROGRESS.set(progress)
     body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
     event_id = job.id if job is not None else hashlib.sha256(body.encode()).hexdigest()
     content = event.get("content") or {}
@@ -156,7 +158,7 @@ def _run(
                 outcome = {"skipped": "not_found"}
             except Exception as exc:
                 if not finished:
-                    _failed(ctx, job, event_id, exc)
+                    _failed(ctx, job, event_id, exc, progress)
                     JOBS.labels(event.get("type"), "failed").inc()
                     raise
                 # Done and durable already (a job timeout, Redis gone as the lock was released):
@@ -171,6 +173,7 @@ def _run(
         log.info("job.done", **summary)
         return summary
     finally:
+        PROGRESS.reset(progress_token)
         structlog.contextvars.clear_contextvars()
 
 
@@ -210,10 +213,37 @@ def _restore_schedule(job: Any) -> None:
         job.save_meta()
 
 
-def _failed(ctx: WorkerContext, job: Any, event_id: str, exc: Exception) -> None:
+def _progress(job: Any) -> Progress:
+    """What the job's earlier attempts did (see workers.sync.Progress); nothing yet for a first one."""
+    meta = job.meta if job is not None else {}
+    return Progress(listed=set(meta.get("listed", ())), items=set(meta.get("items_done", ())))
+
+
+# Attempts in a row that a spent budget stopped before they wrote anything: past this many the job
+# spends its retries as for any other transient error (a loop that never moves forward ends in the
+# dead letters instead of deferring for ever). Any page written starts the count again.
+MAX_IDLE_DEFERRALS = 20
+
+
+def _failed(
+    ctx: WorkerContext, job: Any, event_id: str, exc: Exception, progress: Progress | None = None
+) -> None:
     if isinstance(exc, PermanentError) and job is not None:
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
     budget = isinstance(exc, BudgetExhausted)
+    if budget and job is not None and progress is not None:
+        moved = (
+            progress.pages > 0
+            or progress.listed != set(job.meta.get("listed", ()))
+            or progress.items != set(job.meta.get("items_done", ()))
+        )
+        idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + 1
+        job.meta.update(
+            listed=sorted(progress.listed), items_done=sorted(progress.items), idle_deferrals=idle
+        )
+        if idle > MAX_IDLE_DEFERRALS:
+            log.warning("job.deferred_without_progress", deferrals=idle)
+            budget = False
     if job is not None and isinstance(exc, TransientError) and (budget or exc.retry_after):
         _schedule_after(job, exc.retry_after or 0.0, free=budget)
     final = job is None or not job.retries_left
@@ -314,10 +344,13 @@ def resync_user(event: Event) -> dict[str, Any]:
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
         synced = []
+        done = PROGRESS.get() or Progress()
         for page in ctx.client.item_pages(user_uuid):
             for item in page:
-                with item_lock(ctx, int(item["id"])) as heartbeat:
-                    ctx.syncer(heartbeat).sync_item(user_uuid, int(item["id"]), resync=True)
+                if int(item["id"]) not in done.items:  # (resynced by an earlier attempt of this job)
+                    with item_lock(ctx, int(item["id"])) as heartbeat:
+                        ctx.syncer(heartbeat).sync_item(user_uuid, int(item["id"]), resync=True)
+                    done.items.add(int(item["id"]))
                 synced.append(item["id"])
         return {"items": synced}
 

@@ -41,6 +41,24 @@ from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, T
 log = get_logger("bridgehook.sync")
 
 
+@dataclass
+class Progress:
+    """What a job's attempts have done, carried from one attempt to the next (workers.jobs keeps it in
+    the job's meta): whether an attempt stopped by a spent budget moved forward at all (pages written,
+    listings ended), and which accounts (or, for a user's resync, items) a full sync has already listed
+    whole, so that its next attempt goes on with the others instead of listing those again."""
+
+    pages: int = 0
+    listed: set[int] = field(default_factory=set)
+    items: set[int] = field(default_factory=set)
+
+
+# The running job's Progress (None outside a job): set by workers.jobs around each attempt.
+PROGRESS: contextvars.ContextVar[Progress | None] = contextvars.ContextVar(
+    "bridgehook_progress", default=None
+)
+
+
 class ItemUnavailable(TransientError):
     """The bank is temporarily unavailable for this item (1003, -2, -3): sync it later."""
 
@@ -131,6 +149,8 @@ class Syncer:
             deleted = self.storage.deleted_accounts(tx, enabled)
         enabled = [a for a in enabled if a not in deleted]
         whole = full or resync
+        if whole and (progress := PROGRESS.get()) is not None and progress.listed:
+            enabled = [a for a in enabled if a not in progress.listed]  # listed whole by an earlier attempt
         if whole:
             now = datetime.now(UTC)
             # (Not an account whose whole listing an earlier attempt began: that attempt listed it since
@@ -228,18 +248,26 @@ class Syncer:
         fresh = True
         newest: datetime | None = None
         seen_future: set[int] = set()
+        cap: datetime | None = None
+        open_listing = False
+        progress = PROGRESS.get()
         held = _HeldPages(self.storage)
         chunks = _prefetched(self._listings(user_uuid, account_ids, full))
         try:
             for chunk in chunks:
                 if chunk.first:
                     newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
+                    # A resumed listing's cursor is capped at when it began (see above); a listing with
+                    # a saved position must close, even on an empty last page, or that position stays.
+                    cap = chunk.started if chunk.resumed is not None else None
+                    open_listing = chunk.resumed is not None
                     if (saved := chunk.resumed) is not None:
                         newest = _later(newest, _time(saved.get("newest")))
                         seen_future = set(saved.get("future") or ())
                         self.resumed_listings += 1
                         log.info("sync.listing_resumed", account_id=chunk.account_id)
                 if isinstance(chunk.batch, NotFound):  # the account is gone: what was read of it is kept
+                    self._beat()
                     held.flush()
                     self._account_gone(chunk.account_id)
                     continue
@@ -251,7 +279,6 @@ class Syncer:
                     newest = batch.latest
                 whole_reset = (reset or chunk.reset) and since is None
                 if last:
-                    cap = chunk.started if chunk.resumed is not None else None
                     then = partial(
                         self._close_listing, chunk.account_id, since, newest, seen_future, whole_reset, cap
                     )
@@ -278,6 +305,7 @@ class Syncer:
                         not batch.rows
                         and not (last and since is None and (newest is not None or whole_reset))
                         and (not last or newest is None or newest == chunk.cursor)
+                        and not (last and open_listing)
                     )
                     if not idle:
                         with self.storage.transaction(durable=False) as tx:
@@ -285,14 +313,21 @@ class Syncer:
                             then(tx)
                 written += len(batch.rows)
                 written_here += len(batch.rows)
+                open_listing |= bool(batch.rows)
+                if progress is not None and (batch.rows or last):
+                    progress.pages += 1
                 self._beat()
                 if last:  # (newest is not None: the listing sets a cursor, see _close_listing)
                     self.whole_listings += since is None and (full or newest is not None)
+                    if progress is not None and full:
+                        progress.listed.add(chunk.account_id)
                     log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
                              full=since is None)  # fmt: skip
         except BridgeError:
             # Fetching stopped (a spent request budget, Bridge down): the pages read and held are
-            # written, with where the listing stands, so that the next attempt goes on from there.
+            # written, with where the listing stands, so that the next attempt goes on from there
+            # (if the item's lock is still ours).
+            self._beat()
             held.flush()
             raise
         finally:
@@ -362,12 +397,13 @@ class Syncer:
                 yield _Chunk(account_id, cursor, since, batch, first, next_uri is None, next_uri, started,
                              saved if first else None, reset)  # fmt: skip
                 first = False
-        except NotFound as exc:  # the account is gone (sync_transactions marks it): the next one
-            yield _Chunk(account_id, cursor, since, exc, first, True, None, started, None, reset)
-        except PermanentError as exc:
-            if first and saved is not None:
+        except (NotFound, PermanentError) as exc:
+            if first and saved is not None:  # refused where the listing stopped: not that the account is gone
                 raise _NotResumed from exc
-            raise
+            if not isinstance(exc, NotFound):
+                raise
+            # The account is gone (sync_transactions marks it): on to the next one.
+            yield _Chunk(account_id, cursor, since, exc, first, True, None, started, None, reset)
 
     def _beat(self) -> None:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
