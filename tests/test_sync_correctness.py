@@ -263,16 +263,43 @@ def test_the_sweep_finds_an_item_deleted_without_a_webhook(harness: Harness, wor
 
 def test_the_sweep_finds_a_user_deleted_without_a_webhook(harness: Harness, world: World) -> None:
     b = synced(harness, world)
+    other = world.add_user(external_user_id="app-user-2")
+    kept = world.add_item(other)
+    world.add_transactions(world.add_account(kept), 2)
+    harness.send(world.event_item_created(kept))
+    harness.drain()
     world.delete_user(b["user"])  # its user.deleted never reaches us
 
     assert sweep(harness)["gone"] == 1
     harness.drain()
 
-    assert harness.rows("SELECT deleted_at IS NOT NULL FROM users") == [(True,)]
-    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(0,)]
+    assert harness.rows("SELECT uuid FROM users WHERE deleted_at IS NOT NULL") == [(b["user"],)]
+    assert harness.rows("SELECT id FROM items WHERE deleted_at IS NULL") == [(kept,)]
     assert harness.tables() == harness.truth()
-    assert sweep(harness)["users"] == 0  # no live item left to ask Bridge about
+    assert sweep(harness)["users"] == 1  # only the user left
     assert harness.failed_ids() == []
+
+
+def test_the_sweep_deletes_nobody_when_bridge_knows_no_user(harness: Harness, world: World) -> None:
+    """Every user unknown at once is likelier a wrong BRIDGE_API_URL or credentials than every customer
+    leaving: a deletion is never undone, so the sweep only warns."""
+    b = synced(harness, world)
+    world.delete_user(b["user"])
+    counts = sweep(harness)
+    harness.drain()
+    assert (counts["users"], counts["gone"]) == (0, 0)
+    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(1,)]
+
+
+def test_the_sweep_leaves_an_item_we_marked_deleted_alone(harness: Harness, world: World) -> None:
+    """item.deleted handled while Bridge still lists the item: the sweep neither calls it new nor
+    resyncs it (which would stop at once, on every sweep)."""
+    b = synced(harness, world, accounts=1)
+    harness.send(world.event_item_deleted(b["item"]))
+    harness.drain()
+    counts = sweep(harness)
+    assert (counts["new_items"], counts["gone"], counts["deltas"]) == (0, 0, 0)
+    assert harness.r.llen(f"rq:queue:{harness.settings.queue_name}") == 0
 
 
 # -- 7. SQLite: the commit a coverage record relies on is durable ----------------------------------------

@@ -60,13 +60,17 @@ class Reconciler:
     def run(self) -> dict[str, Any]:
         counts = {"users": 0, "changed": 0, "deltas": 0, "new_items": 0, "gone": 0, "stuck": 0, "stale": 0,
                   "partial": 0}  # fmt: skip
+        gone: list[str] = []
         try:
             for user_uuid in self._users():
-                self._user(user_uuid, counts)
-                counts["users"] += 1
+                if self._user(user_uuid, counts):
+                    counts["users"] += 1
+                else:
+                    gone.append(user_uuid)
         except TransientError as exc:
             counts["partial"] = 1
             log.warning("reconcile.partial", error=str(exc), users_done=counts["users"])
+        self._users_gone(gone, counts)
         now = self.now()
         for item_id, user_uuid in stuck_items(self.ctx.storage, now):
             log.warning("reconcile.item_stuck_1003", item_id=item_id, hint="contact Bridge support")
@@ -87,21 +91,31 @@ class Reconciler:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def _user(self, user_uuid: str, counts: dict[str, int]) -> None:
-        with self.ctx.storage.transaction() as tx:
-            rows = tx.execute(
-                "SELECT id, status, last_successful_refresh FROM items "
-                "WHERE user_uuid = %s AND deleted_at IS NULL",
-                (user_uuid,),
-            ).fetchall()
-        ours = {row[0]: (row[1], to_datetime(row[2])) for row in rows}
-        try:
-            pages = list(self.ctx.client.item_pages(user_uuid))
-        except NotFound:  # the user is gone at Bridge
+    def _users_gone(self, gone: list[str], counts: dict[str, int]) -> None:
+        """A ``user.deleted`` of our own for each user Bridge answered 404 for; only if Bridge knew
+        another user in the same sweep: when every user is unknown, the likelier cause is ours (a wrong
+        ``BRIDGE_API_URL`` or credentials), and a deletion is never undone."""
+        if gone and not counts["users"]:
+            log.warning("reconcile.every_user_unknown", users=len(gone), hint="check BRIDGE_API_URL")
+            return
+        for user_uuid in gone:
             log.info("reconcile.user_gone", user_uuid=user_uuid)
             counts["gone"] += 1
             self.enqueuer.user_gone(user_uuid)
-            return
+
+    def _user(self, user_uuid: str, counts: dict[str, int]) -> bool:
+        """One user's items at Bridge against ours; False if Bridge does not know the user."""
+        with self.ctx.storage.transaction() as tx:
+            rows = tx.execute(
+                "SELECT id, status, last_successful_refresh, deleted_at FROM items WHERE user_uuid = %s",
+                (user_uuid,),
+            ).fetchall()
+        ours = {row[0]: (row[1], to_datetime(row[2])) for row in rows if row[3] is None}
+        deleted = {row[0] for row in rows if row[3] is not None}
+        try:
+            pages = list(self.ctx.client.item_pages(user_uuid))
+        except NotFound:
+            return False
         listed = {int(item["id"]) for page in pages for item in page}
         for item_id in sorted(ours.keys() - listed):  # gone at Bridge
             log.info("reconcile.item_gone", item_id=item_id)
@@ -110,6 +124,8 @@ class Reconciler:
         for item in (i for page in pages for i in page):
             item_id, status = int(item["id"]), item.get("status")
             known = ours.get(item_id)
+            if item_id in deleted:  # deleted stays deleted, whatever Bridge still lists
+                continue
             if known is None:
                 counts["new_items"] += 1
                 self.enqueuer.resync_item(item_id, user_uuid)
@@ -129,3 +145,4 @@ class Reconciler:
                 counts["deltas"] += 1
                 tag = str(int(refresh.timestamp() * 1000)) if refresh else "none"
                 self.enqueuer.delta(item_id, user_uuid, tag)
+        return True
