@@ -251,10 +251,10 @@ class Database:
                 lite.execute("BEGIN IMMEDIATE")
                 try:
                     yield Tx(lite, "sqlite")
-                except BaseException:
-                    lite.execute("ROLLBACK")
-                    raise
-                lite.execute("COMMIT")
+                    lite.execute("COMMIT")
+                finally:
+                    if self._sqlite.in_transaction:  # the block or its COMMIT failed
+                        lite.execute("ROLLBACK")
             finally:
                 if durable:
                     lite.execute("PRAGMA synchronous=NORMAL")
