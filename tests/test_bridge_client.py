@@ -883,3 +883,18 @@ def test_repr_of_client_and_settings_never_shows_the_client_secret(
     ):
         assert secret not in text
     assert fake.api_url in repr(client)
+
+
+def test_limiter_counts_in_redis_time_by_default(r: redis.Redis) -> None:
+    """Without a clock of its own, the windows are counted in Redis's time: workers whose clocks
+    disagree share one budget, and a wait is measured on the same clock."""
+    limiter = RateLimiter(r, max_wait=0.0)
+    rate = Rate(2, 60)
+    limiter.acquire("user:u1", rate)
+    limiter.acquire("user:u1", rate)
+    with pytest.raises(OverBudget) as info:
+        limiter.acquire("user:u1", rate)
+    assert 59 < info.value.wait <= 60
+    seconds, micros = r.time()
+    [(_, score)] = r.zrange("bridgehook:rate:user:u1", 0, 0, withscores=True)
+    assert abs(score - (seconds + micros / 1e6)) < 5

@@ -20,12 +20,16 @@ import redis
 
 from service.settings import Rate
 
-# KEYS: one sorted set per budget. ARGV: now (seconds), a member unique to this request, then each
-# budget's requests and period. Returns {0} when every budget admitted the request (and counts it),
-# else {n, wait}: the n-th budget (1-based) is the one that frees last, in ``wait`` seconds (text:
-# Lua numbers become integers on their way back).
+# KEYS: one sorted set per budget. ARGV: now (seconds; negative: Redis's own clock, the one clock every
+# worker shares), a member unique to this request, then each budget's requests and period. Returns {0}
+# when every budget admitted the request (and counts it), else {n, wait}: the n-th budget (1-based) is
+# the one that frees last, in ``wait`` seconds (text: Lua numbers become integers on their way back).
 _TAKE = """
 local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local worst, wait = 0, 0
 for i, key in ipairs(KEYS) do
   local limit, period = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
@@ -59,9 +63,11 @@ class RateLimiter:
         connection: redis.Redis,
         *,
         max_wait: float = 10.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """``clock``: the time the windows are counted in; by default Redis's own, so that workers
+        whose clocks disagree still share one budget."""
         self._redis = connection
         self._take = connection.register_script(_TAKE)
         self._max_wait = max_wait
@@ -77,7 +83,7 @@ class RateLimiter:
         ``max_wait``) for the budget that frees last, then try again."""
         keys = [f"bridgehook:rate:{key}" for key, _ in budgets]
         while True:
-            args: list[float | str] = [self._clock(), os.urandom(8).hex()]
+            args: list[float | str] = [self._clock() if self._clock else -1, os.urandom(8).hex()]
             for _, rate in budgets:
                 args += [rate.requests, rate.seconds]
             reply = self._take(keys=keys, args=args)
