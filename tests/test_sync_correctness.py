@@ -20,8 +20,10 @@ from workers.replay import Enqueuer
 from workers.storage import Storage, clear, clear_iban
 
 
-def bank(world: World, *, accounts: int = 2, per_account: int = 20) -> dict[str, Any]:
-    user = world.add_user(external_user_id="app-user-1")
+def bank(
+    world: World, *, accounts: int = 2, per_account: int = 20, external: str = "app-user-1"
+) -> dict[str, Any]:
+    user = world.add_user(external_user_id=external)
     item = world.add_item(user)
     account_ids = [world.add_account(item, name=f"Compte {n}") for n in range(accounts)]
     for account in account_ids:
@@ -280,15 +282,31 @@ def test_the_sweep_finds_a_user_deleted_without_a_webhook(harness: Harness, worl
     assert harness.failed_ids() == []
 
 
-def test_the_sweep_deletes_nobody_when_bridge_knows_no_user(harness: Harness, world: World) -> None:
-    """Every user unknown at once is likelier a wrong BRIDGE_API_URL or credentials than every customer
-    leaving: a deletion is never undone, so the sweep only warns."""
+def test_the_sweep_deletes_nobody_when_bridge_knows_none_of_several_users(
+    harness: Harness, world: World
+) -> None:
+    """Every one of several users unknown at once is likelier a wrong BRIDGE_API_URL or credentials than
+    every customer leaving: a deletion is never undone, so the sweep only warns. A lone user (a
+    deployment with one) is deleted."""
     b = synced(harness, world)
+    other = bank(world, accounts=1, per_account=2, external="app-user-2")
+    harness.send(world.event_item_created(other["item"]))
+    harness.drain()
     world.delete_user(b["user"])
+    world.delete_user(other["user"])
     counts = sweep(harness)
     harness.drain()
     assert (counts["users"], counts["gone"]) == (0, 0)
-    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(1,)]
+    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(2,)]
+
+
+def test_the_sweep_deletes_a_lone_user_bridge_no_longer_knows(harness: Harness, world: World) -> None:
+    b = synced(harness, world)
+    world.delete_user(b["user"])
+    assert sweep(harness)["gone"] == 1
+    harness.drain()
+    assert harness.rows("SELECT count(*) FROM items WHERE deleted_at IS NULL") == [(0,)]
+    assert harness.tables() == harness.truth()
 
 
 def test_the_sweep_leaves_an_item_we_marked_deleted_alone(harness: Harness, world: World) -> None:

@@ -92,10 +92,10 @@ class Reconciler:
         return [row[0] for row in rows]
 
     def _users_gone(self, gone: list[str], counts: dict[str, int]) -> None:
-        """A ``user.deleted`` of our own for each user Bridge answered 404 for; only if Bridge knew
-        another user in the same sweep: when every user is unknown, the likelier cause is ours (a wrong
-        ``BRIDGE_API_URL`` or credentials), and a deletion is never undone."""
-        if gone and not counts["users"]:
+        """A ``user.deleted`` of our own for each user Bridge answered 404 for; not when Bridge knew
+        none of several users in the sweep: then the likelier cause is ours (a wrong ``BRIDGE_API_URL``
+        or credentials), and a deletion is never undone."""
+        if len(gone) > 1 and not counts["users"]:
             log.warning("reconcile.every_user_unknown", users=len(gone), hint="check BRIDGE_API_URL")
             return
         for user_uuid in gone:
