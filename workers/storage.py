@@ -158,8 +158,10 @@ UPSERT_USER = (
     "ON CONFLICT (uuid) DO UPDATE SET external_user_id = COALESCE(excluded.external_user_id, "
     "users.external_user_id), updated_at = excluded.updated_at"
 )
+# last_successful_refresh is the refresh of Bridge's that our last complete sync of the item saw (see
+# Storage.item_synced): an upsert keeps it; the reconciliation sweep compares it with Bridge's.
 UPSERT_ITEM = _upsert(
-    "items", "id", ITEM_COLUMNS, guard="last_try_refresh",
+    "items", "id", ITEM_COLUMNS, guard="last_try_refresh", keep=("last_successful_refresh",),
     custom={"status_changed_at": "CASE WHEN items.status = excluded.status THEN items.status_changed_at "
                                  "ELSE excluded.status_changed_at END"},
 )  # fmt: skip
@@ -270,6 +272,8 @@ class Storage:
         tx.execute(UPSERT_USER, (uuid, external_user_id, now, now))
 
     def upsert_item(self, tx: Tx, user_uuid: str, item: Mapping[str, Any]) -> None:
+        """The item as Bridge describes it, but for ``last_successful_refresh``: set by item_synced
+        once a sync has fetched all that refresh brought (kept as it was here, none for a new item)."""
         status, now = item.get("status"), datetime.now(UTC)
         tx.execute(
             UPSERT_ITEM,
@@ -277,8 +281,7 @@ class Storage:
                 item["id"], user_uuid, status, item.get("status_code_info"),
                 item.get("status_code_description"), item.get("provider_id"), status in USER_ACTION_STATUSES,
                 parse_ts(item.get("authentication_expires_at")),
-                parse_ts(item.get("last_successful_refresh")),
-                parse_ts(item.get("last_try_refresh")), now, now,
+                None, parse_ts(item.get("last_try_refresh")), now, now,
             ),
         )  # fmt: skip
 
@@ -319,8 +322,17 @@ class Storage:
             rows = tx.execute("SELECT id FROM items WHERE user_uuid = %s ORDER BY id", (user_uuid,))
             return [int(row[0]) for row in rows.fetchall()]
 
-    def item_synced(self, tx: Tx, item_id: int) -> None:
-        tx.execute("UPDATE items SET last_synced_at = %s WHERE id = %s", (datetime.now(UTC), item_id))
+    def item_synced(self, tx: Tx, item_id: int, refresh: datetime | None = None) -> None:
+        """A sync of the whole item ended: when, and the refresh of Bridge's it saw (``refresh``, the
+        item's ``last_successful_refresh`` when the sync began; never moved back). Only such a sync
+        moves it, not an account's: the sweep finds a refresh whose webhooks were lost by comparing it
+        with Bridge's (workers.reconcile), which one account's event must not hide."""
+        tx.execute(
+            "UPDATE items SET last_synced_at = %s, last_successful_refresh = CASE WHEN "
+            "last_successful_refresh IS NULL OR last_successful_refresh < %s THEN %s "
+            "ELSE last_successful_refresh END WHERE id = %s",
+            (datetime.now(UTC), refresh, refresh, item_id),
+        )
 
     # -- accounts and transactions -------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from typing import Any
 from service.logs import get_logger
 from workers.bridge import BridgeClient, BridgeError, NotFound, PermanentError, TransientError
 from workers.db import Tx
-from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows
+from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows, parse_ts
 
 log = get_logger("bridgehook.sync")
 
@@ -165,7 +165,7 @@ class Syncer:
             self._beat()
         self._sync_transactions_into(result, user_uuid, *enabled, full=whole, reset=resync)
         with self.storage.transaction(durable=False) as tx:
-            self.storage.item_synced(tx, item_id)
+            self.storage.item_synced(tx, item_id, parse_ts(item.get("last_successful_refresh")))
         return result
 
     def sync_account(self, user_uuid: str, item_id: int, account_id: int) -> SyncResult:
