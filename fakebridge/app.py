@@ -208,9 +208,10 @@ def _page(request: Request, rows: list[dict[str, Any]]) -> JSONResponse:
         raise ApiError(400, "invalid_parameter", f"limit must be between 1 and {world.page_limit_max}")
     after = _int_param(request, "after")
     remaining = rows if after is None else [r for r in rows if r["id"] > after]
-    page = remaining[:limit]
+    served = limit if world.page_size is None else min(limit, world.page_size)
+    page = remaining[:served]
     next_uri = None
-    if len(remaining) > limit:
+    if len(remaining) > served:
         query = [(k, v) for k, v in request.query_params.multi_items() if k not in ("limit", "after")]
         query += [("limit", str(limit)), ("after", str(page[-1]["id"]))]
         next_uri = f"{request.url.path}?{urlencode(query)}"

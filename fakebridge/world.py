@@ -359,11 +359,15 @@ class World:
         client_secret: str = "fake-client-secret",  # noqa: S107 - a fake's well-known default
         token_ttl_seconds: float = 7200,
         page_limit_max: int = 500,
+        page_size: int | None = None,
         seed: int = 0,
     ) -> None:
+        """``page_size``: at most this many resources a page, whatever ``limit`` asks (Bridge may serve
+        fewer than asked): small histories then span pages, as Bridge's long ones do."""
         self.lock = threading.RLock()
         self.client_id, self.client_secret = client_id, client_secret
         self.token_ttl_seconds, self.page_limit_max, self.seed = token_ttl_seconds, page_limit_max, seed
+        self.page_size = page_size
         self.faults = Faults(self.lock)
         self.budgets = Budgets(self.lock)
         self.requests: list[RequestRecord] = []

@@ -685,3 +685,24 @@ def test_seed_demo_over_http() -> None:
         assert http.get("/v3/aggregation/transactions?limit=101", headers=auth).status_code == 400
         items = http.get("/v3/aggregation/items", headers=auth).json()["resources"]
         assert [i["id"] for i in items] == [4568477, 4568565]
+
+
+def test_a_page_size_serves_fewer_than_asked(fake: FakeBridgeServer, world: World) -> None:
+    """``World(page_size=…)``: Bridge may serve fewer than ``limit``; next_uri goes on from there."""
+    world.page_size = 3
+    user = world.add_user()
+    account = world.add_account(world.add_item(user))
+    ids = world.add_transactions(account, 7)
+    token = world.issue_token(user)
+    assert token is not None
+    headers = {"Authorization": f"Bearer {token['access_token']}", "Client-Id": world.client_id,
+               "Client-Secret": world.client_secret, "Bridge-Version": "2025-01-15"}  # fmt: skip
+    seen, url = [], f"{fake.api_url}/transactions?account_id={account}&limit=500"
+    root = fake.api_url.split("/v3/")[0]
+    while url:
+        page = httpx.get(url, headers=headers).json()
+        assert len(page["resources"]) <= 3
+        seen += [t["id"] for t in page["resources"]]
+        nxt = page["pagination"]["next_uri"]
+        url = root + nxt if nxt else ""
+    assert seen == ids
