@@ -247,12 +247,18 @@ def sweep(harness: Harness) -> dict[str, int]:
     return Reconciler(context.current()).run()
 
 
+def another_item(harness: Harness, world: World, user: str) -> int:
+    """A second item of ``user`` at the fake, with an account of two transactions, synced."""
+    item = world.add_item(user)
+    world.add_transactions(world.add_account(item), 2)
+    harness.send(world.event_item_created(item))
+    harness.drain()
+    return item
+
+
 def test_the_sweep_finds_an_item_deleted_without_a_webhook(harness: Harness, world: World) -> None:
     b = synced(harness, world)
-    other = world.add_item(b["user"])
-    world.add_transactions(world.add_account(other), 3)
-    harness.send(world.event_item_created(other))
-    harness.drain()
+    another_item(harness, world, b["user"])
     world.delete_item(b["item"])  # its item.deleted never reaches us
 
     assert sweep(harness)["gone"] == 1
@@ -265,11 +271,7 @@ def test_the_sweep_finds_an_item_deleted_without_a_webhook(harness: Harness, wor
 
 def test_the_sweep_finds_a_user_deleted_without_a_webhook(harness: Harness, world: World) -> None:
     b = synced(harness, world)
-    other = world.add_user(external_user_id="app-user-2")
-    kept = world.add_item(other)
-    world.add_transactions(world.add_account(kept), 2)
-    harness.send(world.event_item_created(kept))
-    harness.drain()
+    kept = another_item(harness, world, world.add_user(external_user_id="app-user-2"))
     world.delete_user(b["user"])  # its user.deleted never reaches us
 
     assert sweep(harness)["gone"] == 1
