@@ -97,8 +97,10 @@ def test_the_retry_schedule_comes_back_after_a_deferral(harness: Harness, world:
     assert job.retries_left == 3
     release(harness, wait=False)
     harness.drain()  # four runs, all refused by the bank, without waiting
-    assert len(harness.failed_ids()) == 1
+    [dead] = harness.failed_ids()
     assert harness.rows("SELECT status, attempts FROM webhook_events") == [("failed", 5)]
+    meta = Job.fetch(dead, connection=harness.r, serializer=JSONSerializer).meta
+    assert not {"listed", "items_done", "idle_deferrals"} & meta.keys()  # a replay starts afresh
 
 
 def test_a_long_history_completes_under_a_small_user_budget(

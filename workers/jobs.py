@@ -223,6 +223,7 @@ def _progress(job: Any) -> Progress:
 # spends its retries as for any other transient error (a loop that never moves forward ends in the
 # dead letters instead of deferring for ever). Any page written starts the count again.
 MAX_IDLE_DEFERRALS = 20
+_PROGRESS_KEYS = ("listed", "items_done", "idle_deferrals")  # the job's meta that _progress reads
 
 
 def _failed(
@@ -231,22 +232,25 @@ def _failed(
     if isinstance(exc, PermanentError) and job is not None:
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
     budget = isinstance(exc, BudgetExhausted)
-    if budget and job is not None and progress is not None:
+    if job is not None and progress is not None:  # what this attempt did, for the next one to go on from
         moved = (
             progress.pages > 0
             or progress.listed != set(job.meta.get("listed", ()))
             or progress.items != set(job.meta.get("items_done", ()))
         )
-        idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + 1
+        idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + budget
         job.meta.update(
             listed=sorted(progress.listed), items_done=sorted(progress.items), idle_deferrals=idle
         )
-        if idle > MAX_IDLE_DEFERRALS:
+        if budget and idle > MAX_IDLE_DEFERRALS:
             log.warning("job.deferred_without_progress", deferrals=idle)
             budget = False
     if job is not None and isinstance(exc, TransientError) and (budget or exc.retry_after):
         _schedule_after(job, exc.retry_after or 0.0, free=budget)
     final = job is None or not job.retries_left
+    if final and job is not None:  # a dead letter replayed later starts afresh, as a new event would
+        for key in _PROGRESS_KEYS:
+            job.meta.pop(key, None)
     error = f"{type(exc).__name__}: {exc}"
     if job is not None:  # RQ keeps the last traceback; the history of attempts is ours to keep
         history = job.meta.setdefault("attempts", [])
