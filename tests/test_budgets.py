@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from tests.harness import Harness, worker_settings
+from workers.jobs import MAX_IDLE_DEFERRALS
 from workers.storage import Storage
 
 
@@ -227,3 +228,23 @@ def test_a_full_sync_goes_on_with_the_accounts_it_has_not_listed(
     assert harness.tables() == harness.truth()
     listings = [r for r in world.requests if r.path.endswith("/transactions")]
     assert [r.status for r in listings] == [200] * 8  # 5 + 3 pages, each once
+
+
+def test_a_job_that_never_moves_forward_spends_its_retries(harness: Harness, world: World) -> None:
+    """The loop guard: a budget that has stopped the job before it wrote anything, attempt after attempt
+    (MAX_IDLE_DEFERRALS of them), spends a retry like any transient error; an attempt that writes a page
+    starts the count again."""
+    b = bank(world, 30)
+    harness.send(world.event_item_created(b["item"]))
+    [job_id] = queue_of(harness).get_job_ids()
+    job = Job.fetch(job_id, connection=harness.r, serializer=JSONSerializer)
+    job.meta["idle_deferrals"] = MAX_IDLE_DEFERRALS
+    job.save_meta()
+    world.faults.rate_limit_next(1, retry_after=40)
+    harness.drain()
+    [(job, _)] = scheduled(harness)
+    assert job.retries_left == 2  # spent, this time
+    assert job.meta["idle_deferrals"] == MAX_IDLE_DEFERRALS + 1
+    release(harness, wait=False)
+    harness.drain()
+    assert harness.tables() == harness.truth()

@@ -314,7 +314,11 @@ class Syncer:
                 written += len(batch.rows)
                 written_here += len(batch.rows)
                 open_listing |= bool(batch.rows)
-                if progress is not None and (batch.rows or last):
+                # Progress a later attempt keeps: a page whose position is saved with it (it resumes
+                # after it), or a whole listing that set a cursor. Not a delta's last page, nor a whole
+                # listing of an account with nothing in it: the next attempt lists them again.
+                first_cursor = last and since is None and newest is not None
+                if progress is not None and ((not last and bool(batch.rows)) or first_cursor):
                     progress.pages += 1
                 self._beat()
                 if last:  # (newest is not None: the listing sets a cursor, see _close_listing)
