@@ -510,11 +510,16 @@ class Storage:
             (cursor, account_id, cursor),
         )
 
-    def listing(self, account_id: int) -> dict[str, Any] | None:
-        """Where the account's unfinished listing stopped (see :meth:`save_listing`), None if none."""
+    def position(self, account_id: int) -> tuple[datetime | None, dict[str, Any] | None]:
+        """In one read: the account's cursor, and where its unfinished listing stopped (see
+        :meth:`save_listing`; None if none)."""
         with self.db.transaction() as tx:
-            row = tx.execute("SELECT listing FROM accounts WHERE id = %s", (account_id,)).fetchone()
-        return None if row is None or not row[0] else dict(json.loads(row[0]))
+            row = tx.execute(
+                "SELECT transactions_cursor, listing FROM accounts WHERE id = %s", (account_id,)
+            ).fetchone()
+        if row is None:
+            return None, None
+        return to_datetime(row[0]), (dict(json.loads(row[1])) if row[1] else None)
 
     def save_listing(self, tx: Tx, account_id: int, state: Mapping[str, Any] | None) -> None:
         """Where the account's listing stands, in the transaction that writes its pages up to there

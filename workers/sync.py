@@ -155,10 +155,11 @@ class Syncer:
             now = datetime.now(UTC)
             # (Not an account whose whole listing an earlier attempt began: that attempt listed it since
             # its cursor first, and the cursor has not moved since.)
-            since_cursor = [
-                a for a in enabled
-                if (c := self.storage.cursor(a)) is not None and c <= now and not self._whole_begun(a)
-            ]  # fmt: skip
+            since_cursor = []
+            for account_id in enabled:
+                cursor, saved = self.storage.position(account_id)
+                if cursor is not None and cursor <= now and (saved is None or saved.get("since") is not None):
+                    since_cursor.append(account_id)
             if since_cursor:
                 self._sync_transactions_into(result, user_uuid, *since_cursor, full=False)
                 enabled = [a for a in enabled if a not in result.accounts_gone]
@@ -192,10 +193,6 @@ class Syncer:
             return result
         self._sync_transactions_into(result, user_uuid, account_id, full=False)
         return result
-
-    def _whole_begun(self, account_id: int) -> bool:
-        saved = self.storage.listing(account_id)
-        return saved is not None and saved.get("since") is None
 
     def _item(self, user_uuid: str, item_id: int, result: SyncResult) -> dict[str, Any] | None:
         """The item as Bridge has it, or None when Bridge answers 404: the item is gone, and marked
@@ -262,7 +259,7 @@ class Syncer:
                     cap = chunk.started if chunk.resumed is not None else None
                     open_listing = chunk.resumed is not None
                     if (saved := chunk.resumed) is not None:
-                        newest = _later(newest, _time(saved.get("newest")))
+                        newest = _later(newest, parse_ts(saved.get("newest")))
                         seen_future = set(saved.get("future") or ())
                         self.resumed_listings += 1
                         log.info("sync.listing_resumed", account_id=chunk.account_id)
@@ -275,8 +272,7 @@ class Syncer:
                     raise chunk.batch  # the page could not be read into rows: fail where writing it would
                 batch, last, since = chunk.batch, chunk.last, chunk.since
                 seen_future.update(batch.future_ids)
-                if batch.latest is not None and (newest is None or batch.latest > newest):
-                    newest = batch.latest
+                newest = _later(newest, batch.latest)
                 whole_reset = (reset or chunk.reset) and since is None
                 if last:
                     then = partial(
@@ -369,8 +365,8 @@ class Syncer:
         its account; an unfinished listing of the same kind goes on where it stopped. Runs in the
         prefetching thread."""
         for account_id in account_ids:
-            cursor = None if full else self.storage.cursor(account_id)
-            saved = self.storage.listing(account_id)
+            cursor, saved = self.storage.position(account_id)
+            cursor = None if full else cursor
             if saved is not None and (saved.get("since") is None) != (cursor is None):
                 saved = None  # another kind of listing: this one begins afresh (and saves over it)
             try:
@@ -388,8 +384,8 @@ class Syncer:
         since = cursor - self.overlap if cursor is not None else None
         started, start, reset = datetime.now(UTC), None, False
         if saved is not None:
-            since, start, reset = _time(saved.get("since")), saved.get("next"), bool(saved.get("reset"))
-            started = _time(saved.get("started")) or started
+            since, start, reset = parse_ts(saved.get("since")), saved.get("next"), bool(saved.get("reset"))
+            started = parse_ts(saved.get("started")) or started
         pages = self.client.transaction_listing(user_uuid, account_id, since, start=start)
         first = True
         try:
@@ -563,10 +559,6 @@ def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
 
 def _text(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
-
-
-def _time(value: Any) -> datetime | None:
-    return None if not value else datetime.fromisoformat(str(value))
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
