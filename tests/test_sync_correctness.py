@@ -6,12 +6,12 @@ Bridge over HTTP."""
 from __future__ import annotations
 
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from fakebridge.world import World
+from tests.faults.support import wait_until
 from tests.harness import Harness
 from workers import context
 from workers.db import Database
@@ -181,11 +181,10 @@ def test_an_account_gone_mid_sync_is_marked_and_the_others_synced(harness: Harne
     world.faults.delay(0.2)
 
     def delete_once_listed() -> None:
-        deadline = time.monotonic() + 30
-        while not any(r.path.endswith("/accounts") for r in list(world.requests)):
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.005)
+        def listed() -> bool:
+            return any(r.path.endswith("/accounts") for r in list(world.requests))
+
+        wait_until(listed, 30, "the item's account listing", interval=0.005)
         world.delete_account(gone)
 
     deleter = threading.Thread(target=delete_once_listed)
