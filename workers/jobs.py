@@ -8,8 +8,8 @@ order converge on the same rows. Transient failures raise, and RQ's ``Retry`` sc
 takes over (never sooner than the error's ``retry_after``); a permanent one skips the remaining
 retries and lands in the failed-job registry (our dead-letter queue) at once. A spent request
 budget (:class:`~workers.bridge.BudgetExhausted`) is no failure: the job is scheduled again for
-when the budget frees, through the same schedule, and keeps all its retries, so no job is ever
-dead-lettered by a budget.
+when the budget frees, through the same schedule, and keeps all its retries, so no job that moves
+forward is dead-lettered by a budget (see MAX_IDLE_DEFERRALS for one that does not).
 """
 
 from __future__ import annotations
@@ -219,9 +219,10 @@ def _progress(job: Any) -> Progress:
     return Progress(listed=set(meta.get("listed", ())), items=set(meta.get("items_done", ())))
 
 
-# Attempts in a row that a spent budget stopped before they wrote anything: past this many the job
-# spends its retries as for any other transient error (a loop that never moves forward ends in the
-# dead letters instead of deferring for ever). Any page written starts the count again.
+# Attempts in a row that a spent budget stopped before they kept anything for the next (a page written
+# with its listing's position, an account or item listed: see workers.sync.Progress): past this many
+# the job spends its retries as for any other transient error (a loop that never moves forward ends in
+# the dead letters instead of deferring for ever). Any such progress starts the count again.
 MAX_IDLE_DEFERRALS = 20
 _PROGRESS_KEYS = ("listed", "items_done", "idle_deferrals")  # the job's meta that _progress reads
 
