@@ -44,7 +44,7 @@ from benchmarks.common import (
     worker_env,
 )
 from workers.codec import generate_key
-from workers.storage import (
+from workers.writer import (
     MERGE_TRANSACTIONS,
     TRANSACTION_COLUMNS,
     TRANSACTION_PG_TYPES,

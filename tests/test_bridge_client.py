@@ -51,6 +51,7 @@ from workers.bridge import (
 from workers.ratelimit import OverBudget, RateLimiter
 from workers.storage import Storage
 from workers.sync import Syncer
+from workers.writer import Writer
 
 TOKEN_PATH = f"{PREFIX}/authorization/token"
 TXN_PATH = f"{PREFIX}/transactions"
@@ -828,8 +829,8 @@ def test_sync_asks_for_transactions_since_the_cursor_minus_the_overlap(
     cursor = datetime.now(UTC).replace(microsecond=123_000) - timedelta(hours=1)
     with storage.transaction() as tx:
         storage.upsert_accounts(tx, [{"id": account, "item_id": item}])
-        storage.advance_cursor(tx, account, cursor)
-    assert storage.cursor(account) == cursor
+        Writer.advance_cursor(tx, account, cursor)
+    assert Writer(storage.db).cursor(account) == cursor
     syncer = Syncer(clients(settings), storage, overlap=timedelta(seconds=300))
 
     assert syncer.sync_transactions(user, account, full=False) == 5
@@ -838,7 +839,7 @@ def test_sync_asks_for_transactions_since_the_cursor_minus_the_overlap(
     [since] = parse_qs(request.query)["since"]
     assert datetime.fromisoformat(since.replace("Z", "+00:00")) == cursor - timedelta(seconds=300)
     newest = max(world.snapshot()["transactions"][i]["updated_at"] for i in ids)
-    assert storage.cursor(account) == datetime.fromisoformat(newest.replace("Z", "+00:00"))
+    assert Writer(storage.db).cursor(account) == datetime.fromisoformat(newest.replace("Z", "+00:00"))
 
 
 def test_full_sync_and_first_sync_ask_without_since(
@@ -850,7 +851,7 @@ def test_full_sync_and_first_sync_ask_without_since(
     syncer = Syncer(clients(settings), storage, overlap=timedelta(seconds=300))
 
     assert syncer.sync_transactions(user, account, full=False) == 3  # no cursor yet
-    assert storage.cursor(account) is not None
+    assert Writer(storage.db).cursor(account) is not None
     assert syncer.sync_transactions(user, account, full=True) == 3  # a cursor, but a full listing
 
     queries = [parse_qs(q.query) for q in requests_to(world, TXN_PATH)]

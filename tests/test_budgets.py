@@ -4,6 +4,7 @@ over HTTP, with real RQ scheduling."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from typing import Any
@@ -16,7 +17,6 @@ from rq.serializers import JSONSerializer
 from fakebridge.world import World
 from tests.harness import Harness, worker_settings
 from workers.jobs import MAX_IDLE_DEFERRALS
-from workers.storage import Storage
 
 
 def queue_of(harness: Harness) -> Queue:
@@ -158,9 +158,8 @@ def test_a_listing_bridge_will_not_resume_starts_again(harness: Harness, world: 
         "since": str(cursor), "newest": None, "future": [], "reset": False,
         "started": datetime.now().astimezone().isoformat(),
     }  # fmt: skip
-    storage = Storage(harness.db)
-    with storage.transaction() as tx:
-        storage.save_listing(tx, account, state)
+    with harness.db.transaction() as tx:
+        tx.execute("UPDATE accounts SET listing = %s WHERE id = %s", (json.dumps(state), account))
     world.add_transactions(account, 3)
     world.set_item_status(b["item"], 0)
     world.reset_requests()

@@ -28,21 +28,19 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import storage_at, worker_settings
 from workers.bridge import BridgeClient
-from workers.db import Database, _sqlite_insert_blocks
+from workers.db import Database, Tx
 from workers.schema import upgrade
-from workers.storage import (
+from workers.storage import Storage, clear, money, parse_date, parse_ts
+from workers.sync import Syncer
+from workers.writer import (
     COPY_MIN_ROWS,
     LIVE_FUTURE_IDS,
     TRANSACTION_COLUMNS,
     TRANSACTION_PG_TYPES,
     UPSERT_TRANSACTION,
-    Storage,
-    clear,
-    money,
-    parse_date,
-    parse_ts,
+    Writer,
+    _blocks,
 )
-from workers.sync import Syncer
 
 Page = list[dict[str, Any]]
 T0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
@@ -89,17 +87,28 @@ def by_executemany(storage: Storage, page: Page) -> None:
         tx.executemany(UPSERT_TRANSACTION, reference_rows(page))
 
 
+def writer(storage: Storage) -> Writer:
+    return Writer(storage.db, storage.codec)
+
+
+def upsert(storage: Storage, tx: Tx, page: Page) -> None:
+    """A page in the caller's transaction, as the syncer writes a page of a delta."""
+    to = writer(storage)
+    to.write(tx, to.page(page))
+
+
 def by_upsert(storage: Storage, page: Page) -> None:
     with storage.transaction() as tx:
-        storage.upsert_transactions(tx, page)
+        upsert(storage, tx, page)
 
 
 def by_copy_first(storage: Storage, page: Page) -> None:
     """As the syncer writes a page of a new account: COPY it straight in, else the upsert."""
-    batch = storage.transaction_rows(page)
-    if not storage.write_pages(batch):
+    to = writer(storage)
+    rows = to.page(page)
+    if not to.write_together([rows]):
         with storage.transaction() as tx:
-            storage.write_transactions(tx, batch)
+            to.write(tx, rows)
 
 
 WRITERS: dict[str, Callable[[Storage, Page], None]] = {
@@ -188,7 +197,7 @@ def test_a_page_with_an_id_twice_or_odd_types_goes_row_by_row(storage: Storage) 
         assert replay(storage, pages, "executemany") == expected
         assert replay(storage, pages, "upsert") == expected
         assert replay(storage, pages, "copy_first") == expected
-    assert not storage.transaction_rows(twice).copy and not storage.transaction_rows(odd).copy
+    assert not writer(storage).page(twice).copy and not writer(storage).page(odd).copy
 
 
 @pytest.mark.parametrize("variables", [45, 750, 32766])
@@ -208,19 +217,17 @@ def test_ids_repeated_within_a_statement_of_many_rows_end_as_one_by_one(
 
 
 def test_sqlite_sends_as_many_rows_to_a_statement_as_its_variable_limit_allows() -> None:
-    def sizes(sql: str, limit: int) -> list[int]:
-        blocks = _sqlite_insert_blocks(sql, limit)
+    def sizes(limit: int) -> list[int]:
+        blocks = _blocks(limit)
         for statement, rows in blocks:
-            assert statement.count("?") == rows * sql.count("%s") and "%s" not in statement
+            assert statement.count("%s") == rows * UPSERT_TRANSACTION.count("%s")
+            assert statement.endswith(UPSERT_TRANSACTION[UPSERT_TRANSACTION.index(" ON CONFLICT") :])
         return [rows for _, rows in blocks]
 
-    assert sizes(UPSERT_TRANSACTION, 32766) == [500, 50, 5]  # a page of Bridge's, then what is left
-    assert sizes(UPSERT_TRANSACTION, 999) == [66, 6]  # builds with the old, lower limit
-    assert sizes(UPSERT_TRANSACTION, 45) == [3]
-    assert sizes(UPSERT_TRANSACTION, 20) == []  # one row: the plain statement
-    assert sizes("UPDATE transactions SET deleted_at = %s WHERE id = %s", 32766) == []
-    other = "INSERT INTO t (a, b) VALUES (%s, %s) ON CONFLICT (a) DO UPDATE SET b = %s"  # a third value
-    assert sizes(other, 32766) == []
+    assert sizes(32766) == [500, 50, 5]  # a page of Bridge's, then what is left
+    assert sizes(999) == [66, 6]  # builds with the old, lower limit
+    assert sizes(45) == [3]
+    assert sizes(20) == []  # one row: the plain statement
 
 
 def test_rows_of_another_length_fail_as_one_by_one(storage: Storage) -> None:
@@ -314,38 +321,40 @@ def test_binary_copy_types_are_the_schema_types(pg: Storage) -> None:
 
 def test_a_copy_that_meets_a_known_id_writes_nothing(pg: Storage) -> None:
     by_upsert(pg, [txn(1020, 0)])
-    batch = pg.transaction_rows(first_page())  # ids 1000…1039: 1020 is known
-    assert batch.copy
-    assert pg.write_pages(batch) is False
+    to = writer(pg)
+    page = to.page(first_page())  # ids 1000…1039: 1020 is known
+    assert page.copy
+    assert to.write_together([page]) is False
     assert [row[0] for row in table(pg)] == [1020]
-    assert pg.write_pages(pg.transaction_rows([txn(3000 + i, 0) for i in range(20)])) is True
+    assert to.write_together([to.page([txn(3000 + i, 0) for i in range(20)])]) is True
     assert len(table(pg)) == 21
 
 
 def test_pages_copied_together_write_all_or_nothing(pg: Storage) -> None:
-    one = pg.transaction_rows([txn(5000 + i, 0) for i in range(20)])
-    two = pg.transaction_rows([txn(5019 + i, 0) for i in range(20)])  # 5019 is in both pages
+    to = writer(pg)
+    one = to.page([txn(5000 + i, 0) for i in range(20)])
+    two = to.page([txn(5019 + i, 0) for i in range(20)])  # 5019 is in both pages
     assert one.copy and two.copy
-    assert pg.write_pages(one, two) is False
+    assert to.write_together([one, two]) is False
     assert table(pg) == []
-    three = pg.transaction_rows([txn(5020 + i, 0) for i in range(20)])
-    assert pg.write_pages(one, three) is True
+    three = to.page([txn(5020 + i, 0) for i in range(20)])
+    assert to.write_together([one, three]) is True
     assert len(table(pg)) == 40
 
 
 def test_the_staging_table_serves_twice_in_a_transaction_and_after_a_rollback(pg: Storage) -> None:
     with pytest.raises(RuntimeError), pg.transaction() as tx:
-        pg.upsert_transactions(tx, first_page())
+        upsert(pg, tx, first_page())
         raise RuntimeError("rolled back, staging table with it")
     assert table(pg) == []
     with pg.transaction() as tx:
-        pg.upsert_transactions(tx, first_page())
-        pg.upsert_transactions(tx, second_page())
+        upsert(pg, tx, first_page())
+        upsert(pg, tx, second_page())
     reference = replay(pg, [first_page(), second_page()], "executemany")
     replay(pg, [], "executemany")
     with pg.transaction() as tx:
-        pg.upsert_transactions(tx, first_page())
-        pg.upsert_transactions(tx, second_page())
+        upsert(pg, tx, first_page())
+        upsert(pg, tx, second_page())
     assert table(pg) == reference
 
 
@@ -353,8 +362,6 @@ def test_copy_rows_is_postgresql_only(tmp_path: Any) -> None:
     db = Database.from_url(f"sqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(NotImplementedError), db.transaction() as tx:
         tx.copy_rows("transactions", ["id"], [(1,)])
-    with pytest.raises(NotImplementedError):
-        db.copy_in("transactions", ["id"], [(1,)], ["int8"])
     db.close()
 
 
@@ -379,11 +386,11 @@ def test_multi_page_accounts_new_then_resynced_then_changed(
     settings_ = worker_settings(redis_url, storage.db.url, fake.api_url, world)
     client = BridgeClient(settings_, r)
     copies: list[bool] = []  # what each attempt to COPY a page straight in did
-    write_pages = storage.write_pages
-    storage.write_pages = lambda *pages, **kw: copies.append(write_pages(*pages, **kw)) or copies[-1]  # type: ignore[method-assign]
+    syncer = Syncer(client, storage, overlap=timedelta(0))
+    together = syncer.writer.write_together
+    syncer.writer.write_together = lambda *a, **kw: copies.append(together(*a, **kw)) or copies[-1]  # type: ignore[method-assign]
     postgresql = storage.db.dialect == "postgresql"
     try:
-        syncer = Syncer(client, storage, overlap=timedelta(0))
         assert syncer.sync_transactions(user, *accounts, full=True) == 2468
         # All three pages of each account in one transaction (PostgreSQL: one COPY, with the cursor).
         assert copies == [True, True]
@@ -432,15 +439,15 @@ def test_a_long_new_history_goes_in_by_ten_pages_a_transaction(
     user, account = one_account(storage, world, 5600)  # 12 pages: 1-10 in a COPY, 11-12 (cursor) in one more
     client = BridgeClient(worker_settings(redis_url, storage.db.url, fake.api_url, world), r)
     copies: list[int] = []
-    write_pages = storage.write_pages
-    storage.write_pages = lambda *pages, **kw: copies.append(len(pages)) or write_pages(*pages, **kw)  # type: ignore[method-assign]
+    syncer = Syncer(client, storage, overlap=timedelta(0))
+    together = syncer.writer.write_together
+    syncer.writer.write_together = lambda pages, *a: copies.append(len(pages)) or together(pages, *a)  # type: ignore[method-assign]
     try:
-        syncer = Syncer(client, storage, overlap=timedelta(0))
         assert syncer.sync_transactions(user, account, full=True) == 5600
     finally:
         client.close()
     assert copies == [10, 2]
-    assert len(stored(storage)) == 5600 and storage.cursor(account) is not None
+    assert len(stored(storage)) == 5600 and writer(storage).cursor(account) is not None
 
 
 def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
@@ -468,9 +475,9 @@ def test_an_error_mid_listing_moves_no_cursor_and_the_retry_writes_it_all(
         # Pages 1 and 2 were held back to be written together with the pages after them: nothing
         # written, and no cursor.
         assert stored(storage) == {}
-        assert storage.cursor(account) is None
+        assert writer(storage).cursor(account) is None
         client.transaction_listing = original  # type: ignore[method-assign]
         assert syncer.sync_transactions(user, account, full=False) == 1600
-        assert len(stored(storage)) == 1600 and storage.cursor(account) is not None
+        assert len(stored(storage)) == 1600 and writer(storage).cursor(account) is not None
     finally:
         client.close()

@@ -1,7 +1,9 @@
-"""Pages of transactions decoded strictly (msgspec structs) become exactly the rows the generic
-decode (``json.loads`` with ``Decimal``) and the row-by-row builder give: same values and types, same
-cursor, same COPY decision, same future ids, or the same error. Pages that do not fit the schema fall
-back to the generic decode. Checked on both engines' row shapes, with the codec off and on."""
+"""The one row builder (``Writer.page``) gives, from a page decoded strictly (msgspec structs) and from
+the same page decoded generically (``json.loads`` with ``Decimal``: a page that does not fit the structs),
+exactly the rows of the reference: the original builder, row by row, kept here verbatim. Same values
+and types, same cursor, same COPY decision, same future ids, or the same error. Pages that do not fit
+the schema fall back to the generic decode. Checked on both engines' row shapes, with the codec off
+and on."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from hypothesis import strategies as st
 
 from fakebridge.world import render_json
 from workers.bridge import Transaction, _typed_transaction_page
-from workers.codec import AESGCMCodec
+from workers.codec import AESGCMCodec, Codec, PlainCodec
 from workers.db import Database, Tx
-from workers.storage import Storage, TransactionRows
+from workers.storage import clear, money, parse_date, parse_ts
+from workers.writer import COPY_MIN_ROWS, Page, Writer
 
 MISSING = object()
 
@@ -91,22 +94,53 @@ def outcome(build: Any) -> tuple[str, Any]:
         return "error", type(exc)
 
 
-def stored_rows(batch: TransactionRows, dialect: str) -> list[tuple[Any, ...]]:
-    """The values each path hands to the engine (SQLite: after db.py's adaptation)."""
-    if batch.stored or dialect == "postgresql":
-        return batch.rows
-    return [tuple(Tx(None, "sqlite")._params(row)) for row in batch.rows]
+_INT, _TEXT = {int}, {str, type(None)}
+_PASS_THROUGH = ((1, _INT), (3, _TEXT), (8, _TEXT), (9, _TEXT), (10, {int, type(None)}), (11, _TEXT))
+
+
+def reference(transactions: list[dict[str, Any]], dialect: str, codec: Codec) -> Page:
+    """The original builder, row by row, with its COPY decision: rows of Python values."""
+    enc = None if type(codec) is PlainCodec else codec.encode
+    rows = []
+    for t in transactions:
+        get = t.get
+        updated_at = parse_ts(get("updated_at"))
+        clean, provider = clear(get("clean_description")), clear(get("provider_description"))
+        if enc is not None:
+            clean = enc(clean, "transactions.clean_description")
+            provider = enc(provider, "transactions.provider_description")
+        rows.append(
+            (
+                t["id"], get("account_id"), money(get("amount")), get("currency_code"),
+                parse_date(get("date")), parse_date(get("booking_date")),
+                parse_date(get("transaction_date")), parse_date(get("value_date")), clean, provider,
+                get("category_id"), get("operation_type"), bool(get("future", False)),
+                updated_at, updated_at if get("deleted") else None,
+            )
+        )  # fmt: skip
+    latest = max((row[13] for row in rows if row[13] is not None), default=None)
+    ids = {row[0] for row in rows}
+    copyable = len(ids) == len(rows) and {type(i) for i in ids} <= _INT
+    copyable = copyable and all({type(r[col]) for r in rows} <= allowed for col, allowed in _PASS_THROUGH)
+    copy = dialect == "postgresql" and len(rows) >= COPY_MIN_ROWS and copyable
+    future = [t["id"] for t in transactions if t.get("future") and not t.get("deleted")]
+    return Page(rows, latest, copy, future)
+
+
+def as_sqlite_stores(rows: list[tuple[Any, ...]], dialect: str) -> list[tuple[Any, ...]]:
+    """The reference's rows as the engine takes them (SQLite: after db.py's value-by-value adaptation)."""
+    return rows if dialect == "postgresql" else [tuple(Tx(None, "sqlite")._params(row)) for row in rows]
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def storages(request: pytest.FixtureRequest, tmp_path: Path) -> list[Storage]:
+def writers(request: pytest.FixtureRequest, tmp_path: Path) -> list[Writer]:
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")  # no I/O here: only the dialect matters
     db.dialect = request.param
-    return [Storage(db), Storage(db, AESGCMCodec([os.urandom(32)]))]
+    return [Writer(db), Writer(db, AESGCMCodec([os.urandom(32)]))]
 
 
-def decrypted(rows: list[tuple[Any, ...]], storage: Storage) -> list[tuple[Any, ...]]:
-    codec = storage.codec
+def decrypted(rows: list[tuple[Any, ...]], writer: Writer) -> list[tuple[Any, ...]]:
+    codec = writer.codec
     return [
         (*r[:8], codec.decode(r[8], "transactions.clean_description"),
          codec.decode(r[9], "transactions.provider_description"), *r[10:])
@@ -116,40 +150,41 @@ def decrypted(rows: list[tuple[Any, ...]], storage: Storage) -> list[tuple[Any, 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=page())
-def test_typed_pages_give_the_rows_of_the_generic_decode(storages: list[Storage], body: str) -> None:
-    same_rows(storages, body)
+def test_typed_pages_give_the_rows_of_the_generic_decode(writers: list[Writer], body: str) -> None:
+    same_rows(writers, body)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=page(bridge_stamps))
-def test_pages_of_bridge_timestamps_give_the_same_rows(storages: list[Storage], body: str) -> None:
-    same_rows(storages, body)
+def test_pages_of_bridge_timestamps_give_the_same_rows(writers: list[Writer], body: str) -> None:
+    same_rows(writers, body)
 
 
-def same_rows(storages: list[Storage], body: str) -> None:
+def same_rows(writers: list[Writer], body: str) -> None:
     raw = body.encode()
     generic = json.loads(raw, parse_float=Decimal)["resources"]
     resources, next_uri = _typed_transaction_page(raw)
     assert next_uri is None
     assert all(type(t) is Transaction for t in resources) or resources == generic
-    for storage in storages:
-        dialect = storage.db.dialect
-        expected = outcome(lambda s=storage: s.transaction_rows(generic))
-        got = outcome(lambda s=storage: s.transaction_rows(resources))
-        assert got[0] == expected[0], (got, expected)
-        if got[0] == "error":
-            assert got[1] is expected[1]
-            continue
-        want, have = expected[1], got[1]
-        have_rows, want_rows = stored_rows(have, dialect), stored_rows(want, dialect)
-        assert decrypted(have_rows, storage) == decrypted(want_rows, storage)
-        for a, b in zip(have_rows, want_rows, strict=True):
-            assert [type(v) for v in a[:8] + a[10:]] == [type(v) for v in b[:8] + b[10:]]
-            assert all(str(x) == str(y) for x, y in zip(a, b, strict=True) if isinstance(x, Decimal))
-        assert have.latest == want.latest
-        assert have.latest is None or want.latest is None or have.latest.tzinfo == want.latest.tzinfo
-        assert have.copy == want.copy
-        assert sorted(have.future_ids) == sorted(want.future_ids)
+    for writer in writers:
+        dialect = writer.db.dialect
+        expected = outcome(lambda w=writer, e=dialect: reference(generic, e, w.codec))
+        for decoded in (resources, generic):  # strictly, and generically
+            got = outcome(lambda w=writer, d=decoded: w.page(d))
+            assert got[0] == expected[0], (got, expected)
+            if got[0] == "error":
+                assert got[1] is expected[1]
+                continue
+            want, have = expected[1], got[1]
+            have_rows, want_rows = have.rows, as_sqlite_stores(want.rows, dialect)
+            assert decrypted(have_rows, writer) == decrypted(want_rows, writer)
+            for a, b in zip(have_rows, want_rows, strict=True):
+                assert [type(v) for v in a[:8] + a[10:]] == [type(v) for v in b[:8] + b[10:]]
+                assert all(str(x) == str(y) for x, y in zip(a, b, strict=True) if isinstance(x, Decimal))
+            assert have.latest == want.latest
+            assert have.latest is None or want.latest is None or have.latest.tzinfo == want.latest.tzinfo
+            assert have.copy == want.copy
+            assert sorted(have.future_ids) == sorted(want.future_ids)
 
 
 def test_pages_that_do_not_fit_fall_back_to_the_generic_decode() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 
 import httpx
 import redis
@@ -17,6 +18,7 @@ from service.settings import Settings
 from workers.bridge import BridgeClient
 from workers.codec import codec_from_settings
 from workers.db import Database
+from workers.ledger import Ledger
 from workers.storage import Storage
 from workers.sync import Syncer
 
@@ -47,6 +49,10 @@ class WorkerContext:
                 max_retry_after=settings.budget_max_wait_seconds,
             ),
         )
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.storage.db, self.storage.codec)
 
     def syncer(self, heartbeat: object = None) -> Syncer:
         return Syncer(

@@ -4,12 +4,12 @@ SQL is written once, with ``%s`` placeholders and ``INSERT … ON CONFLICT`` (bo
 speak it); for SQLite the placeholders become ``?`` and values are adapted to what SQLite
 stores losslessly: ``Decimal`` as text (SQLite's NUMERIC would round it through a float),
 timestamps as ISO 8601 UTC text with microseconds (so that they compare as text), dates
-as ISO text and booleans as 0/1. Reads adapt back through :func:`to_decimal` and
-:func:`to_datetime`, which accept either engine's values.
+as ISO text and booleans as 0/1: value by value (:meth:`Tx.execute`), or a column at a time
+(:func:`as_stored`, for rows built by the thousand). Reads adapt back through :func:`to_decimal` and
+:func:`to_datetime`, which accept either engine's values. This module alone knows those formats.
 
-PostgreSQL alone also takes bulk rows through ``COPY … FROM STDIN`` (:meth:`Tx.copy_rows`, in the
-caller's transaction; :meth:`Database.copy_in`, a transaction of its own), in COPY's binary format
-when given the columns' types.
+PostgreSQL alone also takes bulk rows through ``COPY … FROM STDIN`` (:meth:`Tx.copy_rows`), in
+COPY's binary format when given the columns' types.
 
 Durability: a transaction commits synchronously (PostgreSQL waits for its WAL to reach the disk)
 unless it is opened with ``durable=False``: then PostgreSQL answers the COMMIT at once and flushes
@@ -27,7 +27,6 @@ can never outlive the rows it describes.
 
 from __future__ import annotations
 
-import functools
 import re
 import sqlite3
 import threading
@@ -35,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from itertools import chain
+from operator import attrgetter, methodcaller
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +46,10 @@ from service.settings import mask_url
 Dialect = Literal["postgresql", "sqlite"]
 
 ASYNC_COMMIT = "SET LOCAL synchronous_commit TO off"  # this transaction only; see the module's docstring
+
+
+class DuplicateKey(Exception):
+    """A row sent by COPY has the key of a row already there (or of another sent with it)."""
 
 
 class Tx:
@@ -71,32 +74,14 @@ class Tx:
         return self
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], *, stored: bool = False) -> None:
-        """``stored``: the values are already what the engine stores (nothing to adapt)."""
-        values = rows if stored else [self._params(r) for r in rows]
-        if self.dialect == "sqlite":
-            values = self._insert_in_blocks(sql, values if isinstance(values, list) else list(values))
-        self._cursor.executemany(self._sql(sql), values)
+        """``stored``: the values are already what the engine stores (:func:`as_stored`)."""
+        self._cursor.executemany(self._sql(sql), rows if stored else [self._params(r) for r in rows])
 
-    def _insert_in_blocks(self, sql: str, values: list[Sequence[Any]]) -> list[Sequence[Any]]:
-        """SQLite: when ``sql`` inserts one row ``VALUES (%s, …)``, send ``values`` many rows to a
-        statement (a page of Bridge's in one; what is left in statements of a tenth, then a hundredth
-        of that), in order, and return the few left over for the one-row statement. SQLite's cost is
-        per statement run, far more than per value, and each run hands the interpreter lock to other
-        threads and waits to take it back. A row that conflicts with an earlier one of its statement
-        meets it exactly as it would one statement later."""
-        limit = self._cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        blocks = _sqlite_insert_blocks(sql, limit)
-        if not blocks or len(values) < blocks[-1][1]:
-            return values
-        if set(map(len, values)) != {sql.count("%s")}:
-            return values  # a row of another length: the one-row statement says which, as before
-        for statement, per in blocks:
-            whole = len(values) - len(values) % per
-            if whole:
-                rows = (list(chain.from_iterable(values[i : i + per])) for i in range(0, whole, per))
-                self._cursor.executemany(statement, rows)
-                values = values[whole:]
-        return values
+    def max_variables(self) -> int:
+        """How many values one statement may take: SQLite's limit (32,766 by default); PostgreSQL's."""
+        if self.dialect == "sqlite":
+            return int(self._cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
+        return 65_535
 
     def copy_rows(
         self,
@@ -111,17 +96,21 @@ class Tx:
         the rows travel in COPY's binary format, which costs a fraction of the text format to produce;
         each value must then be of the Python type psycopg dumps as that type (``int`` for ``int8``,
         ``str`` for ``text``…). ``table`` and ``columns`` are our own constants, never input.
-        Returns the number of rows sent."""
+        Returns the number of rows sent; :class:`DuplicateKey` (the transaction then fails) when a row
+        has the key of one already there."""
         if self.dialect != "postgresql":
             raise NotImplementedError("COPY is PostgreSQL's; use executemany on SQLite")
         statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
         sent = 0
-        with self._cursor.copy(statement + (" (FORMAT BINARY)" if types else "")) as copy:
-            if types:
-                copy.set_types(types)
-            for row in rows:
-                copy.write_row(row)
-                sent += 1
+        try:
+            with self._cursor.copy(statement + (" (FORMAT BINARY)" if types else "")) as copy:
+                if types:
+                    copy.set_types(types)
+                for row in rows:
+                    copy.write_row(row)
+                    sent += 1
+        except psycopg.errors.UniqueViolation as exc:
+            raise DuplicateKey(str(exc)) from exc
         return sent
 
     def fetchone(self) -> tuple[Any, ...] | None:
@@ -134,25 +123,6 @@ class Tx:
     @property
     def rowcount(self) -> int:
         return int(self._cursor.rowcount)
-
-
-_ROWS_PER_INSERT = 500  # at most: a page of Bridge's (its largest ``limit``)
-_ONE_ROW = re.compile(r"^INSERT INTO \w+ \([\w, ]+\) VALUES (\(%s(?:, %s)*\))")
-
-
-@functools.lru_cache(maxsize=32)
-def _sqlite_insert_blocks(sql: str, max_variables: int) -> list[tuple[str, int]]:
-    """``sql``, an INSERT of one row ``VALUES (%s, …)`` whose only parameters are those values, as
-    INSERTs of many rows, each with its number of rows, largest first: as many as SQLite's variable
-    limit allows (up to ``_ROWS_PER_INSERT``), a tenth and a hundredth of that (at least two rows).
-    None of them (an empty list) for any other statement."""
-    match = _ONE_ROW.match(sql)
-    if match is None or match.group(1).count("%s") != sql.count("%s"):
-        return []
-    most = min(_ROWS_PER_INSERT, max_variables // sql.count("%s"))
-    sizes = sorted({n for n in (most, most // 10, most // 100) if n >= 2}, reverse=True)
-    head, tail = sql[: match.start(1)], sql[match.end(1) :]
-    return [(f"{head}{', '.join([match.group(1)] * n)}{tail}".replace("%s", "?"), n) for n in sizes]
 
 
 _SQLITE_AS_IS = frozenset({str, int, float, bytes, type(None)})  # exactly these: _to_sqlite keeps them
@@ -194,6 +164,44 @@ def to_datetime(value: Any) -> datetime | None:
 _SQLITE_BY_TYPE: dict[type, Callable[[Any], Any]] = {
     bool: int, Decimal: str, datetime: iso_utc, date: _iso_date,
 }  # fmt: skip
+
+Kind = Literal["decimal", "date", "timestamp", "bool", "any"]
+_ISO_MICROSECONDS = methodcaller("isoformat", timespec="microseconds")
+# Timestamps as Bridge writes them: UTC, milliseconds. (Hours 00 to 23 only: from Python 3.14
+# fromisoformat takes 24:00 as the next day's midnight.)
+_BRIDGE_TIMES = re.compile(r"(?:\d{4}-\d\d-\d\dT(?:[01]\d|2[0-3]):\d\d:\d\d\.\d\d\dZ\n)+")
+
+
+def as_stored(
+    dialect: Dialect, kind: Kind, values: Sequence[Any], *, written: Sequence[str] | None = None
+) -> Sequence[Any]:
+    """A column of values of one kind (``Decimal``, ``date``, aware ``datetime``, ``bool``, or None; or
+    ``any`` type) as the engine stores them, what :meth:`Tx.execute` would make of each: on PostgreSQL
+    as they are, on SQLite in one pass. ``written``: the text each timestamp was parsed from by
+    ``fromisoformat``. Text as Bridge writes it (``2026-11-24T14:26:41.575Z``) becomes SQLite's
+    (``…41.575000+00:00``) by an edit, ten times cheaper than formatting the time (the shape alone
+    would let ``2026-13-45`` through, hence only text that was parsed)."""
+    if dialect == "postgresql" or not values:
+        return values
+    if kind == "bool":
+        return list(map(int, values))
+    if kind == "any":
+        return Tx(None, dialect)._params(values)
+    # (A Decimal compared with None costs an isinstance on an ABC: the types say it sooner.)
+    nulls = type(None) in set(map(type, values))
+    if kind == "decimal":
+        return [None if v is None else str(v) for v in values] if nulls else list(map(str, values))
+    if kind == "date":
+        return [None if v is None else v.isoformat() for v in values]
+    if (
+        written is not None
+        and set(map(len, written)) == {24}
+        and _BRIDGE_TIMES.fullmatch("\n".join(written) + "\n")
+    ):
+        return [stamp[:23] + "000+00:00" for stamp in written]
+    if not nulls and set(map(attrgetter("tzinfo"), values)) == {UTC}:
+        return list(map(_ISO_MICROSECONDS, values))
+    return [None if v is None else iso_utc(v) for v in values]
 
 
 class Database:
@@ -258,30 +266,6 @@ class Database:
             finally:
                 if durable:
                     lite.execute("PRAGMA synchronous=NORMAL")
-
-    def copy_in(
-        self,
-        table: str,
-        columns: Sequence[str],
-        rows: Iterable[Sequence[Any]],
-        types: Sequence[str],
-        *,
-        durable: bool = True,
-        then: Callable[[Tx], None] | None = None,
-    ) -> bool:
-        """COPY the rows into ``table``, then run ``then``, in one transaction (``durable=False``:
-        committed asynchronously): True, or False with nothing written when a row collides with one
-        already there (a unique violation). PostgreSQL only; see :meth:`Tx.copy_rows` for ``types``."""
-        if self._pool is None:
-            raise NotImplementedError("COPY is PostgreSQL's")
-        try:
-            with self.transaction(durable=durable) as tx:
-                tx.copy_rows(table, columns, rows, types)
-                if then is not None:
-                    then(tx)
-        except psycopg.errors.UniqueViolation:
-            return False
-        return True
 
     def close(self) -> None:
         if self._pool is not None:

@@ -27,6 +27,7 @@ from rq.serializers import JSONSerializer
 
 from service.events import normalise_type
 from workers.db import to_datetime
+from workers.ledger import Ledger
 from workers.storage import Storage
 
 SENSITIVE = ("iban", "name", "description", "balance", "amount", "label", "owner", "holder")
@@ -191,10 +192,11 @@ class DeadLetters:
 
     def purge(self, letters: Sequence[DeadLetter]) -> int:
         """Remove from the registry; the ledger row stays, marked ``purged``."""
+        ledger = None if self.storage is None else Ledger(self.storage.db, self.storage.codec)
         for d in letters:
-            if self.storage is not None:
-                self.storage.event_purged(d.id, d.event, json.dumps(d.event, sort_keys=True), d.attempts,
-                                          d.received_at or datetime.now(UTC))  # fmt: skip
+            if ledger is not None:
+                body = json.dumps(d.event, sort_keys=True)
+                ledger.purged(d.id, d.event, body, d.attempts, d.received_at or datetime.now(UTC))
             self.registry.remove(d.id, delete_job=True)
         return len(letters)
 

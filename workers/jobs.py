@@ -129,11 +129,11 @@ def _run(
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
         outcome: SyncResult | dict[str, Any]
         if is_covered():  # nothing left to do: the ledger row goes in done, one synchronous commit
-            ctx.storage.event_started(event_id, event, body, received, done=True)
+            ctx.ledger.started(event_id, event, body, received, done=True)
             outcome = {"skipped": "covered"}
         else:
             # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
-            ctx.storage.event_started(event_id, event, body, received, durable=False)
+            ctx.ledger.started(event_id, event, body, received, durable=False)
             finished = False
             try:
                 if item_id is None:
@@ -145,7 +145,7 @@ def _run(
                         else:
                             through = None if scope is None else coverage.received_so_far(ctx.redis)
                             outcome = work(ctx, ctx.syncer(heartbeat))
-                            ctx.storage.event_done(event_id)  # synchronous: the sync's rows are durable
+                            ctx.ledger.done(event_id)  # synchronous: the sync's rows are durable
                             finished = True
                             # Only now (the rows are durable), and before the lock goes: a job
                             # waiting for the lock finds the record as it takes it.
@@ -165,7 +165,7 @@ def _run(
                 # the ledger and RQ must not call it failed, nor run it again.
                 log.warning("job.error_after_done", error=f"{type(exc).__name__}: {exc}")
             if not finished:
-                ctx.storage.event_done(event_id)
+                ctx.ledger.done(event_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
         JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
@@ -259,7 +259,7 @@ def _failed(
         del history[:-20]
         job.save_meta()
     try:
-        ctx.storage.event_failed(event_id, error, final=final)
+        ctx.ledger.failed(event_id, error, final=final)
     except Exception:  # the database may be what failed; the job's own error matters more
         log.exception("job.ledger_unavailable")
     if budget and not final:  # expected, and handled: the job waits for its budget

@@ -9,11 +9,9 @@ absorbs clock skew and updates made while we paginated.
 
 Fetching runs ahead of writing: a thread requests the next pages (and the next accounts'),
 parses them and builds their rows while this one writes, at most twelve pages ahead;
-what is written, in which order and in which transaction stays the same. On PostgreSQL pages
-of ids never seen (a new account's history) are COPYed straight in, up to ten in one statement
-and transaction (the last page, with the cursor, joins the last of them); any other page goes
-through the upsert. On SQLite, whose cost is per commit, up to ten pages of a full listing share
-a transaction.
+what is written, in which order and in which transaction stays the same. How a page is written
+(COPY, merge or upsert, several pages to a transaction) is :mod:`workers.writer`'s business: this
+module decides what to fetch, and in what order.
 
 Every transaction here commits asynchronously on PostgreSQL (``durable=False``, see
 :mod:`workers.db`): the job that runs a sync ends with a synchronous commit of its ledger row, which
@@ -30,13 +28,12 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.logs import get_logger
 from workers.bridge import BridgeClient, BridgeError, NotFound, PermanentError, TransientError
-from workers.db import Tx
-from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, TransactionRows, parse_ts
+from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
+from workers.writer import HELD_ROWS, Listing, Page, Writer
 
 log = get_logger("bridgehook.sync")
 
@@ -71,7 +68,7 @@ class SyncResult:
     # Whether some account was listed whole (no cursor yet, or a full sync) rather than since its
     # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions. Not
     # counted: the listing of an account without a cursor that sets none (it showed no transaction
-    # with an ``updated_at``: see _close_listing). The account still has no cursor, so whichever sync
+    # with an ``updated_at``: see workers.writer). The account still has no cursor, so whichever sync
     # lists it next lists it whole as well: this listing stands for any of them.
     whole_listing: bool = False
     accounts: int = 0
@@ -110,6 +107,7 @@ class Syncer:
     ) -> None:
         self.client = client
         self.storage = storage
+        self.writer = Writer(storage.db, storage.codec)
         self.overlap = overlap
         self.heartbeat = heartbeat  # raises if the item's lock was lost: called between pages
         self.whole_listings = 0  # accounts listed whole by this syncer, as SyncResult counts them
@@ -157,7 +155,7 @@ class Syncer:
             # its cursor first, and the cursor has not moved since.)
             since_cursor = []
             for account_id in enabled:
-                cursor, saved = self.storage.position(account_id)
+                cursor, saved = self.writer.position(account_id)
                 if cursor is not None and cursor <= now and (saved is None or saved.get("since") is not None):
                     since_cursor.append(account_id)
             if since_cursor:
@@ -231,171 +229,102 @@ class Syncer:
         earlier than the one it had. An account Bridge answers 404 for is marked deleted, and the
         others are synced all the same.
 
-        Listings resume: each transaction that writes pages also records where the listing stands
-        (the next page's ``next_uri``, the newest ``updated_at`` and the future transactions seen so
-        far), so that an attempt that stops (a spent request budget, a crash) is followed by one that
-        goes on from there instead of page 1, as long as it lists the same way (whole, or since the
-        cursor). A resumed listing read its first pages before the pause, so the cursor it sets is no
-        later than when it began: the next delta lists what changed meanwhile.
+        Listings resume: the writer saves where each listing stands with its pages (see
+        :mod:`workers.writer`), and an attempt that stopped (a spent request budget, a crash) is
+        followed by one that goes on from there instead of page 1, as long as it lists the same way
+        (whole, or since the cursor). A resumed listing read its first pages before the pause, so the
+        cursor it sets is no later than when it began: the next delta lists what changed meanwhile.
 
         Fetching (HTTP, JSON, rows) runs ahead in a thread, across accounts too; writing stays here,
-        page after page in order, each page in its own transaction and each cursor with its account's
-        last page, exactly as if it all ran in this thread."""
-        written = written_here = 0
-        fresh = True
-        newest: datetime | None = None
-        seen_future: set[int] = set()
-        cap: datetime | None = None
-        open_listing = False
+        page after page in order, exactly as if it all ran in this thread."""
+        written = 0
         progress = PROGRESS.get()
-        held = _HeldPages(self.storage)
-        chunks = _prefetched(self._listings(user_uuid, account_ids, full))
+        listing: Listing | None = None
+        fetched = _prefetched(self._listings(user_uuid, account_ids, full, reset))
         try:
-            for chunk in chunks:
-                if chunk.first:
-                    newest, seen_future, written_here, fresh = chunk.cursor, set(), 0, True
-                    # A resumed listing's cursor is capped at when it began (see above); a listing with
-                    # a saved position must close, even on an empty last page, or that position stays.
-                    cap = chunk.started if chunk.resumed is not None else None
-                    open_listing = chunk.resumed is not None
-                    if (saved := chunk.resumed) is not None:
-                        newest = _later(newest, parse_ts(saved.get("newest")))
-                        seen_future = set(saved.get("future") or ())
+            for listed in fetched:
+                if listed.listing is not listing:
+                    listing = listed.listing
+                    if listing.resumed:
                         self.resumed_listings += 1
-                        log.info("sync.listing_resumed", account_id=chunk.account_id)
-                if isinstance(chunk.batch, NotFound):  # the account is gone: what was read of it is kept
+                        log.info("sync.listing_resumed", account_id=listing.account_id)
+                if isinstance(listed.page, NotFound):  # the account is gone: what was read of it is kept
                     self._beat()
-                    held.flush()
-                    self._account_gone(chunk.account_id)
+                    self.writer.flush(listing)
+                    self._account_gone(listing.account_id)
                     continue
-                if isinstance(chunk.batch, Exception):
-                    raise chunk.batch  # the page could not be read into rows: fail where writing it would
-                batch, last, since = chunk.batch, chunk.last, chunk.since
-                seen_future.update(batch.future_ids)
-                newest = _later(newest, batch.latest)
-                whole_reset = (reset or chunk.reset) and since is None
-                if last:
-                    then = partial(
-                        self._close_listing, chunk.account_id, since, newest, seen_future, whole_reset, cap
-                    )
-                else:  # where the listing stands once this page is written
-                    state = {
-                        "next": chunk.next, "since": _text(since), "newest": _text(newest),
-                        "future": sorted(seen_future), "started": _text(chunk.started), "reset": whole_reset,
-                    }  # fmt: skip
-                    then = partial(self.storage.save_listing, account_id=chunk.account_id, state=state)
-                # A whole listing's pages are held back and written together (the cursor with the last
-                # page): on PostgreSQL pages of ids never seen, COPYed straight in; once a page or a
-                # COPY could not, the rest of the account goes through the upsert, a page per
-                # transaction. A delta (``since``) goes that way from the start: its overlap re-lists
-                # rows we hold, which would make the COPY fail.
-                if fresh and since is None and self.storage.holds(batch):
-                    fresh = held.add(batch, then, end=last)
-                else:
-                    fresh = False
-                    held.flush()
-                    # Nothing to write: no rows, a cursor that would not move, no complete listing to
-                    # close nor cursor to reset (a delta that found nothing new, most refreshes): no
-                    # transaction at all.
-                    idle = (
-                        not batch.rows
-                        and not (last and since is None and (newest is not None or whole_reset))
-                        and (not last or newest is None or newest == chunk.cursor)
-                        and not (last and open_listing)
-                    )
-                    if not idle:
-                        with self.storage.transaction(durable=False) as tx:
-                            self.storage.write_transactions(tx, batch)
-                            then(tx)
-                written += len(batch.rows)
-                written_here += len(batch.rows)
-                open_listing |= bool(batch.rows)
+                if isinstance(listed.page, Exception):
+                    raise listed.page  # the page could not be read into rows: fail where writing it would
+                page, last = listed.page, listed.next is None
+                self.writer.add(listing, page, listed.next)
+                written += len(page.rows)
                 # Progress a later attempt keeps: a page whose position is saved with it (it resumes
                 # after it), or a whole listing that set a cursor. Not a delta's last page, nor a whole
                 # listing of an account with nothing in it: the next attempt lists them again.
-                first_cursor = last and since is None and newest is not None
-                if progress is not None and ((not last and bool(batch.rows)) or first_cursor):
+                first_cursor = last and listing.whole and listing.newest is not None
+                if progress is not None and ((not last and bool(page.rows)) or first_cursor):
                     progress.pages += 1
                 self._beat()
-                if last:  # (newest is not None: the listing sets a cursor, see _close_listing)
-                    self.whole_listings += since is None and (full or newest is not None)
+                if last:  # a whole listing counts as one when it sets a cursor (see SyncResult.whole_listing)
+                    self.whole_listings += listing.whole and (full or listing.newest is not None)
                     if progress is not None and full:
-                        progress.listed.add(chunk.account_id)
-                    log.info("sync.transactions", account_id=chunk.account_id, written=written_here,
-                             full=since is None)  # fmt: skip
+                        progress.listed.add(listing.account_id)
+                    log.info("sync.transactions", account_id=listing.account_id, written=listing.written,
+                             full=listing.whole)  # fmt: skip
         except BridgeError:
             # Fetching stopped (a spent request budget, Bridge down): the pages read and held are
             # written, with where the listing stands, so that the next attempt goes on from there
             # (if the item's lock is still ours).
             self._beat()
-            held.flush()
+            if listing is not None:
+                self.writer.flush(listing)
             raise
         finally:
-            chunks.close()  # stops the prefetching thread, whatever happened
+            fetched.close()  # stops the prefetching thread, whatever happened
         return written
 
-    def _close_listing(
-        self,
-        account_id: int,
-        since: datetime | None,
-        newest: datetime | None,
-        seen: set[int],
-        reset: bool,
-        cap: datetime | None,
-        tx: Tx,
-    ) -> None:
-        """With a listing's last page, in its transaction: what only a whole listing tells, and the
-        cursor. A listing that sets no cursor (``newest`` None) leaves the account as it found it:
-        sync_transactions then does not count it as whole (see SyncResult.whole_listing). ``reset``
-        (a resync's whole listing): the cursor becomes ``newest`` whatever it was, none if the listing
-        showed nothing; in the same transaction, so no crash leaves rows held under no cursor.
-        ``cap``: when a resumed listing began; its cursor is no later (see sync_transactions). The
-        listing's saved position goes: it ended."""
-        if since is None and newest is not None:
-            # A complete listing: future transactions it no longer shows are gone.
-            self.storage.vanish_future(tx, account_id, seen, newest)
-        if reset:
-            self.storage.reset_cursors(tx, [account_id])
-        if newest is not None:
-            self.storage.advance_cursor(tx, account_id, newest if cap is None else min(newest, cap))
-        self.storage.save_listing(tx, account_id, None)
-
-    def _listings(self, user_uuid: str, account_ids: tuple[int, ...], full: bool) -> Iterator[_Chunk]:
-        """The pages to write, account after account, each with its rows and whether it is the last of
-        its account; an unfinished listing of the same kind goes on where it stopped. Runs in the
-        prefetching thread."""
+    def _listings(
+        self, user_uuid: str, account_ids: tuple[int, ...], full: bool, reset: bool
+    ) -> Iterator[_Listed]:
+        """The pages to write, account after account; an unfinished listing of the same kind goes on
+        where it stopped. Runs in the prefetching thread."""
         for account_id in account_ids:
-            cursor, saved = self.storage.position(account_id)
+            cursor, saved = self.writer.position(account_id)
             cursor = None if full else cursor
             if saved is not None and (saved.get("since") is None) != (cursor is None):
                 saved = None  # another kind of listing: this one begins afresh (and saves over it)
             try:
-                yield from self._listing(user_uuid, account_id, cursor, saved)
+                yield from self._listing(user_uuid, account_id, cursor, saved, reset)
             except _NotResumed as exc:
                 # Bridge refuses where the listing stopped (a next_uri it no longer takes): from page 1.
                 log.warning("sync.listing_not_resumed", account_id=account_id, error=str(exc.__cause__))
-                yield from self._listing(user_uuid, account_id, cursor, None)
+                yield from self._listing(user_uuid, account_id, cursor, None, reset)
 
     def _listing(
-        self, user_uuid: str, account_id: int, cursor: datetime | None, saved: dict[str, Any] | None
-    ) -> Iterator[_Chunk]:
+        self,
+        user_uuid: str,
+        account_id: int,
+        cursor: datetime | None,
+        saved: dict[str, Any] | None,
+        reset: bool,
+    ) -> Iterator[_Listed]:
         """One account's pages: from page 1 (all, or since the cursor), or where ``saved`` stopped
         (:class:`_NotResumed` if Bridge refuses that page)."""
-        since = cursor - self.overlap if cursor is not None else None
-        started, start, reset = datetime.now(UTC), None, False
-        if saved is not None:
-            since, start, reset = parse_ts(saved.get("since")), saved.get("next"), bool(saved.get("reset"))
-            started = parse_ts(saved.get("started")) or started
-        pages = self.client.transaction_listing(user_uuid, account_id, since, start=start)
+        if saved is None:
+            since = cursor - self.overlap if cursor is not None else None
+            listing = Listing.begin(account_id, cursor, since, reset=reset)
+        else:
+            listing = Listing.resume(account_id, cursor, saved, reset=reset)
+        start = None if saved is None else saved.get("next")
+        pages = self.client.transaction_listing(user_uuid, account_id, listing.since, start=start)
         first = True
         try:
-            for page, next_uri in pages:
+            for resources, next_uri in pages:
                 try:
-                    batch: TransactionRows | Exception = self.storage.transaction_rows(page)
+                    page: Page | Exception = self.writer.page(resources)
                 except Exception as exc:
-                    batch = exc
-                yield _Chunk(account_id, cursor, since, batch, first, next_uri is None, next_uri, started,
-                             saved if first else None, reset)  # fmt: skip
+                    page = exc
+                yield _Listed(listing, page, next_uri)
                 first = False
         except (NotFound, PermanentError) as exc:
             if first and saved is not None:  # refused where the listing stopped: not that the account is gone
@@ -403,7 +332,7 @@ class Syncer:
             if not isinstance(exc, NotFound):
                 raise
             # The account is gone (sync_transactions marks it): on to the next one.
-            yield _Chunk(account_id, cursor, since, exc, first, True, None, started, None, reset)
+            yield _Listed(listing, exc, None)
 
     def _beat(self) -> None:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
@@ -442,75 +371,27 @@ class Syncer:
         return True
 
 
-_HELD_ROWS = 5000  # rows of pages written in one transaction (ten of Bridge's pages of 500)
-
-
-class _HeldPages:
-    """Pages held back until they make ``_HELD_ROWS`` rows or the listing ends, then written in one
-    transaction (:meth:`Storage.write_pages`: on PostgreSQL one COPY of pages of new ids), not one per
-    page: most of a first sync's cost was per statement and per commit. Memory stays bounded by
-    ``_HELD_ROWS`` rows."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-        self.pages: list[TransactionRows] = []
-        self.rows = 0
-        self.then: Callable[[Tx], None] | None = None
-
-    def add(self, batch: TransactionRows, then: Callable[[Tx], None], *, end: bool) -> bool:
-        """Hold ``batch``, and ``then``: what to write with it, where the listing stands after it or
-        (``end``) what ends the listing. Written at once if it fills the batch or ends the listing.
-        False when a COPY had to give way to the upsert (the pages were written all the same): the
-        rest of the account goes that way too."""
-        self.pages.append(batch)
-        self.rows += len(batch.rows)
-        self.then = then
-        return self.flush() if end or self.rows >= _HELD_ROWS else True
-
-    def flush(self) -> bool:
-        """Write the held pages (and the last page's ``then``) in one transaction: one COPY, or, if a
-        row turns out to exist already (nothing written then), each page through the upsert in a
-        transaction of its own, ``then`` with the last. True if the COPY took them."""
-        pages, self.pages, self.rows, then = self.pages, [], 0, self.then
-        self.then = None
-        if not pages or self.storage.write_pages(*pages, then=then):
-            return True
-        for n, batch in enumerate(pages, 1):
-            with self.storage.transaction(durable=False) as tx:
-                self.storage.write_transactions(tx, batch)
-                if then is not None and n == len(pages):
-                    then(tx)
-        return False
-
-
 class _NotResumed(Exception):
     """Bridge refused the page an unfinished listing stopped at."""
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    """One page of one account's listing, ready to write."""
+class _Listed(NamedTuple):
+    """One page of an account's listing, as fetched: its rows (or why they could not be built, NotFound:
+    the account is gone) and the ``next_uri`` that follows it (None: it is the last)."""
 
-    account_id: int
-    cursor: datetime | None  # the account's cursor when its listing began
-    since: datetime | None  # what the listing asked for (None: everything)
-    batch: TransactionRows | Exception  # its rows, or why they could not be built (NotFound: gone)
-    first: bool
-    last: bool
-    next: str | None  # the next page's next_uri: where the listing stands once this page is written
-    started: datetime  # when the listing began (an earlier attempt's, when resumed)
-    resumed: dict[str, Any] | None  # on the first page of a resumed listing: what was saved of it
-    reset: bool  # a resync's whole listing (saved with it)
+    listing: Listing
+    page: Page | Exception
+    next: str | None
 
 
-# Chunks ready ahead of the one being written: a held batch's pages and two more, so that the next
+# Pages ready ahead of the one being written: a held batch's pages and two more, so that the next
 # batch is fetched while one is written (with fewer, fetching stalls during each batch's write).
 # Memory: these twelve pages, the ten held, the one looked ahead and the one being built, about
 # 12,000 rows at 500 a page, whatever the history.
-_AHEAD = _HELD_ROWS // 500 + 2
+_AHEAD = HELD_ROWS // 500 + 2
 
 
-def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
+def _prefetched(items: Iterator[_Listed]) -> Generator[_Listed, None, None]:
     """``items`` as they are, produced by a thread of their own while the ones before are consumed:
     Bridge's latency, JSON parsing and row building overlap the database's work instead of adding up.
 
@@ -555,11 +436,3 @@ def _prefetched(items: Iterator[_Chunk]) -> Generator[_Chunk, None, None]:
     finally:
         stop.set()
         thread.join(timeout=5)  # at most one request in flight; a daemon thread if it hangs
-
-
-def _text(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _later(a: datetime | None, b: datetime | None) -> datetime | None:
-    return b if a is None else a if b is None else max(a, b)

@@ -1,0 +1,93 @@
+"""The event ledger: one ``webhook_events`` row per event a job has run, with its body and outcome.
+
+RQ forgets a job some time after it ends; the ledger keeps what ops need later: which events ran, how
+many attempts each took, the last error, and the body (encrypted like bank data), from which
+``bridgehook events replay --from ledger`` requeues events beyond the archive's retention. A job
+writes its row as it starts (``queued``) and ends it ``done`` or ``failed``; ``bridgehook dlq purge``
+marks it ``purged``.
+
+The row that ends a job is a synchronous commit: it makes every asynchronous commit of the job's sync
+durable with it (see :mod:`workers.db`), so a job reported done never loses its rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from workers.codec import Codec
+from workers.db import Database
+
+BODY = "webhook_events.body"  # the encrypted column (workers.codec.ENCRYPTED_COLUMNS)
+
+
+class Ledger:
+    def __init__(self, db: Database, codec: Codec) -> None:
+        self.db = db
+        self.codec = codec
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.db!r})"
+
+    def started(
+        self,
+        event_id: str,
+        event: Mapping[str, Any],
+        body: str,
+        received_at: datetime,
+        *,
+        durable: bool = True,
+        done: bool = False,
+    ) -> None:
+        """A job begins (again: one more attempt). ``durable=False``: committed asynchronously, for a
+        job whose row ends done or failed by a synchronous commit (which makes this one durable too).
+        ``done``: the job had nothing left to do (a later sync served its event): the row goes in done
+        at once."""
+        content = event.get("content") or {}
+        with self.db.transaction(durable=durable) as tx:
+            tx.execute(
+                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body, "
+                "processed_at) VALUES (%s, %s, %s, %s, %s, 1, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "attempts = webhook_events.attempts + 1, status = excluded.status, processed_at = "
+                "COALESCE(excluded.processed_at, webhook_events.processed_at), last_error = CASE WHEN "
+                "excluded.status = 'done' THEN NULL ELSE webhook_events.last_error END",
+                (
+                    event_id,
+                    event.get("type"),
+                    content.get("item_id"),
+                    received_at,
+                    "done" if done else "queued",
+                    self.codec.encode(body, BODY),
+                    datetime.now(UTC) if done else None,
+                ),
+            )
+
+    def done(self, event_id: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute(
+                "UPDATE webhook_events SET status = 'done', processed_at = %s, last_error = NULL "
+                "WHERE id = %s",
+                (datetime.now(UTC), event_id),
+            )
+
+    def failed(self, event_id: str, error: str, *, final: bool) -> None:
+        """An attempt failed: ``final``, the job is a dead letter; else it stays queued for its retry."""
+        with self.db.transaction() as tx:
+            tx.execute(
+                "UPDATE webhook_events SET status = %s, last_error = %s WHERE id = %s",
+                ("failed" if final else "queued", error[:2000], event_id),
+            )
+
+    def purged(
+        self, event_id: str, event: Mapping[str, Any], body: str, attempts: int, received_at: datetime
+    ) -> None:
+        """A dead letter was purged: its row stays, marked so (written if the job never got to it)."""
+        content = event.get("content") or {}
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
+                "VALUES (%s, %s, %s, %s, 'purged', %s, %s) ON CONFLICT (id) DO UPDATE SET status = 'purged'",
+                (event_id, event.get("type", "?"), content.get("item_id"), received_at, attempts,
+                 self.codec.encode(body, BODY)),
+            )  # fmt: skip
