@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -46,14 +48,14 @@ def main() -> None:
     """Bridge webhook ingestion: receiver, workers and operations."""
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
+def _serve(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> None:
     import uvicorn
 
     from service.logs import configure_logging
     from service.server import uvicorn_config
 
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.Server(uvicorn_config(settings, host, port)).run()
+    uvicorn.Server(uvicorn_config(settings, host, port)).run(sockets=None if sock is None else [sock])
 
 
 @main.command()
@@ -64,40 +66,76 @@ def serve(host: str, port: int) -> None:
     _serve(load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL"), host, port)
 
 
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-def dev(host: str, port: int) -> None:
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="The receiver's port (0: any free one).",
+)
+@click.option("--stop", is_flag=True, help="Stop the stack running from this .bridgehook/, or what one left.")
+def dev(host: str, port: int, stop: bool) -> None:
     """Run everything locally on the embedded default (what `make run` does).
 
     An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
     BRIDGE_API_URL is set), one worker, the scheduler, and the receiver in the foreground.
+    Ctrl-C, SIGTERM and SIGHUP stop them all; so does `bridgehook dev --stop` from another terminal.
+    One runs per .bridgehook/ (or BRIDGEHOOK_HOME) at a time.
     """
+    if stop:
+        sys.exit(0 if devenv.stop(devenv.state_dir(), _say) else 1)
     home = devenv.state_dir()
-    env = os.environ
-    devenv.apply_dev_defaults(env, home)
-    load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
-    with ExitStack() as stack:
+    # A stop during start-up is a stop too: everything started so far is stopped, and that is all.
+    with suppress(KeyboardInterrupt), devenv.stop_signals(), ExitStack() as stack:
+        try:
+            local = stack.enter_context(devenv.claim(home, _say))
+        except devenv.StackInUse as exc:
+            fail(str(exc))
+        sock = stack.enter_context(_listen(host, port))
+        env = os.environ
+        devenv.apply_dev_defaults(env, home)
+        load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
         if not env.get("REDIS_URL"):
-            env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home))
+            env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home, local))
         api = stack.enter_context(devenv.fake_bridge(env))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
         _upgrade(settings)
-        stack.enter_context(devenv.process("worker", env))
-        stack.enter_context(devenv.process("scheduler", env))
+        stack.enter_context(devenv.process("worker", env, local))
+        stack.enter_context(devenv.process("scheduler", env, local))
+        bound = sock.getsockname()[1]
+        receiver = f"http://{f'[{host}]' if ':' in host else host}:{bound}/webhooks/bridge"
+        local.note(receiver=receiver)
         click.echo(
             f"bridgehook dev\n"
-            f"  receiver   http://{host}:{port}/webhooks/bridge   (/livez /readyz /metrics)\n"
+            f"  receiver   {receiver}   (/livez /readyz /metrics)\n"
             f"  redis      {settings.redis_url_for_logs}\n"
             f"  database   {settings.database_url_for_logs}\n"
             f"  bridge     {api + '  (fake, demo data)' if api else settings.bridge_api_url}\n"
             f"  secret     {home / 'webhook-secret'}\n"
-            f"  try        bridgehook send --fixture item.created\n",
+            f"  try        bridgehook send --fixture item.created\n"
+            f"  stop       Ctrl-C, or `bridgehook dev --stop` from another terminal\n",
             err=True,
         )
-        with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
-            _serve(settings, host, port)
+        # uvicorn re-raises Ctrl-C after its graceful shutdown, and SIGTERM (see stop_signals).
+        _serve(settings, host, bound, sock)
+
+
+@contextmanager
+def _listen(host: str, port: int) -> Iterator[socket.socket]:
+    """The receiver's socket, bound before anything starts: a taken port is a usage error."""
+    try:
+        sock = devenv.receiver_socket(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    with sock:
+        yield sock
 
 
 def _fixture_names() -> list[str]:
