@@ -6,6 +6,7 @@ failed, 2 bad usage or configuration (one line on stderr naming what is wrong).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -77,7 +78,7 @@ def _say(line: str) -> None:
     default=8000,
     show_default=True,
     type=click.IntRange(0, 65535),
-    help="The receiver's port (0: any free one).",
+    help="The receiver's port (0: any free one); `make run PORT=8001` passes it on.",
 )
 @click.option("--stop", is_flag=True, help="Stop the stack running from this .bridgehook/, or what one left.")
 def dev(host: str, port: int, stop: bool) -> None:
@@ -133,7 +134,14 @@ def _listen(host: str, port: int) -> Iterator[socket.socket]:
     try:
         sock = devenv.receiver_socket(host, port)
     except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+        if exc.errno != errno.EADDRINUSE:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+        other = devenv.free_port_after(host, port)
+        choose = str(other) if other else "<another port>"
+        fail(
+            f"port {port} is taken on {host} (address already in use): choose another with "
+            f"`make run PORT={choose}` or `bridgehook dev --port {choose}`"
+        )
     with sock:
         yield sock
 

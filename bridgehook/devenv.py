@@ -516,6 +516,17 @@ def receiver_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def free_port_after(host: str, port: int) -> int | None:
+    """The first port above ``port`` that ``host`` has free, to suggest one."""
+    for candidate in range(port + 1, min(port + 100, 65535) + 1):
+        try:
+            receiver_socket(host, candidate).close()
+        except OSError:
+            continue
+        return candidate
+    return None
+
+
 @contextmanager
 def stop_signals() -> Iterator[None]:
     """SIGTERM (kill, timeout, an IDE's stop button, make passing its own on) and SIGHUP (the

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -291,7 +292,7 @@ def test_dev_stops_everything_on_sigterm_and_keeps_its_home_to_itself(
     tmp_path: Path, started: dict[int, str]
 ) -> None:
     """SIGTERM (kill, timeout, an IDE's stop button) stops the whole stack; a second `dev` on the same
-    home is refused with one line saying what to do."""
+    home, or on a taken port, is refused with one line saying what to do."""
     home = tmp_path / ".bridgehook"
     proc = start_dev(started, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -302,6 +303,15 @@ def test_dev_stops_everything_on_sigterm_and_keeps_its_home_to_itself(
         assert second.stderr.count("\n") == 1
         assert f"already runs from {home} (pid {proc.pid}, {receiver})" in second.stderr
         assert "`bridgehook dev --stop`" in second.stderr
+        # Another home, the same port.
+        (tmp_path / "a").mkdir()
+        port = urlsplit(receiver).port
+        taken = run("dev", "--port", str(port), env=dev_env(), cwd=tmp_path / "a")
+        assert taken.returncode == 2
+        assert taken.stderr.count("\n") == 1
+        assert taken.stderr.startswith(f"bridgehook: port {port} is taken on 127.0.0.1")
+        assert "`make run PORT=" in taken.stderr
+        assert not (tmp_path / "a" / ".bridgehook" / "valkey").exists()  # refused before starting anything
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
