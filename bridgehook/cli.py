@@ -87,12 +87,12 @@ def dev(host: str, port: int, stop: bool) -> None:
     An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
     BRIDGE_API_URL is set), one worker, the scheduler, and the receiver in the foreground.
-    Ctrl-C, SIGTERM and SIGHUP stop them all; so does `bridgehook dev --stop` from another terminal.
-    One runs per .bridgehook/ (or BRIDGEHOOK_HOME) at a time.
+    Ctrl-C, SIGTERM and SIGHUP stop them all; so does `bridgehook dev --stop` from anywhere in the
+    project (or with BRIDGEHOOK_HOME). One runs per .bridgehook/ (or BRIDGEHOOK_HOME) at a time.
     """
     if stop:
         sys.exit(0 if devenv.stop(devenv.state_dir(), _say) else 1)
-    home = devenv.state_dir()
+    home = devenv.state_dir(search=False)
     # A stop during start-up is a stop too: everything started so far is stopped, and that is all.
     with suppress(KeyboardInterrupt), devenv.stop_signals(), ExitStack() as stack:
         try:
@@ -159,10 +159,13 @@ def _fixture_names() -> list[str]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A JSON body to send instead of a fixture.",
 )
-@click.option("--url", default=DEFAULT_URL, show_default=True, help="The receiver's webhook URL.")
+@click.option(
+    "--url",
+    help=f"The receiver's webhook URL [default: the running `bridgehook dev`'s, else {DEFAULT_URL}].",
+)
 @click.option("--fresh", is_flag=True, help="Set the timestamp to now, so the body is a new event.")
 @click.option("--list", "list_fixtures", is_flag=True, help="List the bundled fixtures and exit.")
-def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fixtures: bool) -> None:
+def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, list_fixtures: bool) -> None:
     """Sign a webhook body the way Bridge does and POST it to a receiver."""
     if list_fixtures:
         click.echo("\n".join(_fixture_names()))
@@ -181,6 +184,8 @@ def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fix
         event["timestamp"] = int(time.time() * 1000)
         body = json.dumps(event).encode()
     secret = _sending_secret()
+    if url is None:
+        url = devenv.running_receiver(devenv.state_dir()) or DEFAULT_URL
     from service.signing import signature_header
 
     headers = {"Content-Type": "application/json", "BridgeApi-Signature": signature_header(body, [secret])}
@@ -200,7 +205,8 @@ def _sending_secret() -> str:
     if path.exists():
         return path.read_text().strip()
     fail(
-        "no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret"
+        "no secret: set BRIDGE_WEBHOOK_SECRETS, or start `make run` once to create .bridgehook/webhook-secret"
+        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)"
     )
 
 

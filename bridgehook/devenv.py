@@ -44,8 +44,22 @@ WORKER_STOP_SECONDS = 30.0
 VALKEY_STOP_SECONDS = 10.0
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("BRIDGEHOOK_HOME", ".bridgehook")).resolve()
+def state_dir(*, search: bool = True) -> Path:
+    """Where the local state is: BRIDGEHOOK_HOME, else the nearest ``.bridgehook/`` in the current
+    directory or above it (as git finds ``.git/``), else ``./.bridgehook``.
+
+    ``dev`` does not search (``search=False``): it keeps its state where it is started, so that a
+    stray ``.bridgehook/`` in a parent directory does not receive another project's data.
+    """
+    configured = os.environ.get("BRIDGEHOOK_HOME")
+    if configured:
+        return Path(configured).resolve()
+    here = Path.cwd()
+    if search:
+        for folder in (here, *here.parents):
+            if (folder / ".bridgehook").is_dir():
+                return folder / ".bridgehook"
+    return here / ".bridgehook"
 
 
 def _local_secret(path: Path, make: Callable[[], str]) -> str:
@@ -162,6 +176,12 @@ def read_record(home: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def running_receiver(home: Path) -> str | None:
+    """The webhook URL of the `bridgehook dev` running from ``home``, if one runs."""
+    url = read_record(home).get("receiver")
+    return url if isinstance(url, str) and _held(home / LOCK) else None
 
 
 def _die_with_parent() -> Callable[[], None] | None:

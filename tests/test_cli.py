@@ -298,13 +298,21 @@ def test_dev_stops_everything_on_sigterm_and_keeps_its_home_to_itself(
     try:
         children = wait_for_stack(proc, home, started)
         receiver = str(record(home)["receiver"])
+        # From a subdirectory (as git finds .git/), send finds the secret and the receiver, wherever it is.
+        sub = tmp_path / "a" / "b"
+        sub.mkdir(parents=True)
+        sent = run("send", "--fixture", "item.created", env=dev_env(), cwd=sub)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert json.loads(sent.stdout[4:])["status"] == "queued"
+        # From anywhere else, BRIDGEHOOK_HOME points the ops commands at it.
+        status = run("status", "--json", env={**dev_env(), "BRIDGEHOOK_HOME": str(home)}, cwd=Path("/"))
+        assert status.returncode == 0, status.stderr
         second = run("dev", "--port", "0", env=dev_env(), cwd=tmp_path)
         assert second.returncode == 2
         assert second.stderr.count("\n") == 1
         assert f"already runs from {home} (pid {proc.pid}, {receiver})" in second.stderr
         assert "`bridgehook dev --stop`" in second.stderr
-        # Another home, the same port.
-        (tmp_path / "a").mkdir()
+        # Another home (dev does not look above its directory), the same port.
         port = urlsplit(receiver).port
         taken = run("dev", "--port", str(port), env=dev_env(), cwd=tmp_path / "a")
         assert taken.returncode == 2
