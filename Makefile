@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 ## Run the receiver locally on the embedded default (valkey + SQLite under .bridgehook/).
 run: $(VENV)/.installed
-	$(BIN)/bridgehook dev
+	$(BIN)/bridgehook dev $(if $(PORT),--port $(PORT))
 
 ## Lint, type-check and run the whole test suite (REDIS_URL / DATABASE_URL if set).
 test: $(VENV)/.installed deploy-tools lint

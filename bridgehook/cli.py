@@ -6,11 +6,14 @@ failed, 2 bad usage or configuration (one line on stderr naming what is wrong).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import sys
 import time
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -46,14 +49,14 @@ def main() -> None:
     """Bridge webhook ingestion: receiver, workers and operations."""
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
+def _serve(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> None:
     import uvicorn
 
     from service.logs import configure_logging
     from service.server import uvicorn_config
 
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.Server(uvicorn_config(settings, host, port)).run()
+    uvicorn.Server(uvicorn_config(settings, host, port)).run(sockets=None if sock is None else [sock])
 
 
 @main.command()
@@ -64,40 +67,83 @@ def serve(host: str, port: int) -> None:
     _serve(load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL"), host, port)
 
 
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-def dev(host: str, port: int) -> None:
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="The receiver's port (0: any free one); `make run PORT=8001` passes it on.",
+)
+@click.option("--stop", is_flag=True, help="Stop the stack running from this .bridgehook/, or what one left.")
+def dev(host: str, port: int, stop: bool) -> None:
     """Run everything locally on the embedded default (what `make run` does).
 
     An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
     BRIDGE_API_URL is set), one worker, the scheduler, and the receiver in the foreground.
+    Ctrl-C, SIGTERM and SIGHUP stop them all; so does `bridgehook dev --stop` from anywhere in the
+    project (or with BRIDGEHOOK_HOME). One runs per .bridgehook/ (or BRIDGEHOOK_HOME) at a time.
     """
-    home = devenv.state_dir()
-    env = os.environ
-    devenv.apply_dev_defaults(env, home)
-    load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
-    with ExitStack() as stack:
+    if stop:
+        sys.exit(0 if devenv.stop(devenv.state_dir(), _say) else 1)
+    home = devenv.state_dir(search=False)
+    # A stop during start-up is a stop too: everything started so far is stopped, and that is all.
+    with suppress(KeyboardInterrupt), devenv.stop_signals(), ExitStack() as stack:
+        try:
+            local = stack.enter_context(devenv.claim(home, _say))
+        except devenv.StackInUse as exc:
+            fail(str(exc))
+        sock = stack.enter_context(_listen(host, port))
+        env = os.environ
+        devenv.apply_dev_defaults(env, home)
+        load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
         if not env.get("REDIS_URL"):
-            env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home))
+            env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home, local))
         api = stack.enter_context(devenv.fake_bridge(env))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
         _upgrade(settings)
-        stack.enter_context(devenv.process("worker", env))
-        stack.enter_context(devenv.process("scheduler", env))
+        stack.enter_context(devenv.process("worker", env, local))
+        stack.enter_context(devenv.process("scheduler", env, local))
+        bound = sock.getsockname()[1]
+        receiver = f"http://{f'[{host}]' if ':' in host else host}:{bound}/webhooks/bridge"
+        local.note(receiver=receiver)
         click.echo(
             f"bridgehook dev\n"
-            f"  receiver   http://{host}:{port}/webhooks/bridge   (/livez /readyz /metrics)\n"
+            f"  receiver   {receiver}   (/livez /readyz /metrics)\n"
             f"  redis      {settings.redis_url_for_logs}\n"
             f"  database   {settings.database_url_for_logs}\n"
             f"  bridge     {api + '  (fake, demo data)' if api else settings.bridge_api_url}\n"
             f"  secret     {home / 'webhook-secret'}\n"
-            f"  try        bridgehook send --fixture item.created\n",
+            f"  try        bridgehook send --fixture item.created\n"
+            f"  stop       Ctrl-C, or `bridgehook dev --stop` from another terminal\n",
             err=True,
         )
-        with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
-            _serve(settings, host, port)
+        # uvicorn re-raises Ctrl-C after its graceful shutdown, and SIGTERM (see stop_signals).
+        _serve(settings, host, bound, sock)
+
+
+@contextmanager
+def _listen(host: str, port: int) -> Iterator[socket.socket]:
+    """The receiver's socket, bound before anything starts: a taken port is a usage error."""
+    try:
+        sock = devenv.receiver_socket(host, port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+        other = devenv.free_port_after(host, port)
+        choose = str(other) if other else "<another port>"
+        fail(
+            f"port {port} is taken on {host} (address already in use): choose another with "
+            f"`make run PORT={choose}` or `bridgehook dev --port {choose}`"
+        )
+    with sock:
+        yield sock
 
 
 def _fixture_names() -> list[str]:
@@ -113,10 +159,13 @@ def _fixture_names() -> list[str]:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A JSON body to send instead of a fixture.",
 )
-@click.option("--url", default=DEFAULT_URL, show_default=True, help="The receiver's webhook URL.")
+@click.option(
+    "--url",
+    help=f"The receiver's webhook URL [default: the running `bridgehook dev`'s, else {DEFAULT_URL}].",
+)
 @click.option("--fresh", is_flag=True, help="Set the timestamp to now, so the body is a new event.")
 @click.option("--list", "list_fixtures", is_flag=True, help="List the bundled fixtures and exit.")
-def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fixtures: bool) -> None:
+def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, list_fixtures: bool) -> None:
     """Sign a webhook body the way Bridge does and POST it to a receiver."""
     if list_fixtures:
         click.echo("\n".join(_fixture_names()))
@@ -135,6 +184,8 @@ def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fix
         event["timestamp"] = int(time.time() * 1000)
         body = json.dumps(event).encode()
     secret = _sending_secret()
+    if url is None:
+        url = devenv.running_receiver(devenv.state_dir()) or DEFAULT_URL
     from service.signing import signature_header
 
     headers = {"Content-Type": "application/json", "BridgeApi-Signature": signature_header(body, [secret])}
@@ -154,7 +205,8 @@ def _sending_secret() -> str:
     if path.exists():
         return path.read_text().strip()
     fail(
-        "no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret"
+        "no secret: set BRIDGE_WEBHOOK_SECRETS, or start `make run` once to create .bridgehook/webhook-secret"
+        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)"
     )
 
 

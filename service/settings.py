@@ -177,7 +177,8 @@ class Settings:
 _HOW_TO_SET = {
     "BRIDGE_WEBHOOK_SECRETS": "set it to the webhook secret(s) from Bridge's dashboard, "
     "comma-separated during a rotation (`make run` sets a local one)",
-    "REDIS_URL": "set it to redis://host:port/db (`make run` starts an embedded server)",
+    "REDIS_URL": "set it to redis://host:port/db (`make run` starts an embedded server, which other commands "
+    "find from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)",
     "BRIDGE_CLIENT_ID": "set it to the client id of your Bridge application",
     "BRIDGE_CLIENT_SECRET": "set it to the client secret of your Bridge application",
     "ENCRYPTION_KEYS": "set it to a key from `bridgehook keys generate` (bank data is encrypted at rest), "

