@@ -51,10 +51,10 @@ IMAGE_UID = 10001
 SECRET_NAME = "bridgehook-secrets"
 # Kinds that kubernetes-validate has no schema for (CRDs): skipped there, checked by hand below.
 CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule", "ExternalSecret"}
-# The Kubernetes versions the manifests must be valid for: the oldest supported (README.md)
+# The Kubernetes versions the manifests must be valid for: the oldest supported (docs/deploy.md)
 # and the newest that kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", "latest")
-# checkov failures accepted without an annotation, each with its reason (README.md, "CI checks").
+# checkov failures accepted without an annotation, each with its reason (docs/deploy.md, "CI checks").
 CHECKOV_ACCEPTED = {
     "CKV_K8S_43": "image by digest: the repository cannot know the digest of an image that CI has not "
     "built yet; the release pipeline pins it (kustomize edit set image bridgehook=…@sha256:…)",
@@ -493,7 +493,7 @@ def test_configuration_names_only_variables_the_app_reads(manifests: Rendered) -
 
 def test_trusted_proxies_are_set_and_narrow(manifests: Rendered) -> None:
     """Behind the ingress the socket peer is the controller: the overlay must trust its pods'
-    CIDR (README.md, "Client address"), and never the whole internet."""
+    CIDR (docs/deploy.md, "Client address"), and never the whole internet."""
     config = manifests.config()
     proxies = [ipaddress.ip_network(p.strip()) for p in config["TRUSTED_PROXIES"].split(",") if p.strip()]
     assert proxies, "TRUSTED_PROXIES is empty: every delivery through the ingress would get 403"

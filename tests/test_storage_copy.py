@@ -282,7 +282,7 @@ def pg(pg_schema_url: str) -> Iterator[Storage]:
 
 
 def test_the_future_index_built_concurrently_beforehand_satisfies_migration_3(pg_schema_url: str) -> None:
-    """As the README's upgrade notes tell an operator with a large table: build the index without
+    """As docs/deploy.md (Rollbacks) tells an operator with a large table: build the index without
     holding writes back, then upgrade."""
     with storage_at(pg_schema_url) as opened, opened.transaction() as tx:  # migrated: back to version 2
         tx.execute("DROP INDEX transactions_future")

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker process (served by ``bridgehook worker --metrics-port``)."""
+"""Prometheus metrics of a worker process (served on ``METRICS_PORT`` by ``bridgehook worker``)."""
 
 from __future__ import annotations
 

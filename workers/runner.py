@@ -38,14 +38,8 @@ from workers.context import WorkerContext
 log = get_logger("bridgehook.worker")
 HEARTBEAT_SECONDS = 10
 MAINTENANCE_SECONDS = 60
-# CPython collects its youngest generation when the containers it tracks (tuples, lists, structs…)
-# have grown by 700 since the last collection, and each older one after ten collections of the one
-# below. A sync holds a dozen pages of rows at a time, so a first sync of 100,000 transactions ran
-# more than a hundred collections, each holding the interpreter lock that its fetching and writing
-# threads share. At 10,000, the job's median time fell by 10 % on SQLite and 13 % on PostgreSQL (ten
-# alternating runs of benchmarks.write_path's job each). Rows hold no cycles: reference counting frees
-# them as before. Cyclic garbage (an exception's traceback and its frames) waits about 14 times as
-# many allocations for its collection.
+# A sync's rows hold no cycles (reference counting frees them), so collecting every 700 allocations, as
+# CPython does, only holds the lock its fetching and writing threads share (see docs/performance.md).
 GC_YOUNGEST_THRESHOLD = 10_000
 
 
