@@ -293,7 +293,7 @@ def main() -> int:
         f"sent {len(deliveries)} webhooks in {sent_for:.1f}s ({len(deliveries) / sent_for:.0f}/s), "
         f"{len(queued)} queued, {len(set(queued))} distinct"
     )
-    print(f"syncs (items fetched from the fake) {syncs}; every other event was covered by a later sync")
+    print(f"syncs (items fetched from the fake) {syncs}; every other event was served by a later sync")
     print(f"receipt → rows committed: p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(lags) * 1000:.0f} ms")
     print(
         f"not yet processed when the 120 s drain ended {len(unprocessed)} (still queued), "

@@ -57,7 +57,7 @@ TEMPLATE_KEY = f"{KEY_PREFIX}:job-template"  # exists only while the script runs
 DEDUPE_PREFIX = f"{KEY_PREFIX}:dedupe:"
 # One counter for every event enqueued from a webhook, taken in the enqueueing script: an event
 # whose number a worker has read before it starts syncing the item was received before that sync
-# (see workers.coverage). Only Redis's own order is compared, never two machines' clocks.
+# (see workers.watermark). Only Redis's own order is compared, never two machines' clocks.
 RECEIVED_SEQ_KEY = f"{KEY_PREFIX}:received-seq"
 # Changes whenever that counter starts again from 1 (first use, or the counter was lost): a number
 # from before then means nothing against one from after.
@@ -152,7 +152,7 @@ def build_job(
     ``meta.received_at`` (ms) is when the webhook arrived, for the sync-lag metric;
     ``meta.received_seq``, the receiver's alone, its place in the order of receipt (see
     :data:`RECEIVED_SEQ_KEY`): replays from the archive or the ledger and resyncs have none, so no
-    earlier sync covers them (see workers.coverage).
+    earlier sync serves them (see workers.watermark).
     """
     intervals = list(settings.retry_intervals)
     return Job.create(

@@ -1,6 +1,6 @@
 """The tables equal Bridge's current state after timelines the everyday tests do not drive: replays of a
 whole listing, labels that hold X's, late syncs after deletions, accounts and items gone at Bridge, and
-the durability that the record of covered events relies on. On SQLite and PostgreSQL, against the fake
+the durability that the watermark of served events relies on. On SQLite and PostgreSQL, against the fake
 Bridge over HTTP."""
 
 from __future__ import annotations
@@ -321,10 +321,10 @@ def test_the_sweep_leaves_an_item_we_marked_deleted_alone(harness: Harness, worl
     assert harness.r.llen(f"rq:queue:{harness.settings.queue_name}") == 0
 
 
-# -- 7. SQLite: the commit a coverage record relies on is durable ----------------------------------------
+# -- 7. SQLite: the commit a watermark relies on is durable ----------------------------------------
 def test_a_durable_sqlite_transaction_syncs_its_commit(tmp_path: Path) -> None:
     """In WAL mode with synchronous=NORMAL a commit may be lost to a power failure; the commit that ends a
-    job (after which Redis records what its sync covered) runs with synchronous=FULL."""
+    job (after which Redis records what its sync served) runs with synchronous=FULL."""
     db = Database.from_url(f"sqlite:///{tmp_path / 'bridgehook.db'}")
     try:
         with db.transaction() as tx:

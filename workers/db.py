@@ -21,7 +21,7 @@ commit (its ledger row), so nothing it reports done can be lost, and what a cras
 is what a retry rewrites. SQLite does the same: in WAL mode with ``synchronous=NORMAL`` a commit
 is not synced to disk (a power loss may drop it, never corrupt the file), and a durable transaction
 commits with ``synchronous=FULL``, which syncs the WAL, and so every commit before it, to the disk.
-A job's final ledger row is such a commit: what a sync records in Redis (workers.coverage) after it
+A job's final ledger row is such a commit: what a sync records in Redis (workers.watermark) after it
 can never outlive the rows it describes.
 """
 

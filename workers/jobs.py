@@ -30,7 +30,7 @@ from redis.exceptions import LockError
 from rq import get_current_job
 
 from service.logs import get_logger
-from workers import coverage
+from workers import watermark
 from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
 from workers.metrics import JOBS, SYNC_LAG
@@ -99,8 +99,8 @@ def _run(
 ) -> dict[str, Any]:
     """Run ``work`` for the event under its item's lock, with the ledger around it. ``scope``: what the
     work syncs, when it syncs from Bridge ("item" or "account"): an earlier sync of the whole item (or,
-    for an account's event, of that account) may have covered the event already (see
-    workers.coverage), and the job's own sync covers the events of its scope received before it began.
+    for an account's event, of that account) may have served the event already (see
+    workers.watermark), and the job's own sync serves the events of its scope received before it began.
     ``locks_itself``: the work takes the item locks it needs (a user's items), whatever item id the
     event carries: holding one here would make it wait for itself."""
     job = get_current_job()
@@ -118,21 +118,21 @@ def _run(
     account = content.get("account_id") if scope == "account" else None
     account_id = None if account is None else int(account)
     seq = meta.get("received_seq") if scope is not None and item_id is not None else None
-    through: coverage.Mark | None = None  # what this job's sync covers, once committed
+    through: watermark.Mark | None = None  # what this job's sync serves, once committed
 
-    def is_covered() -> bool:
+    def is_served() -> bool:
         if seq is None or item_id is None:
             return False
-        return coverage.covered(ctx.redis, int(seq), int(item_id), account_id)
+        return watermark.served(ctx.redis, int(seq), int(item_id), account_id)
 
     try:
         received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
         outcome: SyncResult | dict[str, Any]
-        if is_covered():  # nothing left to do: the ledger row goes in done, one synchronous commit
+        if is_served():  # nothing left to do: the ledger row goes in done, one synchronous commit
             ctx.ledger.started(event_id, event, body, received, done=True)
-            outcome = {"skipped": "covered"}
+            outcome = {"skipped": "served"}
         else:
-            # Asynchronous commit: event_done or event_failed, synchronous, end every run and flush it.
+            # Asynchronous commit: Ledger.done or Ledger.failed, synchronous, end every run and flush it.
             ctx.ledger.started(event_id, event, body, received, durable=False)
             finished = False
             try:
@@ -140,18 +140,18 @@ def _run(
                     outcome = work(ctx, ctx.syncer())
                 else:
                     with item_lock(ctx, int(item_id)) as heartbeat:
-                        if is_covered():  # by the sync that held the lock while this job waited
-                            outcome = {"skipped": "covered"}
+                        if is_served():  # by the sync that held the lock while this job waited
+                            outcome = {"skipped": "served"}
                         else:
-                            through = None if scope is None else coverage.received_so_far(ctx.redis)
+                            through = None if scope is None else watermark.received_so_far(ctx.redis)
                             outcome = work(ctx, ctx.syncer(heartbeat))
                             ctx.ledger.done(event_id)  # synchronous: the sync's rows are durable
                             finished = True
                             # Only now (the rows are durable), and before the lock goes: a job
                             # waiting for the lock finds the record as it takes it.
-                            covers = isinstance(outcome, SyncResult) and outcome.covers_earlier_events
-                            if covers and through is not None:
-                                _record_coverage(ctx, through, int(item_id), account_id)
+                            serves = isinstance(outcome, SyncResult) and outcome.serves_earlier_events
+                            if serves and through is not None:
+                                _record_watermark(ctx, through, int(item_id), account_id)
             except NotFound as exc:
                 # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
                 log.info("job.not_found", error=str(exc))
@@ -167,7 +167,7 @@ def _run(
             if not finished:
                 ctx.ledger.done(event_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
-        JOBS.labels(event.get("type"), "covered" if summary.get("skipped") == "covered" else "done").inc()
+        JOBS.labels(event.get("type"), "served" if summary.get("skipped") == "served" else "done").inc()
         if meta.get("received_at") and not meta.get("replayed"):
             SYNC_LAG.observe(max(0.0, time.time() - int(meta["received_at"]) / 1000))
         log.info("job.done", **summary)
@@ -177,13 +177,13 @@ def _run(
         structlog.contextvars.clear_contextvars()
 
 
-def _record_coverage(
-    ctx: WorkerContext, through: coverage.Mark, item_id: int, account_id: int | None
+def _record_watermark(
+    ctx: WorkerContext, through: watermark.Mark, item_id: int, account_id: int | None
 ) -> None:
     try:
-        coverage.record(ctx.redis, through, item_id, account_id)
+        watermark.record(ctx.redis, through, item_id, account_id)
     except redis.RedisError as exc:  # the sync is done; without the record later events sync again
-        log.warning("job.coverage_not_recorded", error=str(exc))
+        log.warning("job.watermark_not_recorded", error=str(exc))
 
 
 _RETRY_INTERVALS = "retry_intervals"  # meta: the job's own schedule, while a deferral replaces it
@@ -270,7 +270,7 @@ def _failed(
 
 def item_created(event: Event) -> dict[str, Any]:
     c = event["content"]
-    # A full sync: never skipped as covered (its whole listing is what it is for), and it covers nothing.
+    # A full sync: never skipped as served (its whole listing is what it is for), and it serves nothing.
     return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], full=True))
 
 
@@ -339,7 +339,7 @@ def user_deleted(event: Event) -> dict[str, Any]:
 def resync_item(event: Event) -> dict[str, Any]:
     """A full resync of one item (cursors reset), enqueued by `bridgehook resync` or reconciliation."""
     c = event["content"]
-    # As item_created: never skipped as covered, and it covers nothing.
+    # As item_created: never skipped as served, and it serves nothing.
     return _run(event, lambda ctx, s: s.sync_item(c["user_uuid"], c["item_id"], resync=True))
 
 

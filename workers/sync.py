@@ -80,9 +80,9 @@ class SyncResult:
     resumed: bool = False
 
     @property
-    def covers_earlier_events(self) -> bool:
+    def serves_earlier_events(self) -> bool:
         """Whether the events received before this sync began need no sync of their own (see
-        workers.coverage): only if it fetched all it meant to (not an item needing the user, an
+        workers.watermark): only if it fetched all it meant to (not an item needing the user, an
         account gone…) and listed every account since its cursor (a whole listing leaves deleted
         transactions out: it cannot stand for a delta that would have shown them). Nor one that met an
         account gone meanwhile: it stopped short of that account. Nor one that resumed a listing: what

@@ -76,7 +76,7 @@ def test_postgres_unreachable_for_20s(
         retried = [job for job in jobs if (job.retries_left or 0) < len(RETRY_INTERVALS)]
         assert retried, "no job was retried"
         # Why they were: the database (a broken connection, or none from the pool in time). A job that
-        # failed before it could record anything (event_started) has no history, only RQ's retry.
+        # failed before it could record anything (Ledger.started) has no history, only RQ's retry.
         errors = [attempt["error"] for job in retried for attempt in job.meta.get("attempts", [])]
         assert all(e.startswith(("OperationalError", "PoolTimeout")) for e in errors), errors
         assert queue.failed_job_registry.count == 0

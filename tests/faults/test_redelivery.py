@@ -26,7 +26,7 @@ pytestmark = POSTGRESQL
 def history(world: World) -> list[Event]:
     """What Bridge would have sent while three items lived their lives: creations, new and deleted
     transactions, a new account, refreshes, then an account, an item and a user deleted. One account
-    shows no transaction, its only one deleted (a sync that lists it still covers what came before)."""
+    shows no transaction, its only one deleted (a sync that lists it still serves what came before)."""
     bank = populate(world, items=3, accounts=2, transactions=80)
     (first, accounts), (second, _), (third, _) = bank.items.items()
     joint = world.add_account(first, name="Compte joint")

@@ -1,4 +1,5 @@
-"""Which events a sync has already covered, so that a burst of webhooks for one item costs one sync.
+"""Each item's watermark: the events a completed sync has served, so that a burst of webhooks for one
+item costs one sync.
 
 Bridge sends several events for one refresh (``item.refreshed``, then ``item.account.updated`` for
 each account), and every sync fetches the item's current state, whichever event asked for it. The
@@ -8,23 +9,24 @@ before its first request to Bridge and, once its rows are durably committed and 
 the item's lock (:mod:`workers.jobs`), records that number for the item, so that a job that waited
 for that lock finds it. A later job for an event of that item whose number is not above the record
 was received before that sync began, so the sync fetched at least the state the event announced: the
-job records itself done without calling Bridge. Only a sync that listed every account since its cursor records
-(:attr:`workers.sync.SyncResult.covers_earlier_events`): a whole listing (a first or a full sync)
-leaves deleted transactions out, so it cannot stand for the delta that would have shown them. An
+job records itself done without calling Bridge. Only a sync that listed every account since its
+cursor records (:attr:`workers.sync.SyncResult.serves_earlier_events`): a whole listing (a first or a
+full sync) leaves deleted transactions out, so it cannot stand for the delta that would have shown
+them. An
 account without a cursor whose listing shows no transaction is the exception: it keeps no cursor, so
 whichever sync lists it next lists it whole too. A sync of one account does the same for that
 account's events.
-Full syncs (``item.created``, resyncs) are never skipped and cover nothing; events replayed from the
+Full syncs (``item.created``, resyncs) are never skipped and serve nothing; events replayed from the
 archive or the ledger carry no number: they always run. A dead
-letter requeued by ``dlq replay`` keeps its job and so its number: when a later sync covered it, it
-ends done (``covered``) without a call, which is what it would have fetched.
+letter requeued by ``dlq replay`` keeps its job and so its number: when a later sync served it, it
+ends done (``served``) without a call, which is what it would have fetched.
 
 Only Redis's own order is compared, never two machines' clocks. Redis, if it loses its last writes
 (a crash between two fsyncs, a failover to a replica that lagged), loses them in order: reading the
 number also writes a sentinel, and the record is written only if the sentinel is still there, so a
 recorded number never exceeds the counter that came back. Should the counter itself be lost (evicted
 against the "noeviction" requirement, deleted by hand), it starts again in a new epoch
-(:data:`service.queue.RECEIVED_EPOCH_KEY`), and records of another epoch cover nothing. A record
+(:data:`service.queue.RECEIVED_EPOCH_KEY`), and records of another epoch serve nothing. A record
 lapses after a day; a job that waited longer simply syncs.
 """
 
@@ -49,7 +51,7 @@ return {redis.call("GET", KEYS[1]) or "", redis.call("GET", KEYS[2]) or "0"}
 
 # A record is "<epoch>:<number>", written only while the mark's sentinel stands (else Redis lost what
 # came after the read, perhaps increments it counted). Never moved back within an epoch (two syncs of
-# one item may finish in either order); a mark of another epoch replaces it (and, if older, covers
+# one item may finish in either order); a mark of another epoch replaces it (and, if older, serves
 # nothing).
 _RECORD = """
 if redis.call("DEL", KEYS[2]) == 0 then
@@ -88,7 +90,7 @@ def received_so_far(connection: redis.Redis) -> Mark:
     return Mark(_text(epoch), int(seq), sentinel)
 
 
-def covered(connection: redis.Redis, received_seq: int, item_id: int, account_id: int | None = None) -> bool:
+def served(connection: redis.Redis, received_seq: int, item_id: int, account_id: int | None = None) -> bool:
     """Whether a completed sync of the item (or of the account) began after the event numbered
     ``received_seq`` arrived."""
     keys = [RECEIVED_EPOCH_KEY, _key(item_id, None)]

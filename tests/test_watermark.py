@@ -1,4 +1,4 @@
-"""A sync of a whole item covers the events received before it began (workers.coverage): a burst of
+"""A sync of a whole item serves the events received before it began (workers.watermark): a burst of
 webhooks for one item costs one sync, and an event that arrives while a sync runs still gets its own.
 Real receiver, real Redis, real RQ worker, the fake Bridge over HTTP."""
 
@@ -19,11 +19,11 @@ from service.queue import RECEIVED_SEQ_KEY
 from tests.faults.support import wait_until
 from tests.harness import Harness
 from tests.test_workers import bank
-from workers import coverage
+from workers import watermark
 
 
 def results(harness: Harness, event_ids: list[str]) -> list[str | None]:
-    """What each event's job did: "covered" when an earlier sync had done its work, else None."""
+    """What each event's job did: "served" when an earlier sync had done its work, else None."""
     jobs = [Job.fetch(i, connection=harness.r, serializer=JSONSerializer) for i in event_ids]
     return [(job.return_value() or {}).get("skipped") for job in jobs]
 
@@ -58,7 +58,7 @@ def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> 
     harness.drain()
 
     ids = harness.acknowledged[1:]
-    assert results(harness, ids) == [None, "covered", "covered", None]  # a deletion always runs
+    assert results(harness, ids) == [None, "served", "served", None]  # a deletion always runs
     assert item_requests(world, b["item"]) == 1
     assert {harness.ledger()[i] for i in ids} == {("done", 1)}
     stamps = harness.rows("SELECT processed_at FROM webhook_events WHERE status = 'done'")
@@ -66,7 +66,7 @@ def test_a_burst_for_one_item_costs_one_sync(harness: Harness, world: World) -> 
     assert harness.tables() == harness.truth()
 
 
-def test_an_account_without_transactions_does_not_stop_a_sync_from_covering(
+def test_an_account_without_transactions_does_not_stop_a_sync_from_serving(
     harness: Harness, world: World
 ) -> None:
     """An account listed whole that shows nothing keeps no cursor: whichever sync lists it next lists
@@ -84,16 +84,16 @@ def test_an_account_without_transactions_does_not_stop_a_sync_from_covering(
         assert harness.send(event) == "queued"
     harness.drain()
 
-    assert results(harness, harness.acknowledged[1:]) == [None, "covered", "covered"]
+    assert results(harness, harness.acknowledged[1:]) == [None, "served", "served"]
     assert item_requests(world, b["item"]) == 1
     assert harness.rows("SELECT transactions_cursor FROM accounts WHERE id = %s", (empty,)) == [(None,)]
     assert harness.tables() == harness.truth()
 
-    # An account's own sync covers that account's events the same way.
+    # An account's own sync serves that account's events the same way.
     for _ in range(2):
         harness.send(world.event_account(empty, "updated"))
     harness.drain()
-    assert results(harness, harness.acknowledged[-2:]) == [None, "covered"]
+    assert results(harness, harness.acknowledged[-2:]) == [None, "served"]
 
     # Once it has a transaction, it has a cursor, and is listed since it like any other.
     world.add_transactions(empty, 1)
@@ -104,7 +104,7 @@ def test_an_account_without_transactions_does_not_stop_a_sync_from_covering(
     assert harness.tables() == harness.truth()
 
 
-def test_a_sync_that_stops_early_covers_nothing(harness: Harness, world: World) -> None:
+def test_a_sync_that_stops_early_serves_nothing(harness: Harness, world: World) -> None:
     b = bank(world, accounts=1, per_account=3, status=1010)  # the user must act: nothing is fetched
     for _ in range(2):
         harness.send(world.event_item_refreshed(b["item"]))
@@ -112,7 +112,7 @@ def test_a_sync_that_stops_early_covers_nothing(harness: Harness, world: World) 
     assert results(harness, harness.acknowledged) == ["needs_user_action", "needs_user_action"]
 
 
-def test_a_whole_listing_covers_no_deletion(harness: Harness, world: World) -> None:
+def test_a_whole_listing_serves_no_deletion(harness: Harness, world: World) -> None:
     """A full sync (a redelivered item.created here) lists no deleted transaction: the account event
     that announced a deletion still gets its own delta, which marks it."""
     b = synced_bank(harness, world, accounts=1, per_account=10)
@@ -126,14 +126,14 @@ def test_a_whole_listing_covers_no_deletion(harness: Harness, world: World) -> N
     assert harness.tables() == harness.truth()
 
 
-def test_an_account_sync_covers_the_events_of_that_account(harness: Harness, world: World) -> None:
+def test_an_account_sync_serves_the_events_of_that_account(harness: Harness, world: World) -> None:
     b = synced_bank(harness, world, accounts=2, per_account=10)
     first, second = b["accounts"]
     world.add_transactions(first, 2)
     for account in (first, first, second):
         assert harness.send(world.event_account(account, "updated")) == "queued"
     harness.drain()
-    assert results(harness, harness.acknowledged[1:]) == [None, "covered", None]
+    assert results(harness, harness.acknowledged[1:]) == [None, "served", None]
     assert harness.tables() == harness.truth()
 
 
@@ -168,8 +168,8 @@ def test_an_event_received_while_a_sync_runs_gets_a_sync_of_its_own(harness: Har
 def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_for(
     harness: Harness, world: World
 ) -> None:
-    """A sync records what it covers before it lets go of the item's lock: a job for an event it
-    covers, waiting for that lock, finds the record as it takes it and calls Bridge for nothing. Here
+    """A sync records what it serves before it lets go of the item's lock: a job for an event it
+    serves, waiting for that lock, finds the record as it takes it and calls Bridge for nothing. Here
     the first job's final commit is held up by a lock on its ledger row (as a slow disk would hold it
     up): were the record written after the lock's release, the waiting job would take the lock then,
     and sync again. On PostgreSQL, where a row lock holds up that commit alone."""
@@ -225,7 +225,7 @@ def test_a_job_that_waited_for_the_lock_finds_the_record_of_the_sync_it_waited_f
     assert not any(thread.is_alive() for thread in threads)
 
     assert outcomes[first]["skipped"] is None
-    assert outcomes[second] == {"skipped": "covered"}
+    assert outcomes[second] == {"skipped": "served"}
     assert item_requests(world, b["item"]) == 1  # the first sync's, and no other
     assert {harness.ledger()[i] for i in (first, second)} == {("done", 1)}
     assert harness.tables() == harness.truth()
@@ -240,22 +240,22 @@ def test_events_numbered_in_the_order_of_receipt(harness: Harness, world: World)
         for i in harness.acknowledged
     ]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
-    assert coverage.received_so_far(harness.r).through == seqs[-1]
+    assert watermark.received_so_far(harness.r).through == seqs[-1]
 
 
-def mark(r: redis.Redis, through: int) -> coverage.Mark:
+def mark(r: redis.Redis, through: int) -> watermark.Mark:
     """A mark of the counter's current epoch at ``through``, its sentinel standing."""
-    return coverage.received_so_far(r)._replace(through=through)
+    return watermark.received_so_far(r)._replace(through=through)
 
 
 def test_a_record_never_moves_back(r: redis.Redis) -> None:
-    assert not coverage.covered(r, 1, 7)  # nothing recorded: nothing covered
-    coverage.record(r, mark(r, 5), 7)
-    coverage.record(r, mark(r, 3), 7)  # a sync that began earlier and finished later
-    assert coverage.covered(r, 5, 7) and not coverage.covered(r, 6, 7)
-    assert coverage.covered(r, 5, 7, 70)  # an account's event, covered by its item's sync
-    assert not coverage.covered(r, 1, 8)  # another item
-    assert 0 < r.ttl(f"{coverage.RECORD_PREFIX}item:7") <= coverage.RECORD_TTL_SECONDS
+    assert not watermark.served(r, 1, 7)  # nothing recorded: nothing served
+    watermark.record(r, mark(r, 5), 7)
+    watermark.record(r, mark(r, 3), 7)  # a sync that began earlier and finished later
+    assert watermark.served(r, 5, 7) and not watermark.served(r, 6, 7)
+    assert watermark.served(r, 5, 7, 70)  # an account's event, served by its item's sync
+    assert not watermark.served(r, 1, 8)  # another item
+    assert 0 < r.ttl(f"{watermark.RECORD_PREFIX}item:7") <= watermark.RECORD_TTL_SECONDS
 
 
 def test_no_record_when_redis_lost_writes_since_the_mark(r: redis.Redis) -> None:
@@ -264,32 +264,32 @@ def test_no_record_when_redis_lost_writes_since_the_mark(r: redis.Redis) -> None
     recorded."""
     lost = mark(r, 5)
     r.delete(lost.sentinel)
-    assert coverage.record(r, lost, 7) is False
-    assert not coverage.covered(r, 1, 7)
+    assert watermark.record(r, lost, 7) is False
+    assert not watermark.served(r, 1, 7)
     kept = mark(r, 5)
-    assert coverage.record(r, kept, 7) is True and coverage.covered(r, 5, 7)
+    assert watermark.record(r, kept, 7) is True and watermark.served(r, 5, 7)
     assert not r.exists(kept.sentinel)  # used once
 
 
-def test_an_account_sync_covers_that_account_only(r: redis.Redis) -> None:
-    coverage.record(r, mark(r, 9), 7, 70)
-    assert coverage.covered(r, 9, 7, 70)
-    assert not coverage.covered(r, 9, 7, 71)  # another account of the item
-    assert not coverage.covered(r, 9, 7)  # the item's own events
+def test_an_account_sync_serves_that_account_only(r: redis.Redis) -> None:
+    watermark.record(r, mark(r, 9), 7, 70)
+    assert watermark.served(r, 9, 7, 70)
+    assert not watermark.served(r, 9, 7, 71)  # another account of the item
+    assert not watermark.served(r, 9, 7)  # the item's own events
 
 
-def test_a_lost_counter_starts_an_epoch_in_which_older_records_cover_nothing(
+def test_a_lost_counter_starts_an_epoch_in_which_older_records_serve_nothing(
     harness: Harness, world: World
 ) -> None:
     b = bank(world, accounts=1, per_account=3)
     for _ in range(3):
         harness.send(world.event_item_refreshed(b["item"]))
-    before = coverage.received_so_far(harness.r)
+    before = watermark.received_so_far(harness.r)
     assert before.through == 3
-    coverage.record(harness.r, before, b["item"])
-    assert coverage.covered(harness.r, 3, b["item"])
+    watermark.record(harness.r, before, b["item"])
+    assert watermark.served(harness.r, 3, b["item"])
     harness.r.delete(RECEIVED_SEQ_KEY)  # evicted, or deleted by hand: the count starts again
     harness.send(world.event_item_refreshed(b["item"]))
-    after = coverage.received_so_far(harness.r)
+    after = watermark.received_so_far(harness.r)
     assert after.through == 1 and after.epoch != before.epoch
-    assert not coverage.covered(harness.r, 1, b["item"])  # received after the recorded sync began
+    assert not watermark.served(harness.r, 1, b["item"])  # received after the recorded sync began
