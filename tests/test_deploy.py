@@ -529,13 +529,14 @@ def test_receiver_scales_spreads_and_drains(manifests: Rendered) -> None:
     assert spec["affinity"]["podAntiAffinity"]
     (c,) = spec["containers"]
     assert c["args"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]  # noqa: S104 (inside the pod)
-    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
+    # The kubelet's sleep action (beta, on by default since Kubernetes 1.30), not a `sleep` binary.
+    assert list(c["lifecycle"]["preStop"]) == ["sleep"]
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     # preStop sleep, then uvicorn's graceful drain (service/server.py), then a margin.
     from service.server import UVICORN_OPTIONS
 
     drain = UVICORN_OPTIONS["timeout_graceful_shutdown"]
-    assert spec["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + int(drain) + 5
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + int(drain) + 5
     _assert_pdb(manifests, deployment)
 
 
