@@ -16,7 +16,7 @@ LOCK_FLAGS ?=
 # Resolved for CPython >= 3.11 on every platform (--universal: a dependency that only some
 # interpreters need carries its marker). CI and the image (python:3.11.x-slim-bookworm) are
 # CPython 3.11 on linux x86_64; the hashes cover every file of each pinned release.
-UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile pyproject.toml --quiet --universal --python-version 3.11 \
+UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command 'make lock' $(LOCK_FLAGS)
 
 .PHONY: run test lint unit clean deploy-tools bench lock
@@ -47,7 +47,8 @@ deploy-tools: $(DEPLOY_VENV)/.installed
 $(DEPLOY_VENV)/.installed: requirements-deploy.txt
 	$(PYTHON) -m venv $(DEPLOY_VENV)
 	printf '*\n' > $(DEPLOY_VENV)/.gitignore
-	$(DEPLOY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+		-r requirements-deploy.txt
 	touch $@
 
 ## Benchmarks (not part of `make test`): ratios against baselines measured in the same run.
@@ -55,11 +56,13 @@ bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m benchmarks
 
-## Re-resolve both locks from pyproject.toml after editing its dependencies; pins that still fit are
-## kept (LOCK_FLAGS=--upgrade to move everything). Commit pyproject.toml and both locks together.
+## Re-resolve the locks from pyproject.toml (and the deployment tools' from requirements-deploy.in)
+## after editing them; pins that still fit are kept (LOCK_FLAGS=--upgrade to move everything).
+## Commit the edited file and the locks together.
 lock: $(LOCK_VENV)/.uv-$(UV_VERSION)
-	$(UV_COMPILE) -o $(LOCK)
-	$(UV_COMPILE) --extra test --extra dev -c $(LOCK) -o $(DEV_LOCK)
+	$(UV_COMPILE) pyproject.toml -o $(LOCK)
+	$(UV_COMPILE) pyproject.toml --extra test --extra dev -c $(LOCK) -o $(DEV_LOCK)
+	$(UV_COMPILE) requirements-deploy.in -o requirements-deploy.txt
 
 $(LOCK_VENV)/.uv-$(UV_VERSION):
 	$(PYTHON) -m venv $(LOCK_VENV)

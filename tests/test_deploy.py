@@ -77,14 +77,8 @@ EXTRA_ENV: set[str] = set()
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
-    for line in REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version, f"requirements-deploy.txt: {line!r} is not pinned with =="
-            pins[name.lower().replace("_", "-")] = version
-    return pins
+    """requirements-deploy.txt's versions (`make lock` writes it from requirements-deploy.in)."""
+    return {name: pin.version for name, pin in read_lock(REQUIREMENTS).items()}
 
 
 def _tool_problems() -> str | None:
@@ -123,7 +117,7 @@ def tools() -> Path:
             "--quiet",
             "--disable-pip-version-check",
         ]
-        done = subprocess.run([*pip, "-r", REQUIREMENTS], capture_output=True, text=True)
+        done = subprocess.run([*pip, "--require-hashes", "-r", REQUIREMENTS], capture_output=True, text=True)
         if done.returncode:
             pytest.fail(f"could not install the deployment tools:\n{done.stderr[-3000:]}", pytrace=False)
         problem = _tool_problems()
@@ -878,7 +872,8 @@ class Pin:
 
 
 def read_lock(path: Path) -> dict[str, Pin]:
-    """`name==version [; marker]` and its `--hash=` options, per package (what `make lock` writes)."""
+    """`name==version [; marker]` and its `--hash=` options, per package (what `make lock` writes); of a
+    package locked twice under exclusive markers, the release this interpreter installs."""
     pins: dict[str, Pin] = {}
     for line in path.read_text().replace("\\\n", " ").splitlines():
         line = line.split("#", 1)[0].strip()
@@ -888,10 +883,16 @@ def read_lock(path: Path) -> dict[str, Pin]:
         req = Requirement(requirement)
         (spec,) = req.specifier
         assert spec.operator == "==" and hashes, f"{path.name}: {line[:80]} is not pinned with its hashes"
-        pins[canonicalize_name(req.name)] = Pin(
-            spec.version, req.marker, frozenset(h.strip() for h in hashes)
-        )
+        name = canonicalize_name(req.name)
+        pin = Pin(spec.version, req.marker, frozenset(map(str.strip, hashes)))
+        if name not in pins or pin.applies():
+            pins[name] = pin
     return pins
+
+
+def _requirement_lines(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
 
 
 def _direct_requirements(extras: Iterable[str]) -> list[Requirement]:
@@ -912,12 +913,18 @@ def _direct_requirements(extras: Iterable[str]) -> list[Requirement]:
 
 
 def test_the_locks_are_whole_and_agree_with_pyproject() -> None:
-    """Each lock pins (with hashes) a release of every direct requirement that pyproject.toml allows:
-    an edit of pyproject.toml without `make lock` fails here. The image's lock is a subset of the dev
-    lock, release for release and hash for hash: CI tests exactly what the image runs."""
+    """Each lock pins (with hashes) a release of every direct requirement that pyproject.toml (or, for
+    the deployment tools, requirements-deploy.in) allows: an edit without `make lock` fails here.
+    The image's lock is a subset of the dev lock, release for release and hash for hash: CI tests
+    exactly what the image runs."""
     lock, dev_lock = read_lock(LOCK), read_lock(DEV_LOCK)
-    for pins, extras in ((lock, ()), (dev_lock, ("test", "dev"))):
-        for req in _direct_requirements(extras):
+    deploy = [Requirement(line) for line in _requirement_lines(ROOT / "requirements-deploy.in")]
+    for pins, wanted in (
+        (lock, _direct_requirements(())),
+        (dev_lock, _direct_requirements(("test", "dev"))),
+        (read_lock(REQUIREMENTS), deploy),
+    ):
+        for req in wanted:
             pin = pins.get(canonicalize_name(req.name))
             assert pin is not None, f"{req.name} is not in the lock: run `make lock`"
             assert req.specifier.contains(pin.version, prereleases=True), (
