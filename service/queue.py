@@ -40,6 +40,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.utils import utcformat
@@ -279,6 +280,7 @@ class EventQueue:
         self._settings = settings
         self._url = settings.redis_url
         self.queue_key = Queue.redis_queue_namespace_prefix + settings.queue_name
+        self.failed_key = FailedJobRegistry(name=settings.queue_name).key  # RQ's dead letters (no connection)
         self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY, RECEIVED_SEQ_KEY,
                       RECEIVED_EPOCH_KEY]  # fmt: skip
         self._redis: aioredis.Redis | None = None
@@ -424,4 +426,4 @@ class EventQueue:
         return int(await self.redis.llen(self.queue_key))
 
     async def dead_letters(self) -> int:
-        return int(await self.redis.zcard(f"rq:failed:{self._settings.queue_name}"))
+        return int(await self.redis.zcard(self.failed_key))

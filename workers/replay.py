@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
@@ -46,7 +47,7 @@ class Enqueuer:
         self, job_id: str, function: str, event: dict[str, Any], *, received_at_ms: int | None = None
     ) -> str:
         """``queued``, or ``in_flight`` when a job with this id is still waiting or running."""
-        status = self.redis.hget(f"rq:job:{job_id}", "status")
+        status = self.redis.hget(Job.key_for(job_id), "status")
         if status in IN_FLIGHT or (isinstance(status, str) and status.encode() in IN_FLIGHT):
             return "in_flight"
         FailedJobRegistry(queue=self.queue).remove(job_id)  # it goes back through the queue instead
