@@ -4,6 +4,7 @@ with real Redis, the fake Bridge over HTTP and RQ workers."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import structlog
 from click.testing import CliRunner, Result
 from freezegun import freeze_time
@@ -19,12 +21,14 @@ from prometheus_client import REGISTRY
 from bridgehook.cli import main
 from fakebridge.world import World
 from tests.harness import Harness
-from tests.support import TEST_ENCRYPTION_KEY
+from tests.support import TEST_ENCRYPTION_KEY, queued_ids
 from workers import context, jobs
 from workers.db import to_datetime
 from workers.deadletters import DeadLetters
 from workers.observe import StatusCollector, snapshot
 from workers.reconcile import Reconciler
+from workers.replay import Enqueuer
+from workers.scheduler import enqueue_sweep
 
 Cli = Callable[..., Result]
 
@@ -355,6 +359,36 @@ def test_missed_webhook_is_caught_by_the_sweep(harness: Harness, world: World) -
     harness.drain()
     assert harness.tables() == harness.truth()
     assert sweep(harness)["deltas"] == 0
+
+
+def test_schedulers_racing_enqueue_one_sweep_per_period(harness: Harness) -> None:
+    """Two schedulers (or more) started by mistake: one sweep per period, even once it has run."""
+    interval, now, racers = 3600, 1_800_000_123.0, 8
+    slot = int(now // interval)
+    barrier = threading.Barrier(racers)
+    outcomes: list[str] = []
+
+    def scheduler() -> None:
+        connection = redis.Redis.from_url(str(harness.settings.redis_url))
+        enqueuer = Enqueuer(connection, harness.settings)
+        barrier.wait()
+        outcomes.append(enqueue_sweep(enqueuer, interval, now))
+        connection.close()
+
+    threads = [threading.Thread(target=scheduler) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == ["duplicate"] * (racers - 1) + ["queued"]
+    assert queued_ids(harness.r) == [f"reconcile-sweep-{slot}"]
+    harness.drain()  # the sweep runs
+    assert harness.failed_ids() == []
+    enqueuer = Enqueuer(harness.r, harness.settings)
+    assert enqueue_sweep(enqueuer, interval, now + 60) == "duplicate"  # done, but still this period
+    assert queued_ids(harness.r) == []
+    assert enqueue_sweep(enqueuer, interval, now + interval) == "queued"
+    assert queued_ids(harness.r) == [f"reconcile-sweep-{slot + 1}"]
 
 
 def test_item_stuck_in_1003_raises_an_alert(harness: Harness, world: World, cli: Cli) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import DuplicateJobError
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -54,6 +55,17 @@ class Enqueuer:
         job = build_job(self.redis, self.settings, job_id, function, event,
                         received_at_ms=received_at_ms, replayed=True)  # fmt: skip
         self.queue.enqueue_job(job)
+        return "queued"
+
+    def enqueue_once(self, job_id: str, function: str, event: dict[str, Any]) -> str:
+        """``queued``, or ``duplicate`` when a job with this id exists in any state (waiting, running,
+        done or failed): RQ's unique enqueue checks and writes in one Redis script, so callers racing
+        for one id enqueue it once."""
+        job = build_job(self.redis, self.settings, job_id, function, event, replayed=True)
+        try:
+            self.queue.enqueue_job(job, unique=True)
+        except DuplicateJobError:
+            return "duplicate"
         return "queued"
 
     def event(self, event_id: str, event: dict[str, Any], received_at_ms: int | None = None) -> str:
