@@ -399,10 +399,10 @@ def reconcile() -> None:
 @click.option("--json", "as_json", is_flag=True, help="The same, as one JSON object.")
 def status(as_json: bool) -> None:
     """Queues, workers, dead letters and items needing attention, in one screen."""
-    from workers.observe import Status, snapshot
+    from workers.observe import snapshot
 
     with ops() as (s, r, storage):
-        snap: Status = snapshot(_Lite(s, r, storage))  # type: ignore[arg-type]
+        snap = snapshot(s, r, storage)
     if as_json:
         data = {
             "queues": snap.queues,
@@ -445,10 +445,3 @@ def status(as_json: bool) -> None:
         f"stuck in 1003 > 24 h: {len(snap.stuck_1003)} {snap.stuck_1003[:10] or ''}   "
         f"stale: {len(snap.stale)} {snap.stale[:10] or ''}"
     )
-
-
-class _Lite:
-    """What snapshot() reads from a worker context, without a Bridge client."""
-
-    def __init__(self, settings: Settings, connection: redis.Redis, storage: Storage) -> None:
-        self.settings, self.redis, self.storage = settings, connection, storage

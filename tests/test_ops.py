@@ -407,9 +407,10 @@ def test_item_stuck_in_1003_raises_an_alert(harness: Harness, world: World, cli:
     assert alert["log_level"] == "warning" and alert["item_id"] == item
     assert harness.r.hget(f"rq:job:resync-item-{item}", "status") == b"queued"
 
+    ctx = context.current()
     with frozen(start + timedelta(hours=25)):
-        snap = snapshot(context.current())
-        metrics = {m.name: m for m in StatusCollector(context.current()).collect()}
+        snap = snapshot(ctx.settings, ctx.redis, ctx.storage)
+        metrics = {m.name: m for m in StatusCollector(ctx.settings, ctx.redis, ctx.storage).collect()}
         status = cli("status")
     assert snap.stuck_1003 == [item]
     assert metrics["bridgehook_items_stuck_1003"].samples[0].value == 1
@@ -429,7 +430,8 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
     assert data["queues"]["queued"] == 0 and data["dead_letters"] == 0
     assert data["needs_user_action"] == 1
     assert {(i["status"], i["needs_user_action"]) for i in data["items"]} == {(0, False), (402, True)}
-    metrics = {m.name: m for m in StatusCollector(context.current()).collect()}
+    ctx = context.current()
+    metrics = {m.name: m for m in StatusCollector(ctx.settings, ctx.redis, ctx.storage).collect()}
     flagged = {tuple(s.labels.values()): s.value for s in metrics["bridgehook_items"].samples}
     assert flagged == {("0", "false"): 1, ("402", "true"): 1}
     assert jobs.JOBS.labels("item.created", "done")._value.get() >= 2

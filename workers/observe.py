@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from rq import Queue, Worker
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from workers.context import WorkerContext
+from service.settings import Settings
 from workers.deadletters import DeadLetters
 from workers.reconcile import stale_items, stuck_items
+from workers.storage import Storage
 
 SCAN_LIMIT = 10_000  # dead letters read to count them by type; beyond it, the total is still exact
 
@@ -42,21 +44,23 @@ class Status:
         return sum(n for (_, flagged), n in self.items_by_status.items() if flagged)
 
 
-def snapshot(ctx: WorkerContext, now: datetime | None = None) -> Status:
+def snapshot(
+    settings: Settings, connection: redis.Redis, storage: Storage, now: datetime | None = None
+) -> Status:
+    """Only what it reads, so that `bridgehook status` needs no worker context (no Bridge client)."""
     now = now or datetime.now(UTC)
-    name, r = ctx.settings.queue_name, ctx.redis
-    queue = Queue(name, connection=r, serializer=JSONSerializer)
-    dlq = DeadLetters(r, name, ctx.storage)
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    dlq = DeadLetters(connection, settings.queue_name, storage)
     ids = dlq.ids()
     letters = dlq.load(ids[:SCAN_LIMIT])
-    with ctx.storage.transaction() as tx:
+    with storage.transaction() as tx:
         rows = tx.execute(
             "SELECT status, needs_user_action, count(*) FROM items WHERE deleted_at IS NULL "
             "GROUP BY status, needs_user_action"
         ).fetchall()
-    stale_after = timedelta(seconds=ctx.settings.reconcile_stale_seconds)
+    stale_after = timedelta(seconds=settings.reconcile_stale_seconds)
     times = [t for t in (d.received_at or d.failed_at for d in letters) if t is not None]
-    replays: dict[bytes, bytes] = r.hgetall("bridgehook:replays")  # type: ignore[assignment]
+    replays: dict[bytes, bytes] = connection.hgetall("bridgehook:replays")  # type: ignore[assignment]
     return Status(
         queues={
             "queued": queue.count,
@@ -78,8 +82,8 @@ def snapshot(ctx: WorkerContext, now: datetime | None = None) -> Status:
         dead_letters_by_type=dict(Counter(d.type for d in letters)),
         oldest_dead_letter=min(times, default=None),
         items_by_status={(row[0], bool(row[1])): int(row[2]) for row in rows},
-        stuck_1003=[i for i, _ in stuck_items(ctx.storage, now)],
-        stale=[i for i, _ in stale_items(ctx.storage, now, stale_after)],
+        stuck_1003=[i for i, _ in stuck_items(storage, now)],
+        stale=[i for i, _ in stale_items(storage, now, stale_after)],
         replays={k.decode(): int(v) for k, v in replays.items()},
     )
 
@@ -87,11 +91,11 @@ def snapshot(ctx: WorkerContext, now: datetime | None = None) -> Status:
 class StatusCollector(Collector):
     """Exports :func:`snapshot` at scrape time."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
+    def __init__(self, settings: Settings, connection: redis.Redis, storage: Storage) -> None:
+        self.settings, self.redis, self.storage = settings, connection, storage
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        s = snapshot(self.ctx)
+        s = snapshot(self.settings, self.redis, self.storage)
         queue = GaugeMetricFamily(
             "bridgehook_queue_jobs", "Jobs by state in RQ's queue and registries.", labels=["state"]
         )

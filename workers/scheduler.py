@@ -45,7 +45,7 @@ def run_scheduler(settings: Settings, *, once: bool = False) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     if settings.metrics_port and not once:
-        REGISTRY.register(StatusCollector(ctx))
+        REGISTRY.register(StatusCollector(ctx.settings, ctx.redis, ctx.storage))
         start_http_server(settings.metrics_port)
     enqueuer = Enqueuer(ctx.redis, settings)
     interval = settings.reconcile_interval_seconds
