@@ -13,22 +13,17 @@ import time
 from contextlib import ExitStack, suppress
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn
 
 import click
 import httpx
 
 from bridgehook import devenv
+from bridgehook.exits import Exit, fail
 from service.settings import Settings, SettingsError
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
 # What the worker and the scheduler cannot start without (the receiver never reads bank data).
 WORKER_NEEDS = ("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS")
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"bridgehook: {message}", err=True)
-    sys.exit(code)
 
 
 def load_settings(*required: str) -> Settings:
@@ -37,7 +32,7 @@ def load_settings(*required: str) -> Settings:
         settings = Settings.from_env()
         settings.require(*required)
     except SettingsError as exc:
-        fail(str(exc))
+        fail(str(exc), Exit.USAGE)
     return settings
 
 
@@ -122,10 +117,10 @@ def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fix
         click.echo("\n".join(_fixture_names()))
         return
     if (fixture is None) == (path is None):
-        fail("give exactly one of --fixture NAME or --file PATH (see --list)")
+        fail("give exactly one of --fixture NAME or --file PATH (see --list)", Exit.USAGE)
     if fixture is not None:
         if fixture not in _fixture_names():
-            fail(f"no fixture {fixture!r}; choose one of: {', '.join(_fixture_names())}")
+            fail(f"no fixture {fixture!r}; choose one of: {', '.join(_fixture_names())}", Exit.USAGE)
         body = (resources.files("bridgehook") / "fixtures" / "webhooks" / f"{fixture}.json").read_bytes()
     else:
         assert path is not None
@@ -141,9 +136,9 @@ def send(fixture: str | None, path: Path | None, url: str, fresh: bool, list_fix
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
     except httpx.HTTPError as exc:
-        fail(f"could not POST to {url}: {exc}", code=1)
+        fail(f"could not POST to {url}: {exc}", Exit.FAILED)
     click.echo(f"{response.status_code} {response.text}")
-    sys.exit(0 if response.is_success else 1)
+    sys.exit(0 if response.is_success else Exit.FAILED)
 
 
 def _sending_secret() -> str:
@@ -154,7 +149,8 @@ def _sending_secret() -> str:
     if path.exists():
         return path.read_text().strip()
     fail(
-        "no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret"
+        "no secret: set BRIDGE_WEBHOOK_SECRETS or start `make run` once to create .bridgehook/webhook-secret",
+        Exit.USAGE,
     )
 
 
@@ -171,7 +167,7 @@ def worker(burst: bool, name: str | None) -> None:
     try:
         run_worker(settings, burst=burst, name=name)
     except SchemaOutdated as exc:
-        fail(str(exc), code=1)
+        fail(str(exc), Exit.FAILED)
 
 
 @main.group()
@@ -197,7 +193,7 @@ def _upgrade(settings: Settings) -> None:
         finally:
             database.close()
     except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
-        fail(f"database {where}: {type(exc).__name__}: {exc}", code=1)
+        fail(f"database {where}: {type(exc).__name__}: {exc}", Exit.FAILED)
     click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date", err=True)
 
 
