@@ -253,7 +253,7 @@ def dedupe_key(event_id: str) -> str:
     return DEDUPE_PREFIX + event_id
 
 
-class Archived(NamedTuple):
+class ArchivedDelivery(NamedTuple):
     """A delivery as the archive stream keeps it, every field as the bytes Redis stores."""
 
     type: bytes
@@ -331,7 +331,7 @@ class EventQueue:
         event_id: str,
         function: str | None,
         event: Mapping[str, Any],
-        archive: Archived,
+        archive: ArchivedDelivery,
         *,
         verbatim: bool = False,
     ) -> asyncio.Future[str]:

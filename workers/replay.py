@@ -35,7 +35,8 @@ RESYNC_ITEM = "workers.jobs.resync_item"
 RESYNC_USER = "workers.jobs.resync_user"
 RECONCILE = "workers.jobs.reconcile"
 
-Archived = tuple[str, dict[str, Any], int]  # event id, event, received at (ms)
+# An event received earlier, read back to replay it: its id, the event, when it arrived (ms).
+ReceivedEvent = tuple[str, dict[str, Any], int]
 
 
 class Enqueuer:
@@ -97,7 +98,7 @@ class Enqueuer:
 
     # -- sources ---------------------------------------------------------------------------------
 
-    def archived(self, since: datetime, until: datetime | None) -> Iterator[Archived]:
+    def archived(self, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
         """Signed deliveries the receiver archived between the two times, each event once."""
         start = f"{int(since.timestamp() * 1000)}-0"
         end = f"{int(until.timestamp() * 1000) - 1}-99999999" if until else "+"
@@ -119,7 +120,7 @@ class Enqueuer:
             start = "(" + entries[-1][0].decode()
 
 
-def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[Archived]:
+def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
     """The same, read from ``webhook_events`` (beyond the archive's retention)."""
     sql = "SELECT id, body, received_at FROM webhook_events WHERE received_at >= %s"
     params: list[Any] = [since]
