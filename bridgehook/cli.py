@@ -17,22 +17,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from importlib import resources
 from pathlib import Path
-from typing import NoReturn
 
 import click
 import httpx
 
 from bridgehook import devenv
+from bridgehook.exits import Exit, fail
 from service.settings import Settings, SettingsError
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
 # What the worker and the scheduler cannot start without (the receiver never reads bank data).
 WORKER_NEEDS = ("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS")
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"bridgehook: {message}", err=True)
-    sys.exit(code)
 
 
 def load_settings(*required: str) -> Settings:
@@ -41,7 +36,7 @@ def load_settings(*required: str) -> Settings:
         settings = Settings.from_env()
         settings.require(*required)
     except SettingsError as exc:
-        fail(str(exc))
+        fail(str(exc), Exit.USAGE)
     return settings
 
 
@@ -101,7 +96,7 @@ def dev(host: str, port: int, stop: bool) -> None:
         try:
             local = stack.enter_context(devenv.claim(home, _say))
         except devenv.StackInUse as exc:
-            fail(str(exc))
+            fail(str(exc), Exit.USAGE)
         sock = stack.enter_context(_listen(host, port))
         devenv.apply_dev_defaults(env, home)
         load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
@@ -137,12 +132,13 @@ def _listen(host: str, port: int) -> Iterator[socket.socket]:
         sock = devenv.receiver_socket(host, port)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
-            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}", Exit.USAGE)
         other = devenv.free_port_after(host, port)
         choose = str(other) if other else "<another port>"
         fail(
             f"port {port} is taken on {host} (address already in use): choose another with "
-            f"`make run PORT={choose}` or `bridgehook dev --port {choose}`"
+            f"`make run PORT={choose}` or `bridgehook dev --port {choose}`",
+            Exit.USAGE,
         )
     with sock:
         yield sock
@@ -158,7 +154,8 @@ def _require_dev_extra(env: Mapping[str, str]) -> None:
     if missing:
         fail(
             f"dev needs {' and '.join(missing)}: install the dev extra from a checkout "
-            "(`pip install -e '.[dev]'`, as `make run` does)"
+            "(`pip install -e '.[dev]'`, as `make run` does)",
+            Exit.USAGE,
         )
 
 
@@ -187,10 +184,10 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
         click.echo("\n".join(_fixture_names()))
         return
     if (fixture is None) == (path is None):
-        fail("give exactly one of --fixture NAME or --file PATH (see --list)")
+        fail("give exactly one of --fixture NAME or --file PATH (see --list)", Exit.USAGE)
     if fixture is not None:
         if fixture not in _fixture_names():
-            fail(f"no fixture {fixture!r}; choose one of: {', '.join(_fixture_names())}")
+            fail(f"no fixture {fixture!r}; choose one of: {', '.join(_fixture_names())}", Exit.USAGE)
         body = (resources.files("bridgehook") / "fixtures" / "webhooks" / f"{fixture}.json").read_bytes()
     else:
         assert path is not None
@@ -208,9 +205,9 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
     except httpx.HTTPError as exc:
-        fail(f"could not POST to {url}: {exc}", code=1)
+        fail(f"could not POST to {url}: {exc}", Exit.FAILED)
     click.echo(f"{response.status_code} {response.text}")
-    sys.exit(0 if response.is_success else 1)
+    sys.exit(0 if response.is_success else Exit.FAILED)
 
 
 def _sending_secret() -> str:
@@ -222,7 +219,8 @@ def _sending_secret() -> str:
         return path.read_text().strip()
     fail(
         "no secret: set BRIDGE_WEBHOOK_SECRETS, or start `make run` once to create .bridgehook/webhook-secret"
-        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)"
+        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)",
+        Exit.USAGE,
     )
 
 
@@ -239,7 +237,7 @@ def worker(burst: bool, name: str | None) -> None:
     try:
         run_worker(settings, burst=burst, name=name)
     except SchemaOutdated as exc:
-        fail(str(exc), code=1)
+        fail(str(exc), Exit.FAILED)
 
 
 @main.group()
@@ -265,7 +263,7 @@ def _upgrade(settings: Settings) -> None:
         finally:
             database.close()
     except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
-        fail(f"database {where}: {type(exc).__name__}: {exc}", code=1)
+        fail(f"database {where}: {type(exc).__name__}: {exc}", Exit.FAILED)
     click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date", err=True)
 
 

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bridgehook import devenv
-from bridgehook.ops import console, fail
+from bridgehook.exits import Exit, fail
+from bridgehook.ops import console
 from service.settings import Settings, SettingsError
 from workers.codec import AESGCMCodec, CodecError, generate_key
 from workers.reader import Reader
@@ -30,9 +31,12 @@ def reader() -> Iterator[Reader]:
         settings = Settings.from_env()
         built = Reader.from_env(settings)
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), Exit.USAGE)
     except Exception as exc:  # psycopg, sqlite3 and pool errors alike
-        fail(f"database {settings.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}")
+        fail(
+            f"database {settings.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}",
+            Exit.FAILED,
+        )
     with built:
         yield built
 
@@ -65,7 +69,7 @@ def keys_rotate(batch_size: int, dry_run: bool) -> None:
 
     with reader() as r:
         if not isinstance(r.codec, AESGCMCodec):
-            fail("ENCRYPTION_KEYS is not set: there is no key to rotate to", code=2)
+            fail("ENCRYPTION_KEYS is not set: there is no key to rotate to", Exit.USAGE)
         assert isinstance(r.codec, AESGCMCodec)
         rotation = Rotation(r.db, r.codec, batch_size)
         pending = rotation.pending()
@@ -80,11 +84,11 @@ def keys_rotate(batch_size: int, dry_run: bool) -> None:
             try:
                 done = rotation.run(lambda table, n: bar.advance(tasks[table], n) if table in tasks else None)
             except CodecError as exc:
-                fail(f"{exc}; nothing after this row was rotated, rows before it were")
+                fail(f"{exc}; nothing after this row was rotated, rows before it were", Exit.FAILED)
         left = sum(rotation.pending().values())
         click.echo(f"rotated {done} rows; {left} left" + (" (run again)" if left else ""), err=True)
         if left:
-            raise SystemExit(1)
+            raise SystemExit(Exit.FAILED)
 
 
 # -- accounts ---------------------------------------------------------------------------------------
@@ -114,9 +118,9 @@ def accounts_show(account_id: int, limit: int, reveal: bool, as_json: bool) -> N
             account = r.account(account_id)
             transactions = r.transactions(account_id, limit=limit) if account else []
         except CodecError as exc:
-            fail(str(exc))
+            fail(str(exc), Exit.FAILED)
     if account is None:
-        fail(f"no account {account_id}")
+        fail(f"no account {account_id}", Exit.FAILED)
     assert account is not None
     if not reveal:
         account["iban"] = mask_iban(account["iban"])

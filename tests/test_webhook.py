@@ -339,6 +339,18 @@ def test_duplicate_delivery_is_acknowledged_once(client: TestClient, r: redis.Re
     assert decisions == [b"queued", b"duplicate"]
 
 
+def test_enqueue_survives_a_redis_that_lost_its_scripts(client: TestClient, r: redis.Redis) -> None:
+    """A restarted or failed-over Redis has no cached scripts: the next delivery loads ours again."""
+    first = fixture_body("item.created")
+    assert client.post(URL, **signed(first)).json()["status"] == "queued"
+    r.script_flush()  # server-wide, as a restart would leave it
+    second = fixture_body("item.refreshed")
+    response = client.post(URL, **signed(second))
+    assert response.status_code == 200
+    assert response.json()["status"] == "queued"
+    assert queued_ids(r) == [hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
+
+
 def test_duplicate_window_expires(client_factory: Callable[..., TestClient], r: redis.Redis) -> None:
     client = client_factory(WEBHOOK_DEDUPE_SECONDS="1")
     body = fixture_body("item.created")

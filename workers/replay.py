@@ -19,6 +19,8 @@ from typing import Any
 
 import redis
 from rq import Queue
+from rq.exceptions import DuplicateJobError
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
@@ -33,7 +35,8 @@ RESYNC_ITEM = "workers.jobs.resync_item"
 RESYNC_USER = "workers.jobs.resync_user"
 RECONCILE = "workers.jobs.reconcile"
 
-Archived = tuple[str, dict[str, Any], int]  # event id, event, received at (ms)
+# An event received earlier, read back to replay it: its id, the event, when it arrived (ms).
+ReceivedEvent = tuple[str, dict[str, Any], int]
 
 
 class Enqueuer:
@@ -46,13 +49,24 @@ class Enqueuer:
         self, job_id: str, function: str, event: dict[str, Any], *, received_at_ms: int | None = None
     ) -> str:
         """``queued``, or ``in_flight`` when a job with this id is still waiting or running."""
-        status = self.redis.hget(f"rq:job:{job_id}", "status")
+        status = self.redis.hget(Job.key_for(job_id), "status")
         if status in IN_FLIGHT or (isinstance(status, str) and status.encode() in IN_FLIGHT):
             return "in_flight"
         FailedJobRegistry(queue=self.queue).remove(job_id)  # it goes back through the queue instead
         job = build_job(self.redis, self.settings, job_id, function, event,
                         received_at_ms=received_at_ms, replayed=True)  # fmt: skip
         self.queue.enqueue_job(job)
+        return "queued"
+
+    def enqueue_once(self, job_id: str, function: str, event: dict[str, Any]) -> str:
+        """``queued``, or ``duplicate`` when a job with this id exists in any state (waiting, running,
+        done or failed): RQ's unique enqueue checks and writes in one Redis script, so callers racing
+        for one id enqueue it once."""
+        job = build_job(self.redis, self.settings, job_id, function, event, replayed=True)
+        try:
+            self.queue.enqueue_job(job, unique=True)
+        except DuplicateJobError:
+            return "duplicate"
         return "queued"
 
     def event(self, event_id: str, event: dict[str, Any], received_at_ms: int | None = None) -> str:
@@ -84,7 +98,7 @@ class Enqueuer:
 
     # -- sources ---------------------------------------------------------------------------------
 
-    def archived(self, since: datetime, until: datetime | None) -> Iterator[Archived]:
+    def archived(self, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
         """Signed deliveries the receiver archived between the two times, each event once."""
         start = f"{int(since.timestamp() * 1000)}-0"
         end = f"{int(until.timestamp() * 1000) - 1}-99999999" if until else "+"
@@ -106,7 +120,7 @@ class Enqueuer:
             start = "(" + entries[-1][0].decode()
 
 
-def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[Archived]:
+def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
     """The same, read from ``webhook_events`` (beyond the archive's retention)."""
     sql = "SELECT id, body, received_at FROM webhook_events WHERE received_at >= %s"
     params: list[Any] = [since]

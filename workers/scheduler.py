@@ -2,8 +2,9 @@
 the global gauges (:mod:`workers.observe`) for Prometheus.
 
 Run exactly one (a Deployment of 1). Should two run by mistake, they still enqueue one sweep
-per period: the sweep's job id is the period's number, and an id already queued or running
-is not enqueued again.
+per period: the sweep's job id is the period's number, and RQ's unique enqueue writes a job only
+when no job with its id exists, queued, running, done or failed (one Redis script, no window
+between the check and the write).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ log = get_logger("bridgehook.scheduler")
 
 
 def enqueue_sweep(enqueuer: Enqueuer, interval: int, now: float | None = None) -> str:
+    """``queued``, or ``duplicate`` when this period's sweep was already enqueued (by us or another)."""
     slot = int((time.time() if now is None else now) // interval)
     event = {"type": "bridgehook.reconcile", "content": {"slot": slot}, "timestamp": slot * interval * 1000}
-    return enqueuer.enqueue(f"reconcile-sweep-{slot}", RECONCILE, event)
+    return enqueuer.enqueue_once(f"reconcile-sweep-{slot}", RECONCILE, event)
 
 
 def run_scheduler(settings: Settings, *, once: bool = False) -> None:
@@ -43,7 +45,7 @@ def run_scheduler(settings: Settings, *, once: bool = False) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     if settings.metrics_port and not once:
-        REGISTRY.register(StatusCollector(ctx))
+        REGISTRY.register(StatusCollector(ctx.settings, ctx.redis, ctx.storage))
         start_http_server(settings.metrics_port)
     enqueuer = Enqueuer(ctx.redis, settings)
     interval = settings.reconcile_interval_seconds
