@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -203,20 +203,14 @@ class DeadLetters:
     def _ledger(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         if self.storage is None or not ids:
             return {}
-        rows: dict[str, dict[str, Any]] = {}
-        for chunk in _chunks(list(ids), 500):
-            marks = ", ".join(["%s"] * len(chunk))
-            sql = "SELECT id, received_at, attempts, last_error, body FROM webhook_events WHERE id IN "
-            with self.storage.transaction() as tx:
-                found = tx.execute(f"{sql}({marks})", chunk).fetchall()
-            for event_id, received_at, attempts, last_error, body in found:
-                rows[event_id] = {
-                    "received_at": _aware(to_datetime(received_at)),
-                    "attempts": attempts,
-                    "last_error": last_error,
-                    "event": _json(self.storage.codec.decode(body, "webhook_events.body")),
-                }
-        return rows
+        entries = Ledger(self.storage.db, self.storage.codec).entries(ids)
+        return {
+            event_id: {
+                "received_at": entry.received_at, "attempts": entry.attempts,
+                "last_error": entry.last_error, "event": _json(entry.body),
+            }
+            for event_id, entry in entries.items()
+        }  # fmt: skip
 
 
 def traceback_of(job: Job | None) -> str | None:
@@ -247,8 +241,3 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -12,14 +12,24 @@ durable with it (see :mod:`workers.db`), so a job reported done never loses its 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from workers.codec import Codec
-from workers.db import Database
+from workers.db import Database, to_datetime
 
 BODY = "webhook_events.body"  # the encrypted column (workers.codec.ENCRYPTED_COLUMNS)
+
+
+class Entry(NamedTuple):
+    """One event's row, its body decrypted (None: undecodable, left to the caller to say so)."""
+
+    id: str
+    received_at: datetime | None  # aware, UTC
+    attempts: int
+    last_error: str | None
+    body: str | None
 
 
 class Ledger:
@@ -91,3 +101,36 @@ class Ledger:
                 (event_id, event.get("type", "?"), content.get("item_id"), received_at, attempts,
                  self.codec.encode(body, BODY)),
             )  # fmt: skip
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def entries(self, event_ids: Sequence[str]) -> dict[str, Entry]:
+        """The rows of these events (those the ledger holds), read 500 ids to a statement."""
+        found: dict[str, Entry] = {}
+        ids = list(event_ids)
+        for start in range(0, len(ids), 500):
+            some = ids[start : start + 500]
+            sql = f"{_SELECT} WHERE id IN ({', '.join(['%s'] * len(some))})"
+            with self.db.transaction() as tx:
+                rows = tx.execute(sql, some).fetchall()
+            found.update((entry.id, entry) for entry in map(self._entry, rows))
+        return found
+
+    def received(self, since: datetime, until: datetime | None = None) -> list[Entry]:
+        """The rows of the events received in ``[since, until)``, oldest first."""
+        sql, params = f"{_SELECT} WHERE received_at >= %s", [since]
+        if until is not None:
+            sql += " AND received_at < %s"
+            params.append(until)
+        with self.db.transaction() as tx:
+            return [self._entry(row) for row in tx.execute(sql + " ORDER BY received_at", params).fetchall()]
+
+    def _entry(self, row: tuple[Any, ...]) -> Entry:
+        event_id, received_at, attempts, last_error, body = row
+        when = to_datetime(received_at)
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return Entry(event_id, when, int(attempts), last_error, self.codec.decode(body, BODY))
+
+
+_SELECT = "SELECT id, received_at, attempts, last_error, body FROM webhook_events"

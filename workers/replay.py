@@ -27,7 +27,7 @@ from rq.serializers import JSONSerializer
 from service.events import MalformedEvent, job_function, parse
 from service.queue import ARCHIVE_KEY, build_job
 from service.settings import Settings
-from workers.db import to_datetime
+from workers.ledger import Ledger
 from workers.storage import Storage
 
 IN_FLIGHT = {b"queued", b"started", b"scheduled", b"deferred"}
@@ -122,21 +122,14 @@ class Enqueuer:
 
 def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
     """The same, read from ``webhook_events`` (beyond the archive's retention)."""
-    sql = "SELECT id, body, received_at FROM webhook_events WHERE received_at >= %s"
-    params: list[Any] = [since]
-    if until is not None:
-        sql += " AND received_at < %s"
-        params.append(until)
-    with storage.transaction() as tx:
-        rows = tx.execute(sql + " ORDER BY received_at", params).fetchall()
-    for event_id, body, received_at in rows:
+    for entry in Ledger(storage.db, storage.codec).received(since, until):
         try:
-            event = json.loads(storage.codec.decode(body, "webhook_events.body") or "")
+            event = json.loads(entry.body or "")
         except ValueError:
             continue
         if isinstance(event, dict) and "content" in event:
-            when = to_datetime(received_at)
-            yield event_id, event, int(when.timestamp() * 1000) if when else 0
+            when = entry.received_at
+            yield entry.id, event, int(when.timestamp() * 1000) if when else 0
 
 
 def _task(kind: str, **content: Any) -> dict[str, Any]:
