@@ -21,7 +21,7 @@ One page goes this way (:mod:`workers.sync` fetches it, in a thread of its own; 
 
 4. In the same transaction as its pages, what the listing is now: its position (the next page's
    ``next_uri``, the newest ``updated_at`` and the future ids seen so far), so that an attempt that
-   stops is followed by one that goes on from there; with the last page, its end (:class:`_End`): the
+   stops is followed by one that goes on from there; with the last page, its end (:class:`End`): the
    account's cursor, the future transactions a whole listing no longer shows, a resync's reset.
 
 Every upsert is keyed by Bridge's id with an ``updated_at`` guard (an older payload never overwrites a
@@ -111,7 +111,7 @@ class Listing:
     copying: bool = True  # its pages may still go by COPY
     held: list[Page] = field(default_factory=list)
     held_rows: int = 0
-    held_mark: _Position | _End | None = None
+    held_mark: Position | End | None = None
 
     @classmethod
     def begin(
@@ -138,14 +138,14 @@ class Listing:
         return self.since is None
 
 
-class _Position(NamedTuple):
+class Position(NamedTuple):
     """Where a listing stands after a page: written with it, so that a later attempt resumes there."""
 
     account_id: int
     state: str  # JSON: next (the next page's next_uri), since, newest, future, started, reset
 
 
-class _End(NamedTuple):
+class End(NamedTuple):
     """What a listing's last page ends, in its transaction."""
 
     account_id: int
@@ -303,7 +303,7 @@ class Writer:
                     self._mark(tx, mark)
         return False
 
-    def write_together(self, pages: Sequence[Page], mark: _Position | _End | None = None) -> bool:
+    def write_together(self, pages: Sequence[Page], mark: Position | End | None = None) -> bool:
         """Pages (and ``mark``) in one transaction: on SQLite by the upsert, always True; on PostgreSQL
         by one COPY straight into ``transactions``, which the upsert of ids never seen amounts to for a
         fraction of the cost. False, with nothing written, when a page is not one COPY takes as it is,
@@ -324,23 +324,23 @@ class Writer:
             return False
         return True
 
-    def _position(self, listing: Listing, next_uri: str) -> _Position:
+    def _position(self, listing: Listing, next_uri: str) -> Position:
         state = {
             "next": next_uri, "since": _text(listing.since), "newest": _text(listing.newest),
             "future": sorted(listing.future), "started": _text(listing.started), "reset": listing.reset,
         }  # fmt: skip
-        return _Position(listing.account_id, json.dumps(state, separators=(",", ":")))
+        return Position(listing.account_id, json.dumps(state, separators=(",", ":")))
 
     @staticmethod
-    def _end(listing: Listing) -> _End:
+    def _end(listing: Listing) -> End:
         cap = listing.started if listing.resumed else None
-        return _End(
+        return End(
             listing.account_id, listing.whole, listing.newest, frozenset(listing.future), listing.reset, cap
         )
 
-    def _mark(self, tx: Tx, mark: _Position | _End) -> None:
+    def _mark(self, tx: Tx, mark: Position | End) -> None:
         """Where the listing stands, in the transaction of the pages up to there."""
-        if isinstance(mark, _Position):
+        if isinstance(mark, Position):
             tx.execute("UPDATE accounts SET listing = %s WHERE id = %s", (mark.state, mark.account_id))
             return
         if mark.whole and mark.newest is not None:  # future transactions it no longer shows are gone
