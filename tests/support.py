@@ -90,3 +90,31 @@ def wait_for_http(url: str, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer within {timeout}s")
         time.sleep(0.1)
+
+
+class _Recording(dict[str, str]):
+    """An empty environment that remembers which variables were asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.asked.add(str(key))
+        return super().__contains__(key)
+
+
+def settings_variables() -> set[str]:
+    """Every environment variable Settings.from_env reads."""
+    env = _Recording()
+    Settings.from_env(env)
+    assert env.asked, "Settings.from_env read nothing: the recording no longer sees its reads"
+    return env.asked

@@ -43,7 +43,7 @@ from packaging.utils import canonicalize_name
 
 from service.queue import JOB_TIMEOUT_SECONDS
 from service.settings import Settings
-from tests.support import TEST_ENCRYPTION_KEY, free_port, wait_for_http
+from tests.support import TEST_ENCRYPTION_KEY, free_port, settings_variables, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -438,32 +438,6 @@ WANTED_SECRETS = {
 }
 
 
-class _Recording(dict[str, str]):
-    """An environment that remembers which variables were asked for."""
-
-    def __init__(self, values: Mapping[str, str]) -> None:
-        super().__init__(values)
-        self.asked: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.asked.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> str:
-        self.asked.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self.asked.add(str(key))
-        return super().__contains__(key)
-
-
-def _settings_variables() -> set[str]:
-    env = _Recording({})
-    Settings.from_env(env)
-    return env.asked
-
-
 def test_each_process_gets_only_the_secrets_it_needs(manifests: Rendered) -> None:
     for workload in manifests.workloads():
         (c,) = containers(workload)
@@ -475,7 +449,7 @@ def test_each_process_gets_only_the_secrets_it_needs(manifests: Rendered) -> Non
 def test_configuration_names_only_variables_the_app_reads(manifests: Rendered) -> None:
     """A typo in a variable name would be silently ignored: every name must be one Settings reads,
     and the values must be ones it accepts (as the pods will start with them)."""
-    known = _settings_variables() | EXTRA_ENV
+    known = settings_variables() | EXTRA_ENV
     config = manifests.config()
     assert set(config) <= known, set(config) - known
     for workload in manifests.workloads():

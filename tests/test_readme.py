@@ -13,12 +13,11 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
 from bridgehook.cli import main
-from service.settings import Settings
+from tests.support import settings_variables
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -247,33 +246,6 @@ def test_make_targets_named_exist() -> None:
 
 
 # -- configuration ----------------------------------------------------------------------------------
-
-
-class _Recording(dict[str, str]):
-    """An environment that remembers which variables were asked for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.asked: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.asked.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> str:
-        self.asked.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self.asked.add(str(key))
-        return super().__contains__(key)
-
-
-def settings_variables() -> set[str]:
-    env = _Recording()
-    Settings.from_env(env)
-    assert env.asked, "Settings.from_env read nothing: the recording no longer sees its reads"
-    return env.asked
 
 
 def other_variables() -> set[str]:
