@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
@@ -28,6 +28,7 @@ from workers.codec import codec_from_settings
 from workers.context import WorkerContext
 from workers.db import Database, to_datetime
 from workers.reader import Reader
+from workers.runner import PlainWorker
 from workers.schema import upgrade
 from workers.storage import Storage
 
@@ -102,11 +103,12 @@ class Harness:
         return str(response.json()["status"])
 
     def drain(self) -> None:
-        """Run every queued job (and every immediate retry) in a real RQ worker, in-process."""
+        """Run every queued job (and every immediate retry) in a real RQ worker, in-process (RQ's
+        SimpleWorker, whose shutdown does not wait for its pub/sub thread: see PlainWorker)."""
         if context._current is None:
             context.configure(WorkerContext.build(self.settings))
         queue = Queue(self.settings.queue_name, connection=self.r, serializer=JSONSerializer)
-        SimpleWorker([queue], connection=self.r, serializer=JSONSerializer).work(
+        PlainWorker([queue], connection=self.r, serializer=JSONSerializer).work(
             burst=True, with_scheduler=False
         )
 

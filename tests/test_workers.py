@@ -22,7 +22,7 @@ from fakebridge.world import World
 from tests.harness import Harness, ts
 from workers import context, jobs
 from workers.context import WorkerContext
-from workers.runner import GC_YOUNGEST_THRESHOLD, Worker, run_worker
+from workers.runner import GC_YOUNGEST_THRESHOLD, PUBSUB_STOP_SECONDS, PlainWorker, Worker, run_worker
 from workers.storage import Storage
 
 
@@ -468,6 +468,37 @@ def test_the_worker_collects_its_youngest_objects_less_often(harness: Harness) -
         assert gc.get_threshold() == (GC_YOUNGEST_THRESHOLD, *before[1:])
     finally:
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("worker_class", [PlainWorker, Worker])
+def test_a_stopping_worker_does_not_wait_a_minute_for_its_pubsub_thread(
+    r: redis.Redis, worker_class: type[PlainWorker]
+) -> None:
+    """A worker's pub/sub thread reads its channel a minute at a time. The worker stops it at once,
+    even when its own thread is held up right after unsubscribing (as under load), so that the thread
+    reads the reply while it would still run: RQ's order (unsubscribe, then stop the thread) made
+    that thread wait a minute to be subscribed again, and the worker (redis-py's stop() joins it)
+    with it: every drain of the tests, now and then."""
+    queue = Queue("pubsub-test", connection=r, serializer=JSONSerializer)
+    worker = worker_class([queue], connection=r, serializer=JSONSerializer)
+    worker.subscribe()
+    pubsub = worker.pubsub
+    unsubscribe = pubsub.unsubscribe
+
+    def held_up(*args: Any) -> Any:
+        sent = unsubscribe(*args)
+        time.sleep(0.3)  # the reply is read meanwhile
+        return sent
+
+    pubsub.unsubscribe = held_up
+    started = time.monotonic()
+    stopping = threading.Thread(target=worker.unsubscribe, daemon=True)
+    stopping.start()
+    stopping.join(timeout=10)
+    assert not stopping.is_alive(), "the worker waited for its pub/sub thread"
+    assert time.monotonic() - started < 0.3 + PUBSUB_STOP_SECONDS
+    assert not worker.pubsub_thread.is_alive()  # ended by the reply, not left behind
+    assert r.pubsub_numsub(worker.pubsub_channel_name) == [(worker.pubsub_channel_name.encode(), 0)]
 
 
 def test_the_worker_key_keeps_its_long_lease_between_jobs(r: redis.Redis) -> None:

@@ -13,6 +13,9 @@ unclaimed for that long plus RQ's 10-minute maintenance period. Here a thread re
 lease every ``HEARTBEAT_SECONDS`` for ``HEARTBEAT_SECONDS + 60`` seconds, and maintenance runs
 every ``MAINTENANCE_SECONDS``: a killed worker's job is requeued (with one retry fewer) about two
 minutes later.
+
+Both stop without waiting for their pub/sub thread (see :class:`PlainWorker`), which RQ's own
+shutdown may do for a minute.
 """
 
 from __future__ import annotations
@@ -41,13 +44,42 @@ MAINTENANCE_SECONDS = 60
 # A sync's rows hold no cycles (reference counting frees them), so collecting every 700 allocations, as
 # CPython does, only holds the lock its fetching and writing threads share (see docs/performance.md).
 GC_YOUNGEST_THRESHOLD = 10_000
+PUBSUB_STOP_SECONDS = 1.0  # how long a stopping worker waits for its pub/sub thread (as RQ meant to)
 
 
 class SchemaOutdated(Exception):
     pass
 
 
-class Worker(SimpleWorker):
+class PlainWorker(SimpleWorker):
+    """RQ's ``SimpleWorker``, whose shutdown does not wait up to a minute for its pub/sub thread.
+
+    The thread (RQ's, for `rq` commands sent to the worker) reads its channel a minute at a time.
+    RQ stops it by unsubscribing, whose reply wakes it, and then clearing its running flag: if the
+    thread reads the reply first, it finds the flag still set and, subscribed to nothing now, waits
+    a minute to be subscribed again; and redis-py's ``stop()``, unlike before, joins it without a
+    bound. Both a loaded worker's exit and every ``--burst`` run (the tests' drains) would take a
+    minute more, now and then. Here the flag is cleared first, so the reply ends the thread, and the
+    wait for it is bounded anyway."""
+
+    def unsubscribe(self) -> None:
+        thread = self.pubsub_thread
+        if not thread:
+            return
+        self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+        # redis-py's run-loop flag (a threading.Event); stop() both clears it and joins the thread
+        running = getattr(thread, "_running", None)
+        if running is not None:
+            running.clear()
+        try:
+            self.pubsub.unsubscribe()
+        except redis.RedisError as exc:  # the thread's connection is gone: nothing to wake
+            log.warning("worker.unsubscribe_failed", error=str(exc))
+        thread.join(timeout=PUBSUB_STOP_SECONDS)
+        self.pubsub.close()
+
+
+class Worker(PlainWorker):
     """RQ's ``SimpleWorker`` with heartbeats during jobs (see the module's docstring)."""
 
     log_result_lifespan = False  # RQ's log line per job saying how long results are kept
