@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import random
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 import redis
+import structlog
+import structlog.testing
 from redis.exceptions import LockError
 from rq import Queue
 from rq.registry import StartedJobRegistry
@@ -541,3 +545,46 @@ def test_the_item_lock_outlives_a_slow_call_and_a_lost_lock_stops_the_job(
         assert r.exists(key) == 0
     finally:
         ctx.close()
+
+
+def test_a_bank_down_logs_one_warning_per_retry_and_no_traceback(
+    harness: Harness, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #17: each retry of an item in 1003 logged an error and RQ's traceback. Now a retry is one
+    warning with the next attempt's time; only the last failure (a dead letter) is an error, and RQ
+    still keeps its traceback in the failed job's result."""
+    b = bank(world, status=1003)
+    harness.send(world.event_item_refreshed(b["item"]))
+    caplog.set_level(logging.INFO, logger="rq")  # the worker's default level
+    with structlog.testing.capture_logs() as lines:
+        harness.drain()  # WORKER_RETRY_INTERVALS=0,0,0: three retries, then the dead letters
+    failed = [line for line in lines if line["event"] == "job.failed"]
+    assert [(line["log_level"], line["final"]) for line in failed] == [("warning", False)] * 3 + [
+        ("error", True)
+    ]
+    for line in failed[:3]:
+        assert "ItemUnavailable" in line["error"]
+        # the retries' interval is 0: the next attempt is now
+        assert abs(datetime.fromisoformat(line["next_attempt"]) - datetime.now(UTC)) < timedelta(seconds=30)
+    raised = [r for r in caplog.records if "exception raised while executing" in r.getMessage()]
+    assert len(raised) == 1, "RQ logs the last failure only"
+    assert "Traceback" not in "\n".join(r.getMessage() for r in caplog.records if r not in raised)
+    [job_id] = harness.failed_ids()
+    queue = Queue(harness.settings.queue_name, connection=harness.r, serializer=JSONSerializer)
+    job = queue.fetch_job(job_id)
+    assert job is not None and "Traceback" in (job.latest_result().exc_string or "")  # type: ignore[union-attr]
+
+
+def test_a_dead_letter_keeps_rqs_traceback(
+    harness: Harness, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure that is not retried (Bridge calls the request wrong: 400) is still logged by RQ
+    with its traceback."""
+    b = bank(world)
+    world.faults.fail_item(b["item"], status=400)
+    harness.send(world.event_item_created(b["item"]))
+    caplog.set_level(logging.INFO, logger="rq")  # the worker's default level
+    harness.drain()
+    raised = [r for r in caplog.records if "exception raised while executing" in r.getMessage()]
+    assert len(raised) == 1 and "PermanentError" in raised[0].getMessage()
+    assert "Traceback" in raised[0].getMessage()

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -263,9 +263,21 @@ def _failed(
     except Exception:  # the database may be what failed; the job's own error matters more
         log.exception("job.ledger_unavailable")
     if budget and not final:  # expected, and handled: the job waits for its budget
-        log.info("job.deferred", error=error, retry_after=getattr(exc, "retry_after", None))
+        log.info("job.deferred", error=error, retry_after=getattr(exc, "retry_after", None),
+                 next_attempt=next_attempt(job))  # fmt: skip
         return
-    (log.error if final else log.warning)("job.failed", error=error, final=final)
+    if final:
+        log.error("job.failed", error=error, final=final)
+    else:  # RQ logs no traceback for an expected one (see workers.runner.EXPECTED): this line is all
+        log.warning("job.failed", error=error, final=final, next_attempt=next_attempt(job))
+
+
+def next_attempt(job: Any) -> str | None:
+    """When RQ's retry of ``job`` (which follows this failure) will run: it waits the interval its
+    schedule gives for the retries left (``Job.get_retry_interval``), counted from about now."""
+    if job is None or not job.retries_left:
+        return None
+    return (datetime.now(UTC) + timedelta(seconds=job.get_retry_interval())).isoformat(timespec="seconds")
 
 
 def item_created(event: Event) -> dict[str, Any]:

@@ -30,13 +30,16 @@ from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
+from rq.job_lifecycle import call_exception_handlers
 from rq.serializers import JSONSerializer
 from rq.worker import BaseWorker
 
 from service.logs import get_logger
 from service.settings import Settings
 from workers import context, schema
+from workers.bridge import TransientError
 from workers.context import WorkerContext
+from workers.jobs import ItemBusy
 
 log = get_logger("bridgehook.worker")
 HEARTBEAT_SECONDS = 10
@@ -51,6 +54,11 @@ class SchemaOutdated(Exception):
     pass
 
 
+# Conditions we expect and retry (a bank down: 1003, -2, -3; a spent budget; 5xx, timeouts; an item
+# another job holds): the job's own warning line says when it runs again, and a traceback says nothing.
+EXPECTED: tuple[type[Exception], ...] = (TransientError, ItemBusy)
+
+
 class PlainWorker(SimpleWorker):
     """RQ's ``SimpleWorker``, whose shutdown does not wait up to a minute for its pub/sub thread.
 
@@ -61,6 +69,17 @@ class PlainWorker(SimpleWorker):
     bound. Both a loaded worker's exit and every ``--burst`` run (the tests' drains) would take a
     minute more, now and then. Here the flag is cleared first, so the reply ends the thread, and the
     wait for it is bounded anyway."""
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """RQ logs every exception a job raises as an error with its traceback; an expected one that
+        will be retried is left to the job's own warning (workers.jobs._failed), as the issue #17 logs
+        showed 27 lines of traceback per retry of a bank that is down. The unexpected, and a last
+        failure (a dead letter), are still logged by RQ; its exception handlers run either way, and
+        RQ's failure handling (the retry, the failed-job registry with the traceback) is unchanged."""
+        if isinstance(exc_info[1], EXPECTED) and job.should_retry:
+            call_exception_handlers(self._exc_handlers, job, *exc_info)
+            return
+        super().handle_exception(job, *exc_info)
 
     def unsubscribe(self) -> None:
         thread = self.pubsub_thread
