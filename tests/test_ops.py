@@ -115,6 +115,11 @@ def test_dead_letters_list_show_replay(harness: Harness, world: World, cli: Cli)
     attempts = shown.output.split("attempts", 1)[1].split("last traceback")[0]
     assert attempts.count("TransientError: 500 from Bridge") == 4, shown.output  # each attempt, its error
     assert "Traceback" in shown.output and "TransientError" in shown.output
+    # Issue #17: a prefix too short to take said the dead letter was not there. It is named instead.
+    short = cli("dlq", "show", rows[0]["id"][:5])
+    assert short.exit_code == 1
+    assert short.stdout == "" and len(short.stderr.splitlines()) == 1, short.stderr
+    assert rows[0]["id"][:12] in short.stderr and "not in the dead-letter queue" not in short.stderr
 
     # Fix Bridge; a dry run reports the right count and changes nothing.
     world.faults.unfail_item(bad)

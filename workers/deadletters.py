@@ -104,6 +104,9 @@ class UnknownId(LookupError):
     pass
 
 
+MIN_PREFIX = 8  # characters of an id that `dlq show`, `replay` and `purge` take for the whole id
+
+
 class DeadLetters:
     def __init__(self, connection: redis.Redis, queue_name: str, storage: Storage | None) -> None:
         self.redis = connection
@@ -144,17 +147,27 @@ class DeadLetters:
         return chosen[: filters.limit] if filters.limit else chosen
 
     def resolve(self, given: Iterable[str]) -> list[str]:
-        """Full ids for ids or unique prefixes (8+ characters) of dead letters; UnknownId otherwise."""
+        """Full ids for ids or unique prefixes (MIN_PREFIX+ characters) of dead letters; UnknownId, saying
+        what a prefix matches, otherwise."""
         known = self.ids()
         out = []
         for raw in given:
-            matches = [i for i in known if i == raw] or (
-                [i for i in known if i.startswith(raw)] if len(raw) >= 8 else []
-            )
-            if len(matches) != 1:
-                why = "matches several dead letters" if matches else "is not in the dead-letter queue"
-                raise UnknownId(f"{raw} {why}")
-            out.append(matches[0])
+            exact = [i for i in known if i == raw]
+            matches = exact or [i for i in known if raw and i.startswith(raw)]
+            if len(matches) == 1 and (exact or len(raw) >= MIN_PREFIX):
+                out.append(matches[0])
+                continue
+            # Saying "not in the queue" of a prefix that is there (issue #17) sends people looking
+            # elsewhere: say what it does match, and what to give instead.
+            if not matches:
+                why = "is not in the dead-letter queue (`bridgehook dlq list` lists them)"
+            elif len(raw) < MIN_PREFIX and len(matches) == 1:
+                why = f"is too short: give {MIN_PREFIX} or more characters, e.g. {matches[0][:12]}"
+            else:
+                shown = ", ".join(i[:12] for i in sorted(matches)[:5])
+                more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+                why = f"matches {len(matches)} dead letters ({shown}{more}): give more characters"
+            raise UnknownId(f"{raw} {why}")
         return out
 
     def attempts(self, job: Job) -> list[dict[str, Any]]:
