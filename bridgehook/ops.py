@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
 import click
+import psycopg
 import redis
 from rich.console import Console
 from rich.progress import Progress
@@ -26,7 +28,7 @@ from rich.table import Table
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
 from service.settings import Settings, SettingsError
-from workers.codec import codec_from_settings
+from workers.codec import CodecError, codec_from_settings
 from workers.db import Database
 from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact, traceback_of
 from workers.replay import Enqueuer, from_ledger
@@ -140,6 +142,21 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
         fail(f"database {s.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}", Exit.FAILED)
     try:
         yield s, connection, Storage(db, codec_from_settings(s))
+    # What a command meets midway that we know (issue #17: a key missing from ENCRYPTION_KEYS dumped a
+    # traceback): one line naming it and what to do, as for the checks above. Anything else is a bug.
+    except CodecError as exc:
+        fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
+    except redis.RedisError as exc:
+        fail(
+            f"Redis at {s.redis_url_for_logs} failed: {exc}; check it, then run the command again",
+            Exit.FAILED,
+        )
+    except (psycopg.Error, sqlite3.Error) as exc:
+        fail(
+            f"database {s.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
+            "check it, then run the command again",
+            Exit.FAILED,
+        )
     finally:
         db.close()
         connection.close()

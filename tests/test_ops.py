@@ -23,6 +23,7 @@ from fakebridge.world import World
 from tests.harness import Harness, storage_at
 from tests.support import TEST_ENCRYPTION_KEY, make_settings, queued_ids
 from workers import context, jobs
+from workers.codec import generate_key
 from workers.db import Database, to_datetime
 from workers.deadletters import DeadLetters
 from workers.observe import StatusCollector, snapshot
@@ -526,3 +527,26 @@ def test_commands_say_when_redis_is_unreachable(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, args, env=env)
         assert result.exit_code == 1, args
         assert "Redis at redis://127.0.0.1:1/0 is unreachable" in result.output
+
+
+def test_a_ledger_replay_under_a_missing_key_says_so_in_one_line(
+    harness: Harness, world: World, cli: Cli, tmp_path: Path
+) -> None:
+    """Issue #17: `events replay --from ledger` dumped UnknownKeyError's traceback when the ledger's
+    bodies were written under a key ENCRYPTION_KEYS no longer lists."""
+    (_, item), *_ = items(world, 1)
+    harness.send(world.event_item_refreshed(item))
+    harness.drain()
+    assert cli("events", "replay", "--since", "1h", "--from", "ledger", "--dry-run").exit_code == 0
+    s = harness.settings
+    env = {
+        "REDIS_URL": s.redis_url,
+        "DATABASE_URL": s.database_url,
+        "BRIDGEHOOK_HOME": str(tmp_path / "home"),
+        "ENCRYPTION_KEYS": generate_key(),  # another key than the ledger's
+    }
+    result = CliRunner().invoke(main, ["events", "replay", "--since", "1h", "--from", "ledger"], env=env)
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "ENCRYPTION_KEYS does not list" in result.stderr and "add the key" in result.stderr
