@@ -32,7 +32,7 @@ from workers.codec import CodecError, codec_from_settings
 from workers.db import Database
 from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact, traceback_of
 from workers.replay import Enqueuer, from_ledger
-from workers.storage import Storage
+from workers.storage import TEMPORARY_STATUSES, Storage
 
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -383,12 +383,20 @@ def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, 
             return
         if item_id is not None:
             with storage.transaction() as tx:
-                row = tx.execute("SELECT user_uuid FROM items WHERE id = %s", (item_id,)).fetchone()
+                row = tx.execute("SELECT user_uuid, status FROM items WHERE id = %s", (item_id,)).fetchone()
             if row is None:
                 fail(
                     f"item {item_id} is not in the items table; use --user UUID to resync a user's items",
                     Exit.FAILED,
                 )
+            if row[1] in TEMPORARY_STATUSES:
+                # Its job would fail and retry into the dead letters (issue #17); Bridge's item.refreshed
+                # when the bank is back syncs it anyway.
+                click.echo(
+                    f"item {item_id}: skipped: its bank is unavailable (status {row[1]}); it syncs when "
+                    "Bridge sends item.refreshed, or resync it once `bridgehook status` shows it back"
+                )
+                return
             targets = [(item_id, str(row[0]))] if row else []
         else:
             assert stale is not None

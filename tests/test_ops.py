@@ -293,6 +293,21 @@ def test_resync(harness: Harness, world: World, cli: Cli) -> None:
     assert cli("resync", "--all-stale", "soon").exit_code == 2
 
 
+def test_a_resync_leaves_an_item_whose_bank_is_down(harness: Harness, world: World, cli: Cli) -> None:
+    """Issue #17: `resync --item` on an item in 1003 queued a job that retried into the dead letters."""
+    [(_, item)] = items(world, 1)
+    world.set_item_status(item, 1003)
+    harness.send(world.event_item_created(item))
+    harness.drain()  # the item's row is written, in 1003; the job ends in the dead letters
+    assert harness.rows("SELECT status FROM items") == [(1003,)]
+    out = cli("resync", "--item", str(item))
+    assert out.exit_code == 0
+    assert (
+        out.output.splitlines() == [out.output.strip()] and "skipped" in out.output and "1003" in out.output
+    )
+    assert not queued_ids(harness.r)
+
+
 def test_a_resync_marks_what_bridge_deleted_since_the_cursor(
     harness: Harness, world: World, cli: Cli
 ) -> None:
