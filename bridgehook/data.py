@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import click
+import psycopg
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -38,7 +40,17 @@ def reader() -> Iterator[Reader]:
             Exit.FAILED,
         )
     with built:
-        yield built
+        try:
+            yield built
+        except (
+            psycopg.Error,
+            sqlite3.Error,
+        ) as exc:  # the database failing midway: one line, not a traceback
+            fail(
+                f"database {settings.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
+                "check it, then run the command again",
+                Exit.FAILED,
+            )
 
 
 # -- keys -------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ def accounts_show(account_id: int, limit: int, reveal: bool, as_json: bool) -> N
             account = r.account(account_id)
             transactions = r.transactions(account_id, limit=limit) if account else []
         except CodecError as exc:
-            fail(str(exc), Exit.FAILED)
+            fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
     if account is None:
         fail(f"no account {account_id}", Exit.FAILED)
     assert account is not None

@@ -245,3 +245,10 @@ def test_accounts_show_prints_decrypted_values(harness: Harness, world: World, t
     assert len(data["transactions"]) == 10
     missing = CliRunner().invoke(main, ["accounts", "show", "999"], env=env)
     assert missing.exit_code == 1 and "no account 999" in missing.output
+    # Under a key that is not the rows': one line naming the column and what to do (issue #17).
+    foreign = CliRunner().invoke(
+        main, ["accounts", "show", str(account)], env={**env, "ENCRYPTION_KEYS": generate_key()}
+    )
+    assert foreign.exit_code == 1 and foreign.stdout == ""
+    assert len(foreign.stderr.splitlines()) == 1 and "ENCRYPTION_KEYS does not list" in foreign.stderr
+    assert "add the key to ENCRYPTION_KEYS" in foreign.stderr
