@@ -737,6 +737,18 @@ def test_alerts_parse_and_watch_metrics_that_exist(tools: Path, manifests: Rende
         assert outcome in (ROOT / "README.md").read_text(), f"unknown outcome {outcome}"
 
 
+def test_prometheus_selects_the_monitors_and_the_rules(manifests: Rendered) -> None:
+    """kube-prometheus-stack selects ServiceMonitors and PrometheusRules by `release`: without it,
+    nothing is scraped and no alert loads, and nothing says so."""
+    monitoring = [d for d in manifests.docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {d["kind"] for d in monitoring} == {"ServiceMonitor", "PrometheusRule"}
+    for doc in monitoring:
+        assert doc["metadata"]["labels"].get("release"), (
+            f"{doc['kind']}/{doc['metadata']['name']}: no release label"
+        )
+    assert len({d["metadata"]["labels"]["release"] for d in monitoring}) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # The Dockerfile, read
 # --------------------------------------------------------------------------------------------
