@@ -733,6 +733,10 @@ def test_alerts_parse_and_watch_metrics_that_exist(tools: Path, manifests: Rende
             assert metric in exported, f"{name}: {metric} is exported by nothing"
         for job in re.findall(r'job="([^"]+)"', alert["expr"]):
             assert job in jobs, f"{name}: no Service (so no scrape job) named {job}"
+        # One environment never adds to another's: every aggregation keeps the namespace.
+        for grouping in re.findall(r"\bby \(([^)]*)\)", alert["expr"]):
+            assert "namespace" in re.split(r"\s*,\s*", grouping), f"{name}: by ({grouping}) mixes namespaces"
+        assert "absent(" not in alert["expr"], f"{name}: absent() is silent while another namespace reports"
     for outcome in re.findall(r'outcome="([a-z_]+)"', "".join(a["expr"] for a in alerts.values())):
         assert outcome in (ROOT / "README.md").read_text(), f"unknown outcome {outcome}"
 
