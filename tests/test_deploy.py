@@ -44,6 +44,7 @@ from packaging.utils import canonicalize_name
 from service.queue import JOB_TIMEOUT_SECONDS
 from service.settings import Settings
 from tests.support import TEST_ENCRYPTION_KEY, free_port, settings_variables, wait_for_http
+from tests.test_readme import Doc, anchors
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -741,6 +742,9 @@ def test_alerts_parse_and_watch_metrics_that_exist(tools: Path, manifests: Rende
         assert outcome in (ROOT / "README.md").read_text(), f"unknown outcome {outcome}"
 
 
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+
+
 def test_prometheus_selects_the_monitors_and_the_rules(manifests: Rendered) -> None:
     """kube-prometheus-stack selects ServiceMonitors and PrometheusRules by `release`: without it,
     nothing is scraped and no alert loads, and nothing says so."""
@@ -751,6 +755,21 @@ def test_prometheus_selects_the_monitors_and_the_rules(manifests: Rendered) -> N
             f"{doc['kind']}/{doc['metadata']['name']}: no release label"
         )
     assert len({d["metadata"]["labels"]["release"] for d in monitoring}) == 1
+
+
+def test_every_alert_links_its_runbook(manifests: Rendered) -> None:
+    (rule,) = manifests.of("PrometheusRule")
+    base = rule["metadata"]["annotations"]["bridgehook.example.com/runbooks"]
+    assert base.startswith("https://") and base.endswith("/docs/runbooks.md"), base
+    sections = anchors(Doc.read(RUNBOOKS))
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            url = alert["annotations"].get("runbook_url", "")
+            page, _, anchor = url.partition("#")
+            assert page == base, f"{alert['alert']}: runbook_url {url!r}"
+            assert anchor == alert["alert"].lower() and anchor in sections, (
+                f"{alert['alert']}: no section #{anchor}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
