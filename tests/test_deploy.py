@@ -772,6 +772,28 @@ def test_every_alert_links_its_runbook(manifests: Rendered) -> None:
             )
 
 
+def test_ops_commands_are_shown_where_they_can_run(manifests: Rendered) -> None:
+    """The docs run `bridgehook` ops commands in a worker pod: it has the secrets and the egress they
+    need. A `kubectl run` pod of the image gets neither (default-deny NetworkPolicy, no secret)."""
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        shown = re.findall(r"kubectl run\b[^`\n]*", path.read_text())
+        assert not [s for s in shown if "--image" in s], f"{path.name}: {shown}"
+    shown = re.findall(r"exec deploy/([a-z-]+) -- bridgehook", (ROOT / "docs" / "operations.md").read_text())
+    assert shown and set(shown) == {"bridgehook-worker"}
+    worker = manifests.one("Deployment", "bridgehook-worker")
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["key"]
+        for c in containers(worker)
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS"} <= refs
+    egress = {
+        port for _, port, _ in _allowed(manifests, worker["spec"]["template"]["metadata"]["labels"], "egress")
+    }
+    assert {6379, 5432, 443} <= egress
+
+
 # --------------------------------------------------------------------------------------------
 # The Dockerfile, read
 # --------------------------------------------------------------------------------------------
