@@ -44,6 +44,7 @@ from packaging.utils import canonicalize_name
 from service.queue import JOB_TIMEOUT_SECONDS
 from service.settings import Settings
 from tests.support import TEST_ENCRYPTION_KEY, free_port, settings_variables, wait_for_http
+from tests.test_readme import Doc, anchors
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -733,8 +734,64 @@ def test_alerts_parse_and_watch_metrics_that_exist(tools: Path, manifests: Rende
             assert metric in exported, f"{name}: {metric} is exported by nothing"
         for job in re.findall(r'job="([^"]+)"', alert["expr"]):
             assert job in jobs, f"{name}: no Service (so no scrape job) named {job}"
+        # One environment never adds to another's: every aggregation keeps the namespace.
+        for grouping in re.findall(r"\bby \(([^)]*)\)", alert["expr"]):
+            assert "namespace" in re.split(r"\s*,\s*", grouping), f"{name}: by ({grouping}) mixes namespaces"
+        assert "absent(" not in alert["expr"], f"{name}: absent() is silent while another namespace reports"
     for outcome in re.findall(r'outcome="([a-z_]+)"', "".join(a["expr"] for a in alerts.values())):
         assert outcome in (ROOT / "README.md").read_text(), f"unknown outcome {outcome}"
+
+
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+
+
+def test_prometheus_selects_the_monitors_and_the_rules(manifests: Rendered) -> None:
+    """kube-prometheus-stack selects ServiceMonitors and PrometheusRules by `release`: without it,
+    nothing is scraped and no alert loads, and nothing says so."""
+    monitoring = [d for d in manifests.docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert {d["kind"] for d in monitoring} == {"ServiceMonitor", "PrometheusRule"}
+    for doc in monitoring:
+        assert doc["metadata"]["labels"].get("release"), (
+            f"{doc['kind']}/{doc['metadata']['name']}: no release label"
+        )
+    assert len({d["metadata"]["labels"]["release"] for d in monitoring}) == 1
+
+
+def test_every_alert_links_its_runbook(manifests: Rendered) -> None:
+    (rule,) = manifests.of("PrometheusRule")
+    base = rule["metadata"]["annotations"]["bridgehook.example.com/runbooks"]
+    assert base.startswith("https://") and base.endswith("/docs/runbooks.md"), base
+    sections = anchors(Doc.read(RUNBOOKS))
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            url = alert["annotations"].get("runbook_url", "")
+            page, _, anchor = url.partition("#")
+            assert page == base, f"{alert['alert']}: runbook_url {url!r}"
+            assert anchor == alert["alert"].lower() and anchor in sections, (
+                f"{alert['alert']}: no section #{anchor}"
+            )
+
+
+def test_ops_commands_are_shown_where_they_can_run(manifests: Rendered) -> None:
+    """The docs run `bridgehook` ops commands in a worker pod: it has the secrets and the egress they
+    need. A `kubectl run` pod of the image gets neither (default-deny NetworkPolicy, no secret)."""
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        shown = re.findall(r"kubectl run\b[^`\n]*", path.read_text())
+        assert not [s for s in shown if "--image" in s], f"{path.name}: {shown}"
+    shown = re.findall(r"exec deploy/([a-z-]+) -- bridgehook", (ROOT / "docs" / "operations.md").read_text())
+    assert shown and set(shown) == {"bridgehook-worker"}
+    worker = manifests.one("Deployment", "bridgehook-worker")
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["key"]
+        for c in containers(worker)
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS"} <= refs
+    egress = {
+        port for _, port, _ in _allowed(manifests, worker["spec"]["template"]["metadata"]["labels"], "egress")
+    }
+    assert {6379, 5432, 443} <= egress
 
 
 # --------------------------------------------------------------------------------------------
