@@ -9,6 +9,8 @@ import uvicorn
 from service.app import create_app
 from service.settings import Settings
 
+INGRESS_UPSTREAM_KEEPALIVE_SECONDS = 60  # ingress-nginx's upstream-keepalive-timeout default
+
 # The receiver's uvicorn settings; the benchmark serves its bare baseline with the same ones.
 UVICORN_OPTIONS: dict[str, Any] = {
     "loop": "uvloop",
@@ -17,7 +19,9 @@ UVICORN_OPTIONS: dict[str, Any] = {
     "proxy_headers": False,
     "server_header": False,
     "access_log": False,
-    "timeout_keep_alive": 30,
+    # Above ingress-nginx's upstream keep-alive (60 s): a connection must close on nginx's side first,
+    # or nginx may send a POST down one uvicorn has just closed and answer it with 502.
+    "timeout_keep_alive": INGRESS_UPSTREAM_KEEPALIVE_SECONDS + 15,
     "timeout_graceful_shutdown": 25,
 }
 

@@ -509,6 +509,17 @@ def test_receiver_scales_spreads_and_drains(manifests: Rendered) -> None:
     _assert_pdb(manifests, deployment)
 
 
+def test_the_receiver_outlasts_the_ingress_idle_connections() -> None:
+    """ingress-nginx keeps idle upstream connections 60 s by default (its ConfigMap's
+    upstream-keepalive-timeout; the manifests set no other): a receiver that closed them sooner would
+    now and then get a POST on a connection it had just closed, which nginx answers with 502."""
+    from service.server import INGRESS_UPSTREAM_KEEPALIVE_SECONDS, UVICORN_OPTIONS
+
+    ingress = (ROOT / "k8s").rglob("*.yaml")
+    assert not any("upstream-keepalive" in path.read_text() for path in ingress)
+    assert UVICORN_OPTIONS["timeout_keep_alive"] > INGRESS_UPSTREAM_KEEPALIVE_SECONDS == 60
+
+
 def _assert_pdb(manifests: Rendered, workload: dict[str, Any]) -> None:
     labels = workload["spec"]["template"]["metadata"]["labels"]
     pdbs = [p for p in manifests.of("PodDisruptionBudget") if _selects(p["spec"]["selector"], labels)]
