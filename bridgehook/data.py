@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import click
-import psycopg
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
-from bridgehook.ops import console
+from bridgehook.ops import DATABASE_ERRORS, console, database_failed, key_missing
 from service.settings import Settings, SettingsError
 from workers.codec import AESGCMCodec, CodecError, generate_key
 from workers.reader import Reader
@@ -42,15 +40,8 @@ def reader() -> Iterator[Reader]:
     with built:
         try:
             yield built
-        except (
-            psycopg.Error,
-            sqlite3.Error,
-        ) as exc:  # the database failing midway: one line, not a traceback
-            fail(
-                f"database {settings.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
-                "check it, then run the command again",
-                Exit.FAILED,
-            )
+        except DATABASE_ERRORS as exc:
+            database_failed(settings, exc)
 
 
 # -- keys -------------------------------------------------------------------------------------------
@@ -130,7 +121,7 @@ def accounts_show(account_id: int, limit: int, reveal: bool, as_json: bool) -> N
             account = r.account(account_id)
             transactions = r.transactions(account_id, limit=limit) if account else []
         except CodecError as exc:
-            fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
+            key_missing(exc)
     if account is None:
         fail(f"no account {account_id}", Exit.FAILED)
     assert account is not None

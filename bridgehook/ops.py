@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import click
 import psycopg
@@ -145,21 +145,34 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
     # What a command meets midway that we know (issue #17: a key missing from ENCRYPTION_KEYS dumped a
     # traceback): one line naming it and what to do, as for the checks above. Anything else is a bug.
     except CodecError as exc:
-        fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
+        key_missing(exc)
     except redis.RedisError as exc:
         fail(
             f"Redis at {s.redis_url_for_logs} failed: {exc}; check it, then run the command again",
             Exit.FAILED,
         )
-    except (psycopg.Error, sqlite3.Error) as exc:
-        fail(
-            f"database {s.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
-            "check it, then run the command again",
-            Exit.FAILED,
-        )
+    except DATABASE_ERRORS as exc:
+        database_failed(s, exc)
     finally:
         db.close()
         connection.close()
+
+
+DATABASE_ERRORS = (psycopg.Error, sqlite3.Error)
+
+
+def database_failed(s: Settings, exc: Exception) -> NoReturn:
+    """The database failed midway through a command: one line, not a traceback."""
+    fail(
+        f"database {s.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
+        "check it, then run the command again",
+        Exit.FAILED,
+    )
+
+
+def key_missing(exc: CodecError) -> NoReturn:
+    """A stored value names a key ENCRYPTION_KEYS does not list (or does not authenticate)."""
+    fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
 
 
 def _age(when: datetime | None) -> str:
