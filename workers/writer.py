@@ -129,7 +129,7 @@ class Listing:
         return cls(
             account_id, cursor, since, parse_ts(saved.get("started")) or datetime.now(UTC),
             (reset or bool(saved.get("reset"))) and since is None, resumed=True, saved=True,
-            newest=newest if cursor is None else cursor if newest is None else max(cursor, newest),
+            newest=_later(cursor, newest),
             future=set(saved.get("future") or ()),
         )  # fmt: skip
 
