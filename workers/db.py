@@ -64,11 +64,7 @@ class Tx:
         return _qmarks(sql) if self.dialect == "sqlite" else sql
 
     def _params(self, params: Sequence[Any]) -> Sequence[Any]:
-        if self.dialect == "postgresql":
-            return params
-        return [
-            v if type(v) in _SQLITE_AS_IS else _SQLITE_BY_TYPE.get(type(v), _to_sqlite)(v) for v in params
-        ]
+        return params if self.dialect == "postgresql" else _sqlite_values(params)
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Tx:
         self._cursor.execute(self._sql(sql), self._params(params))
@@ -147,6 +143,11 @@ def _to_sqlite(value: Any) -> Any:
     return value
 
 
+def _sqlite_values(values: Sequence[Any]) -> list[Any]:
+    """Values of any type as SQLite stores them (see the module's docstring)."""
+    return [v if type(v) in _SQLITE_AS_IS else _SQLITE_BY_TYPE.get(type(v), _to_sqlite)(v) for v in values]
+
+
 def _iso_date(value: date) -> str:
     return value.isoformat()
 
@@ -193,7 +194,7 @@ def as_stored(
     if kind == "bool":
         return list(map(int, values))
     if kind == "any":
-        return Tx(None, dialect)._params(values)
+        return _sqlite_values(values)
     # (A Decimal compared with None costs an isinstance on an ABC: the types say it sooner.)
     nulls = type(None) in set(map(type, values))
     if kind == "decimal":
