@@ -9,6 +9,8 @@ dotted form. Types we process map to a job function named by dotted path in ``wo
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 # Event type -> RQ job function (dotted path). The receiver only names them.
@@ -66,36 +68,69 @@ def normalise_type(name: str) -> str:
 _NAMES = {int: "an integer", str: "a string", dict: "an object", bool: "a boolean", list: "a list"}
 
 
-_DECODER = json.JSONDecoder()
+def _refuse_constant(name: str) -> Any:
+    raise MalformedEvent(f"the body holds {name}, which is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise MalformedEvent("the body holds a number past a double's range")
+    return value
+
+
+# NaN, Infinity and numbers past a double's range are refused: Python's json reads and writes them,
+# but they are not JSON (RFC 8259), and strict readers and PostgreSQL's jsonb would refuse the
+# stored body. Bridge sends none.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
+
+# Bridge's events nest three deep (content.account_types). Past this depth a body is refused: a
+# body nested near the interpreter's recursion limit parses, then cannot be encoded again for the job.
+MAX_DEPTH = 32
 
 
 def _load(body: bytes) -> Any:
     """The body as JSON, which between systems is UTF-8 (RFC 8259): strictly decoded, so that
     UTF-16, UTF-32 and encoded surrogates (all of which ``json.loads(bytes)`` would accept, and a
     worker could not read back from the job) are refused. The usual body, an object, goes straight
-    to the decoder; anything else, or anything left after the object, through ``json.loads``."""
+    to the decoder; anything else, or anything left after the object, through ``decode``."""
     text = body.decode("utf-8")
     if text[:2] == '{"':
         value, end = _DECODER.raw_decode(text)
-        if end == len(text):
-            return value
-    return json.loads(text)
+        if end != len(text):
+            value = _DECODER.decode(text)
+    else:
+        value = _DECODER.decode(text)
+    # Fewer brackets than the limit cannot nest past it: a count in C spares the usual body the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise MalformedEvent(f"the body nests deeper than {MAX_DEPTH} levels")
+    return value
 
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if type(node) is dict else node if type(node) is list else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+# Identifiers a job stores or uses in keys are checked for their form at the door: a NUL, an
+# empty or 60 KB value, or ``../../x`` would be queued, then fail in the database or be cut short.
+_UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_TYPE_FORM = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")  # after normalise_type; archived as such
 
 # Past these a worker cannot store the value: ids are int64 (BIGINT), times end in year 9999.
 _MAX_ID = 2**63 - 1
 _MAX_TIMESTAMP = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z in milliseconds
-
-
-def _storable(text: str) -> bool:
-    """No lone surrogate (a ``\\ud800`` escape): such a string cannot be encoded for Redis or the database."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def parse(body: bytes) -> dict[str, Any]:
@@ -107,6 +142,8 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
     """The event, and whether the body is it verbatim (an object whose type needed no normalising)."""
     try:
         event = _load(body)
+    except MalformedEvent:
+        raise
     except (ValueError, RecursionError):
         # ValueError covers invalid UTF-8, bad JSON and integers past Python's digit limit.
         raise MalformedEvent("the body is not valid JSON") from None
@@ -126,8 +163,8 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
         raise MalformedEvent("the event's 'timestamp' is negative")
     if event["timestamp"] > _MAX_TIMESTAMP:
         raise MalformedEvent("the event's 'timestamp' is past the year 9999")
-    if not _storable(event["type"]):
-        raise MalformedEvent("the event's 'type' is not valid text")
+    if not _TYPE_FORM.fullmatch(event_type):
+        raise MalformedEvent("the event's 'type' is not a type name (letters, digits, '.', '_'; at most 100)")
     content = event["content"]
     required = REQUIRED_CONTENT.get(event_type)
     if required is not None:
@@ -139,8 +176,8 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
                 raise MalformedEvent(f"content.{key} is not {_NAMES[types[0]]}")
             if types is _ID and not 0 < value <= _MAX_ID:
                 raise MalformedEvent(f"content.{key} is not a positive 64-bit id")
-            if types is _UUID and not _storable(value):
-                raise MalformedEvent(f"content.{key} is not valid text")
+            if types is _UUID and not _UUID_FORM.fullmatch(value):
+                raise MalformedEvent(f"content.{key} is not a UUID")
         for key in _OPTIONAL_KEYS.intersection(content):
             if type(content[key]) not in OPTIONAL_CONTENT[key]:
                 raise MalformedEvent(f"content.{key} has the wrong type")

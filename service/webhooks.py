@@ -10,9 +10,12 @@ status, logs one line and counts in ``bridgehook_webhook_requests_total{outcome=
 | body over the limit (declared or read)   | 413 body_too_large                            |
 | Content-Type present and not JSON        | 415 unsupported_media_type                    |
 | body not received in time                | 408 request_timeout                           |
+| two BridgeApi-Signature headers          | 400 duplicate_signature                       |
+| BridgeApi-Signature over 1 KiB           | 431 signature_too_large                       |
 | no BridgeApi-Signature                   | 401 missing_signature                         |
 | no v1 element matching a secret          | 401 invalid_signature                         |
-| not a Bridge event                       | 400 malformed_event                           |
+| not a Bridge event (or nested > 32 deep, | 400 malformed_event                           |
+| NaN, a malformed UUID, …)                |                                               |
 | Redis down or write unconfirmed          | 503 queue_unavailable (Bridge retries)        |
 | processed type, first delivery           | 200 {"status": "queued"}                      |
 | same body within the dedupe window       | 200 {"status": "duplicate"}                   |
@@ -56,6 +59,10 @@ log = logs.get_logger("bridgehook.webhooks")
 _OUTCOMES = {name: REQUESTS.labels(name) for name in ("queued", "duplicate", "ignored")}
 _WANTED = (b"content-length", b"content-type", b"bridgeapi-signature", b"x-request-id")
 _CONTENT_TYPE = (b"content-type", b"application/json")
+_SIGNATURE = b"bridgeapi-signature"
+_TWICE = b"\0twice"  # never a header value: h11 and httptools refuse NUL in headers
+# Bridge sends one or two ``v1=`` elements of 67 bytes; the header is archived with each delivery.
+MAX_SIGNATURE_BYTES = 1024
 
 
 class Rejected(Exception):
@@ -104,6 +111,8 @@ class WebhookView:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name in _WANTED:
+                if name in headers and name == _SIGNATURE:
+                    value = _TWICE  # refused in _handle: only one of them would be checked
                 headers[name] = value
         request_id = _request_id(headers.get(b"x-request-id"))
         try:
@@ -148,8 +157,18 @@ class WebhookView:
                 "send application/json",
                 content_type=content_type[:100].decode("latin-1"),
             )
+        signature = headers.get(_SIGNATURE)
+        if signature is _TWICE:
+            raise Rejected(400, "duplicate_signature", "send one BridgeApi-Signature header", client=client)
+        if signature is not None and len(signature) > MAX_SIGNATURE_BYTES:
+            raise Rejected(
+                431,
+                "signature_too_large",
+                f"the BridgeApi-Signature header is over {MAX_SIGNATURE_BYTES} bytes",
+                client=client,
+                size=len(signature),
+            )
         body = await self._read_body(receive, limit)
-        signature = headers.get(b"bridgeapi-signature")
         try:
             self.verifier.verify(signature.decode("latin-1") if signature is not None else None, body)
         except SignatureError as exc:
@@ -171,7 +190,11 @@ class WebhookView:
         )
         function = events.job_function(event_type)
         try:
-            outcome = await self.queue.submit(event_id, function, event, archive, verbatim=verbatim)
+            submitted = self.queue.submit(event_id, function, event, archive, verbatim=verbatim)
+        except (ValueError, TypeError, RecursionError) as exc:  # the event cannot be encoded for the job
+            raise Rejected(400, "malformed_event", "the event cannot be encoded", event_id=event_id) from exc
+        try:
+            outcome = await submitted
         except QueueUnavailable as exc:
             raise Rejected(
                 503,

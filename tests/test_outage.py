@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import redis
@@ -22,9 +23,9 @@ def test_redis_stopped_then_back(tmp_path: Path) -> None:
     )
     server.start()
     url = f"redis://127.0.0.1:{port}/0"
-    first = event_body("item.created", {"item_id": 1, "user_uuid": "u"})
-    during = event_body("item.created", {"item_id": 2, "user_uuid": "u"})
-    after = event_body("item.created", {"item_id": 3, "user_uuid": "u"})
+    first = event_body("item.created", {"item_id": 1, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"})
+    during = event_body("item.created", {"item_id": 2, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"})
+    after = event_body("item.created", {"item_id": 3, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"})
     with TestClient(create_app(make_settings(url)), client=(BRIDGE_IP, 1)) as client:
         assert client.post(URL, **signed(first)).json()["status"] == "queued"
 
@@ -37,7 +38,11 @@ def test_redis_stopped_then_back(tmp_path: Path) -> None:
         assert "bridgehook_redis_up 0.0" in client.get("/metrics").text
 
         server.start()  # same port, same data directory (AOF)
-        assert client.get("/readyz").status_code == 200
+        # /readyz asks Redis at most once a second: ready again within that second.
+        deadline = time.monotonic() + 3
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "/readyz still 503 3 s after Redis came back"
+            time.sleep(0.1)
         assert client.post(URL, **signed(during)).json()["status"] == "queued"
         assert client.post(URL, **signed(after)).json()["status"] == "queued"
 
@@ -52,6 +57,13 @@ def test_redis_stopped_then_back(tmp_path: Path) -> None:
 def test_unreachable_redis_at_start_still_answers_503(tmp_path: Path) -> None:
     settings = make_settings(f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(create_app(settings), client=(BRIDGE_IP, 1)) as client:
-        response = client.post(URL, **signed(event_body("item.created", {"item_id": 1, "user_uuid": "u"})))
+        response = client.post(
+            URL,
+            **signed(
+                event_body(
+                    "item.created", {"item_id": 1, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"}
+                )
+            ),
+        )
         assert response.status_code == 503
         assert client.get("/readyz").json()["status"] == "unavailable"

@@ -10,7 +10,10 @@ import pytest
 from service.settings import Secret
 from service.signing import SignatureError, SignatureVerifier, sign, signature_header
 
-BODY = b'{"type":"item.created","content":{"item_id":1,"user_uuid":"u"},"timestamp":1}'
+BODY = (
+    b'{"type":"item.created","content":{"item_id":1,"user_uuid":"'
+    b'16369a41-6d2b-4750-85cd-60e366fbdcb8"},"timestamp":1}'
+)
 A, B = "secret-a-0123456789", "secret-b-0123456789"
 
 

@@ -130,7 +130,9 @@ def test_other_methods_are_405(client: TestClient, method: str) -> None:
 
 def test_body_over_the_limit_is_413(client_factory: Callable[..., TestClient], r: redis.Redis) -> None:
     client = client_factory(WEBHOOK_MAX_BODY_BYTES="1024")
-    body = event_body("item.created", {"item_id": 1, "user_uuid": "u", "pad": "x" * 2000})
+    body = event_body(
+        "item.created", {"item_id": 1, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8", "pad": "x" * 2000}
+    )
     assert_rejected(client.post(URL, **signed(body)), 413, "body_too_large")
     assert queued_ids(r) == []
 
@@ -141,7 +143,7 @@ def test_ten_megabyte_body_is_413(client: TestClient) -> None:
 
 
 def test_body_at_the_limit_is_read(client_factory: Callable[..., TestClient]) -> None:
-    body = event_body("item.created", {"item_id": 1, "user_uuid": "u"})
+    body = event_body("item.created", {"item_id": 1, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"})
     client = client_factory(WEBHOOK_MAX_BODY_BYTES=str(len(body)))
     assert client.post(URL, **signed(body)).status_code == 200
 
@@ -242,24 +244,31 @@ def test_empty_body_unsigned_is_401_and_signed_is_400(client: TestClient) -> Non
         b"\xff\xfe\x00garbage",
         b"[1, 2, 3]",
         b'"a string"',
-        b'{"type": "item.created", "content": {"item_id": 1, "user_uuid": "u"}}',
+        b'{"type": "item.created", "content": {"item_id": 1, "user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8"}}',
         b'{"type": "item.created", "timestamp": 1}',
         b'{"content": {}, "timestamp": 1}',
         b'{"type": 5, "content": {}, "timestamp": 1}',
         b'{"type": "item.created", "content": [], "timestamp": 1}',
-        b'{"type": "item.created", "content": {"item_id": 1, "user_uuid": "u"}, "timestamp": "1"}',
-        b'{"type": "item.created", "content": {"item_id": "1", "user_uuid": "u"}, "timestamp": 1}',
-        b'{"type": "item.created", "content": {"item_id": true, "user_uuid": "u"}, "timestamp": 1}',
+        b'{"type": "item.created", "content": {"item_id": 1, "user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "timestamp": "1"}',
+        b'{"type": "item.created", "content": {"item_id": "1", "user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "timestamp": 1}',
+        b'{"type": "item.created", "content": {"item_id": true, "user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "timestamp": 1}',
         b'{"type": "item.created", "content": {"item_id": 1, "user_uuid": 7}, "timestamp": 1}',
-        b'{"type": "item.created", "content": {"user_uuid": "u"}, "timestamp": 1}',
-        b'{"type": "item.account.updated", "content": {"item_id": 1, "user_uuid": "u"}, "timestamp": 1}',
-        b'{"type": "item.refreshed", "content": {"item_id": 1, "user_uuid": "u", "status_code": "0"}, '
+        b'{"type": "item.created", "content": {"user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "timestamp": 1}',
+        b'{"type": "item.account.updated", "content": {"item_id": 1, "user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "timestamp": 1}',
+        b'{"type": "item.refreshed", "content": {"item_id": 1, "user_uuid": "'
+        b'16369a41-6d2b-4750-85cd-60e366fbdcb8", "status_code": "0"}, '
         b'"timestamp": 1}',
         b'{"type": "", "content": {}, "timestamp": 1}',
         b"[" * 30000 + b"]" * 30000,
         b'{"type": "item.created", "content": {"item_id": 1'
         + b"0" * 5000
-        + b', "user_uuid": "u"}, "timestamp": 1}',
+        + b', "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "timestamp": 1}',
     ],
 )
 def test_malformed_signed_events_are_400_and_never_queued(
@@ -303,11 +312,15 @@ def test_processed_fixture_is_queued_as_an_rq_job(client: TestClient, r: redis.R
     [
         (
             "item.account.deleted",
-            {"item_id": 1, "account_id": 2, "user_uuid": "u"},
+            {"item_id": 1, "account_id": 2, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"},
             "workers.jobs.account_deleted",
         ),
-        ("item.deleted", {"item_id": 1, "user_uuid": "u"}, "workers.jobs.item_deleted"),
-        ("user.deleted", {"user_uuid": "u"}, "workers.jobs.user_deleted"),
+        (
+            "item.deleted",
+            {"item_id": 1, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"},
+            "workers.jobs.item_deleted",
+        ),
+        ("user.deleted", {"user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"}, "workers.jobs.user_deleted"),
     ],
 )
 def test_deletion_events_are_queued(
@@ -320,7 +333,10 @@ def test_deletion_events_are_queued(
 
 
 def test_uppercase_legacy_names_are_normalised(client: TestClient, r: redis.Redis) -> None:
-    body = event_body("ITEM_ACCOUNT_UPDATED", {"item_id": 1, "account_id": 2, "user_uuid": "u"})
+    body = event_body(
+        "ITEM_ACCOUNT_UPDATED",
+        {"item_id": 1, "account_id": 2, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"},
+    )
     assert client.post(URL, **signed(body)).json()["status"] == "queued"
     job = Job.fetch(queued_ids(r)[0], connection=r, serializer=JSONSerializer)
     assert job.func_name == "workers.jobs.account_updated"
@@ -428,7 +444,10 @@ def test_response_carries_a_request_id(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [fixture_body("item.account.updated"), event_body("ITEM_CREATED", {"item_id": 9, "user_uuid": "u"})],
+    [
+        fixture_body("item.account.updated"),
+        event_body("ITEM_CREATED", {"item_id": 9, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"}),
+    ],
 )
 def test_job_hash_is_what_rq_itself_writes(client: TestClient, r: redis.Redis, body: bytes) -> None:
     """The receiver writes RQ's job hash from a template; RQ's Job.to_dict() must agree field by field."""

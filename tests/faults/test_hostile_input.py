@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from service.queue import ARCHIVE_KEY
 from service.signing import signature_header
 from tests.faults.support import POSTGRESQL, Processes, Recorder
 from tests.support import FIXTURES, SECRET, queued_ids, signed
@@ -207,18 +208,23 @@ refused_bodies = st.one_of(
     # nesting deeper than any parser should follow, as the body or inside an event
     st.integers(2_000, 30_000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(2_000, 30_000).map(
-        lambda depth: _event('"item_id":1,"user_uuid":"u","x":' + "[" * depth + "]" * depth)
+        lambda depth: _event(
+            '"item_id":1,"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8","x":' + "[" * depth + "]" * depth
+        )
     ),
     # integers past Python's digit limit, floats for ids
-    st.integers(4_400, 20_000).map(lambda digits: _event(f'"item_id":{"9" * digits},"user_uuid":"u"')),
+    st.integers(4_400, 20_000).map(
+        lambda digits: _event(f'"item_id":{"9" * digits},"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8"')
+    ),
     st.sampled_from(["1e400", "-1e400", "1.0", "4568477.000001"]).map(
-        lambda number: _event(f'"item_id":{number},"user_uuid":"u"')
+        lambda number: _event(f'"item_id":{number},"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8"')
     ),
 )
 # Signed, odd but valid events: huge numbers where the receiver does not look. It must take them.
 accepted_bodies = st.builds(
     lambda big, ts: _event(
-        f'"item_id":4568477,"user_uuid":"u","nb_new_transactions":{big},"balance":{big}', ts
+        f'"item_id":4568477,"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8","nb_new_transactions":{big},"balance":{big}',
+        ts,
     ),
     st.integers(10**18, 10**1000),
     st.integers(1, 2**40),
@@ -279,7 +285,11 @@ class Target:
         )
 
     def post(
-        self, body: bytes, headers: dict[str, str] | None = None, *, peer: str = BRIDGE_PEER
+        self,
+        body: bytes,
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        *,
+        peer: str = BRIDGE_PEER,
     ) -> httpx.Response:
         """POST, then check: no 5xx but 503, a well-formed request id, a job exactly when queued."""
         before = self.r.llen("rq:queue:bridgehook")
@@ -355,7 +365,7 @@ def run_hostile(target: Target) -> None:
     @HOSTILE
     @given(forwarded_for, st.integers(1, 2**40))
     def forged(xff: str, timestamp: int) -> None:
-        body = _event('"item_id":4568477,"user_uuid":"u"', timestamp)
+        body = _event('"item_id":4568477,"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8"', timestamp)
         # From a peer that is not a proxy, no X-Forwarded-For makes it Bridge…
         assert target.signed(body, peer="127.0.0.1", **{"X-Forwarded-For": xff}).status_code == 403
         # …and none makes Bridge anything else.
@@ -397,7 +407,12 @@ def slow_clients(target: Target, count: int = 16) -> None:
     trickler.start()
     try:
         fast = time.monotonic()
-        assert target.signed(_event('"item_id":4568477,"user_uuid":"u"', 7)).status_code == 200
+        assert (
+            target.signed(
+                _event('"item_id":4568477,"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8"', 7)
+            ).status_code
+            == 200
+        )
         assert time.monotonic() - fast < READ_TIMEOUT / 2, "slow clients hold up Bridge's deliveries"
         while len(statuses) < count and time.monotonic() - started < READ_TIMEOUT + 4:
             readable, _, _ = select.select([s for s in socks if s not in statuses], [], [], 0.1)
@@ -421,6 +436,49 @@ def slow_clients(target: Target, count: int = 16) -> None:
     target.alive()
 
 
+USER = "16369a41-6d2b-4750-85cd-60e366fbdcb8"
+# Signed, and refused at the door with a 400 malformed_event: each was once queued (a dead letter
+# later) or answered 500.
+REFUSED_AT_THE_DOOR = {
+    "legacy type, nested 975 deep": b'{"type":"ITEM_CREATED","content":{"item_id":1,"user_uuid":"%s",'
+    b'"x":%s%s},"timestamp":1}' % (USER.encode(), b"[" * 975, b"]" * 975),
+    "nested 33 deep": _event(f'"item_id":1,"user_uuid":"{USER}","x":' + "[" * 33 + "]" * 33),
+    "NaN": _event(f'"item_id":1,"user_uuid":"{USER}","x":NaN'),
+    "Infinity": _event(f'"item_id":1,"user_uuid":"{USER}","x":-Infinity'),
+    "1e999": _event(f'"item_id":1,"user_uuid":"{USER}","x":1e999'),
+    "user_uuid with NUL": _event('"item_id":1,"user_uuid":"a\\u0000b"'),
+    "empty user_uuid": _event('"item_id":1,"user_uuid":""'),
+    "60 KB user_uuid": _event('"item_id":1,"user_uuid":"%s"' % ("a" * 60_000)),
+    "path as user_uuid": _event('"item_id":1,"user_uuid":"../../x"'),
+    "type with NUL": b'{"type":"item\\u0000x","content":{},"timestamp":1}',
+    "type of 101 characters": b'{"type":"%s","content":{},"timestamp":1}' % (b"x" * 101),
+}
+
+
+def refused_at_the_door(target: Target) -> None:
+    """Round two's hostile inputs, each refused with its own status and reason, nothing queued."""
+    for name, body in REFUSED_AT_THE_DOOR.items():
+        response = target.signed(body)
+        assert (response.status_code, response.json()["error"]) == (400, "malformed_event"), (
+            name,
+            response.text,
+        )
+    body = _event(f'"item_id":2,"user_uuid":"{USER}"')
+    valid = signed(body)["headers"]["BridgeApi-Signature"]
+    twice = [
+        ("Content-Type", "application/json"),
+        ("BridgeApi-Signature", valid),
+        ("BridgeApi-Signature", valid),
+    ]
+    response = target.post(body, twice)
+    assert (response.status_code, response.json()["error"]) == (400, "duplicate_signature")
+    response = target.signed(body, **{"BridgeApi-Signature": valid + "," + "x" * 4_000})
+    assert (response.status_code, response.json()["error"]) == (431, "signature_too_large")
+    assert target.signed(body).status_code == 200
+    archived = target.r.xrevrange(ARCHIVE_KEY, count=1)[0][1]
+    assert archived[b"signature"] == valid.encode()
+
+
 @POSTGRESQL
 def test_hostile_input_against_a_real_receiver(
     processes: Processes, r: redis.Redis, recorder: Recorder
@@ -438,6 +496,7 @@ def test_hostile_input_against_a_real_receiver(
         baseline = rss_kb(target.pid)
 
         run_hostile(target)
+        refused_at_the_door(target)
         slow_clients(target)
 
         growth = rss_kb(target.pid) - baseline
@@ -462,17 +521,22 @@ def test_hostile_input_against_a_real_receiver(
 UNPROCESSABLE = {
     "utf-16": (
         json.dumps(
-            {"type": "item.created", "content": {"item_id": 5, "user_uuid": "u"}, "timestamp": 1}
+            {
+                "type": "item.created",
+                "content": {"item_id": 5, "user_uuid": "16369a41-6d2b-4750-85cd-60e366fbdcb8"},
+                "timestamp": 1,
+            }
         ).encode("utf-16-le"),
         "JSON between systems is UTF-8 (RFC 8259); json.loads also decodes UTF-16, the body is spliced into "
         "the job verbatim, and the worker cannot deserialise it (rq DeserializationError, dead letter)",
     ),
     "id past int64": (
-        _event(f'"item_id":{2**63},"user_uuid":"u"'),
+        _event(f'"item_id":{2**63},"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8"'),
         "Bridge ids are int64; the worker fails on BIGINT (NumericValueOutOfRange) and dead-letters",
     ),
     "timestamp past time_t": (
-        b'{"type":"item.deleted","content":{"item_id":7,"user_uuid":"u"},"timestamp":%d}' % 10**30,
+        b'{"type":"item.deleted","content":{"item_id":7,"user_uuid":"16369a41-6d2b-4750-85cd-60e366fbdcb8"},"timestamp":%d}'
+        % 10**30,
         "the deletion job's datetime.fromtimestamp overflows (OverflowError) and dead-letters",
     ),
     "utf-8 encoded surrogate": (
