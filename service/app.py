@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.health import livez, readyz
+from service.health import Readiness, livez, readyz
 from service.logs import get_logger
 from service.metrics import metrics_endpoint
 from service.queue import EventQueue
@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> ASGIApp:
     )
     app.state.settings = settings
     app.state.queue = queue
+    app.state.readiness = Readiness(queue)
     return behind_proxies(WebhookFirst(view, app), settings.trusted_proxies)
 
 

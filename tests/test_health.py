@@ -86,3 +86,21 @@ def test_json_logs_keep_the_tracebacks_of_standard_library_loggers() -> None:
     assert line["event"] == "job failed" and line["logger_name"] == "rq.worker"
     assert "Traceback" in line["exception"] and "ZeroDivisionError" in line["exception"]
     assert "exc_info" not in line
+
+
+def test_readyz_asks_redis_at_most_once_a_second(tmp_path: Path) -> None:
+    """Each readiness check writes to Redis: a flood of /readyz must not become a flood of writes."""
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path)
+    server.start()
+    try:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        r = redis.Redis.from_url(url)
+        with TestClient(create_app(make_settings(url))) as client:
+            before = r.info("commandstats").get("cmdstat_set", {}).get("calls", 0)
+            for _ in range(200):
+                assert client.get("/readyz").json() == {"status": "ok"}
+            writes = r.info("commandstats").get("cmdstat_set", {}).get("calls", 0) - before
+        r.close()
+    finally:
+        server.stop()
+    assert 1 <= writes <= 3, writes  # once, and again for each second the loop took
