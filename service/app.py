@@ -54,6 +54,8 @@ def create_app(settings: Settings) -> ASGIApp:
         ],
         lifespan=lifespan,
     )
+    # No redirect from /metrics/ to /metrics: its Location would be built from the client's Host header.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.queue = queue
     app.state.readiness = Readiness(queue)

@@ -104,3 +104,9 @@ def test_readyz_asks_redis_at_most_once_a_second(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert 1 <= writes <= 3, writes  # once, and again for each second the loop took
+
+
+def test_no_redirect_built_from_the_host_header(client: TestClient) -> None:
+    response = client.get("/metrics/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 404
+    assert "location" not in response.headers
