@@ -282,9 +282,10 @@ def scheduler() -> None:
 
 
 def _register_ops() -> None:
-    from bridgehook import data, ops
+    from bridgehook import data, ops, status
 
-    for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, ops.status, data.keys, data.accounts):
+    for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, status.status, status.retries, data.keys,
+                    data.accounts):  # fmt: skip
         main.add_command(command)
 
 

@@ -1,4 +1,4 @@
-"""Operations commands: dead letters, replays, resyncs, reconciliation and status.
+"""Operations commands: dead letters, replays, resyncs and reconciliation (status: bridgehook.status).
 
 Named the way RQ's own CLI names things. Tables for people, ``--json`` lines for scripts.
 Exit codes: 0 done, 1 something failed (or an id is unknown, or Redis is unreachable:
@@ -175,14 +175,17 @@ def key_missing(exc: CodecError) -> NoReturn:
     fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
 
 
-def _age(when: datetime | None) -> str:
+def age(when: datetime | None) -> str:
+    """``5m ago``, or ``in 5m`` for a time to come (a scheduled retry)."""
     if when is None:
         return "?"
     seconds = int((datetime.now(UTC) - when).total_seconds())
+    span = f"{abs(seconds)}s"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+        if abs(seconds) >= size:
+            span = f"{abs(seconds) // size}{unit}"
+            break
+    return f"in {span}" if seconds < 0 else f"{span} ago"
 
 
 def _confirm(verb: str, n: int, yes: bool) -> None:
@@ -214,7 +217,7 @@ def dlq_list(as_json: bool, **kw: Any) -> None:
     )
     for d in letters:
         table.add_row(
-            d.id[:12], d.type, str(d.item_id or ""), _age(d.received_at), str(d.attempts), d.error[:70]
+            d.id[:12], d.type, str(d.item_id or ""), age(d.received_at), str(d.attempts), d.error[:70]
         )
     console.print(table)
 
@@ -232,7 +235,7 @@ def dlq_show(job_id: str) -> None:
         [d] = letters.load([full])
         attempts = letters.attempts(d.job) if d.job is not None else []
     console.print(f"[bold]{d.id}[/bold]  {d.type}  item {d.item_id or '-'}")
-    console.print(f"received  {d.received_at.isoformat() if d.received_at else '?'}  ({_age(d.received_at)})")
+    console.print(f"received  {d.received_at.isoformat() if d.received_at else '?'}  ({age(d.received_at)})")
     console.print(f"failed    {d.failed_at.isoformat() if d.failed_at else '?'}   attempts {d.attempts}")
     console.print("event (bank data redacted):")
     console.print(json.dumps(redact(d.event), indent=2, sort_keys=True, default=str))
@@ -432,55 +435,3 @@ def reconcile() -> None:
         event = {"type": "bridgehook.reconcile", "content": {"manual": stamp}, "timestamp": 0}
         outcome = Enqueuer(r, s).enqueue(f"reconcile-manual-{stamp}", RECONCILE, event)
     click.echo(f"sweep reconcile-manual-{stamp}: {outcome}")
-
-
-@click.command()
-@click.option("--json", "as_json", is_flag=True, help="The same, as one JSON object.")
-def status(as_json: bool) -> None:
-    """Queues, workers, dead letters and items needing attention, in one screen."""
-    from workers.observe import snapshot
-
-    with ops() as (s, r, storage):
-        snap = snapshot(s, r, storage)
-    if as_json:
-        data = {
-            "queues": snap.queues,
-            "workers": [{**w, "heartbeat": str(w["heartbeat"])} for w in snap.workers],
-            "dead_letters": snap.dead_letters,
-            "dead_letters_by_type": snap.dead_letters_by_type,
-            "oldest_dead_letter": snap.oldest_dead_letter.isoformat() if snap.oldest_dead_letter else None,
-            "needs_user_action": snap.needing_attention,
-            "stuck_1003": snap.stuck_1003,
-            "stale": snap.stale,
-            "items": [
-                {"status": k[0], "needs_user_action": k[1], "count": v}
-                for k, v in snap.items_by_status.items()
-            ],
-            "replays": snap.replays,
-        }
-        click.echo(json.dumps(data, default=str))
-        return
-    q = snap.queues
-    console.print(
-        f"[bold]queue {s.queue_name}[/bold]  queued {q['queued']}  running {q['started']}  "
-        f"scheduled (retries) {q['scheduled']}  deferred {q['deferred']}"
-    )
-    workers = Table(
-        "worker", "state", "current job", "last heartbeat", title=f"{len(snap.workers)} worker(s)"
-    )
-    for w in snap.workers:
-        workers.add_row(w["name"], str(w["state"]), (w["job"] or "")[:12], _age(w["heartbeat"]))
-    console.print(workers)
-    by_type = ", ".join(f"{k} {v}" for k, v in sorted(snap.dead_letters_by_type.items())) or "-"
-    console.print(
-        f"[bold]dead letters[/bold] {snap.dead_letters}  (oldest {_age(snap.oldest_dead_letter)}; "
-        f"{by_type})  → bridgehook dlq list"
-    )
-    items = Table("status", "needs user action", "items", title="items")
-    for (code, flagged), n in sorted(snap.items_by_status.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
-        items.add_row(str(code), "yes" if flagged else "", str(n))
-    console.print(items)
-    console.print(
-        f"stuck in 1003 > 24 h: {len(snap.stuck_1003)} {snap.stuck_1003[:10] or ''}   "
-        f"stale: {len(snap.stale)} {snap.stale[:10] or ''}"
-    )

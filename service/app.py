@@ -30,6 +30,7 @@ def create_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await queue.open()
         await queue.check_durability()
+        view.rejections.start(queue.redis)
         log.info(
             "receiver.started",
             queue=settings.queue_name,
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> ASGIApp:
             yield
         finally:
             view.deadlines.close()
+            await view.rejections.stop(queue.redis)
             await queue.close()
             log.info("receiver.stopped")
 

@@ -1,7 +1,8 @@
 """``POST /webhooks/bridge``: source → size → type → signature → shape → enqueue → answer.
 
 Each rejection answers ``{"error": <machine code>, "detail": <human text>}`` with its own
-status, logs one line and counts in ``bridgehook_webhook_requests_total{outcome=<code>}``.
+status, logs one line and counts in ``bridgehook_webhook_requests_total{outcome=<code>}`` and,
+in memory until the next flush, in Redis for ``bridgehook status`` (see service.rejections).
 
 | check                                    | answer                                        |
 |------------------------------------------|-----------------------------------------------|
@@ -50,6 +51,7 @@ from starlette.types import Receive, Scope, Send
 from service import events, logs
 from service.metrics import REQUESTS
 from service.queue import ArchivedDelivery, EventQueue, QueueUnavailable
+from service.rejections import Rejections
 from service.settings import Settings
 from service.signing import SignatureError, SignatureVerifier
 from service.sources import SourcePolicy
@@ -106,6 +108,7 @@ class WebhookView:
         self.sources = SourcePolicy(settings.allowed_ips)
         self.verifier = SignatureVerifier(settings.webhook_secrets)
         self.deadlines = Deadlines(settings.read_timeout_seconds)
+        self.rejections = Rejections()  # flushed to Redis by the app's lifespan, not per request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = {}
@@ -120,6 +123,7 @@ class WebhookView:
             extra = []
         except Rejected as r:
             REQUESTS.labels(r.reason).inc()
+            self.rejections.count(r.reason)
             with structlog.contextvars.bound_contextvars(request_id=request_id.decode()):
                 (log.error if r.status >= 500 else log.warning)(
                     "webhook.rejected", status=r.status, reason=r.reason, detail=r.detail, **r.fields

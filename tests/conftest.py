@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import redis
+from click.testing import CliRunner, Result
 from starlette.testclient import TestClient
 
+from bridgehook.cli import main
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from service.app import create_app
 from service.settings import Settings
 from tests.harness import Harness, pg_schema_url, worker_settings
-from tests.support import BRIDGE_IP, make_settings
+from tests.support import BRIDGE_IP, TEST_ENCRYPTION_KEY, Cli, make_settings
 
 __all__ = ["pg_schema_url"]  # a fixture, imported so that pytest finds it
 
@@ -94,6 +96,25 @@ def world() -> World:
 def fake(world: World) -> Iterator[FakeBridgeServer]:
     with FakeBridgeServer(world) as server:
         yield server
+
+
+@pytest.fixture
+def cli(harness: Harness, tmp_path: Path) -> Cli:
+    """`bridgehook` through click's runner, on the harness's Redis, database and fake Bridge."""
+    s = harness.settings
+    env = {
+        "REDIS_URL": s.redis_url,
+        "DATABASE_URL": s.database_url,
+        "BRIDGEHOOK_HOME": str(tmp_path / "home"),
+        "WORKER_RETRY_INTERVALS": "0,0,0",
+        "BRIDGE_API_URL": s.bridge_api_url,
+        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+    }
+
+    def run(*args: str, input: str | None = None) -> Result:
+        return CliRunner().invoke(main, list(args), env=env, input=input, catch_exceptions=False)
+
+    return run
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import redis
 import uvicorn
+from click.testing import Result
 
 from service.server import uvicorn_config
 from service.settings import Settings
@@ -26,6 +27,7 @@ BRIDGE_IP = "63.32.31.5"
 # A fixed key for the tests' workers (`bridgehook keys generate` makes real ones).
 TEST_ENCRYPTION_KEY = "6mWqVnV0mQ8m1Wk0cJ3X2r9yqTQdM0tq4bXn5lq0e3Q="
 QUEUE_KEY = "rq:queue:bridgehook"
+Cli = Callable[..., Result]  # the `cli` fixture: `bridgehook ARGS…` through click's runner
 
 
 def free_port() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,14 @@ from typing import Any
 import pytest
 import redis
 import structlog
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from freezegun import freeze_time
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from bridgehook.cli import main
 from fakebridge.world import World
 from tests.harness import Harness, storage_at
-from tests.support import TEST_ENCRYPTION_KEY, make_settings, queued_ids
+from tests.support import TEST_ENCRYPTION_KEY, Cli, make_settings, queued_ids
 from workers import context, jobs
 from workers.codec import generate_key
 from workers.db import Database, to_datetime
@@ -32,26 +31,6 @@ from workers.replay import Enqueuer
 from workers.scheduler import enqueue_sweep
 from workers.schema import upgrade
 from workers.storage import Storage
-
-Cli = Callable[..., Result]
-
-
-@pytest.fixture
-def cli(harness: Harness, tmp_path: Path) -> Cli:
-    s = harness.settings
-    env = {
-        "REDIS_URL": s.redis_url,
-        "DATABASE_URL": s.database_url,
-        "BRIDGEHOOK_HOME": str(tmp_path / "home"),
-        "WORKER_RETRY_INTERVALS": "0,0,0",
-        "BRIDGE_API_URL": s.bridge_api_url,
-        "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
-    }
-
-    def run(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(main, list(args), env=env, input=input, catch_exceptions=False)
-
-    return run
 
 
 def items(world: World, n: int, per_account: int = 30) -> list[tuple[str, int]]:
@@ -538,7 +517,13 @@ def test_commands_say_when_redis_is_unreachable(tmp_path: Path) -> None:
         "BRIDGEHOOK_HOME": str(tmp_path),
         "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
     }
-    for args in (["dlq", "list"], ["status"], ["dlq", "replay", "--all"], ["resync", "--item", "1"]):
+    for args in (
+        ["dlq", "list"],
+        ["status"],
+        ["retries"],
+        ["dlq", "replay", "--all"],
+        ["resync", "--item", "1"],
+    ):
         result = CliRunner().invoke(main, args, env=env)
         assert result.exit_code == 1, args
         assert "Redis at redis://127.0.0.1:1/0 is unreachable" in result.output

@@ -44,7 +44,7 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _last_line(text: str | None) -> str:
+def last_line(text: str | None) -> str:
     lines = [line for line in (text or "").strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
 
@@ -67,6 +67,11 @@ class DeadLetter:
     def item_id(self) -> int | None:
         item = (self.event.get("content") or {}).get("item_id")
         return item if isinstance(item, int) else None
+
+    @property
+    def user_uuid(self) -> str | None:
+        user = (self.event.get("content") or {}).get("user_uuid")
+        return user if isinstance(user, str) else None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -127,7 +132,7 @@ class DeadLetters:
         for job_id, job in zip(ids, jobs, strict=True):
             row = ledger.get(job_id, {})
             event = _event_of(job) or row.get("event") or {}
-            error = _last_line(traceback_of(job)) or _last_line(row.get("last_error"))
+            error = last_line(traceback_of(job)) or last_line(row.get("last_error"))
             letters.append(
                 DeadLetter(
                     id=job_id,

@@ -378,4 +378,5 @@ def reconcile(event: Event) -> dict[str, Any]:
     """The periodic sweep that catches what webhooks missed (see workers.reconcile)."""
     from workers.reconcile import Reconciler
 
-    return _run(event, lambda ctx, _: Reconciler(ctx).run())
+    trigger = "manual" if "manual" in (event.get("content") or {}) else "scheduled"
+    return _run(event, lambda ctx, _: Reconciler(ctx, trigger=trigger).run())

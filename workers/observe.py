@@ -5,6 +5,11 @@ process, so each figure is exported once however many workers run). A scrape exp
 sources that answered hold: RQ's queue, workers and replays come from Redis, the items from the
 database, the dead letters from both (their times from the ledger); ``bridgehook_status_up``
 says which source answered.
+
+``bridgehook status`` also says whether data may be missing (:class:`DeliveryFigures`, read from
+Redis alone, and not exported: the receivers export their own rejections): the last delivery
+accepted, the rejections of the last hour by reason, the last reconciliation sweep, and the
+soonest scheduled retry.
 """
 
 from __future__ import annotations
@@ -22,16 +27,29 @@ from rq import Queue, Worker
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from service import rejections
 from service.logs import get_logger
+from service.queue import ARCHIVE_KEY
 from service.settings import Settings
 from workers.deadletters import DeadLetters
-from workers.reconcile import stale_items, stuck_items
+from workers.reconcile import last_sweep, stale_items, stuck_items
+from workers.retries import ScheduledRetries
 from workers.storage import Storage
 
 SCAN_LIMIT = 10_000  # dead letters read to count them by type; beyond it, the total is still exact
 
 log = get_logger("bridgehook.observe")
 T = TypeVar("T")
+
+
+@dataclass
+class DeliveryFigures:
+    """Are we missing data? What Redis says of deliveries, sweeps and retries."""
+
+    last_accepted: dict[str, Any] | None  # the archive's last entry: at, type, decision
+    rejected_last_hour: dict[str, int]  # by reason, as the receivers last flushed them
+    last_reconciliation: dict[str, Any] | None  # as the sweep recorded it
+    next_retry: datetime | None  # the soonest scheduled retry
 
 
 @dataclass
@@ -44,6 +62,7 @@ class Status:
     items_by_status: dict[tuple[int | None, bool], int]
     stuck_1003: list[int]
     stale: list[int]
+    deliveries: DeliveryFigures
     replays: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -102,6 +121,24 @@ def queue_figures(settings: Settings, connection: redis.Redis) -> QueueFigures:
     )
 
 
+def delivery_figures(settings: Settings, connection: redis.Redis, now: datetime) -> DeliveryFigures:
+    last: list[tuple[bytes, dict[bytes, bytes]]] = connection.xrevrange(ARCHIVE_KEY, count=1)  # type: ignore[assignment]
+    accepted = None
+    if last:
+        entry_id, fields = last[0]
+        accepted = {
+            "at": datetime.fromtimestamp(int(entry_id.split(b"-")[0]) / 1000, tz=UTC),
+            "type": fields.get(b"type", b"").decode(),
+            "decision": fields.get(b"decision", b"").decode(),
+        }
+    return DeliveryFigures(
+        last_accepted=accepted,
+        rejected_last_hour=rejections.last_hour(connection, now.timestamp()),
+        last_reconciliation=last_sweep(connection),
+        next_retry=ScheduledRetries(connection, settings.queue_name, None).soonest(),
+    )
+
+
 def dead_letter_figures(settings: Settings, connection: redis.Redis, storage: Storage) -> DeadLetterFigures:
     dlq = DeadLetters(connection, settings.queue_name, storage)
     ids = dlq.ids()
@@ -134,6 +171,7 @@ def snapshot(
     queues = queue_figures(settings, connection)
     letters = dead_letter_figures(settings, connection, storage)
     items = item_figures(settings, storage, now)
+    deliveries = delivery_figures(settings, connection, now)
     return Status(
         queues=queues.queues,
         workers=queues.workers,
@@ -144,6 +182,7 @@ def snapshot(
         stuck_1003=items.stuck_1003,
         stale=items.stale,
         replays=queues.replays,
+        deliveries=deliveries,
     )
 
 

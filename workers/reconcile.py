@@ -15,14 +15,19 @@ One sweep (an RQ job the scheduler enqueues every ``RECONCILE_INTERVAL_SECONDS``
   support) and items whose last sync is older than ``RECONCILE_STALE_SECONDS``, and resyncs them.
 
 It stops early, without failing, when Bridge's request budget runs out; the next sweep
-starts again from the first user.
+starts again from the first user. Each sweep, enqueued by the scheduler or by `bridgehook
+reconcile`, leaves when it ran and what it found in Redis (:data:`LAST_SWEEP_KEY`) for
+`bridgehook status`: a sweep that never ran, or stopped running, is data nobody looks for.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import redis
 
 from service.logs import get_logger
 from workers.bridge import NotFound, TransientError
@@ -34,6 +39,7 @@ from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, p
 log = get_logger("bridgehook.reconcile")
 
 STUCK_AFTER = timedelta(hours=24)
+LAST_SWEEP_KEY = "bridgehook:reconcile:last"  # JSON: the last sweep's times, outcome and counts
 
 
 def _live_items(storage: Storage, where: str, before: datetime) -> list[tuple[int, str]]:
@@ -51,13 +57,50 @@ def stale_items(storage: Storage, now: datetime, age: timedelta) -> list[tuple[i
     return _live_items(storage, "status = 0 AND (last_synced_at IS NULL OR last_synced_at < %s)", now - age)
 
 
+def last_sweep(connection: redis.Redis) -> dict[str, Any] | None:
+    """What the last sweep recorded (see Reconciler.run), or None when none ever finished."""
+    raw = connection.get(LAST_SWEEP_KEY)
+    try:
+        value = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 class Reconciler:
-    def __init__(self, ctx: WorkerContext, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        trigger: str | None = None,
+    ) -> None:
         self.ctx = ctx
         self.enqueuer = Enqueuer(ctx.redis, ctx.settings)
         self.now = now
+        self.trigger = trigger  # "scheduled" or "manual", as recorded for status
 
     def run(self) -> dict[str, Any]:
+        """One sweep; its counts, also recorded for `bridgehook status` (a failed sweep too, then raised)."""
+        started = self.now()
+        try:
+            counts = self._sweep()
+        except Exception as exc:
+            self._record(started, "failed", {}, f"{type(exc).__name__}: {exc}"[:300])
+            raise
+        self._record(started, "partial" if counts["partial"] else "done", counts)
+        return counts
+
+    def _record(
+        self, started: datetime, outcome: str, counts: dict[str, int], error: str | None = None
+    ) -> None:
+        summary = {"started_at": started.isoformat(), "finished_at": self.now().isoformat(),
+                   "trigger": self.trigger, "outcome": outcome, "counts": counts, "error": error}  # fmt: skip
+        try:
+            self.ctx.redis.set(LAST_SWEEP_KEY, json.dumps(summary))
+        except redis.RedisError as exc:  # the sweep's work is done; only status misses it
+            log.warning("reconcile.not_recorded", error=str(exc))
+
+    def _sweep(self) -> dict[str, Any]:
         counts = {"users": 0, "changed": 0, "deltas": 0, "new_items": 0, "gone": 0, "stuck": 0, "stale": 0,
                   "partial": 0}  # fmt: skip
         gone: list[str] = []
