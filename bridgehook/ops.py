@@ -170,9 +170,11 @@ def database_failed(s: Settings, exc: Exception) -> NoReturn:
     )
 
 
-def key_missing(exc: CodecError) -> NoReturn:
-    """A stored value names a key ENCRYPTION_KEYS does not list (or does not authenticate)."""
-    fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
+def key_missing(exc: CodecError, done: str = "") -> NoReturn:
+    """A stored value names a key ENCRYPTION_KEYS does not list (or does not authenticate); ``done``
+    says what the command did before it met the value."""
+    then = f"; {done}" if done else ""
+    fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation){then}", Exit.FAILED)
 
 
 def _age(when: datetime | None) -> str:
