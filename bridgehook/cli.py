@@ -100,6 +100,7 @@ def dev(host: str, port: int, stop: bool) -> None:
         sock = stack.enter_context(_listen(host, port))
         devenv.apply_dev_defaults(env, home)
         load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
+        local.note(key=devenv.first_key_id(env.get("ENCRYPTION_KEYS")))  # for `keys rotate` to compare
         if not env.get("REDIS_URL"):
             env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home, local))
         api = stack.enter_context(devenv.fake_bridge(env))

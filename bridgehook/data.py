@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -61,25 +62,35 @@ def keys_generate() -> None:
 
 @keys.command("rotate")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--dry-run", is_flag=True, help="Count the rows to rotate; change nothing.")
+@click.option("--dry-run", is_flag=True, help="Count the rows to rotate and decrypt them; change nothing.")
 def keys_rotate(batch_size: int, dry_run: bool) -> None:
     """Re-encrypt every encrypted value (and any plaintext one) with the first key.
 
     Batches commit one by one: interrupted, it resumes where it stopped when run again.
-    Safe while workers run (they write with the first key already).
+    Safe while workers run (they write with the first key already). On `make run`'s database,
+    .bridgehook/encryption-key is kept in step: the first key goes first in it, the old ones stay.
     """
     from workers.rotation import Rotation
 
+    local = devenv.local_keys_file(os.environ)
     with reader() as r:
         if not isinstance(r.codec, AESGCMCodec):
             fail("ENCRYPTION_KEYS is not set: there is no key to rotate to", Exit.USAGE)
         assert isinstance(r.codec, AESGCMCodec)
+        if local is not None:
+            _local_stack_first(local, r.codec.current_key_id, dry_run)
         rotation = Rotation(r.db, r.codec, batch_size)
         pending = rotation.pending()
         total = sum(pending.values())
         counts = ", ".join(f"{n} {table}" for table, n in pending.items())
         click.echo(f"key {r.codec.current_key_id}: {total} rows to rotate ({counts})", err=True)
-        if dry_run or total == 0:
+        if dry_run:
+            try:  # the real run stops at a value it cannot decrypt: say so now, as it would
+                rotation.check()
+            except CodecError as exc:
+                key_missing(exc, "nothing was changed (dry run)")
+            return
+        if total == 0:
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as bar:
@@ -87,11 +98,36 @@ def keys_rotate(batch_size: int, dry_run: bool) -> None:
             try:
                 done = rotation.run(lambda table, n: bar.advance(tasks[table], n) if table in tasks else None)
             except CodecError as exc:
-                fail(f"{exc}; nothing after this row was rotated, rows before it were", Exit.FAILED)
+                key_missing(exc, "the rows before it were rotated, none after it")
         left = sum(rotation.pending().values())
         click.echo(f"rotated {done} rows; {left} left" + (" (run again)" if left else ""), err=True)
         if left:
             raise SystemExit(Exit.FAILED)
+
+
+def _local_stack_first(path: Path, current: str, dry_run: bool) -> None:
+    """On `make run`'s database, put the key being rotated to first in its key file (the file's other
+    keys after it, so that what they wrote stays readable), and stop while a running `bridgehook dev`
+    still encrypts with another: its worker would write under the old key again."""
+    keys = [k.reveal() for k in Settings.from_env().encryption_keys]
+    listed = [k.strip() for k in path.read_text().strip().split(",") if k.strip()]
+    wanted = [*keys, *(k for k in listed if k not in keys)]
+    if wanted[: len(keys)] != listed[: len(keys)]:
+        if dry_run:
+            click.echo(f"would put key {current} first in {path}", err=True)
+        else:
+            devenv.save_local_keys(path, wanted)
+            click.echo(f"{path}: key {current} first, then the {len(wanted) - 1} older key(s)", err=True)
+    running = devenv.running_key(path.parent)
+    if running is not None and running[1] != current:
+        stale = (
+            f"the `bridgehook dev` running from {path.parent} (pid {running[0]}) encrypts with key "
+            f"{running[1] or '?'}, not {current}: restart it (Ctrl-C, then `make run`), then run "
+            "`bridgehook keys rotate` again"
+        )
+        if not dry_run:
+            fail(stale, Exit.FAILED)
+        click.echo(f"would stop: {stale}", err=True)
 
 
 # -- accounts ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ it (``PR_SET_PDEATHSIG``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -104,13 +105,50 @@ def adopt_local_state(env: MutableMapping[str, str]) -> None:
     """Let other local commands find what ``make run`` started: its Redis when REDIS_URL is unset,
     its key when the database is the local default and ENCRYPTION_KEYS is unset."""
     home = state_dir()
-    redis_url, key = home / "redis.url", home / "encryption-key"
+    redis_url, key = home / "redis.url", local_keys_file(env)
     if not env.get("REDIS_URL") and redis_url.exists():
         env["REDIS_URL"] = redis_url.read_text().strip()
+    if key is not None:
+        if not env.get("ENCRYPTION_KEYS"):
+            env["ENCRYPTION_KEYS"] = key.read_text().strip()
+        env["DATABASE_URL"] = local_database_url(home)  # that stack's, wherever the command runs
+
+
+def local_keys_file(env: Mapping[str, str]) -> Path | None:
+    """``encryption-key`` of the local stack, when the database is that stack's (DATABASE_URL unset
+    or its default) and the file exists: the keys its worker and the local commands read."""
+    home = state_dir()
+    path = home / "encryption-key"
     local_db = env.get("DATABASE_URL") in (None, "", local_database_url(home))
-    if local_db and not env.get("ENCRYPTION_KEYS") and key.exists():
-        env["ENCRYPTION_KEYS"] = key.read_text().strip()
-        env.setdefault("DATABASE_URL", local_database_url(home))
+    return path if local_db and path.exists() else None
+
+
+def save_local_keys(path: Path, keys: Sequence[str]) -> None:
+    """Write ``keys`` (newest first) to the local key file, replaced whole and mode 0600."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(",".join(keys) + "\n")
+    partial.replace(path)
+
+
+def first_key_id(keys: str | None) -> str | None:
+    """The id of the key that ``ENCRYPTION_KEYS`` encrypts with (its first), as stored values name it."""
+    from workers.codec import key_id
+
+    first = (keys or "").split(",")[0].strip()
+    return key_id(base64.urlsafe_b64decode(first)) if first else None
+
+
+def running_key(home: Path) -> tuple[int, str | None] | None:
+    """The pid of the `bridgehook dev` running from ``home`` and the id of the key its worker
+    encrypts with (read at its start; None if it did not say), or None if none runs."""
+    record = read_record(home)
+    pid = record.get("pid")
+    if not isinstance(pid, int) or not _held(home / LOCK):
+        return None
+    key = record.get("key")
+    return pid, key if isinstance(key, str) else None
 
 
 @contextmanager

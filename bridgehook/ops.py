@@ -170,9 +170,11 @@ def database_failed(s: Settings, exc: Exception) -> NoReturn:
     )
 
 
-def key_missing(exc: CodecError) -> NoReturn:
-    """A stored value names a key ENCRYPTION_KEYS does not list (or does not authenticate)."""
-    fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation)", Exit.FAILED)
+def key_missing(exc: CodecError, done: str = "") -> NoReturn:
+    """A stored value names a key ENCRYPTION_KEYS does not list (or does not authenticate); ``done``
+    says what the command did before it met the value."""
+    then = f"; {done}" if done else ""
+    fail(f"{exc}: add the key to ENCRYPTION_KEYS (docs/operations.md, Key rotation){then}", Exit.FAILED)
 
 
 def age(when: datetime | None) -> str:
@@ -377,7 +379,9 @@ def events_replay(
 
 @click.command()
 @click.option("--item", "item_id", type=int, help="One item (its user comes from the items table).")
-@click.option("--user", "user_uuid", help="Every item Bridge lists for this user.")
+@click.option(
+    "--user", "user_uuid", help="Every item Bridge lists for this user, but those whose bank is down."
+)
 @click.option(
     "--all-stale", "stale", type=Duration(), help="Every usable item not synced for this long (6h, 2d)."
 )
@@ -391,10 +395,15 @@ def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, 
     with ops() as (s, r, storage):
         enqueuer = Enqueuer(r, s)
         if user_uuid is not None:
+            with storage.transaction() as tx:
+                held = tx.execute(
+                    "SELECT id, status FROM items WHERE user_uuid = %s", (user_uuid,)
+                ).fetchall()
+            skip = _bank_down(held)
             click.echo(
                 f"would resync user {user_uuid}"
                 if dry_run
-                else f"user {user_uuid}: {enqueuer.resync_user(user_uuid)}"
+                else f"user {user_uuid}: {enqueuer.resync_user(user_uuid, skip)}"
             )
             return
         if item_id is not None:
@@ -405,15 +414,9 @@ def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, 
                     f"item {item_id} is not in the items table; use --user UUID to resync a user's items",
                     Exit.FAILED,
                 )
-            if row[1] in TEMPORARY_STATUSES:
-                # Its job would fail and retry into the dead letters (issue #17); Bridge's item.refreshed
-                # when the bank is back syncs it anyway.
-                click.echo(
-                    f"item {item_id}: skipped: its bank is unavailable (status {row[1]}); it syncs when "
-                    "Bridge sends item.refreshed, or resync it once `bridgehook status` shows it back"
-                )
+            if _bank_down([(item_id, row[1])]):
                 return
-            targets = [(item_id, str(row[0]))] if row else []
+            targets = [(item_id, str(row[0]))]
         else:
             assert stale is not None
             targets = stale_items(storage, datetime.now(UTC), stale)
@@ -423,6 +426,19 @@ def resync(item_id: int | None, user_uuid: str | None, stale: timedelta | None, 
             )
         if not targets:
             click.echo("nothing to resync")
+
+
+def _bank_down(items: Sequence[tuple[int, int | None]]) -> list[int]:
+    """The items, of (id, status), whose bank is unavailable (1003, -2, -3), each said in one line:
+    a resync job would fail on them and retry into the dead letters (issue #17), and Bridge's
+    item.refreshed when the bank is back syncs them anyway."""
+    down = [(item, status) for item, status in items if status in TEMPORARY_STATUSES]
+    for item, status in down:
+        click.echo(
+            f"item {item}: skipped: its bank is unavailable (status {status}); it syncs when "
+            "Bridge sends item.refreshed, or resync it once `bridgehook status` shows it back"
+        )
+    return [item for item, _ in down]
 
 
 @click.command()

@@ -161,6 +161,14 @@ def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
         show = run("accounts", "show", "22908771", "--reveal", env=env)
         assert show.returncode == 0, show.stderr
         assert "Livret A" in show.stdout and "FR7630006000019876543210128" in show.stdout
+        # Rotating to a new key (issue #17): the key file gets it first, the old one after it, and the
+        # running stack, whose worker still encrypts with the old key, is to be restarted first.
+        old = (tmp_path / "encryption-key").read_text().strip()
+        new = run("keys", "generate", env=env).stdout.strip()
+        rotate = run("keys", "rotate", env={**env, "ENCRYPTION_KEYS": f"{new},{old}"})
+        assert rotate.returncode == 1 and "restart it (Ctrl-C, then `make run`)" in rotate.stderr
+        assert (tmp_path / "encryption-key").read_text().strip() == f"{new},{old}"
+        assert run("accounts", "show", "22908771", env=env).returncode == 0
         # A worker that dies is restarted, as Kubernetes would restart its pod.
         r = redis.Redis.from_url(redis_url)
         first = worker_pids(r, timeout=20)

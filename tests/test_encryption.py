@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from bridgehook import devenv
 from bridgehook.cli import main
 from fakebridge.world import World
 from service.settings import Settings, SettingsError
@@ -221,12 +222,64 @@ def test_rotation_encrypts_plaintext_rows_and_stops_at_an_unknown_key(
     env = cli_env(harness.settings, tmp_path)
     assert harness.reader.account(account)["name"] == "Compte en clair"  # type: ignore[index]
 
+    # Issue #17: the dry run counted the row and said nothing of its key. It decrypts what it counts
+    # and stops at that row with the real run's line and exit code, changing nothing.
+    dry = CliRunner().invoke(main, ["keys", "rotate", "--dry-run"], env=env)
+    assert dry.exit_code == 1 and "1 transactions" in dry.stderr
+    [why] = [line for line in dry.stderr.splitlines() if line.startswith("bridgehook:")]
+    assert why.endswith("; nothing was changed (dry run)")
+    assert harness.rows("SELECT name FROM accounts WHERE id = %s", (account,)) == [("Compte en clair",)]
+
     failed = CliRunner().invoke(main, ["keys", "rotate"], env=env)
     assert failed.exit_code == 1
     assert "transactions id=" in failed.output and "ENCRYPTION_KEYS does not list" in failed.output
+    assert failed.stderr.splitlines()[-1].startswith(why.removesuffix("; nothing was changed (dry run)"))
     [(name,)] = harness.rows("SELECT name FROM accounts WHERE id = %s", (account,))
     assert name.startswith("bh1:")  # the accounts before it were rotated
     assert harness.reader.account(account)["name"] == "Compte en clair"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # `make run`'s: SQLite in its home
+def test_rotating_the_local_stacks_key_keeps_its_key_file_in_step(
+    harness: Harness, world: World, tmp_path: Path
+) -> None:
+    """Issue #17: after `ENCRYPTION_KEYS=NEW,OLD bridgehook keys rotate` on `make run`'s database,
+    .bridgehook/encryption-key still held OLD: `accounts show` failed and the running worker went on
+    writing under OLD. Now the file gets NEW first (OLD after it, for what OLD wrote), and while a
+    `bridgehook dev` started with OLD runs, nothing is rotated until it is restarted."""
+    b = synced(harness, world, per_account=5)
+    home = tmp_path  # the harness's SQLite database is home/bridgehook.db, as `make run`'s
+    assert harness.settings.database_url == devenv.local_database_url(home)
+    keyfile = home / "encryption-key"
+    keyfile.write_text(TEST_ENCRYPTION_KEY + "\n")
+    local = {"BRIDGEHOOK_HOME": str(home), "DATABASE_URL": None, "ENCRYPTION_KEYS": None}
+    both = {**local, "ENCRYPTION_KEYS": f"{NEW_KEY},{TEST_ENCRYPTION_KEY}"}
+    old_id, new_id = key_id(key(TEST_ENCRYPTION_KEY)), key_id(key(NEW_KEY))
+
+    with devenv.claim(home, print) as stack:  # a running `bridgehook dev`, started with OLD
+        stack.note(key=devenv.first_key_id(keyfile.read_text()))
+        dry = CliRunner().invoke(main, ["keys", "rotate", "--dry-run"], env=both)
+        assert dry.exit_code == 0, dry.output
+        assert f"would put key {new_id} first in {keyfile}" in dry.stderr and "would stop" in dry.stderr
+        assert keyfile.read_text().strip() == TEST_ENCRYPTION_KEY
+        refused = CliRunner().invoke(main, ["keys", "rotate"], env=both)
+        assert refused.exit_code == 1
+        assert f"(pid {os.getpid()}) encrypts with key {old_id}, not {new_id}: restart it" in refused.stderr
+        assert refused.stderr.splitlines()[-1].startswith("bridgehook: the `bridgehook dev` running from")
+        assert keyfile.read_text().strip() == f"{NEW_KEY},{TEST_ENCRYPTION_KEY}"
+        assert keyfile.stat().st_mode & 0o777 == 0o600
+        assert sum(Rotation(harness.db, AESGCMCodec([key(NEW_KEY)])).pending().values()) == 19
+
+    # Restarted (here: stopped), the stack reads NEW,OLD from the file: no key to export any more.
+    done = CliRunner().invoke(main, ["keys", "rotate"], env=local)
+    assert done.exit_code == 0, done.output
+    assert f"key {new_id}: 19 rows to rotate" in done.stderr and "rotated 19 rows; 0 left" in done.stderr
+    assert keyfile.read_text().strip() == f"{NEW_KEY},{TEST_ENCRYPTION_KEY}"  # in step: left alone
+    shown = CliRunner().invoke(main, ["accounts", "show", str(b["accounts"][0]), "--json"], env=local)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["name"] == "Compte joint 0"
+    harness.reader = Reader(harness.db, AESGCMCodec([key(NEW_KEY)]))  # OLD can go now
+    assert harness.tables() == harness.truth()
 
 
 def test_accounts_show_prints_decrypted_values(harness: Harness, world: World, tmp_path: Path) -> None:

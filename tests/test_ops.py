@@ -287,6 +287,37 @@ def test_a_resync_leaves_an_item_whose_bank_is_down(harness: Harness, world: Wor
     assert not queued_ids(harness.r)
 
 
+def test_a_user_resync_leaves_the_item_whose_bank_is_down(harness: Harness, world: World, cli: Cli) -> None:
+    """Issue #17, for `resync --user`: its job failed on the user's item in 1003 and retried into the
+    dead letters. That item is skipped with the same one line as `--item`; the others are resynced."""
+    [(user, down)] = items(world, 1)
+    up = world.add_item(user)
+    world.add_transactions(world.add_account(up), 10)
+    world.set_item_status(down, 1003)
+    for item in (down, up):
+        harness.send(world.event_item_created(item))
+    harness.drain()  # the item in 1003 is stored so, its job a dead letter
+    dead = harness.failed_ids()
+    assert len(dead) == 1
+    with harness.db.transaction() as tx:
+        tx.execute("DELETE FROM transactions")
+    skipped = cli("resync", "--item", str(down)).output.strip()
+    assert skipped.startswith(f"item {down}: skipped: its bank is unavailable (status 1003)")
+    assert cli("resync", "--user", user, "--dry-run").output.splitlines() == [
+        skipped,
+        f"would resync user {user}",
+    ]
+    assert not queued_ids(harness.r)
+    out = cli("resync", "--user", user)
+    assert out.exit_code == 0
+    assert out.output.splitlines() == [skipped, f"user {user}: queued"]
+    harness.drain()
+    assert harness.failed_ids() == dead
+    assert harness.ledger()[f"resync-user-{user}"] == ("done", 1)
+    [(n,)] = harness.rows("SELECT count(*) FROM transactions")
+    assert n == 10  # the other item's, synced again
+
+
 def test_a_resync_marks_what_bridge_deleted_since_the_cursor(
     harness: Harness, world: World, cli: Cli
 ) -> None:

@@ -9,6 +9,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -19,13 +20,14 @@ import structlog
 import structlog.testing
 from redis.exceptions import LockError
 from rq import Queue
-from rq.registry import StartedJobRegistry
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from tests.harness import Harness, ts
 from workers import context, jobs
 from workers.context import WorkerContext
+from workers.replay import Enqueuer
 from workers.runner import GC_YOUNGEST_THRESHOLD, PUBSUB_STOP_SECONDS, PlainWorker, Worker, run_worker
 from workers.storage import Storage
 
@@ -588,3 +590,78 @@ def test_a_dead_letter_keeps_rqs_traceback(
     raised = [r for r in caplog.records if "exception raised while executing" in r.getMessage()]
     assert len(raised) == 1 and "PermanentError" in raised[0].getMessage()
     assert "Traceback" in raised[0].getMessage()
+
+
+def scheduled_for(harness: Harness, job_id: str) -> datetime | None:
+    """When RQ's scheduler is to run ``job_id`` again, if it holds it."""
+    queue = Queue(harness.settings.queue_name, connection=harness.r, serializer=JSONSerializer)
+    registry = ScheduledJobRegistry(queue=queue)
+    return registry.get_scheduled_time(job_id) if job_id in registry.get_job_ids() else None
+
+
+def malformed_date(world: World, b: dict[str, Any]) -> None:
+    [txn] = world.add_transactions(b["accounts"][0], 1)
+    world.update_transaction(txn, date="31/12/2026")  # not the ISO date Bridge sends: a ValueError here
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [(lambda world, b: world.set_item_status(b["item"], 1003), True), (malformed_date, False)],
+    ids=["bank_down", "malformed_response"],
+)
+def test_a_failure_with_retries_left_is_scheduled_at_the_time_its_warning_says(
+    harness: Harness,
+    world: World,
+    caplog: pytest.LogCaptureFixture,
+    cause: Callable[[World, dict[str, Any]], None],
+    expected: bool,
+) -> None:
+    """Both kinds of failure are retried on WORKER_RETRY_INTERVALS (here 60 s, then 600 s), and the job's
+    warning gives the time RQ's scheduler holds the retry for. An expected one (the bank down: 1003) is
+    that one line; an unexpected one (Bridge sent a date we cannot read) also gets RQ's error with its
+    traceback, at once and not only once it is a dead letter: it is a bug to look at."""
+    b = bank(world, accounts=1, per_account=3)
+    cause(world, b)
+    settings = dataclasses.replace(harness.settings, retry_intervals=(60, 600))
+    job_id = f"resync-item-{b['item']}"
+    assert Enqueuer(harness.r, settings).resync_item(b["item"], b["user"]) == "queued"
+    caplog.set_level(logging.INFO, logger="rq")  # the worker's default level
+    with structlog.testing.capture_logs() as lines:
+        harness.drain()  # one attempt: the retry waits in RQ's scheduler, which drain does not run
+    [failed] = [line for line in lines if line["event"] == "job.failed"]
+    assert (failed["log_level"], failed["final"]) == ("warning", False)
+    assert ("ItemUnavailable" if expected else "ValueError") in failed["error"]
+    due = scheduled_for(harness, job_id)
+    assert due is not None, "the retry is not scheduled"
+    assert 58 <= (due - datetime.now(UTC)).total_seconds() <= 61
+    assert abs(datetime.fromisoformat(failed["next_attempt"]) - due) <= timedelta(seconds=1)
+    raised = [r for r in caplog.records if "exception raised while executing" in r.getMessage()]
+    if expected:
+        assert raised == []
+        assert "Traceback" not in "\n".join(r.getMessage() for r in caplog.records)
+    else:
+        [error] = raised
+        assert error.levelno == logging.ERROR
+        assert "Traceback" in error.getMessage() and "ValueError" in error.getMessage()
+    assert harness.rows("SELECT status, attempts FROM webhook_events") == [("queued", 1)]
+
+
+def test_a_spent_budget_defers_the_job_with_one_line_that_says_until_when(
+    harness: Harness, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 whose Retry-After is longer than a worker waits defers the job: one `job.deferred` line
+    (no warning: nothing failed; no traceback) whose next_attempt is when RQ's scheduler runs it."""
+    b = bank(world, accounts=1, per_account=3)
+    world.faults.rate_limit_next(1, retry_after=40)
+    harness.send(world.event_item_created(b["item"]))
+    caplog.set_level(logging.INFO, logger="rq")
+    with structlog.testing.capture_logs() as lines:
+        harness.drain()
+    [job_id] = harness.acknowledged
+    [deferred] = [line for line in lines if line["event"] in ("job.deferred", "job.failed")]
+    assert (deferred["event"], deferred["log_level"], deferred["retry_after"]) == ("job.deferred", "info", 40)
+    due = scheduled_for(harness, job_id)
+    assert due is not None and 38 <= (due - datetime.now(UTC)).total_seconds() <= 41
+    assert abs(datetime.fromisoformat(deferred["next_attempt"]) - due) <= timedelta(seconds=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Traceback" not in "\n".join(r.getMessage() for r in caplog.records)

@@ -356,14 +356,18 @@ def resync_item(event: Event) -> dict[str, Any]:
 
 
 def resync_user(event: Event) -> dict[str, Any]:
-    """A full resync of every item Bridge lists for the user, one item lock at a time."""
+    """A full resync of every item Bridge lists for the user, one item lock at a time, but those
+    `bridgehook resync --user` skipped (their bank is down: their sync would fail the job)."""
     user_uuid = event["content"]["user_uuid"]
+    skip = {int(i) for i in event["content"].get("skip", ())}
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
         synced = []
         done = PROGRESS.get() or Progress()
         for page in ctx.client.item_pages(user_uuid):
             for item in page:
+                if int(item["id"]) in skip:
+                    continue
                 if int(item["id"]) not in done.items:  # (resynced by an earlier attempt of this job)
                     with item_lock(ctx, int(item["id"])) as heartbeat:
                         ctx.syncer(heartbeat).sync_item(user_uuid, int(item["id"]), resync=True)

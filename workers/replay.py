@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -79,10 +79,10 @@ class Enqueuer:
         return self.enqueue(f"resync-item-{item_id}", RESYNC_ITEM, _task("resync.item", item_id=item_id,
                                                                            user_uuid=user_uuid))  # fmt: skip
 
-    def resync_user(self, user_uuid: str) -> str:
-        return self.enqueue(
-            f"resync-user-{user_uuid}", RESYNC_USER, _task("resync.user", user_uuid=user_uuid)
-        )
+    def resync_user(self, user_uuid: str, skip: Iterable[int] = ()) -> str:
+        """Every item Bridge lists for the user but those in ``skip`` (their bank is down, say)."""
+        task = _task("resync.user", user_uuid=user_uuid, skip=sorted(skip))
+        return self.enqueue(f"resync-user-{user_uuid}", RESYNC_USER, task)
 
     def user_gone(self, user_uuid: str) -> str:
         """``user.deleted``, for a user Bridge no longer knows (its own webhook never reached us)."""

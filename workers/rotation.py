@@ -65,7 +65,12 @@ class Rotation:
                 break
         return total
 
-    def _table(self, table: str, progress: Progress) -> int:
+    def check(self, progress: Progress = lambda table, n: None) -> int:
+        """Decrypt every value :meth:`run` would rewrite, in its order, and change nothing: raises the
+        RotationError that ``run`` would meet first (what ``keys rotate --dry-run`` reports)."""
+        return sum(self._table(table, progress, write=False) for table in ENCRYPTED_COLUMNS)
+
+    def _table(self, table: str, progress: Progress, write: bool = True) -> int:
         key, columns = KEYS[table], ENCRYPTED_COLUMNS[table]
         select = (
             f"SELECT {key}, {', '.join(columns)} FROM {table} "  # noqa: S608
@@ -78,11 +83,15 @@ class Rotation:
                 if not rows:
                     return done
                 for row in rows:
-                    done += self._rewrite(tx, table, key, columns, row)
+                    changed = self._reencrypted(table, key, columns, row)
+                    done += self._rewrite(tx, table, key, row[0], changed) if write else len(changed) > 0
                 last = rows[-1][0]
             progress(table, len(rows))
 
-    def _rewrite(self, tx: Any, table: str, key: str, columns: tuple[str, ...], row: tuple[Any, ...]) -> int:
+    def _reencrypted(
+        self, table: str, key: str, columns: tuple[str, ...], row: tuple[Any, ...]
+    ) -> dict[str, tuple[str, str]]:
+        """Each value of ``row`` not under the current key, with what replaces it."""
         changed: dict[str, tuple[str, str]] = {}
         for column, old in zip(columns, row[1:], strict=True):
             if old is None or self.codec.is_current(old):
@@ -93,11 +102,16 @@ class Rotation:
             except CodecError as exc:
                 raise RotationError(f"{table} {key}={row[0]}: {exc}") from None
             changed[column] = (old, self.codec.encode(value, name) or "")
+        return changed
+
+    def _rewrite(
+        self, tx: Any, table: str, key: str, row_key: Any, changed: dict[str, tuple[str, str]]
+    ) -> int:
         if not changed:
             return 0
         sets = ", ".join(f"{c} = %s" for c in changed)
         guard = " AND ".join(f"{c} = %s" for c in changed)
-        params = [new for _, new in changed.values()] + [row[0]] + [old for old, _ in changed.values()]
+        params = [new for _, new in changed.values()] + [row_key] + [old for old, _ in changed.values()]
         tx.execute(f"UPDATE {table} SET {sets} WHERE {key} = %s AND {guard}", tuple(params))  # noqa: S608
         return int(tx.rowcount)
 
