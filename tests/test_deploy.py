@@ -543,8 +543,23 @@ def test_workers_scale_on_the_rq_queue_and_finish_their_job(manifests: Rendered)
     assert trigger["type"] == "redis"
     assert trigger["metadata"]["listName"] == f"rq:queue:{manifests.config()['RQ_QUEUE']}"
     assert int(trigger["metadata"]["listLength"]) > 0
+    # A production Redis: TLS, ACL user and password, all from the Secret (KEDA's redis scaler's
+    # authentication parameters), none in the trigger's metadata, where `enableTLS` would conflict with
+    # `tls` and `unsafeSsl` would skip the certificate check.
     auth = manifests.one("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+    refs = {r["parameter"]: r["key"] for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "address": "KEDA_REDIS_ADDRESS",
+        "username": "KEDA_REDIS_USERNAME",
+        "password": "KEDA_REDIS_PASSWORD",
+        "tls": "KEDA_REDIS_TLS",
+        "ca": "KEDA_REDIS_CA",
+    }
+    assert not {"enableTLS", "unsafeSsl", "address", "password", "passwordFromEnv"} & set(trigger["metadata"])
+    # When the scaler fails, a fixed number of workers within the bounds, not a frozen count.
+    fallback = scaled["spec"]["fallback"]
+    assert 1 <= fallback["failureThreshold"] <= 5
+    assert scaled["spec"]["minReplicaCount"] < fallback["replicas"] <= scaled["spec"]["maxReplicaCount"]
     assert not [
         h
         for h in manifests.of("HorizontalPodAutoscaler")
@@ -717,7 +732,10 @@ REQUIRED_ALERTS = {
     "BridgehookItemsStuck1003",
     "BridgehookWorkersAbsent",
     "BridgehookSchedulerAbsent",
+    "BridgehookKedaScalerErrors",
 }
+# Metrics of other programs the alerts may read (KEDA >= 2.14's name, docs/deploy.md "Alerts").
+EXTERNAL_METRICS = {"keda_scaler_detail_errors_total"}
 
 
 def _code_metric_names() -> set[str]:
@@ -754,6 +772,22 @@ def test_alerts_parse_and_watch_metrics_that_exist(tools: Path, manifests: Rende
 
 
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
+
+
+def test_keda_scaler_errors_alert_on_our_scaled_object(manifests: Rendered) -> None:
+    """KEDA failing to read the queue (TLS, password, network) holds the workers at the fallback
+    count: an alert on KEDA's own error counter, for this ScaledObject, per namespace."""
+    (rule,) = manifests.of("PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    expr = alerts["BridgehookKedaScalerErrors"]["expr"]
+    assert set(re.findall(r"\bkeda_[a-z_]+", expr)) == EXTERNAL_METRICS
+    scaled = {s["metadata"]["name"] for s in manifests.of("ScaledObject")}
+    assert set(re.findall(r'scaledObject="([^"]+)"', expr)) == scaled
+    # KEDA's operator runs in its own namespace: the ScaledObject's arrives as exported_namespace
+    # unless the scrape honours labels, and becomes `namespace` again.
+    assert '"namespace", "$1", "exported_namespace"' in expr
+    for alert in alerts.values():
+        assert set(re.findall(r"\bkeda_[a-z_]+", alert["expr"])) <= EXTERNAL_METRICS, alert["alert"]
 
 
 def test_prometheus_selects_the_monitors_and_the_rules(manifests: Rendered) -> None:
