@@ -705,6 +705,44 @@ def test_network_policies_allow_only_what_each_process_needs(manifests: Rendered
                 assert ipaddress.ip_network(peer).is_private, peer
 
 
+def _ip_block_allows(peer: dict[str, Any], address: str) -> bool:
+    block = peer["ipBlock"]
+    ip = ipaddress.ip_address(address)
+    return ip in ipaddress.ip_network(block["cidr"]) and not any(
+        ip in ipaddress.ip_network(e) for e in block.get("except", [])
+    )
+
+
+def test_bridge_is_reached_on_443_from_workers_and_scheduler_only(manifests: Rendered) -> None:
+    """Bridge's API has no fixed addresses: HTTPS to the public internet, from the two processes that
+    call it, never to the cluster's or the cloud's private addresses. (Bridge, for its part,
+    allow-lists the cluster's static egress address: docs/deploy.md, "Egress address".)"""
+    policy = manifests.one("NetworkPolicy", "bridgehook-egress-bridge-api")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    selected = {
+        component(w)
+        for w in manifests.workloads()
+        if _selects(policy["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])
+    }
+    assert selected == {"worker", "scheduler"}
+    (rule,) = policy["spec"]["egress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
+    (peer,) = rule["to"]
+    # Bridge's published webhook addresses stand for public ones; the others must stay unreachable.
+    for public in [*manifests.config()["BRIDGE_ALLOWED_IPS"].split(","), "1.1.1.1"]:
+        assert _ip_block_allows(peer, public), public
+    for private in ("10.0.16.5", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254"):
+        assert not _ip_block_allows(peer, private), private
+    ours = [
+        p
+        for p in manifests.of("NetworkPolicy")
+        if any(r["port"] == 443 for e in p["spec"].get("egress", []) for r in e["ports"])
+    ]
+    assert ours == [policy], "one policy opens 443"
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert "## Egress address" in deploy and "api.ipify.org" in deploy
+
+
 # --------------------------------------------------------------------------------------------
 # Alerts
 # --------------------------------------------------------------------------------------------
