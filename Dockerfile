@@ -6,14 +6,17 @@
 #   docker build -t registry.example.com/bridgehook:0.1.0 .
 #   docker run --rm registry.example.com/bridgehook:0.1.0 --help
 #
-# The base is pinned by version (both stages use the same one, so that the venv copied from the
-# builder finds the same interpreter at the same path); pin its digest as well in the release
-# pipeline (python:3.11.x-slim-bookworm@sha256:…) and let a bot bump both. See README.md.
+# The base is pinned by version and by digest (both stages use the same one, so that the venv
+# copied from the builder finds the same interpreter at the same path): the tag says what it is, the
+# digest (of the multi-architecture index) makes every build start from the same bytes, whatever
+# is pushed under the tag later. To move to a newer base, change both, on both FROM lines: the
+# digest is the `Digest:` line of `docker buildx imagetools inspect python:3.11.x-slim-bookworm`
+# (or let Renovate/Dependabot bump them). See docs/deploy.md, "One build everywhere".
 
 ############################################################################################
 # builder: a virtualenv at /opt/venv with the dependencies, then the project as a wheel.
 ############################################################################################
-FROM python:3.11.14-slim-bookworm AS builder
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -48,7 +51,7 @@ RUN pip install --no-cache-dir --no-deps . \
 # runtime: the interpreter, the venv and nothing else; no compiler, no pip in the venv, no
 # source tree, no secrets (configuration comes from the environment at run time).
 ############################################################################################
-FROM python:3.11.14-slim-bookworm AS runtime
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
 
 LABEL org.opencontainers.image.title="bridgehook" \
       org.opencontainers.image.description="Bridge webhook receiver, workers, scheduler and ops commands" \

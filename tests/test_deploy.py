@@ -63,11 +63,13 @@ CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "Prometh
 # The Kubernetes versions the manifests must be valid for: the oldest supported (docs/deploy.md)
 # and the newest that kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", "latest")
-# checkov failures accepted without an annotation, each with its reason (docs/deploy.md, "CI checks").
-CHECKOV_ACCEPTED = {
-    "CKV_K8S_43": "image by digest: the repository cannot know the digest of an image that CI has not "
-    "built yet; the release pipeline pins it (kustomize edit set image bridgehook=…@sha256:…)",
-}
+# checkov failures accepted without an annotation, each with its reason (docs/deploy.md, "CI checks"):
+# none since the overlays name the image by digest (CKV_K8S_43).
+CHECKOV_ACCEPTED: dict[str, str] = {}
+# Kinds without a namespace: kustomize leaves them out of the overlay's namespace, so two overlays
+# applied to one cluster would share them unless their names differ.
+CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Environment variables the manifests may set that Settings does not read.
 EXTRA_ENV: set[str] = set()
 
@@ -167,6 +169,11 @@ class Rendered:
         (cm,) = [c for c in self.of("ConfigMap") if c["metadata"]["name"].startswith("bridgehook-config")]
         return dict(cm["data"])
 
+    def migrate_job(self) -> dict[str, Any]:
+        """The migrations Job, named per release (bridgehook-migrate-<digest prefix>)."""
+        (job,) = self.of("Job")
+        return job
+
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
     spec = workload["spec"]
@@ -214,9 +221,24 @@ def test_every_overlay_renders_into_its_own_namespace(manifests: Rendered) -> No
     name = namespace["metadata"]["name"]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     for doc in manifests.docs:
-        if doc["kind"] != "Namespace":
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], f"{doc['kind']}/{doc['metadata']['name']}"
+        else:
             assert doc["metadata"].get("namespace") == name, f"{doc['kind']}/{doc['metadata']['name']}"
-    assert len({d["metadata"]["namespace"] for d in manifests.docs if d["kind"] != "Namespace"}) == 1
+
+
+def test_overlays_never_share_a_cluster_scoped_object(rendered: dict[str, Rendered]) -> None:
+    """Staging and production may run in one cluster: an object without a namespace that both rendered
+    under one name would be owned by both (Argo CD and Flux fight over it, one `kubectl delete -k`
+    removes the other's)."""
+    seen: dict[tuple[str, str], str] = {}
+    for overlay, r in rendered.items():
+        for doc in r.docs:
+            if doc["kind"] in CLUSTER_SCOPED:
+                key = (doc["kind"], doc["metadata"]["name"])
+                assert key not in seen, f"{key} is rendered by {seen.get(key)} and {overlay}"
+                seen[key] = overlay
+    assert {kind for kind, _ in seen} == CLUSTER_SCOPED
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,12 +393,25 @@ def test_every_container_is_locked_down(manifests: Rendered) -> None:
             assert (sc.get("seccompProfile") or pod_sc["seccompProfile"])["type"] == "RuntimeDefault", here
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c.get("resources", {}).get(kind, {})), f"{here}: {kind}"
-            image = c["image"]
-            tag = image.split("@")[0].rsplit("/", 1)[-1].partition(":")[2]
-            assert "@sha256:" in image or (tag and tag != "latest"), f"{here}: image {image!r}"
             # A read-only root needs a writable /tmp for whatever a library may put there.
             tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]  # noqa: S108 (the container's path)
             assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{here}: /tmp must be an emptyDir"
+
+
+def test_one_build_everywhere(manifests: Rendered) -> None:
+    """Every container, the migrations Job's included, runs one image named by digest (what CI built
+    and tested; a re-pushed tag changes nothing), pulled only if the node does not have it."""
+    images = set()
+    for workload in manifests.workloads():
+        for c in containers(workload):
+            here = f"{workload['kind']}/{workload['metadata']['name']} container {c['name']}"
+            name, _, digest = c["image"].partition("@")
+            assert DIGEST.fullmatch(digest), f"{here}: image {c['image']!r} is not named by digest"
+            tag = name.rsplit("/", 1)[-1].partition(":")[2]
+            assert tag and tag != "latest", f"{here}: image {c['image']!r}"
+            assert c.get("imagePullPolicy") == "IfNotPresent", f"{here}: {c.get('imagePullPolicy')}"
+            images.add(c["image"])
+    assert len(images) == 1, images
 
 
 def test_probes_match_what_each_process_serves(manifests: Rendered) -> None:
@@ -445,6 +480,24 @@ def test_each_process_gets_only_the_secrets_it_needs(manifests: Rendered) -> Non
         secrets = {v["name"] for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
         assert secrets == WANTED_SECRETS[component(workload)], workload["metadata"]["name"]
         assert all(v["valueFrom"]["secretKeyRef"]["key"] == v["name"] for v in c["env"] if "valueFrom" in v)
+
+
+def test_the_external_secret_example_writes_every_key_referenced(manifests: Rendered) -> None:
+    """k8s/optional/externalsecret.yaml is the Secret's contract: each key a process or KEDA's
+    TriggerAuthentication reads (a missing one fails at start, or makes KEDA's scaler fail), no other."""
+    referenced = {
+        v["valueFrom"]["secretKeyRef"]["key"]
+        for w in manifests.workloads()
+        for c in containers(w)
+        for v in c.get("env", [])
+        if "secretKeyRef" in v.get("valueFrom", {})
+    }
+    referenced |= {
+        r["key"] for a in manifests.of("TriggerAuthentication") for r in a["spec"]["secretTargetRef"]
+    }
+    (external,) = [d for d in _optional_docs() if d["kind"] == "ExternalSecret"]
+    assert external["spec"]["target"]["name"] == SECRET_NAME
+    assert {d["secretKey"] for d in external["spec"]["data"]} == referenced
 
 
 def test_configuration_names_only_variables_the_app_reads(manifests: Rendered) -> None:
@@ -543,8 +596,23 @@ def test_workers_scale_on_the_rq_queue_and_finish_their_job(manifests: Rendered)
     assert trigger["type"] == "redis"
     assert trigger["metadata"]["listName"] == f"rq:queue:{manifests.config()['RQ_QUEUE']}"
     assert int(trigger["metadata"]["listLength"]) > 0
+    # A production Redis: TLS, ACL user and password, all from the Secret (KEDA's redis scaler's
+    # authentication parameters), none in the trigger's metadata, where `enableTLS` would conflict with
+    # `tls` and `unsafeSsl` would skip the certificate check.
     auth = manifests.one("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+    refs = {r["parameter"]: r["key"] for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "address": "KEDA_REDIS_ADDRESS",
+        "username": "KEDA_REDIS_USERNAME",
+        "password": "KEDA_REDIS_PASSWORD",
+        "tls": "KEDA_REDIS_TLS",
+        "ca": "KEDA_REDIS_CA",
+    }
+    assert not {"enableTLS", "unsafeSsl", "address", "password", "passwordFromEnv"} & set(trigger["metadata"])
+    # When the scaler fails, a fixed number of workers within the bounds, not a frozen count.
+    fallback = scaled["spec"]["fallback"]
+    assert 1 <= fallback["failureThreshold"] <= 5
+    assert scaled["spec"]["minReplicaCount"] < fallback["replicas"] <= scaled["spec"]["maxReplicaCount"]
     assert not [
         h
         for h in manifests.of("HorizontalPodAutoscaler")
@@ -567,8 +635,27 @@ def test_exactly_one_scheduler(manifests: Rendered) -> None:
     ]
 
 
+def test_receivers_and_the_scheduler_go_first_when_room_is_short(manifests: Rendered) -> None:
+    """A PriorityClass (cluster-scoped) above the default for the receivers and the scheduler; the
+    workers keep the default (a queue can wait) and the migrations Job too."""
+    (priority,) = manifests.of("PriorityClass")
+    assert 0 < priority["value"] < 1_000_000_000, "above the default, below the system classes"
+    assert priority.get("globalDefault") is False
+    for workload in manifests.workloads():
+        wanted = priority["metadata"]["name"] if component(workload) in ("receiver", "scheduler") else None
+        assert pod_spec(workload).get("priorityClassName") == wanted, workload["metadata"]["name"]
+
+
 def test_migrations_run_first(manifests: Rendered) -> None:
-    job = manifests.one("Job", "bridgehook-migrate")
+    job = manifests.migrate_job()
+    # A Job's pod template is immutable: one Job per release, named after the image's digest, so that
+    # a new image is a new Job (kubectl apply, Flux) and the same image the same unchanged Job.
+    (c,) = containers(job)
+    digest = c["image"].partition("@sha256:")[2]
+    assert job["metadata"]["name"] == f"bridgehook-migrate-{digest[:12]}", (
+        "the migrate/ nameSuffix must be the image digest's first 12 characters (docs/deploy.md, Upgrades)"
+    )
+    assert [d for d in manifests.docs if d["metadata"]["name"].endswith(digest[:12])] == [job]
     annotations = job["metadata"]["annotations"]
     assert annotations["argocd.argoproj.io/hook"] == "PreSync"
     assert annotations["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
@@ -690,6 +777,44 @@ def test_network_policies_allow_only_what_each_process_needs(manifests: Rendered
                 assert ipaddress.ip_network(peer).is_private, peer
 
 
+def _ip_block_allows(peer: dict[str, Any], address: str) -> bool:
+    block = peer["ipBlock"]
+    ip = ipaddress.ip_address(address)
+    return ip in ipaddress.ip_network(block["cidr"]) and not any(
+        ip in ipaddress.ip_network(e) for e in block.get("except", [])
+    )
+
+
+def test_bridge_is_reached_on_443_from_workers_and_scheduler_only(manifests: Rendered) -> None:
+    """Bridge's API has no fixed addresses: HTTPS to the public internet, from the two processes that
+    call it, never to the cluster's or the cloud's private addresses. (Bridge, for its part,
+    allow-lists the cluster's static egress address: docs/deploy.md, "Egress address".)"""
+    policy = manifests.one("NetworkPolicy", "bridgehook-egress-bridge-api")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    selected = {
+        component(w)
+        for w in manifests.workloads()
+        if _selects(policy["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])
+    }
+    assert selected == {"worker", "scheduler"}
+    (rule,) = policy["spec"]["egress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
+    (peer,) = rule["to"]
+    # Bridge's published webhook addresses stand for public ones; the others must stay unreachable.
+    for public in [*manifests.config()["BRIDGE_ALLOWED_IPS"].split(","), "1.1.1.1"]:
+        assert _ip_block_allows(peer, public), public
+    for private in ("10.0.16.5", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254"):
+        assert not _ip_block_allows(peer, private), private
+    ours = [
+        p
+        for p in manifests.of("NetworkPolicy")
+        if any(r["port"] == 443 for e in p["spec"].get("egress", []) for r in e["ports"])
+    ]
+    assert ours == [policy], "one policy opens 443"
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert "## Egress address" in deploy and "api.ipify.org" in deploy
+
+
 # --------------------------------------------------------------------------------------------
 # Alerts
 # --------------------------------------------------------------------------------------------
@@ -717,7 +842,10 @@ REQUIRED_ALERTS = {
     "BridgehookItemsStuck1003",
     "BridgehookWorkersAbsent",
     "BridgehookSchedulerAbsent",
+    "BridgehookKedaScalerErrors",
 }
+# Metrics of other programs the alerts may read (KEDA >= 2.14's name, docs/deploy.md "Alerts").
+EXTERNAL_METRICS = {"keda_scaler_detail_errors_total"}
 
 
 def _code_metric_names() -> set[str]:
@@ -754,6 +882,22 @@ def test_alerts_parse_and_watch_metrics_that_exist(tools: Path, manifests: Rende
 
 
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
+
+
+def test_keda_scaler_errors_alert_on_our_scaled_object(manifests: Rendered) -> None:
+    """KEDA failing to read the queue (TLS, password, network) holds the workers at the fallback
+    count: an alert on KEDA's own error counter, for this ScaledObject, per namespace."""
+    (rule,) = manifests.of("PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    expr = alerts["BridgehookKedaScalerErrors"]["expr"]
+    assert set(re.findall(r"\bkeda_[a-z_]+", expr)) == EXTERNAL_METRICS
+    scaled = {s["metadata"]["name"] for s in manifests.of("ScaledObject")}
+    assert set(re.findall(r'scaledObject="([^"]+)"', expr)) == scaled
+    # KEDA's operator runs in its own namespace: the ScaledObject's arrives as exported_namespace
+    # unless the scrape honours labels, and becomes `namespace` again.
+    assert '"namespace", "$1", "exported_namespace"' in expr
+    for alert in alerts.values():
+        assert set(re.findall(r"\bkeda_[a-z_]+", alert["expr"])) <= EXTERNAL_METRICS, alert["alert"]
 
 
 def test_prometheus_selects_the_monitors_and_the_rules(manifests: Rendered) -> None:
@@ -855,9 +999,8 @@ def dockerfile() -> list[Stage]:
 def test_dockerfile_promises(dockerfile: list[Stage], rendered: dict[str, Rendered]) -> None:
     builder, runtime = dockerfile
     assert builder.image == runtime.image, "one base for both stages: the venv is copied across"
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", runtime.image), (
-        runtime.image
-    )
+    # By version and by digest: every build starts from the same bytes.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", runtime.image), runtime.image
     assert runtime.all("USER") == [f"{IMAGE_UID}:{IMAGE_UID}"], "a numeric, non-root user"
     env = dict(p for args in runtime.all("ENV") for p in _env_pairs(args))
     assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONDONTWRITEBYTECODE"] == "1"
@@ -1338,7 +1481,7 @@ def test_probe_paths_answer_on_the_real_processes(
         "BRIDGE_API_URL": "http://127.0.0.1:9/v3/aggregation",  # never called: no job is queued
         "RQ_QUEUE": f"deploy-test-{token}",  # a queue of its own: no other test's job runs here
     }
-    migrate = pod_spec(r.one("Job", "bridgehook-migrate"))["containers"][0]
+    migrate = pod_spec(r.migrate_job())["containers"][0]
     done = image.run(migrate["args"], env=env)
     assert done.returncode == 0, done.stderr
 
