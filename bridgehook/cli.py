@@ -230,7 +230,8 @@ def _sending_secret() -> str:
 def worker(burst: bool, name: str | None) -> None:
     """Run an RQ worker (with RQ's scheduler, so that retries fire)."""
     from service.logs import configure_logging
-    from workers.runner import SchemaOutdated, run_worker
+    from workers.runner import run_worker
+    from workers.schema import SchemaOutdated
 
     settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
@@ -275,10 +276,14 @@ def scheduler() -> None:
     """
     from service.logs import configure_logging
     from workers.scheduler import run_scheduler
+    from workers.schema import SchemaOutdated
 
     settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
-    run_scheduler(settings)
+    try:
+        run_scheduler(settings)
+    except SchemaOutdated as exc:
+        fail(str(exc), Exit.FAILED)
 
 
 def _register_ops() -> None:

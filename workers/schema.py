@@ -141,10 +141,33 @@ def _prepare(tx: Tx) -> set[int]:
     return {row[0] for row in tx.execute("SELECT version FROM schema_migrations").fetchall()}
 
 
+class SchemaOutdated(Exception):
+    """The database lacks migrations this code needs; the message says what to run."""
+
+
 def pending(db: Database) -> list[int]:
-    with db.transaction() as tx:
-        applied = _prepare(tx)
+    """The versions this code needs that the database lacks, read without DDL and without the
+    upgrades' lock: the runtime role needs no DDL rights, and a process that starts during a long
+    upgrade gets its answer at once (the upgrade's versions are pending until it commits) instead of
+    waiting for it. An upgrade locks ``schema_migrations`` for writes only, which reads ignore."""
+    with db.transaction(read_only=True) as tx:
+        if tx.dialect == "postgresql":
+            found = tx.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        else:
+            found = tx.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+        rows = tx.execute("SELECT version FROM schema_migrations").fetchall() if found and found[0] else []
+    applied = {row[0] for row in rows}
     return [version for version, _, _ in MIGRATIONS if version not in applied]
+
+
+def require_current(db: Database) -> None:
+    """What the worker and the scheduler check before they start: SchemaOutdated unless every
+    migration this code knows is applied (a newer schema is fine: migrations only expand it)."""
+    missing = pending(db)
+    if missing:
+        raise SchemaOutdated(f"the database lacks migrations {missing}: run `bridgehook db upgrade` first")
 
 
 def upgrade(db: Database) -> list[int]:
