@@ -248,7 +248,10 @@ def db() -> None:
 
 @db.command()
 def upgrade() -> None:
-    """Create or upgrade the schema (safe to run twice, or from two pods at once)."""
+    """Create or upgrade the schema (safe to run twice, or from two pods at once).
+
+    Connects as DATABASE_URL_MIGRATE when set (the role that owns the tables), else DATABASE_URL.
+    """
     _upgrade(load_settings())
 
 
@@ -256,9 +259,9 @@ def _upgrade(settings: Settings) -> None:
     from workers.db import Database
     from workers.schema import upgrade as apply
 
-    where = settings.database_url_for_logs
+    where = settings.migrate_url_for_logs
     try:
-        database = Database.from_url(settings.database_url)
+        database = Database.from_url(settings.migrate_url)
         try:
             applied = apply(database)
         finally:

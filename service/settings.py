@@ -77,6 +77,8 @@ class Settings:
     webhook_secrets: tuple[Secret, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    # `bridgehook db upgrade`'s, when migrations run as a role of their own (the tables' owner).
+    database_url_migrate: str | None = field(default=None, repr=False)
     allowed_ips: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(ip) for ip in BRIDGE_SOURCE_IPS)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_body_bytes: int = 65536
@@ -121,6 +123,15 @@ class Settings:
     def database_url_for_logs(self) -> str:
         return mask_url(self.database_url)
 
+    @property
+    def migrate_url(self) -> str:
+        """Where `bridgehook db upgrade` connects: DATABASE_URL_MIGRATE, else DATABASE_URL."""
+        return self.database_url_migrate or self.database_url
+
+    @property
+    def migrate_url_for_logs(self) -> str:
+        return mask_url(self.migrate_url)
+
     def require(self, *names: str) -> None:
         """Raise SettingsError for the first of ``names`` a command needs but is unset."""
         present = {
@@ -140,7 +151,8 @@ class Settings:
         return cls(
             webhook_secrets=env.secrets("BRIDGE_WEBHOOK_SECRETS"),
             redis_url=env.url("REDIS_URL", ("redis", "rediss", "unix"), None),
-            database_url=env.database_url("DATABASE_URL"),
+            database_url=env.database_url("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url_migrate=env.database_url("DATABASE_URL_MIGRATE"),
             allowed_ips=env.networks("BRIDGE_ALLOWED_IPS", BRIDGE_SOURCE_IPS, allow_empty=False),
             trusted_proxies=env.networks("TRUSTED_PROXIES", (), allow_empty=True),
             max_body_bytes=env.positive_int("WEBHOOK_MAX_BODY_BYTES", 65536),
@@ -274,8 +286,10 @@ class _Env:
             )
         return raw
 
-    def database_url(self, name: str) -> str:
-        raw = self._get(name) or DEFAULT_DATABASE_URL
+    def database_url(self, name: str) -> str | None:
+        raw = self._get(name)
+        if raw is None:
+            return None
         scheme = urlsplit(raw).scheme
         if scheme not in ("postgresql", "postgres", "sqlite"):
             raise SettingsError(

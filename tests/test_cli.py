@@ -197,6 +197,23 @@ def test_db_upgrade_twice_and_concurrently(tmp_path: Path, pg_schema_url: str) -
     assert "pw@" not in bad.stderr
 
 
+def test_db_upgrade_connects_as_database_url_migrate_when_set(pg_schema_url: str) -> None:
+    """The tables' owner migrates; the runtime role of DATABASE_URL is not even reached."""
+    runtime = "postgresql://runtime:runtimepw@127.0.0.1:1/x"
+    env = {**os.environ, "DATABASE_URL": runtime, "DATABASE_URL_MIGRATE": pg_schema_url}
+    done = run("db", "upgrade", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"applied migrations [1, 2, 3, 4] to {pg_schema_url}\n"
+    bad = run(
+        "db", "upgrade", env={**env, "DATABASE_URL_MIGRATE": "postgresql://owner:ownerpw@127.0.0.1:1/x"}
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith(
+        "bridgehook: database postgresql://owner:***@127.0.0.1:1/x: OperationalError"
+    )
+    assert "ownerpw" not in bad.stderr and "runtimepw" not in bad.stderr
+
+
 # -- the local stack's life: how it ends, and one per home ------------------------------------------
 
 DEV_UNSET = ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "DATABASE_URL", "BRIDGE_API_URL", "BRIDGE_CLIENT_ID",

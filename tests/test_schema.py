@@ -56,11 +56,18 @@ def runtime_role(url: str) -> Iterator[tuple[str, psycopg.Connection]]:
         admin.close()
 
 
-def grant_dml(admin: psycopg.Connection, url: str, runtime_url: str) -> None:
-    """The runtime role's privileges in docs/deploy.md: data, never structure."""
-    schema, role = schema_of(url), urlsplit(runtime_url).username
-    admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}")
-    admin.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role}")
+def grant_dml(admin: psycopg.Connection, url: str, runtime_url: str, *, to_come: bool = False) -> None:
+    """The runtime role's privileges in docs/deploy.md, data and never structure: on the tables there
+    are, or (``to_come``) on those the owner will create."""
+    schema, owner, role = schema_of(url), urlsplit(url).username, urlsplit(runtime_url).username
+    for what, objects in (("SELECT, INSERT, UPDATE, DELETE", "TABLES"), ("USAGE, SELECT", "SEQUENCES")):
+        if to_come:
+            admin.execute(
+                f"ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA {schema} "
+                f"GRANT {what} ON {objects} TO {role}"
+            )
+        else:
+            admin.execute(f"GRANT {what} ON ALL {objects} IN SCHEMA {schema} TO {role}")
 
 
 def migrate(url: str, *, drop_latest: bool = False) -> None:
@@ -87,10 +94,10 @@ def test_a_role_without_ddl_rights_runs_the_worker_and_the_scheduler(
     redis_url: str, r: redis.Redis, pg_schema_url: str, world: World, fake: FakeBridgeServer
 ) -> None:
     owner = worker_settings(redis_url, pg_schema_url, fake.api_url, world, METRICS_PORT="0")
-    harness = Harness(owner, world, fake, r)  # migrates as the owner, and receives webhooks
-    try:
-        with runtime_role(pg_schema_url) as (runtime_url, admin):
-            grant_dml(admin, pg_schema_url, runtime_url)
+    with runtime_role(pg_schema_url) as (runtime_url, admin):
+        grant_dml(admin, pg_schema_url, runtime_url, to_come=True)
+        harness = Harness(owner, world, fake, r)  # migrates as the owner, and receives webhooks
+        try:
             with psycopg.connect(runtime_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("CREATE TABLE schema_probe (id INTEGER)")  # the role really has no DDL
             runtime = dataclasses.replace(owner, database_url=runtime_url)
@@ -106,8 +113,8 @@ def test_a_role_without_ddl_rights_runs_the_worker_and_the_scheduler(
             run_scheduler(runtime, once=True)
             queue = Queue(owner.queue_name, connection=r, serializer=JSONSerializer)
             assert [job_id.startswith("reconcile-sweep-") for job_id in queue.get_job_ids()] == [True]
-    finally:
-        harness.close()
+        finally:
+            harness.close()
 
 
 def test_pending_migrations_stop_the_worker_and_the_scheduler_without_ddl(
