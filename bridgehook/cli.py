@@ -236,13 +236,13 @@ def worker(burst: bool, name: str | None) -> None:
     """Run an RQ worker (with RQ's scheduler, so that retries fire)."""
     from service.logs import configure_logging
     from workers.runner import run_worker
-    from workers.schema import SchemaOutdated
+    from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_worker(settings, burst=burst, name=name)
-    except SchemaOutdated as exc:
+    except SchemaNotReady as exc:
         fail(str(exc), Exit.FAILED)
 
 
@@ -284,13 +284,13 @@ def scheduler() -> None:
     """
     from service.logs import configure_logging
     from workers.scheduler import run_scheduler
-    from workers.schema import SchemaOutdated
+    from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_scheduler(settings)
-    except SchemaOutdated as exc:
+    except SchemaNotReady as exc:
         fail(str(exc), Exit.FAILED)
 
 

@@ -29,7 +29,7 @@ from tests.harness import Harness, worker_environ, worker_settings
 from workers.db import Database
 from workers.runner import run_worker
 from workers.scheduler import run_scheduler
-from workers.schema import _LOCK_ID, MIGRATIONS, SchemaOutdated, pending, upgrade
+from workers.schema import _LOCK_ID, MIGRATIONS, SchemaNotReady, pending, upgrade
 
 LATEST = MIGRATIONS[-1][0]
 
@@ -124,14 +124,21 @@ def test_pending_migrations_stop_the_worker_and_the_scheduler_without_ddl(
         env = worker_environ(redis_url, runtime_url, fake.api_url, world, METRICS_PORT="0")
         runtime = Settings.from_env(env)
         everything = list(range(1, LATEST + 1))
+        refused = (
+            "the database refused to read the schema's version (permission denied for table "
+            "schema_migrations): grant DATABASE_URL's role the runtime privileges of docs/deploy.md, "
+            "Database roles"
+        )
         for missing in (everything, [LATEST]):  # an empty schema, then a deploy's new migration
             if missing != everything:
                 migrate(pg_schema_url, drop_latest=True)
+                done = cli("worker", "--burst", env=env)  # the owner's tables, and no grant yet
+                assert (done.returncode, done.stderr) == (1, f"bridgehook: {refused}\n")
                 grant_dml(admin, pg_schema_url, runtime_url)
             step = f"missing {missing}"
             expected = f"the database lacks migrations {missing}: run `bridgehook db upgrade` first"
             for run in (lambda: run_worker(runtime, burst=True), lambda: run_scheduler(runtime, once=True)):
-                with pytest.raises(SchemaOutdated) as info:
+                with pytest.raises(SchemaNotReady) as info:
                     run()
                 assert str(info.value) == expected, step
             for command in (["worker", "--burst"], ["scheduler"]):  # the exit contract: 1, one line

@@ -53,7 +53,7 @@ class WorkerContext:
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerContext:
-        """:meth:`build` for a worker or scheduler that starts: :class:`workers.schema.SchemaOutdated`
+        """:meth:`build` for a worker or scheduler that starts: :class:`workers.schema.SchemaNotReady`
         (the database lacks migrations this code needs) before it does anything, read-only."""
         ctx = cls.build(settings)
         try:

@@ -3,7 +3,9 @@
 Applications read these tables, so they change only by appending a migration here. All
 pending migrations run in one transaction, after taking a lock that serialises concurrent
 upgrades (``pg_advisory_xact_lock`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite): running
-it twice, or from two pods at once, applies each version exactly once.
+it twice, or from two pods at once, applies each version exactly once. The workers and the scheduler
+only read which versions are applied (:func:`require_current`), without DDL and without that lock,
+so that they can run as a role that may change rows and not the schema (docs/deploy.md).
 
 Types differ only where SQLite has no exact equivalent: money is ``NUMERIC`` on PostgreSQL
 and text on SQLite (exact decimal strings), timestamps ``TIMESTAMPTZ`` / ISO 8601 UTC text,
@@ -13,6 +15,8 @@ dates ``DATE`` / ISO text, booleans ``BOOLEAN`` / 0-1.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+
+import psycopg
 
 from workers.db import Database, Dialect, Tx
 
@@ -141,8 +145,9 @@ def _prepare(tx: Tx) -> set[int]:
     return {row[0] for row in tx.execute("SELECT version FROM schema_migrations").fetchall()}
 
 
-class SchemaOutdated(Exception):
-    """The database lacks migrations this code needs; the message says what to run."""
+class SchemaNotReady(Exception):
+    """The database lacks migrations this code needs, or this role may not read which it has; the
+    message says what to do."""
 
 
 def pending(db: Database) -> list[int]:
@@ -163,11 +168,17 @@ def pending(db: Database) -> list[int]:
 
 
 def require_current(db: Database) -> None:
-    """What the worker and the scheduler check before they start: SchemaOutdated unless every
+    """What the worker and the scheduler check before they start: SchemaNotReady unless every
     migration this code knows is applied (a newer schema is fine: migrations only expand it)."""
-    missing = pending(db)
+    try:
+        missing = pending(db)
+    except psycopg.errors.InsufficientPrivilege as exc:  # the role's grants are missing (DATABASE_URL's)
+        raise SchemaNotReady(
+            f"the database refused to read the schema's version ({exc.diag.message_primary}): "
+            "grant DATABASE_URL's role the runtime privileges of docs/deploy.md, Database roles"
+        ) from None
     if missing:
-        raise SchemaOutdated(f"the database lacks migrations {missing}: run `bridgehook db upgrade` first")
+        raise SchemaNotReady(f"the database lacks migrations {missing}: run `bridgehook db upgrade` first")
 
 
 def upgrade(db: Database) -> list[int]:
