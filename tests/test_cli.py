@@ -41,11 +41,16 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
         "BRIDGE_ALLOWED_IPS": "127.0.0.1",
         "BRIDGEHOOK_HOME": str(tmp_path),
     }
+    # The receiver reads its secrets from files (NAME_FILE), as from a mounted Secret.
+    from_files = {k: v for k, v in env.items() if k not in ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS")}
+    for name in ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS"):
+        (tmp_path / name).write_text(env[name] + "\n")
+        from_files[f"{name}_FILE"] = str(tmp_path / name)
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [*BIN, "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
+            env=from_files,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -58,7 +63,7 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
         assert json.loads(sent.stdout[4:])["status"] == "queued"
         again = run("send", "--fixture", "item.refreshed", "--url", url, env=env)
         assert json.loads(again.stdout[4:])["status"] == "duplicate"
-        fresh = run("send", "--fixture", "item.refreshed", "--fresh", "--url", url, env=env)
+        fresh = run("send", "--fixture", "item.refreshed", "--fresh", "--url", url, env=from_files)
         assert json.loads(fresh.stdout[4:])["status"] == "queued"
         wrong = run(
             "send",
@@ -203,6 +208,23 @@ def test_db_upgrade_twice_and_concurrently(tmp_path: Path, pg_schema_url: str) -
         "bridgehook: database postgresql://nobody:***@127.0.0.1:1/x: OperationalError"
     )
     assert "pw@" not in bad.stderr
+
+
+def test_db_upgrade_connects_as_database_url_migrate_when_set(pg_schema_url: str) -> None:
+    """The tables' owner migrates; the runtime role of DATABASE_URL is not even reached."""
+    runtime = "postgresql://runtime:runtimepw@127.0.0.1:1/x"
+    env = {**os.environ, "DATABASE_URL": runtime, "DATABASE_URL_MIGRATE": pg_schema_url}
+    done = run("db", "upgrade", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == f"applied migrations [1, 2, 3, 4] to {pg_schema_url}\n"
+    bad = run(
+        "db", "upgrade", env={**env, "DATABASE_URL_MIGRATE": "postgresql://owner:ownerpw@127.0.0.1:1/x"}
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith(
+        "bridgehook: database postgresql://owner:***@127.0.0.1:1/x: OperationalError"
+    )
+    assert "ownerpw" not in bad.stderr and "runtimepw" not in bad.stderr
 
 
 # -- the local stack's life: how it ends, and one per home ------------------------------------------

@@ -470,7 +470,7 @@ WANTED_SECRETS = {
     "receiver": {"REDIS_URL", "BRIDGE_WEBHOOK_SECRETS"},
     "worker": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "scheduler": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
-    "migrate": {"DATABASE_URL"},
+    "migrate": {"DATABASE_URL", "DATABASE_URL_MIGRATE"},
 }
 
 
@@ -666,6 +666,29 @@ def test_migrations_run_first(manifests: Rendered) -> None:
     assert c["args"] == ["db", "upgrade"]
     # A PreSync hook runs before this sync's ConfigMap (new hash) and ServiceAccount exist.
     assert "envFrom" not in c and "serviceAccountName" not in spec
+    # The tables' owner migrates when the Secret has its URL; without it, DATABASE_URL's role does.
+    optional = {
+        e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False) for e in c["env"] if "valueFrom" in e
+    }
+    assert optional == {"DATABASE_URL": False, "DATABASE_URL_MIGRATE": True}
+
+
+def test_the_external_secret_example_writes_every_key_the_manifests_read(manifests: Rendered) -> None:
+    (external,) = [d for d in _optional_docs() if d["kind"] == "ExternalSecret"]
+    written = {entry["secretKey"] for entry in external["spec"]["data"]}
+    read = {
+        e["valueFrom"]["secretKeyRef"]["key"]
+        for workload in manifests.workloads()
+        for c in containers(workload)
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    keda = {
+        ref["key"]
+        for auth in manifests.of("TriggerAuthentication")
+        for ref in auth["spec"]["secretTargetRef"]
+    }
+    assert written == read | keda
 
 
 def test_services_monitors_and_ingress_fit_together(manifests: Rendered) -> None:

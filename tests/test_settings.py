@@ -6,6 +6,7 @@ import ipaddress
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +145,14 @@ def test_mask_url_leaves_passwordless_urls_alone() -> None:
         ),
         ({"BRIDGE_WEBHOOK_SECRETS": ""}, "bridgehook: BRIDGE_WEBHOOK_SECRETS: required"),
         ({"REDIS_URL": ""}, "bridgehook: REDIS_URL: required; set it to redis://"),
+        (
+            {"BRIDGE_WEBHOOK_SECRETS_FILE": "/run/secrets/webhook"},
+            "bridgehook: BRIDGE_WEBHOOK_SECRETS and BRIDGE_WEBHOOK_SECRETS_FILE are both set",
+        ),
+        (
+            {"BRIDGE_WEBHOOK_SECRETS": "", "BRIDGE_WEBHOOK_SECRETS_FILE": "/nonexistent/webhook"},
+            "bridgehook: BRIDGE_WEBHOOK_SECRETS_FILE: cannot read /nonexistent/webhook: No such file",
+        ),
     ],
 )
 def test_serve_stops_at_start_with_one_line(env: dict[str, str], expected: str) -> None:
@@ -160,3 +169,95 @@ def test_serve_stops_at_start_with_one_line(env: dict[str, str], expected: str) 
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(expected)
     assert SECRET not in proc.stderr
+
+
+# -- secrets from files (NAME_FILE) and the migrations' own database URL ----------------------------
+
+FILE_VALUES = {
+    "BRIDGE_WEBHOOK_SECRETS": SECRET,
+    "BRIDGE_CLIENT_ID": "client-id-from-a-file",
+    "BRIDGE_CLIENT_SECRET": "client-secret-from-a-file",
+    "ENCRYPTION_KEYS": "6mWqVnV0mQ8m1Wk0cJ3X2r9yqTQdM0tq4bXn5lq0e3Q=",
+    "DATABASE_URL": "postgresql://app:filepass@db/bridge",
+    "DATABASE_URL_MIGRATE": "postgresql://owner:migratepass@db/bridge",
+    "REDIS_URL": "redis://:redisfilepass@redis:6379/0",
+}
+
+
+def revealed(settings: Settings) -> dict[str, str | None]:
+    """The settings of FILE_VALUES' variables, as plain text."""
+    client_secret = settings.bridge_client_secret
+    return {
+        "BRIDGE_WEBHOOK_SECRETS": ",".join(s.reveal() for s in settings.webhook_secrets),
+        "BRIDGE_CLIENT_ID": settings.bridge_client_id,
+        "BRIDGE_CLIENT_SECRET": None if client_secret is None else client_secret.reveal(),
+        "ENCRYPTION_KEYS": ",".join(k.reveal() for k in settings.encryption_keys),
+        "DATABASE_URL": settings.database_url,
+        "DATABASE_URL_MIGRATE": settings.database_url_migrate,
+        "REDIS_URL": settings.redis_url,
+    }
+
+
+def test_every_secret_can_be_read_from_a_file_without_its_trailing_newline(tmp_path: Path) -> None:
+    env = {}
+    for name, value in FILE_VALUES.items():
+        (tmp_path / name).write_text(value + "\n")  # as `echo` or an editor leaves it
+        env[f"{name}_FILE"] = str(tmp_path / name)
+    s = Settings.from_env(env)
+    assert revealed(s) == FILE_VALUES
+    assert revealed(Settings.from_env(FILE_VALUES)) == FILE_VALUES  # the same as set directly
+    text = repr(s) + str(s)
+    secrets = (SECRET, "client-secret-from", FILE_VALUES["ENCRYPTION_KEYS"], "filepass", "migratepass")
+    assert not [secret for secret in secrets if secret in text]
+    # Only the secrets: another variable's _FILE is no way to set it.
+    (tmp_path / "level").write_text("debug")
+    assert Settings.from_env({"LOG_LEVEL_FILE": str(tmp_path / "level")}).log_level == "info"
+
+
+def test_a_secret_set_both_ways_is_one_line_naming_both(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("client-secret-from-a-file")
+    env = {"BRIDGE_CLIENT_SECRET": "client-secret-set", "BRIDGE_CLIENT_SECRET_FILE": str(tmp_path / "secret")}
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == (
+        "BRIDGE_CLIENT_SECRET and BRIDGE_CLIENT_SECRET_FILE are both set: set only one of them"
+    )
+    # An empty variable is an unset one (as everywhere): the file is read.
+    assert Settings.from_env({**env, "BRIDGE_CLIENT_SECRET": ""}).bridge_client_secret == Secret(
+        "client-secret-from-a-file"
+    )
+
+
+def test_an_unreadable_secret_file_is_one_line_naming_the_variable_and_the_path(tmp_path: Path) -> None:
+    (tmp_path / "binary").write_bytes(b"\xffnot-utf8-secret-content")
+    (tmp_path / "locked").write_text("locked-secret-content")
+    (tmp_path / "locked").chmod(0)
+    cases = {
+        tmp_path / "absent": f"REDIS_URL_FILE: cannot read {tmp_path / 'absent'}: No such file or directory",
+        tmp_path: f"REDIS_URL_FILE: cannot read {tmp_path}: Is a directory",
+        tmp_path / "binary": f"REDIS_URL_FILE: {tmp_path / 'binary'} is not UTF-8 text",
+    }
+    if os.geteuid() != 0:  # (root reads a file of mode 000)
+        cases[tmp_path / "locked"] = f"REDIS_URL_FILE: cannot read {tmp_path / 'locked'}: Permission denied"
+    for path, message in cases.items():
+        with pytest.raises(SettingsError) as info:
+            Settings.from_env({"REDIS_URL_FILE": str(path)})
+        assert str(info.value) == message
+        assert "content" not in str(info.value)
+
+
+def test_migrations_connect_as_database_url_migrate_when_set() -> None:
+    runtime = Settings.from_env({"DATABASE_URL": "postgresql://app:dbpass@db/bridge"})
+    assert runtime.migrate_url == runtime.database_url
+    s = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:dbpass@db/bridge",
+            "DATABASE_URL_MIGRATE": "postgresql://owner:ownerpass@db/bridge",
+        }
+    )
+    assert s.database_url == "postgresql://app:dbpass@db/bridge"
+    assert s.migrate_url == "postgresql://owner:ownerpass@db/bridge"
+    assert s.migrate_url_for_logs == "postgresql://owner:***@db/bridge"
+    assert "ownerpass" not in repr(s) + str(s)
+    with pytest.raises(SettingsError, match=r"^DATABASE_URL_MIGRATE: expected postgresql://"):
+        Settings.from_env({"DATABASE_URL_MIGRATE": "mysql://owner@db/bridge"})

@@ -15,6 +15,7 @@ import httpx
 import redis
 
 from service.settings import Settings
+from workers import schema
 from workers.bridge import BridgeClient
 from workers.codec import codec_from_settings
 from workers.db import Database
@@ -49,6 +50,18 @@ class WorkerContext:
                 max_retry_after=settings.budget_max_wait_seconds,
             ),
         )
+
+    @classmethod
+    def start(cls, settings: Settings) -> WorkerContext:
+        """:meth:`build` for a worker or scheduler that starts: :class:`workers.schema.SchemaNotReady`
+        (the database lacks migrations this code needs) before it does anything, read-only."""
+        ctx = cls.build(settings)
+        try:
+            schema.require_current(ctx.storage.db)
+        except BaseException:
+            ctx.close()
+            raise
+        return ctx
 
     @cached_property
     def ledger(self) -> Ledger:

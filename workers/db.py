@@ -249,11 +249,15 @@ class Database:
         return f"Database({mask_url(self.url)!r})"
 
     @contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[Tx]:
+    def transaction(self, *, durable: bool = True, read_only: bool = False) -> Iterator[Tx]:
         """One transaction: committed when the block ends, rolled back if it raises; ``durable=False``:
-        committed asynchronously (see the module's docstring)."""
+        committed asynchronously (see the module's docstring). ``read_only``: one that can write
+        nothing and waits for no writer (PostgreSQL: ``READ ONLY``; SQLite: a deferred ``BEGIN``, which
+        in WAL mode reads a snapshot while another connection holds the write lock)."""
         if self._pool is not None:
             with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if read_only:
+                    cur.execute("SET TRANSACTION READ ONLY")
                 if not durable:
                     cur.execute(ASYNC_COMMIT)
                 yield Tx(cur, "postgresql")
@@ -264,7 +268,7 @@ class Database:
             if durable:  # (SQLite refuses to change it inside a transaction)
                 lite.execute("PRAGMA synchronous=FULL")
             try:
-                lite.execute("BEGIN IMMEDIATE")
+                lite.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
                 try:
                     yield Tx(lite, "sqlite")
                     lite.execute("COMMIT")

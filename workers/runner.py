@@ -36,7 +36,7 @@ from rq.worker import BaseWorker
 
 from service.logs import get_logger
 from service.settings import Settings
-from workers import context, schema
+from workers import context
 from workers.bridge import TransientError
 from workers.context import WorkerContext
 from workers.jobs import ItemBusy
@@ -48,10 +48,6 @@ MAINTENANCE_SECONDS = 60
 # CPython does, only holds the lock its fetching and writing threads share (see docs/performance.md).
 GC_YOUNGEST_THRESHOLD = 10_000
 PUBSUB_STOP_SECONDS = 1.0  # how long a stopping worker waits for its pub/sub thread (as RQ meant to)
-
-
-class SchemaOutdated(Exception):
-    pass
 
 
 # Conditions we expect and retry (a bank down: 1003, -2, -3; a spent budget; 5xx, timeouts; an item
@@ -154,11 +150,7 @@ class Worker(PlainWorker):
 
 def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> bool:
     """Work until stopped (or, with ``burst``, until the queue is empty). True if jobs ran cleanly."""
-    ctx = WorkerContext.build(settings)
-    missing = schema.pending(ctx.storage.db)
-    if missing:
-        ctx.close()
-        raise SchemaOutdated(f"the database lacks migrations {missing}: run `bridgehook db upgrade` first")
+    ctx = WorkerContext.start(settings)
     context.configure(ctx)
     gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
     if settings.metrics_port:

@@ -34,7 +34,10 @@ def enqueue_sweep(enqueuer: Enqueuer, interval: int, now: float | None = None) -
 
 
 def run_scheduler(settings: Settings, *, once: bool = False) -> None:
-    ctx = WorkerContext.build(settings)
+    """Enqueue sweeps until SIGTERM or SIGINT (with ``once``, one); refuses to start, as the workers
+    do, on a schema that lacks migrations (:class:`workers.schema.SchemaNotReady`): its gauges read
+    the tables."""
+    ctx = WorkerContext.start(settings)
     context.configure(ctx)
     stop = threading.Event()
 

@@ -3,7 +3,9 @@
 Applications read these tables, so they change only by appending a migration here. All
 pending migrations run in one transaction, after taking a lock that serialises concurrent
 upgrades (``pg_advisory_xact_lock`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite): running
-it twice, or from two pods at once, applies each version exactly once.
+it twice, or from two pods at once, applies each version exactly once. The workers and the scheduler
+only read which versions are applied (:func:`require_current`), without DDL and without that lock,
+so that they can run as a role that may change rows and not the schema (docs/deploy.md).
 
 Types differ only where SQLite has no exact equivalent: money is ``NUMERIC`` on PostgreSQL
 and text on SQLite (exact decimal strings), timestamps ``TIMESTAMPTZ`` / ISO 8601 UTC text,
@@ -13,6 +15,8 @@ dates ``DATE`` / ISO text, booleans ``BOOLEAN`` / 0-1.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+
+import psycopg
 
 from workers.db import Database, Dialect, Tx
 
@@ -141,10 +145,40 @@ def _prepare(tx: Tx) -> set[int]:
     return {row[0] for row in tx.execute("SELECT version FROM schema_migrations").fetchall()}
 
 
+class SchemaNotReady(Exception):
+    """The database lacks migrations this code needs, or this role may not read which it has; the
+    message says what to do."""
+
+
 def pending(db: Database) -> list[int]:
-    with db.transaction() as tx:
-        applied = _prepare(tx)
+    """The versions this code needs that the database lacks, read without DDL and without the
+    upgrades' lock: the runtime role needs no DDL rights, and a process that starts during a long
+    upgrade gets its answer at once (the upgrade's versions are pending until it commits) instead of
+    waiting for it. An upgrade locks ``schema_migrations`` for writes only, which reads ignore."""
+    with db.transaction(read_only=True) as tx:
+        if tx.dialect == "postgresql":
+            found = tx.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        else:
+            found = tx.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+        rows = tx.execute("SELECT version FROM schema_migrations").fetchall() if found and found[0] else []
+    applied = {row[0] for row in rows}
     return [version for version, _, _ in MIGRATIONS if version not in applied]
+
+
+def require_current(db: Database) -> None:
+    """What the worker and the scheduler check before they start: SchemaNotReady unless every
+    migration this code knows is applied (a newer schema is fine: migrations only expand it)."""
+    try:
+        missing = pending(db)
+    except psycopg.errors.InsufficientPrivilege as exc:  # the role's grants are missing (DATABASE_URL's)
+        raise SchemaNotReady(
+            f"the database refused to read the schema's version ({exc.diag.message_primary}): "
+            "grant DATABASE_URL's role the runtime privileges of docs/deploy.md, Database roles"
+        ) from None
+    if missing:
+        raise SchemaNotReady(f"the database lacks migrations {missing}: run `bridgehook db upgrade` first")
 
 
 def upgrade(db: Database) -> list[int]:
