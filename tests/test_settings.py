@@ -144,6 +144,10 @@ def test_mask_url_leaves_passwordless_urls_alone() -> None:
         ),
         ({"BRIDGE_WEBHOOK_SECRETS": ""}, "bridgehook: BRIDGE_WEBHOOK_SECRETS: required"),
         ({"REDIS_URL": ""}, "bridgehook: REDIS_URL: required; set it to redis://"),
+        (  # more than the process may open (file descriptors)
+            {"WEBHOOK_MAX_CONNECTIONS": "100000000"},
+            "bridgehook: WEBHOOK_MAX_CONNECTIONS: 100000000 connections need 100000128 file descriptors",
+        ),
     ],
 )
 def test_serve_stops_at_start_with_one_line(env: dict[str, str], expected: str) -> None:
