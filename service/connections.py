@@ -12,7 +12,9 @@ and whatever a kept-alive connection sends before its next request line):
   opened, or after the first byte that followed the previous request (408, then close; a
   connection that sent nothing is just closed);
 - **size**: at most ``WEBHOOK_MAX_HEADER_BYTES`` of it are fed to the parser (431, then close), so
-  the parser's quadratic copying stays small, and so does what a connection holds;
+  the parser's quadratic copying stays small, and so does what a connection holds (a head that
+  begins in the read where the previous request ended is counted from the next read on: one read,
+  fed in one go, copies nothing twice);
 - **connections**: at most ``WEBHOOK_MAX_CONNECTIONS`` per process. A connection beyond it closes
   the connection that has waited longest without a request in progress (still sending its head, or
   idle between requests); only if every connection has a request in progress is the newcomer
