@@ -28,6 +28,11 @@ not the time, and h11 is pure Python (the receiver's hot path is its parser). An
 (hypercorn, granian) would replace a stack the benchmarks and tests are built on, for two checks
 that fit in this module.
 
+The cost on the hot path: no timer for a request whose head arrives in one read (as from the
+ingress), a few dictionary operations and method calls; about 2 µs of CPU per request, measured
+in-process against the plain protocol (best of 8 runs of 10,000: 34.9 → 36.7 µs) with an app that
+does nothing, where a delivery costs the receiver hundreds.
+
 Why evict instead of refuse: the only connections that cannot be evicted are those with a request
 in progress, and outside the allowed sources a request ends at its headers (403, answered at
 once), while an allowed source's body is bounded by ``WEBHOOK_READ_TIMEOUT_SECONDS``. So a client
@@ -60,7 +65,8 @@ class GuardedProtocol(HttpToolsProtocol):
     waiting: ClassVar[dict[GuardedProtocol, None]]  # per server: see protocol_for()
 
     _head_timer: asyncio.TimerHandle | None = None
-    _head_bytes = 0
+    _head_bytes = 0  # received since the head began
+    _message_begun = False  # the parser saw the head's first byte (it may have come after a body)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -76,29 +82,27 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self not in self.waiting:  # a body: the app bounds it
-            super().data_received(data)
-            return
-        if self._head_timer is None:  # the first byte after the previous request
-            self._start_clock()
-        room = self.settings.max_header_bytes - self._head_bytes
-        self._head_bytes += len(data)
-        if len(data) <= room:
-            super().data_received(data)
-            return
-        # Feed the head's allowance only: the rest of this read may be the request's body.
-        super().data_received(data[:room])
-        if self.transport.is_closing():
-            return
         if self in self.waiting:
-            self._close(431)
-            return
-        super().data_received(data[room:])
+            room = self.settings.max_header_bytes - self._head_bytes
+            self._head_bytes += len(data)
+            if len(data) > room:
+                # Feed the head's allowance only: the rest of this read may be the request's body.
+                super().data_received(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self in self.waiting and self._head_bytes:  # the same head, still not complete
+                    self._close(431)
+                    return
+                data = data[room:]
+        super().data_received(data)
+        # The clock starts only for a head still incomplete after the read: no timer per request when
+        # a whole request arrives at once, as it does from the ingress.
+        if self._head_timer is None and self._head_begun() and not self.transport.is_closing():
+            self._start_clock()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None and self in self.waiting:  # a request that follows a body in one read
-            self._start_clock()
+        self._message_begun = True
 
     def on_headers_complete(self) -> None:
         self.waiting.pop(self, None)
@@ -118,7 +122,11 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _enter_head(self) -> None:
         self._head_bytes = 0
+        self._message_begun = False
         self.waiting[self] = None
+
+    def _head_begun(self) -> bool:
+        return self in self.waiting and (self._head_bytes > 0 or self._message_begun)
 
     def _start_clock(self) -> None:
         self._head_timer = self.loop.call_later(self.settings.header_timeout_seconds, self._head_timeout)
@@ -131,7 +139,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         if self in self.waiting and not self.transport.is_closing():
-            self._close(408 if self._head_bytes and self._nothing_in_progress() else None)
+            self._close(408 if self._head_begun() and self._nothing_in_progress() else None)
 
     def _nothing_in_progress(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
