@@ -18,13 +18,15 @@ and whatever a kept-alive connection sends before its next request line):
 - **connections**: at most ``WEBHOOK_MAX_CONNECTIONS`` per process. A connection beyond it closes
   the connection that has waited longest without a request in progress (still sending its head, or
   idle between requests); only if every connection has a request in progress is the newcomer
-  refused (503, then close).
+  refused (503, then close);
+- **a body nobody reads**: a request answered before its body arrived (a refusal) closes its
+  connection, or the sender could keep it by trickling the body.
 
 Why not the alternatives. uvicorn's ``limit_concurrency`` counts connections but acts only once a
 request's headers are complete: it frees nothing held by incomplete heads, and when tripped it
 answers 503 to every request, the kubelet's probes too, so a few thousand silent connections would
 have the pod restarted. The h11 parser's ``h11_max_incomplete_event_size`` bounds the size only,
-not the time, and h11 is pure Python (the receiver's hot path is its parser). Another server
+not the time, and h11 parses in pure Python, on the path of every delivery. Another server
 (hypercorn, granian) would replace a stack the benchmarks and tests are built on, for two checks
 that fit in this module.
 
