@@ -52,7 +52,11 @@ def _serve(settings: Settings, host: str, port: int, sock: socket.socket | None 
     from service.server import uvicorn_config
 
     configure_logging(settings.log_format, settings.log_level)
-    uvicorn.Server(uvicorn_config(settings, host, port)).run(sockets=None if sock is None else [sock])
+    try:
+        config = uvicorn_config(settings, host, port)
+    except SettingsError as exc:
+        fail(str(exc), Exit.USAGE)
+    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
 
 
 @main.command()

@@ -7,6 +7,7 @@ from typing import Any
 import uvicorn
 
 from service.app import create_app
+from service.connections import protocol_for, raise_file_limit
 from service.settings import Settings
 
 INGRESS_UPSTREAM_KEEPALIVE_SECONDS = 60  # ingress-nginx's upstream-keepalive-timeout default
@@ -23,10 +24,17 @@ UVICORN_OPTIONS: dict[str, Any] = {
     # or nginx may send a POST down one uvicorn has just closed and answer it with 502.
     "timeout_keep_alive": INGRESS_UPSTREAM_KEEPALIVE_SECONDS + 15,
     "timeout_graceful_shutdown": 25,
+    # No WebSocket upgrades: the receiver serves none, and an upgraded connection leaves the guard.
+    "ws": "none",
 }
 
 
 def uvicorn_config(settings: Settings, host: str = "0.0.0.0", port: int = 8000) -> uvicorn.Config:  # noqa: S104
+    """The receiver's server: httptools behind the guard on heads and connections (service/connections.py).
+
+    Raises SettingsError when the file descriptor limit cannot fit ``WEBHOOK_MAX_CONNECTIONS``."""
+    raise_file_limit(settings)
+    options = UVICORN_OPTIONS | {"http": protocol_for(settings)}
     return uvicorn.Config(
-        create_app(settings), host=host, port=port, lifespan="on", log_config=None, **UVICORN_OPTIONS
+        create_app(settings), host=host, port=port, lifespan="on", log_config=None, **options
     )

@@ -92,6 +92,10 @@ class Settings:
     max_body_bytes: int = 65536
     dedupe_seconds: int = 259200
     read_timeout_seconds: float = 10.0
+    # Before the app sees a request (service/connections.py): its head's time and size, and connections.
+    header_timeout_seconds: float = 10.0
+    max_header_bytes: int = 32768
+    max_connections: int = 2000
     archive_max_age_seconds: int = 7 * 86400
     archive_max_events: int = 500_000
     queue_name: str = "bridgehook"
@@ -166,6 +170,9 @@ class Settings:
             max_body_bytes=env.positive_int("WEBHOOK_MAX_BODY_BYTES", 65536),
             dedupe_seconds=env.positive_int("WEBHOOK_DEDUPE_SECONDS", 259200),
             read_timeout_seconds=float(env.positive_int("WEBHOOK_READ_TIMEOUT_SECONDS", 10)),
+            header_timeout_seconds=float(env.positive_int("WEBHOOK_HEADER_TIMEOUT_SECONDS", 10)),
+            max_header_bytes=env.positive_int("WEBHOOK_MAX_HEADER_BYTES", 32768),
+            max_connections=env.positive_int("WEBHOOK_MAX_CONNECTIONS", 2000),
             archive_max_age_seconds=env.positive_int("WEBHOOK_ARCHIVE_MAX_AGE_SECONDS", 7 * 86400),
             archive_max_events=env.positive_int("WEBHOOK_ARCHIVE_MAX_EVENTS", 500_000),
             queue_name=env.name("RQ_QUEUE", "bridgehook"),

@@ -153,6 +153,10 @@ def test_mask_url_leaves_passwordless_urls_alone() -> None:
             {"BRIDGE_WEBHOOK_SECRETS": "", "BRIDGE_WEBHOOK_SECRETS_FILE": "/nonexistent/webhook"},
             "bridgehook: BRIDGE_WEBHOOK_SECRETS_FILE: cannot read /nonexistent/webhook: No such file",
         ),
+        (  # more than the process may open (file descriptors)
+            {"WEBHOOK_MAX_CONNECTIONS": "100000000"},
+            "bridgehook: WEBHOOK_MAX_CONNECTIONS: 100000000 connections need 100000128 file descriptors",
+        ),
     ],
 )
 def test_serve_stops_at_start_with_one_line(env: dict[str, str], expected: str) -> None:
