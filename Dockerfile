@@ -76,7 +76,7 @@ WORKDIR /app
 USER 10001:10001
 
 # 8000: the receiver (webhooks, /livez, /readyz, /metrics); 9100: worker/scheduler metrics.
-EXPOSE 8000 9100
+EXPOSE 8000 9000 9100
 
 # No HEALTHCHECK: the same image runs four different processes (only the receiver serves HTTP
 # on 8000) and Kubernetes ignores HEALTHCHECK anyway; the probes are in k8s/base.

@@ -199,15 +199,15 @@ def main() -> int:
             subprocess.run(
                 [python, "-m", "bridgehook", "db", "upgrade"], env=env, check=True, capture_output=True
             )
-            port = free_port()
+            port, admin = free_port(), free_port()
             procs.append(
                 subprocess.Popen(
                     [python, "-m", "bridgehook", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                    env=env,
+                    env={**env, "ADMIN_PORT": str(admin)},
                     stderr=subprocess.DEVNULL,
                 )
             )
-            wait_http(f"http://127.0.0.1:{port}/livez", procs[-1])
+            wait_http(f"http://127.0.0.1:{admin}/livez", procs[-1])
             for _ in range(2):
                 procs.append(
                     subprocess.Popen(

@@ -121,11 +121,13 @@ def bodies(path: Path, count: int, start: int = 0) -> None:
 
 @contextmanager
 def serving(command: list[str], env: dict[str, str], port: int) -> Iterator[str]:
+    ready = f"http://127.0.0.1:{port}/"  # the bare app answers there; the receiver on its admin port
+    if "serve" in command:
+        admin = free_port()
+        env, ready = {**env, "ADMIN_PORT": str(admin)}, f"http://127.0.0.1:{admin}/livez"
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_http(
-            f"http://127.0.0.1:{port}/livez" if "serve" in command else f"http://127.0.0.1:{port}/", proc
-        )
+        wait_http(ready, proc)
         yield f"http://127.0.0.1:{port}{PATH}"
     finally:
         proc.terminate()

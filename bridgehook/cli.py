@@ -45,18 +45,20 @@ def main() -> None:
     """Bridge webhook ingestion: receiver, workers and operations."""
 
 
-def _serve(settings: Settings, host: str, port: int, sock: socket.socket | None = None) -> None:
+def _serve(settings: Settings, webhook: socket.socket, admin: socket.socket) -> None:
+    """Serve the webhook on one socket, the probes and metrics on the other (``ADMIN_PORT``)."""
     import uvicorn
 
     from service.logs import configure_logging
     from service.server import uvicorn_config
 
     configure_logging(settings.log_format, settings.log_level)
+    host, port = webhook.getsockname()[:2]
     try:
         config = uvicorn_config(settings, host, port)
     except SettingsError as exc:
         fail(str(exc), Exit.USAGE)
-    uvicorn.Server(config).run(sockets=None if sock is None else [sock])
+    uvicorn.Server(config).run(sockets=[webhook, admin])
 
 
 @main.command()
@@ -64,7 +66,14 @@ def _serve(settings: Settings, host: str, port: int, sock: socket.socket | None 
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 def serve(host: str, port: int) -> None:
     """Run the webhook receiver (uvicorn, uvloop, httptools)."""
-    _serve(load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL"), host, port)
+    settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
+    if port == settings.admin_port:
+        fail(f"--port {port} is ADMIN_PORT too: the probes and metrics need a port of their own", Exit.USAGE)
+    with (
+        _listen(host, port, "`bridgehook serve --port {}`") as webhook,
+        _listen(host, settings.admin_port, "ADMIN_PORT={}") as admin,
+    ):
+        _serve(settings, webhook, admin)
 
 
 def _say(line: str) -> None:
@@ -101,7 +110,14 @@ def dev(host: str, port: int, stop: bool) -> None:
             local = stack.enter_context(devenv.claim(home, _say))
         except devenv.StackInUse as exc:
             fail(str(exc), Exit.USAGE)
-        sock = stack.enter_context(_listen(host, port))
+        webhook = stack.enter_context(
+            _listen(host, port, "`make run PORT={0}` or `bridgehook dev --port {0}`")
+        )
+        # The probes and metrics: ADMIN_PORT, else 1000 above the webhook's (8000: 9000).
+        given = env.get("ADMIN_PORT", "")
+        admin_port = int(given) if given.isdigit() else port + 1000 if 0 < port <= 64535 else 0
+        admin = stack.enter_context(_listen(host, admin_port, "ADMIN_PORT={}"))
+        env["ADMIN_PORT"] = str(admin.getsockname()[1])
         devenv.apply_dev_defaults(env, home)
         load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
         local.note(key=devenv.first_key_id(env.get("ENCRYPTION_KEYS")))  # for `keys rotate` to compare
@@ -112,12 +128,14 @@ def dev(host: str, port: int, stop: bool) -> None:
         _upgrade(settings)
         stack.enter_context(devenv.process("worker", env, local))
         stack.enter_context(devenv.process("scheduler", env, local))
-        bound = sock.getsockname()[1]
-        receiver = f"http://{f'[{host}]' if ':' in host else host}:{bound}/webhooks/bridge"
-        local.note(receiver=receiver)
+        base = f"http://{f'[{host}]' if ':' in host else host}"
+        receiver = f"{base}:{webhook.getsockname()[1]}/webhooks/bridge"
+        probes = f"{base}:{settings.admin_port}"
+        local.note(receiver=receiver, admin=probes)
         click.echo(
             f"bridgehook dev\n"
-            f"  receiver   {receiver}   (/livez /readyz /metrics)\n"
+            f"  receiver   {receiver}\n"
+            f"  admin      {probes}   (/livez /readyz /metrics)\n"
             f"  redis      {settings.redis_url_for_logs}\n"
             f"  database   {settings.database_url_for_logs}\n"
             f"  bridge     {api + '  (fake, demo data)' if api else settings.bridge_api_url}\n"
@@ -127,22 +145,24 @@ def dev(host: str, port: int, stop: bool) -> None:
             err=True,
         )
         # uvicorn re-raises Ctrl-C after its graceful shutdown, and SIGTERM (see stop_signals).
-        _serve(settings, host, bound, sock)
+        _serve(settings, webhook, admin)
 
 
 @contextmanager
-def _listen(host: str, port: int) -> Iterator[socket.socket]:
-    """The receiver's socket, bound before anything starts: a taken port is a usage error."""
+def _listen(host: str, port: int, choose: str) -> Iterator[socket.socket]:
+    """A socket bound before anything starts: a taken port is a usage error, and ``choose`` (with
+    ``{}`` for a free port) says how to pick another."""
+    from service.server import bind_socket
+
     try:
-        sock = devenv.receiver_socket(host, port)
+        sock = bind_socket(host, port)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             fail(f"cannot listen on {host}:{port}: {exc.strerror}", Exit.USAGE)
         other = devenv.free_port_after(host, port)
-        choose = str(other) if other else "<another port>"
         fail(
             f"port {port} is taken on {host} (address already in use): choose another with "
-            f"`make run PORT={choose}` or `bridgehook dev --port {choose}`",
+            + choose.format(other or "<another port>"),
             Exit.USAGE,
         )
     with sock:

@@ -22,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -565,24 +564,13 @@ def embedded_redis(home: Path, stack: Stack | None = None) -> Iterator[str]:
         _terminate(server, VALKEY_STOP_SECONDS)  # valkey fsyncs its AOF on SIGTERM
 
 
-def receiver_socket(host: str, port: int) -> socket.socket:
-    """The receiver's listening socket, bound as uvicorn binds it (OSError if the port is taken), so
-    that `dev` says so before it starts anything."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def free_port_after(host: str, port: int) -> int | None:
     """The first port above ``port`` that ``host`` has free, to suggest one."""
+    from service.server import bind_socket
+
     for candidate in range(port + 1, min(port + 100, 65535) + 1):
         try:
-            receiver_socket(host, candidate).close()
+            bind_socket(host, candidate).close()
         except OSError:
             continue
         return candidate

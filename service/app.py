@@ -61,20 +61,36 @@ def create_app(settings: Settings) -> ASGIApp:
     app.state.settings = settings
     app.state.queue = queue
     app.state.readiness = Readiness(queue)
-    return behind_proxies(WebhookFirst(view, app), settings.trusted_proxies)
+    return behind_proxies(Ports(view, app, settings.admin_port), settings.trusted_proxies)
 
 
-class WebhookFirst:
-    """Plain ASGI: the webhook path goes straight to its view (the hot path, every delivery);
-    everything else (probes, metrics, lifespan, 404s) goes through Starlette."""
+_NOT_FOUND = b'{"error":"not_found","detail":"this port serves only POST %s"}' % WEBHOOK_PATH.encode()
+_NOT_FOUND_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_NOT_FOUND))]
 
-    def __init__(self, webhook: ASGIApp, app: Starlette) -> None:
+
+class Ports:
+    """Plain ASGI, by the port a request came in on.
+
+    On ``ADMIN_PORT``: the probes and ``/metrics`` (Starlette). On any other port, the one the
+    ingress publishes, only the webhook path, straight to its view (the hot path, every delivery),
+    and a 404 for anything else: whoever reaches the webhook port cannot read the metrics or make
+    ``/readyz`` write to Redis. Lifespan goes to Starlette.
+    """
+
+    def __init__(self, webhook: ASGIApp, app: Starlette, admin_port: int) -> None:
         self.webhook = webhook
         self.app = app
+        self.admin_port = admin_port
         self.state = app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH:
-            await self.webhook(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            server = scope.get("server")
+            if server is None or server[1] != self.admin_port:
+                if scope["path"] == WEBHOOK_PATH:
+                    await self.webhook(scope, receive, send)
+                else:
+                    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
+                    await send({"type": "http.response.body", "body": _NOT_FOUND})
+                return
+        await self.app(scope, receive, send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import uvicorn
@@ -38,3 +39,16 @@ def uvicorn_config(settings: Settings, host: str = "0.0.0.0", port: int = 8000) 
     return uvicorn.Config(
         create_app(settings), host=host, port=port, lifespan="on", log_config=None, **options
     )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound as uvicorn binds its own (OSError if the port is taken); uvicorn listens on it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

@@ -96,6 +96,8 @@ class Settings:
     header_timeout_seconds: float = 10.0
     max_header_bytes: int = 32768
     max_connections: int = 2000
+    # The probes and /metrics listen here, never on the webhook's port (the one the ingress publishes).
+    admin_port: int = 9000
     archive_max_age_seconds: int = 7 * 86400
     archive_max_events: int = 500_000
     queue_name: str = "bridgehook"
@@ -173,6 +175,7 @@ class Settings:
             header_timeout_seconds=float(env.positive_int("WEBHOOK_HEADER_TIMEOUT_SECONDS", 10)),
             max_header_bytes=env.positive_int("WEBHOOK_MAX_HEADER_BYTES", 32768),
             max_connections=env.positive_int("WEBHOOK_MAX_CONNECTIONS", 2000),
+            admin_port=env.port("ADMIN_PORT", 9000),
             archive_max_age_seconds=env.positive_int("WEBHOOK_ARCHIVE_MAX_AGE_SECONDS", 7 * 86400),
             archive_max_events=env.positive_int("WEBHOOK_ARCHIVE_MAX_EVENTS", 500_000),
             queue_name=env.name("RQ_QUEUE", "bridgehook"),
@@ -333,6 +336,12 @@ class _Env:
             except ValueError:
                 raise SettingsError(f"{name}: {value!r} is not an IP address or CIDR") from None
         return tuple(networks)
+
+    def port(self, name: str, default: int) -> int:
+        value = self.positive_int(name, default)
+        if value > 65535:
+            raise SettingsError(f"{name}: a port is at most 65535, got {value}")
+        return value
 
     def positive_int(self, name: str, default: int, *, allow_zero: bool = False) -> int:
         raw = self._get(name)

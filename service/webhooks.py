@@ -61,6 +61,21 @@ log = logs.get_logger("bridgehook.webhooks")
 _OUTCOMES = {name: REQUESTS.labels(name) for name in ("queued", "duplicate", "ignored")}
 _WANTED = (b"content-length", b"content-type", b"bridgeapi-signature", b"x-request-id")
 _CONTENT_TYPE = (b"content-type", b"application/json")
+# Refused before the body was read (or while it was): the connection closes after the answer (see
+# service/connections.py), and says so, so that a client does not send its next request down it.
+_UNREAD = frozenset(
+    {
+        "forbidden_source",
+        "method_not_allowed",
+        "body_too_large",
+        "unsupported_media_type",
+        "request_timeout",
+        "client_disconnected",
+        "duplicate_signature",
+        "signature_too_large",
+    }
+)
+_CLOSE = (b"connection", b"close")
 _SIGNATURE = b"bridgeapi-signature"
 _TWICE = b"\0twice"  # never a header value: h11 and httptools refuse NUL in headers
 # Bridge sends one or two ``v1=`` elements of 67 bytes; the header is archived with each delivery.
@@ -132,6 +147,8 @@ class WebhookView:
             body = json.dumps({"error": r.reason, "detail": r.detail}, separators=(",", ":")).encode()
             length = (b"content-length", str(len(body)).encode())
             extra = [(b"allow", b"POST")] if r.status == 405 else []
+            if r.reason in _UNREAD:
+                extra.append(_CLOSE)
         await send(
             {
                 "type": "http.response.start",

@@ -8,15 +8,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import redis
 import uvicorn
 from click.testing import Result
 
-from service.server import uvicorn_config
+from service.server import bind_socket, uvicorn_config
 from service.settings import Settings
 from service.signing import signature_header
 
@@ -34,6 +35,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# The probes and metrics, in process: TestClient's requests on the default ADMIN_PORT.
+ADMIN = "http://testserver:9000"
 
 
 def make_settings(redis_url: str, **env: str) -> Settings:
@@ -62,23 +67,32 @@ def queued_ids(r: redis.Redis) -> list[str]:
     return [v.decode() for v in r.lrange(QUEUE_KEY, 0, -1)]
 
 
+class Receiver(NamedTuple):
+    url: str  # the webhook's port: http://127.0.0.1:P
+    admin: str  # ADMIN_PORT's: the probes and /metrics
+
+
 @contextmanager
-def running_receiver(settings: Settings) -> Iterator[str]:
-    """The receiver on a real loopback socket, configured exactly as `bridgehook serve` does."""
-    config = uvicorn_config(settings, "127.0.0.1", free_port())
+def running_receiver(settings: Settings) -> Iterator[Receiver]:
+    """The receiver on real loopback sockets, configured exactly as `bridgehook serve` does."""
+    settings = replace(settings, admin_port=free_port())
+    webhook, admin = bind_socket("127.0.0.1", free_port()), bind_socket("127.0.0.1", settings.admin_port)
+    config = uvicorn_config(settings, "127.0.0.1", webhook.getsockname()[1])
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [webhook, admin]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the receiver did not start")
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{config.port}"
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the receiver did not start")
+            time.sleep(0.02)
+        yield Receiver(f"http://127.0.0.1:{config.port}", f"http://127.0.0.1:{settings.admin_port}")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        webhook.close()
+        admin.close()
 
 
 def wait_for_http(url: str, timeout: float = 15.0) -> None:

@@ -32,7 +32,7 @@ def run(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.
 
 
 def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path) -> None:
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {
         **os.environ,
         "LOG_LEVEL": "debug",  # accepted deliveries log at debug
@@ -40,6 +40,7 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
         "BRIDGE_WEBHOOK_SECRETS": SECRET,
         "BRIDGE_ALLOWED_IPS": "127.0.0.1",
         "BRIDGEHOOK_HOME": str(tmp_path),
+        "ADMIN_PORT": str(admin),
     }
     # The receiver reads its secrets from files (NAME_FILE), as from a mounted Secret.
     from_files = {k: v for k, v in env.items() if k not in ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS")}
@@ -55,7 +56,7 @@ def test_serve_and_send_a_fixture(redis_url: str, r: redis.Redis, tmp_path: Path
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/livez")
+        wait_for_http(f"http://127.0.0.1:{admin}/livez")
         url = f"http://127.0.0.1:{port}/webhooks/bridge"
         sent = run("send", "--fixture", "item.refreshed", "--url", url, env=env)
         assert sent.returncode == 0, sent.stderr
@@ -134,10 +135,11 @@ def test_dev_runs_everything_on_the_embedded_default(tmp_path: Path) -> None:
              "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS", "ALLOW_PLAINTEXT_STORAGE")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["BRIDGEHOOK_HOME"] = str(tmp_path)
+    env["ADMIN_PORT"] = str(admin := free_port())
     proc = subprocess.Popen([*BIN, "dev", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/readyz")
+        wait_for_http(f"http://127.0.0.1:{admin}/readyz")
         url = f"http://127.0.0.1:{port}/webhooks/bridge"
         for fixture in ("item.created", "item.refreshed"):
             sent = run("send", "--fixture", fixture, "--url", url, env=env)
@@ -307,7 +309,7 @@ def wait_for_stack(proc: subprocess.Popen[bytes], home: Path, started: dict[int,
         return tree if len(tree) >= 4 and "receiver" in record(home) else {}
 
     tree = wait_until(up, 30, "the stack to start", interval=0.1)
-    wait_for_http(str(record(home)["receiver"]).replace("/webhooks/bridge", "/readyz"))
+    wait_for_http(f"{record(home)['admin']}/readyz")
     return tree
 
 

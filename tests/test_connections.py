@@ -128,9 +128,9 @@ def test_heads_not_completed_in_time_are_closed_at_the_deadline(
     settings_factory: Callable[..., Settings],
 ) -> None:
     """Silent, half-sent, trickled, and half-sent after a first request on the same connection."""
-    with running_receiver(settings_factory(WEBHOOK_HEADER_TIMEOUT_SECONDS="1")) as base:
-        port = _port(base)
-        with probing(port):
+    with running_receiver(settings_factory(WEBHOOK_HEADER_TIMEOUT_SECONDS="1")) as (base, admin):
+        port, probes = _port(base), _port(admin)
+        with probing(probes):
             started: dict[socket.socket, float] = {}
 
             def opened(head: bytes = b"") -> socket.socket:
@@ -143,7 +143,7 @@ def test_heads_not_completed_in_time_are_closed_at_the_deadline(
             for _ in range(100):
                 opened(HEAD)
             for _ in range(50):  # a whole request first: the next one's deadline starts with its first byte
-                sock = _connect(port, LIVEZ + b"\r\n")
+                sock = _connect(probes, LIVEZ + b"\r\n")
                 assert _answer_to_livez(sock)
                 started[sock] = time.monotonic()
                 sock.sendall(HEAD)
@@ -165,7 +165,7 @@ def test_a_request_answered_before_its_body_closes_its_connection(
 ) -> None:
     """A refused sender cannot keep its connection by trickling a body nobody reads."""
     with (
-        running_receiver(settings_factory(WEBHOOK_HEADER_TIMEOUT_SECONDS="1")) as base,
+        running_receiver(settings_factory(WEBHOOK_HEADER_TIMEOUT_SECONDS="1")) as (base, _),
         _connect(_port(base), HEAD + b"Content-Length: 1000000\r\n\r\n{") as sock,
     ):
         started = time.monotonic()
@@ -180,9 +180,9 @@ def test_a_huge_head_is_refused_without_holding_the_loop(
 ) -> None:
     """The attacker offers 64 MB of one header; the receiver stops reading after its allowance."""
     settings = settings_factory(BRIDGE_ALLOWED_IPS="127.0.0.1", WEBHOOK_MAX_HEADER_BYTES="4096")
-    with running_receiver(settings) as base:
-        port = _port(base)
-        with probing(port), _connect(port, LIVEZ + b"X-Big: ") as sock:
+    with running_receiver(settings) as (base, admin):
+        port, probes = _port(base), _port(admin)
+        with probing(probes), _connect(port, HEAD + b"X-Big: ") as sock:
             started, sent = time.monotonic(), 0
             try:
                 while sent < 64 * 1024 * 1024 and not select.select([sock], [], [], 0)[0]:
@@ -197,7 +197,7 @@ def test_a_huge_head_is_refused_without_holding_the_loop(
         assert elapsed < 2, f"refused after {elapsed:.1f}s"
 
         # Within the allowance, whatever follows in the same read (here a 60 KB body) is the body.
-        with _connect(port, LIVEZ + b"Connection: close\r\nX-Big: " + b"a" * 3900 + b"\r\n\r\n") as sock:
+        with _connect(probes, LIVEZ + b"Connection: close\r\nX-Big: " + b"a" * 3900 + b"\r\n\r\n") as sock:
             assert _answer(sock).startswith(b"HTTP/1.1 200")
         kwargs = signed(fixture_body("item.created") + b" " * 60000)
         head = HEAD + b"Connection: close\r\nContent-Type: application/json\r\n"
@@ -216,10 +216,10 @@ def test_connections_over_the_limit_evict_the_idle_and_only_busy_ones_refuse(
     settings = settings_factory(
         BRIDGE_ALLOWED_IPS="127.0.0.1", WEBHOOK_MAX_CONNECTIONS="100", WEBHOOK_READ_TIMEOUT_SECONDS="5"
     )
-    with running_receiver(settings) as base:
-        port = _port(base)
+    with running_receiver(settings) as (base, admin):
+        port, probes = _port(base), _port(admin)
         # 150 heads that never end, against a limit of 100: the oldest make room, the probe gets in.
-        with probing(port):
+        with probing(probes):
             held = [_connect(port, HEAD) for _ in range(150)]
             time.sleep(0.3)
             closed = _closed_after(dict.fromkeys(held, time.monotonic()), within=0.5)
@@ -238,7 +238,7 @@ def test_connections_over_the_limit_evict_the_idle_and_only_busy_ones_refuse(
         for sock in busy:
             sock.close()
         time.sleep(0.3)
-        assert _probe(port) < PROBE_BUDGET
+        assert _probe(probes) < PROBE_BUDGET
 
 
 def test_serve_raises_its_file_limit_to_fit_the_connections(redis_url: str) -> None:
@@ -247,9 +247,10 @@ def test_serve_raises_its_file_limit_to_fit_the_connections(redis_url: str) -> N
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
-    port = free_port()
+    port, admin = free_port(), free_port()
     env = {
         **os.environ,
+        "ADMIN_PORT": str(admin),
         "REDIS_URL": redis_url,
         "BRIDGE_WEBHOOK_SECRETS": SECRET,
         "WEBHOOK_MAX_CONNECTIONS": "2000",
@@ -262,7 +263,7 @@ def test_serve_raises_its_file_limit_to_fit_the_connections(redis_url: str) -> N
         preexec_fn=low_soft_limit,
     )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/livez")
+        wait_for_http(f"http://127.0.0.1:{admin}/livez")
         limits = Path(f"/proc/{proc.pid}/limits").read_text()
     finally:
         proc.terminate()

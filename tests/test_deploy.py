@@ -418,9 +418,11 @@ def test_probes_match_what_each_process_serves(manifests: Rendered) -> None:
     receiver = manifests.one("Deployment", "bridgehook-receiver")
     (c,) = containers(receiver)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": 8000}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    # The webhook alone on 8000 (published); the probes and /metrics on ADMIN_PORT (its default).
+    assert ports == {"http": 8000, "admin": Settings().admin_port}
+    assert "ADMIN_PORT" not in manifests.config()
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "admin"}
     for name in ("bridgehook-worker", "bridgehook-scheduler"):
         workload = manifests.one("Deployment", name)
         (c,) = containers(workload)
@@ -774,7 +776,7 @@ def test_network_policies_allow_only_what_each_process_needs(manifests: Rendered
     ingress_nginx = "ingress-nginx/app.kubernetes.io/name=ingress-nginx"
     dns = {("UDP", 53), ("TCP", 53)}
     expected_in = {
-        "receiver": {("TCP", 8000, ingress_nginx), ("TCP", 8000, prometheus)},
+        "receiver": {("TCP", 8000, ingress_nginx), ("TCP", 9000, prometheus)},
         "worker": {("TCP", 9100, prometheus)},
         "scheduler": {("TCP", 9100, prometheus)},
         "migrate": set(),
@@ -1038,7 +1040,7 @@ def test_dockerfile_promises(dockerfile: list[Stage], rendered: dict[str, Render
         for c in containers(w)
         for p in c.get("ports", [])
     }
-    assert used == exposed == {8000, 9100}
+    assert used == exposed == {8000, 9000, 9100}
     # The runtime stage installs nothing: it creates the user and copies the venv, that is all.
     (run,) = runtime.all("RUN")
     assert run.startswith("groupadd") and f"--uid {IMAGE_UID}" in run and "apt-get" not in run
@@ -1509,19 +1511,20 @@ def test_probe_paths_answer_on_the_real_processes(
     assert done.returncode == 0, done.stderr
 
     receiver = pod_spec(r.one("Deployment", "bridgehook-receiver"))["containers"][0]
-    port = free_port()
+    port, admin = free_port(), free_port()
     args = [*receiver["args"]]
     args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
-    process = image.start(args, env)
+    process = image.start(args, {**env, "ADMIN_PORT": str(admin)})
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/livez")
+        wait_for_http(f"http://127.0.0.1:{admin}/livez")
         if os.geteuid() == 0:  # started through setpriv: the process runs as the image's user
             status = Path(f"/proc/{process.pid}/status").read_text()
             assert re.search(rf"^Uid:\s+{IMAGE_UID}\s", status, re.M), status
         for probe in ("livenessProbe", "readinessProbe"):
-            answer = httpx.get(f"http://127.0.0.1:{port}{receiver[probe]['httpGet']['path']}", timeout=5)
+            answer = httpx.get(f"http://127.0.0.1:{admin}{receiver[probe]['httpGet']['path']}", timeout=5)
             assert answer.status_code == 200, (probe, answer.text)
-        assert "bridgehook_webhook_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "bridgehook_webhook_requests_total" in httpx.get(f"http://127.0.0.1:{admin}/metrics").text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 404
     finally:
         code, output = _stop(process)
     # uvicorn drains, then re-raises the SIGTERM it caught (exit 143 in the pod): a clean stop.

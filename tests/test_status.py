@@ -92,7 +92,7 @@ def test_a_flood_of_rejections_makes_a_few_redis_writes(tmp_path: Path) -> None:
     r = redis.Redis(port=port)
     try:
         settings = make_settings(f"redis://127.0.0.1:{port}/0", BRIDGE_ALLOWED_IPS="198.51.100.0/24")
-        with running_receiver(settings) as base, httpx.Client() as http:
+        with running_receiver(settings) as (base, _), httpx.Client() as http:
             before = commands(r)
             for _ in range(flood):
                 assert http.post(base + URL, content=b"{}").status_code == 403

@@ -125,6 +125,7 @@ class Processes:
         self._started: list[tuple[subprocess.Popen[bytes], Path]] = []
         self._lock = threading.Lock()
         self.receivers: dict[str, subprocess.Popen[bytes]] = {}  # webhook URL -> its process
+        self.admins: dict[str, str] = {}  # webhook URL -> its probes' and metrics' base URL
         self.supervisors: list[Supervised] = []
 
     def spawn(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
@@ -170,14 +171,15 @@ class Processes:
 
     def receiver(self, **env: str) -> str:
         """A ``bridgehook serve`` on a free loopback port; its webhook URL once it answers."""
-        port = stable_port()
-        proc = self.spawn("serve", "--host", "127.0.0.1", "--port", str(port), **env)
+        port, admin = stable_port(), stable_port()
+        proc = self.spawn("serve", "--host", "127.0.0.1", "--port", str(port), ADMIN_PORT=str(admin), **env)
         base = f"http://127.0.0.1:{port}"
         try:
-            wait_for_http(base + "/livez", timeout=20)
+            wait_for_http(f"http://127.0.0.1:{admin}/livez", timeout=20)
         except TimeoutError:
             raise AssertionError(f"the receiver did not start:\n{self.output(proc)}") from None
         self.receivers[base + WEBHOOK_PATH] = proc
+        self.admins[base + WEBHOOK_PATH] = f"http://127.0.0.1:{admin}"
         return base + WEBHOOK_PATH
 
     def run(self, *args: str, timeout: float = 60, **env: str) -> Finished:

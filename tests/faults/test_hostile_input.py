@@ -270,8 +270,8 @@ def rss_kb(pid: int) -> int:
 class Target:
     """A real receiver, and every request made to it checked against what must always hold."""
 
-    def __init__(self, url: str, pid: int, r: redis.Redis) -> None:
-        self.url, self.pid, self.r = url, pid, r
+    def __init__(self, url: str, admin: str, pid: int, r: redis.Redis) -> None:
+        self.url, self.admin, self.pid, self.r = url, admin, pid, r
         self.port = int(url.split(":")[2].split("/")[0])
         self.bridge = httpx.Client(transport=httpx.HTTPTransport(local_address=BRIDGE_PEER), timeout=10)
         self.stranger = httpx.Client(timeout=10)
@@ -279,10 +279,7 @@ class Target:
         self.queued: list[str] = []
 
     def alive(self) -> None:
-        assert (
-            Path(f"/proc/{self.pid}").exists()
-            and self.stranger.get(self.url[: -len(URL)] + "/livez").is_success
-        )
+        assert Path(f"/proc/{self.pid}").exists() and self.stranger.get(self.admin + "/livez").is_success
 
     def post(
         self,
@@ -486,7 +483,7 @@ def test_hostile_input_against_a_real_receiver(
     url = processes.receiver(
         BRIDGE_ALLOWED_IPS=BRIDGE_PEER, TRUSTED_PROXIES=PROXY, WEBHOOK_READ_TIMEOUT_SECONDS=str(READ_TIMEOUT)
     )
-    target = Target(url, processes.receivers[url].pid, r)
+    target = Target(url, processes.admins[url], processes.receivers[url].pid, r)
     try:
         # Warm up (imports, pools, allocator arenas) before the baseline, with the same kinds of input.
         for n, fixture in enumerate(FIXTURE_EVENTS.values()):

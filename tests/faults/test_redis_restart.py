@@ -76,7 +76,7 @@ def test_redis_restart_under_traffic(
         server.kill()
         down_at = len(sender.statuses())
         wait_until(lambda: 503 in sender.statuses()[down_at:], 10, "a 503 while Redis is down")
-        ready = httpx.get(url.replace("/webhooks/bridge", "/readyz"), timeout=5)
+        ready = httpx.get(processes.admins[url] + "/readyz", timeout=5)
         assert ready.status_code == 503, ready.text
         time.sleep(OUTAGE_SECONDS)
         server.start()  # same port, same directory: the AOF is replayed
