@@ -200,8 +200,11 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
         assert path is not None
         body = path.read_bytes()
     if fresh:
-        event = json.loads(body)
-        event["timestamp"] = int(time.time() * 1000)
+        try:
+            event = json.loads(body)
+            event["timestamp"] = int(time.time() * 1000)
+        except (ValueError, TypeError) as exc:
+            fail(f"--fresh sets the timestamp of a JSON object; the body is not one ({exc})", Exit.USAGE)
         body = json.dumps(event).encode()
     secret = _sending_secret()
     if url is None:
@@ -211,8 +214,10 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
     headers = {"Content-Type": "application/json", "BridgeApi-Signature": signature_header(body, [secret])}
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        fail(f"--url {url} is not an http(s) URL: {exc}", Exit.USAGE)
     except httpx.HTTPError as exc:
-        fail(f"could not POST to {url}: {exc}", Exit.FAILED)
+        fail(f"could not POST to {url}: {exc}; is the receiver running there?", Exit.FAILED)
     click.echo(f"{response.status_code} {response.text}")
     sys.exit(0 if response.is_success else Exit.FAILED)
 

@@ -289,12 +289,16 @@ def dlq_show(job_id: str) -> None:
     console.print(traceback_of(d.job) or "(none kept)", markup=False)
 
 
-def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:
-    filters = _filters(kw)
-    if not ids and not all_ and filters == Filters():
+def _say_which(ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> None:
+    """A usage error before any connection: whether Redis answers does not change it."""
+    if not ids and not all_ and _filters(kw) == Filters():
         fail(
             "say which: give IDs, --all, or a filter (--type, --item, --since, --until, --error)", Exit.USAGE
         )
+
+
+def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:
+    filters = _filters(kw)
     if ids:
         try:
             return letters.load(letters.resolve(ids))
@@ -325,6 +329,7 @@ def _would(verb: str, chosen: list[DeadLetter]) -> None:
 )
 def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate: float, **kw: Any) -> None:
     """Requeue dead letters (idempotent; safe to interrupt and run again)."""
+    _say_which(ids, all_, kw)
     with ops() as (s, r, storage):
         letters = DeadLetters(r, s.queue_name, storage)
         chosen = _selection(letters, ids, all_, kw)
@@ -350,6 +355,7 @@ def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate:
 @click.option("--yes", "-y", is_flag=True, help=f"Do not ask, even above {CONFIRM_ABOVE}.")
 def dlq_purge(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, **kw: Any) -> None:
     """Remove dead letters from the registry; their webhook_events rows stay, marked purged."""
+    _say_which(ids, all_, kw)
     with ops() as (s, r, storage):
         letters = DeadLetters(r, s.queue_name, storage)
         chosen = _selection(letters, ids, all_, kw)

@@ -221,3 +221,26 @@ def test_a_database_without_the_schema_is_a_failure(
     """A missing directory is made, as `db upgrade` needs; a command then meets an empty database."""
     env = {**reachable_redis, "DATABASE_URL": f"sqlite:///{tmp_path / 'missing' / 'bridgehook.db'}"}
     one_line(invoke(command, CASES[command].args, env), 1, "database")
+
+
+# What a command refuses among its own arguments and inputs: (words and arguments, exit code, named).
+REFUSALS = [
+    (("send", "--fixture", "item.created", "--url", "notaurl"), 2, "--url"),
+    (("send", "--fixture", "item.created", "--url", "http://[::1"), 2, "--url"),
+    (("send", "--file", "{tmp}/body.json", "--fresh", "--url", "http://127.0.0.1:1/x"), 2, "--fresh"),
+    (("send", "--fixture", "item.created", "--url", "http://127.0.0.1:1/x"), 1, "could not POST"),
+    (("resync",), 2, "--item"),
+    (("dlq", "replay"), 2, "--all"),
+    (("dlq", "purge"), 2, "--all"),
+]
+
+
+@pytest.mark.parametrize(("words", "code", "named"), REFUSALS, ids=[" ".join(w) for w, _, _ in REFUSALS])
+def test_a_bad_argument_or_input_is_named(
+    words: tuple[str, ...], code: int, named: str, env: Env, tmp_path: Path
+) -> None:
+    """Before any connection (Redis and the database are unreachable here): usage is usage."""
+    (tmp_path / "body.json").write_text("not json")
+    command = next(c for c in COMMANDS if words[: len(c)] == c)
+    args = tuple(a.format(tmp=tmp_path) for a in words[len(command) :])
+    one_line(invoke(command, args, env), code, named)
