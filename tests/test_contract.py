@@ -41,13 +41,17 @@ class Case:
     config: tuple[tuple[str, str | None], ...] = ()
 
 
+# A malformed variable stops every command that reads the settings, as a missing one does.
+MALFORMED = (("LOG_LEVEL", "loud"), ("ENCRYPTION_KEYS", "not-a-key"))
 WORKER_CONFIG = (
     ("REDIS_URL", None),
     ("BRIDGE_CLIENT_ID", None),
     ("BRIDGE_CLIENT_SECRET", None),
     ("ENCRYPTION_KEYS", None),
+    *MALFORMED,
 )
-OPS_CONFIG = (("REDIS_URL", None), ("ENCRYPTION_KEYS", None))
+OPS_CONFIG = (("REDIS_URL", None), ("ENCRYPTION_KEYS", None), *MALFORMED)
+KEYS_CONFIG = (("ENCRYPTION_KEYS", None), *MALFORMED)
 
 
 def ops(*args: str) -> Case:
@@ -55,9 +59,13 @@ def ops(*args: str) -> Case:
 
 
 CASES: dict[tuple[str, ...], Case] = {
-    ("serve",): Case(long_running=True, config=(("BRIDGE_WEBHOOK_SECRETS", None), ("REDIS_URL", None))),
+    ("serve",): Case(
+        long_running=True, config=(("BRIDGE_WEBHOOK_SECRETS", None), ("REDIS_URL", None), *MALFORMED)
+    ),
     # dev fills in every variable it needs; a malformed one still stops it before it starts anything.
-    ("dev",): Case(("--port", "0"), long_running=True, config=(("REDIS_URL", "http://127.0.0.1:1"),)),
+    ("dev",): Case(
+        ("--port", "0"), long_running=True, config=(("REDIS_URL", "http://127.0.0.1:1"), *MALFORMED)
+    ),
     ("send",): Case(
         ("--fixture", "item.created", "--url", "http://127.0.0.1:1/webhooks/bridge"),
         config=(("BRIDGE_WEBHOOK_SECRETS", None),),
@@ -65,7 +73,7 @@ CASES: dict[tuple[str, ...], Case] = {
     # What a worker and the scheduler need is checked before they start: exercised like the others.
     ("worker",): Case(long_running=True, redis=True, database=True, config=WORKER_CONFIG),
     ("scheduler",): Case(long_running=True, redis=True, database=True, config=WORKER_CONFIG),
-    ("db", "upgrade"): Case(database=True, config=(("DATABASE_URL", "mysql://x/y"),)),
+    ("db", "upgrade"): Case(database=True, config=(("DATABASE_URL", "mysql://x/y"), *MALFORMED)),
     ("dlq", "list"): ops(),
     ("dlq", "show"): ops("0123456789ab"),
     ("dlq", "replay"): ops("--all", "--yes"),
@@ -76,8 +84,8 @@ CASES: dict[tuple[str, ...], Case] = {
     ("status",): ops(),
     ("retries",): ops(),
     ("keys", "generate"): Case(),
-    ("keys", "rotate"): Case(("--dry-run",), database=True, config=(("ENCRYPTION_KEYS", None),)),
-    ("accounts", "show"): Case(("1",), database=True, config=(("ENCRYPTION_KEYS", None),)),
+    ("keys", "rotate"): Case(("--dry-run",), database=True, config=KEYS_CONFIG),
+    ("accounts", "show"): Case(("1",), database=True, config=KEYS_CONFIG),
 }
 
 
