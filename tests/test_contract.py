@@ -110,14 +110,14 @@ Env = dict[str, str | None]
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     """A complete configuration (Redis and the database unreachable), in an empty directory and
     BRIDGEHOOK_HOME, nothing inherited from the process's environment or a `make run` nearby. Every
     variable is named (None: unset), so that the runner restores each after the command, `dev`'s
-    defaults included."""
+    defaults included; and none leaves a .bridgehook/ where it ran."""
     monkeypatch.chdir(tmp_path)
     names = settings_variables()
-    return {
+    yield {
         **dict.fromkeys(names | {f"{name}_FILE" for name in names}),
         "BRIDGEHOOK_HOME": str(tmp_path / "home"),
         "BRIDGE_WEBHOOK_SECRETS": SECRET,
@@ -127,6 +127,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
         "BRIDGE_CLIENT_SECRET": "client-secret",
         "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
     }
+    assert not (tmp_path / ".bridgehook").exists()
 
 
 class Started(Exception):
