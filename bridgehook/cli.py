@@ -220,8 +220,11 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
         assert path is not None
         body = path.read_bytes()
     if fresh:
-        event = json.loads(body)
-        event["timestamp"] = int(time.time() * 1000)
+        try:
+            event = json.loads(body)
+            event["timestamp"] = int(time.time() * 1000)
+        except (ValueError, TypeError) as exc:
+            fail(f"--fresh sets the timestamp of a JSON object; the body is not one ({exc})", Exit.USAGE)
         body = json.dumps(event).encode()
     secret = _sending_secret()
     if url is None:
@@ -231,8 +234,10 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
     headers = {"Content-Type": "application/json", "BridgeApi-Signature": signature_header(body, [secret])}
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        fail(f"--url {url} is not an http(s) URL: {exc}", Exit.USAGE)
     except httpx.HTTPError as exc:
-        fail(f"could not POST to {url}: {exc}", Exit.FAILED)
+        fail(f"could not POST to {url}: {exc}; is the receiver running there?", Exit.FAILED)
     click.echo(f"{response.status_code} {response.text}")
     sys.exit(0 if response.is_success else Exit.FAILED)
 
@@ -264,11 +269,21 @@ def worker(burst: bool, name: str | None) -> None:
     from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
+    _preflight(settings)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_worker(settings, burst=burst, name=name)
     except SchemaNotReady as exc:
         fail(str(exc), Exit.FAILED)
+
+
+def _preflight(settings: Settings) -> None:
+    """Redis and the database answer and the schema is current, or one line says which does not (as
+    the ops commands say it), rather than a traceback from the worker's or the scheduler's start."""
+    from bridgehook.ops import open_database, redis_connection
+
+    redis_connection(settings).close()
+    open_database(settings).close()
 
 
 @main.group()
@@ -286,18 +301,17 @@ def upgrade() -> None:
 
 
 def _upgrade(settings: Settings) -> None:
-    from workers.db import Database
+    from bridgehook.ops import DATABASE_ERRORS, database_failed, open_database
     from workers.schema import upgrade as apply
 
     where = settings.migrate_url_for_logs
+    database = open_database(settings, migrate=True)
     try:
-        database = Database.from_url(settings.migrate_url)
-        try:
-            applied = apply(database)
-        finally:
-            database.close()
-    except Exception as exc:  # psycopg, sqlite3 and pool errors alike: say which database and why
-        fail(f"database {where}: {type(exc).__name__}: {exc}", Exit.FAILED)
+        applied = apply(database)
+    except DATABASE_ERRORS as exc:
+        database_failed(settings, exc, where)
+    finally:
+        database.close()
     click.echo(f"applied migrations {applied} to {where}" if applied else f"{where} is up to date", err=True)
 
 
@@ -312,6 +326,7 @@ def scheduler() -> None:
     from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
+    _preflight(settings)
     configure_logging(settings.log_format, settings.log_level)
     try:
         run_scheduler(settings)

@@ -19,9 +19,9 @@ from rich.table import Table
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
-from bridgehook.ops import DATABASE_ERRORS, console, database_failed, key_missing
+from bridgehook.ops import DATABASE_ERRORS, console, database_failed, key_missing, open_database
 from service.settings import Settings, SettingsError
-from workers.codec import AESGCMCodec, CodecError, generate_key
+from workers.codec import AESGCMCodec, CodecError, codec_from_settings, generate_key
 from workers.reader import Reader
 
 
@@ -30,15 +30,10 @@ def reader() -> Iterator[Reader]:
     devenv.adopt_local_state(os.environ)
     try:
         settings = Settings.from_env()
-        built = Reader.from_env(settings)
+        codec = codec_from_settings(settings)
     except SettingsError as exc:
         fail(str(exc), Exit.USAGE)
-    except Exception as exc:  # psycopg, sqlite3 and pool errors alike
-        fail(
-            f"database {settings.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}",
-            Exit.FAILED,
-        )
-    with built:
+    with Reader(open_database(settings), codec) as built:
         try:
             yield built
         except DATABASE_ERRORS as exc:

@@ -6,6 +6,7 @@ database unreachable, the receiver refused); :attr:`Exit.USAGE` bad usage or con
 
 from __future__ import annotations
 
+import re
 import sys
 from enum import IntEnum
 from typing import NoReturn
@@ -19,6 +20,9 @@ class Exit(IntEnum):
 
 
 def fail(message: str, code: Exit) -> NoReturn:
-    """One line on stderr naming what is wrong, then exit with ``code`` (no default: callers say which)."""
-    click.echo(f"bridgehook: {message}", err=True)
+    """One line on stderr naming what is wrong, then exit with ``code`` (no default: callers say which).
+
+    A message quoted from elsewhere may span lines (psycopg's do): its lines are joined with "; "."""
+    line = re.sub(r"\s*\n[\s;]*", "; ", message.strip())
+    click.echo(f"bridgehook: {line}", err=True)
     sys.exit(int(code))

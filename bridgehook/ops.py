@@ -32,6 +32,7 @@ from workers.codec import CodecError, codec_from_settings
 from workers.db import Database
 from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact, traceback_of
 from workers.replay import Enqueuer, from_ledger
+from workers.schema import SchemaNotReady, require_current
 from workers.storage import TEMPORARY_STATUSES, Storage
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,16 +131,8 @@ def settings() -> Settings:
 def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
     """Redis (checked) and the database, with one clear line when either is unreachable."""
     s = settings()
-    assert s.redis_url is not None
-    connection = redis.Redis.from_url(s.redis_url, socket_connect_timeout=5, socket_timeout=30)
-    try:
-        connection.ping()
-    except redis.RedisError as exc:
-        fail(f"Redis at {s.redis_url_for_logs} is unreachable: {exc}", Exit.FAILED)
-    try:
-        db = Database.from_url(s.database_url)
-    except Exception as exc:
-        fail(f"database {s.database_url_for_logs} is unreachable: {type(exc).__name__}: {exc}", Exit.FAILED)
+    connection = redis_connection(s)
+    db = open_database(s)
     try:
         yield s, connection, Storage(db, codec_from_settings(s))
     # What a command meets midway that we know (issue #17: a key missing from ENCRYPTION_KEYS dumped a
@@ -161,10 +154,57 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
 DATABASE_ERRORS = (psycopg.Error, sqlite3.Error)
 
 
-def database_failed(s: Settings, exc: Exception) -> NoReturn:
-    """The database failed midway through a command: one line, not a traceback."""
+def redis_connection(s: Settings) -> redis.Redis:
+    """Redis (REDIS_URL's), answering, or one line saying it is unreachable (exit 1)."""
+    assert s.redis_url is not None
+    connection = redis.Redis.from_url(s.redis_url, socket_connect_timeout=5, socket_timeout=30)
+    try:
+        connection.ping()
+    except redis.RedisError as exc:
+        fail(
+            f"Redis at {s.redis_url_for_logs} is unreachable: {exc}; check it (or REDIS_URL), "
+            "then run the command again",
+            Exit.FAILED,
+        )
+    return connection
+
+
+def open_database(s: Settings, *, migrate: bool = False) -> Database:
+    """The database a command needs (DATABASE_URL's, or ``migrate``: `db upgrade`'s), or one line
+    saying why not.
+
+    A URL that cannot work as written is configuration (exit 2): a SQLite file whose directory cannot
+    be made or written, a malformed PostgreSQL URL. A server that does not answer or refuses us, or a
+    schema `db upgrade` has not brought, is a failure (exit 1) that the line says how to mend."""
+    where = s.migrate_url_for_logs if migrate else s.database_url_for_logs
+    variable = "DATABASE_URL_MIGRATE" if migrate and s.database_url_migrate else "DATABASE_URL"
+    try:
+        db = Database.from_url(s.migrate_url if migrate else s.database_url)
+    except (OSError, *DATABASE_ERRORS) as exc:
+        if isinstance(exc, OSError | psycopg.ProgrammingError) or "unable to open" in str(exc):
+            fail(f"{variable}: cannot open {where}: {exc}; set it to a usable database", Exit.USAGE)
+        fail(
+            f"database {where} is unreachable: {type(exc).__name__}: {exc}; "
+            "check it, then run the command again",
+            Exit.FAILED,
+        )
+    if migrate:  # what `db upgrade` opens: the schema is what it brings
+        return db
+    try:
+        require_current(db)
+    except (SchemaNotReady, *DATABASE_ERRORS) as exc:
+        db.close()
+        if isinstance(exc, SchemaNotReady):
+            fail(str(exc), Exit.FAILED)
+        database_failed(s, exc)
+    return db
+
+
+def database_failed(s: Settings, exc: Exception, where: str | None = None) -> NoReturn:
+    """The database (``where``, else DATABASE_URL's) failed midway through a command: one line, not a
+    traceback."""
     fail(
-        f"database {s.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
+        f"database {where or s.database_url_for_logs} failed: {type(exc).__name__}: {exc}; "
         "check it, then run the command again",
         Exit.FAILED,
     )
@@ -249,12 +289,16 @@ def dlq_show(job_id: str) -> None:
     console.print(traceback_of(d.job) or "(none kept)", markup=False)
 
 
-def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:
-    filters = _filters(kw)
-    if not ids and not all_ and filters == Filters():
+def _say_which(ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> None:
+    """A usage error before any connection: whether Redis answers does not change it."""
+    if not ids and not all_ and _filters(kw) == Filters():
         fail(
             "say which: give IDs, --all, or a filter (--type, --item, --since, --until, --error)", Exit.USAGE
         )
+
+
+def _selection(letters: DeadLetters, ids: Sequence[str], all_: bool, kw: dict[str, Any]) -> list[DeadLetter]:
+    filters = _filters(kw)
     if ids:
         try:
             return letters.load(letters.resolve(ids))
@@ -285,6 +329,7 @@ def _would(verb: str, chosen: list[DeadLetter]) -> None:
 )
 def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate: float, **kw: Any) -> None:
     """Requeue dead letters (idempotent; safe to interrupt and run again)."""
+    _say_which(ids, all_, kw)
     with ops() as (s, r, storage):
         letters = DeadLetters(r, s.queue_name, storage)
         chosen = _selection(letters, ids, all_, kw)
@@ -310,6 +355,7 @@ def dlq_replay(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, rate:
 @click.option("--yes", "-y", is_flag=True, help=f"Do not ask, even above {CONFIRM_ABOVE}.")
 def dlq_purge(ids: tuple[str, ...], all_: bool, dry_run: bool, yes: bool, **kw: Any) -> None:
     """Remove dead letters from the registry; their webhook_events rows stay, marked purged."""
+    _say_which(ids, all_, kw)
     with ops() as (s, r, storage):
         letters = DeadLetters(r, s.queue_name, storage)
         chosen = _selection(letters, ids, all_, kw)

@@ -207,7 +207,7 @@ def test_db_upgrade_twice_and_concurrently(tmp_path: Path, pg_schema_url: str) -
     bad = run("db", "upgrade", env={**os.environ, "DATABASE_URL": "postgresql://nobody:pw@127.0.0.1:1/x"})
     assert bad.returncode == 1
     assert bad.stderr.startswith(
-        "bridgehook: database postgresql://nobody:***@127.0.0.1:1/x: OperationalError"
+        "bridgehook: database postgresql://nobody:***@127.0.0.1:1/x is unreachable: OperationalError"
     )
     assert "pw@" not in bad.stderr
 
@@ -224,7 +224,7 @@ def test_db_upgrade_connects_as_database_url_migrate_when_set(pg_schema_url: str
     )
     assert bad.returncode == 1
     assert bad.stderr.startswith(
-        "bridgehook: database postgresql://owner:***@127.0.0.1:1/x: OperationalError"
+        "bridgehook: database postgresql://owner:***@127.0.0.1:1/x is unreachable: OperationalError"
     )
     assert "ownerpw" not in bad.stderr and "runtimepw" not in bad.stderr
 
