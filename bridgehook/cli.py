@@ -63,6 +63,22 @@ def serve(host: str, port: int) -> None:
     _serve(load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL"), host, port)
 
 
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+def api(host: str, port: int) -> None:
+    """Run the application API (users, Connect, items, transactions, erasure; internal, behind tokens)."""
+    import uvicorn
+
+    from api.app import API_NEEDS, create_app
+    from service.logs import configure_logging
+
+    settings = load_settings(*API_NEEDS)
+    configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False)
+
+
 def _say(line: str) -> None:
     click.echo(line, err=True)
 

@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.connect import CALLBACK_PATH, ConnectCallback
 from service.health import Readiness, livez, readyz
 from service.logs import get_logger
 from service.metrics import metrics_endpoint
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> ASGIApp:
             Route("/livez", livez),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
+            Route(CALLBACK_PATH, ConnectCallback(settings, queue).endpoint),
         ],
         lifespan=lifespan,
     )
