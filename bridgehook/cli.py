@@ -298,10 +298,11 @@ def scheduler() -> None:
 
 
 def _register_ops() -> None:
-    from bridgehook import data, ops
+    from bridgehook import data, items, ops
 
     for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, ops.status, data.keys, data.accounts):
         main.add_command(command)
+    main.add_command(items.items)
 
 
 _register_ops()

@@ -386,6 +386,11 @@ def test_probes_match_what_each_process_serves(manifests: Rendered) -> None:
     assert ports == {"http": 8000}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    (c,) = containers(manifests.one("Deployment", "bridgehook-api"))
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8001}
+    assert c["args"] == ["api", "--host", "0.0.0.0", "--port", "8001"]  # noqa: S104 (inside the pod)
+    for probe in ("readinessProbe", "livenessProbe"):  # /livez: no token, no I/O (api/app.py)
+        assert c[probe]["httpGet"] == {"path": "/livez", "port": "http"}
     for name in ("bridgehook-worker", "bridgehook-scheduler"):
         workload = manifests.one("Deployment", name)
         (c,) = containers(workload)
@@ -428,7 +433,9 @@ def test_secrets_are_referenced_never_defined(manifests: Rendered) -> None:
     config = manifests.config()
     for key, value in config.items():
         assert not re.search(r"SECRET|PASSWORD|TOKEN|KEY", key), f"{key} belongs in the Secret"
-        assert key == "BRIDGE_API_URL" or ("@" not in value and "://" not in value), f"{key}={value!r}"
+        public = ("BRIDGE_API_URL", "CONNECT_CALLBACK_URL", "CONNECT_RETURN_URL")  # addresses, no credentials
+        assert key in public or ("@" not in value and "://" not in value), f"{key}={value!r}"
+        assert "@" not in value, f"{key}={value!r}"
 
 
 WANTED_SECRETS = {
@@ -436,6 +443,14 @@ WANTED_SECRETS = {
     "worker": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "scheduler": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "migrate": {"DATABASE_URL"},
+    "api": {
+        "REDIS_URL",
+        "DATABASE_URL",
+        "BRIDGE_CLIENT_ID",
+        "BRIDGE_CLIENT_SECRET",
+        "ENCRYPTION_KEYS",
+        "API_TOKENS",
+    },
 }
 
 
@@ -608,10 +623,19 @@ def test_services_monitors_and_ingress_fit_together(manifests: Rendered) -> None
     assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["tls"]
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] in ingress["spec"]["tls"][0]["hosts"] and not rule["host"].endswith("example.invalid")
-    # Only the webhook is published: /metrics, /livez and /readyz stay inside the cluster.
-    (path,) = rule["http"]["paths"]
-    assert (path["path"], path["pathType"]) == ("/webhooks/bridge", "Exact")
-    assert path["backend"]["service"] == {"name": "bridgehook-receiver", "port": {"name": "http"}}
+    # Only the webhook and the end of Connect are published: /metrics, /livez and /readyz stay inside
+    # the cluster, and so does the application API.
+    paths = rule["http"]["paths"]
+    assert {(p["path"], p["pathType"]) for p in paths} == {
+        ("/webhooks/bridge", "Exact"),
+        ("/connect/callback", "Exact"),
+    }
+    for path in paths:
+        assert path["backend"]["service"] == {"name": "bridgehook-receiver", "port": {"name": "http"}}
+    # Bridge sends the user's browser to the callback under the published host.
+    assert manifests.config()["CONNECT_CALLBACK_URL"] == f"https://{rule['host']}/connect/callback"
+    api = services["bridgehook-api"]
+    assert api["spec"]["type"] == "ClusterIP" and [p["port"] for p in api["spec"]["ports"]] == [8001]
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -668,12 +692,14 @@ def test_network_policies_allow_only_what_each_process_needs(manifests: Rendered
         "worker": {("TCP", 9100, prometheus)},
         "scheduler": {("TCP", 9100, prometheus)},
         "migrate": set(),
+        "api": {("TCP", 8001, "banking-app/")},  # the application's namespace, nothing else
     }
     expected_out = {
         "receiver": dns | {("TCP", 6379)},
         "worker": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
         "scheduler": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
         "migrate": dns | {("TCP", 5432)},
+        "api": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
     }
     for workload in manifests.workloads():
         labels = workload["spec"]["template"]["metadata"]["labels"]
@@ -717,6 +743,8 @@ REQUIRED_ALERTS = {
     "BridgehookItemsStuck1003",
     "BridgehookWorkersAbsent",
     "BridgehookSchedulerAbsent",
+    "BridgehookItemsNeedSupport",  # action contact_support
+    "BridgehookConsentsExpiring",  # within 7 days
 }
 
 
