@@ -15,6 +15,7 @@ reader, not for a screen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,6 +71,25 @@ def _description(ctx: WorkerContext, uuid: str, item: dict[str, Any], lang: str)
     return str(text) if text else None
 
 
+Decode = Callable[[str | None, str], str | None]
+
+
+def _account(row: tuple[Any, ...], tried_at: datetime | None, decode: Decode) -> dict[str, Any]:
+    account_id, _, name, kind, balance, currency, iban, access, updated = row
+    updated_at = to_datetime(updated)
+    return {
+        "account_id": int(account_id),
+        "name": decode(name, "accounts.name"),
+        "type": kind,
+        "balance": None if balance is None else str(to_decimal(balance)),
+        "currency_code": currency,
+        "iban_masked": masked(decode(iban, "accounts.iban")),
+        "data_access": access,
+        # Bridge's rule: the account's last refresh succeeded when updated_at >= item.last_try_refresh.
+        "last_refresh_ok": tried_at is None or (updated_at is not None and updated_at >= tried_at),
+    }
+
+
 def _items(ctx: WorkerContext, request: Request) -> list[dict[str, Any]]:
     uuid = live_user(ctx, request)
     lang = language(request.headers.get("accept-language"), ctx.settings.bridge_accept_language)
@@ -109,22 +129,7 @@ def _items(ctx: WorkerContext, request: Request) -> list[dict[str, Any]]:
                 "consent_expires_at": iso(expires),
                 "last_successful_refresh": iso(success),
                 "last_connect": last_connect.get(item_id),
-                "accounts": [
-                    {
-                        "account_id": int(a[0]),
-                        "name": decode(a[2], "accounts.name"),
-                        "type": a[3],
-                        "balance": None if a[4] is None else str(to_decimal(a[4])),
-                        "currency_code": a[5],
-                        "iban_masked": masked(decode(a[6], "accounts.iban")),
-                        "data_access": a[7],
-                        "last_refresh_ok": bool(
-                            tried_at is None or (a[8] is not None and to_datetime(a[8]) >= tried_at)  # type: ignore[operator]
-                        ),
-                    }
-                    for a in accounts
-                    if a[1] == item_id
-                ],
+                "accounts": [_account(a, tried_at, decode) for a in accounts if a[1] == item_id],
             }
         )
     for item in out:

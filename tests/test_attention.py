@@ -18,6 +18,7 @@ from tests.harness import Harness, worker_settings
 from tests.support import TEST_ENCRYPTION_KEY
 from workers import context
 from workers.actions import ACTIONS, action
+from workers.db import to_datetime
 from workers.observe import StatusCollector
 from workers.reconcile import Reconciler
 
@@ -127,9 +128,11 @@ def test_a_user_bridge_deleted_is_erased_after_the_retention(harness: Harness, w
     user = _deleted_user(world, harness)
     [(deleted_at,)] = harness.rows("SELECT deleted_at FROM users WHERE uuid = %s", (user,))
     assert deleted_at is not None and _rows(harness)["transactions"] == 5  # marked, kept for now
-    Reconciler(context.current(), now=lambda: datetime.now(UTC) + 29 * DAY).run()
+    deleted = to_datetime(deleted_at)
+    assert deleted is not None  # the event's time (the harness's events are dated 2023)
+    Reconciler(context.current(), now=lambda: deleted + 29 * DAY).run()
     assert _rows(harness)["transactions"] == 5
-    counts = Reconciler(context.current(), now=lambda: datetime.now(UTC) + 31 * DAY).run()
+    counts = Reconciler(context.current(), now=lambda: deleted + 31 * DAY).run()
     assert counts["erased"] == 1
     assert _rows(harness) == dict.fromkeys(USER_TABLES, 0)
     assert harness.rows("SELECT uuid FROM erased_users") == [(user,)]
