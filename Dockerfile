@@ -39,6 +39,7 @@ COPY pyproject.toml README.md ./
 COPY bridgehook ./bridgehook
 COPY service ./service
 COPY workers ./workers
+COPY api ./api
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \
     && bridgehook --help > /dev/null \
@@ -51,7 +52,7 @@ RUN pip install --no-cache-dir --no-deps . \
 FROM python:3.11.14-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="bridgehook" \
-      org.opencontainers.image.description="Bridge webhook receiver, workers, scheduler and ops commands" \
+      org.opencontainers.image.description="Bridge webhook receiver, application API, workers, scheduler and ops commands" \
       org.opencontainers.image.licenses="Proprietary"
 
 ENV PYTHONUNBUFFERED=1 \
@@ -72,8 +73,9 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 USER 10001:10001
 
-# 8000: the receiver (webhooks, /livez, /readyz, /metrics); 9100: worker/scheduler metrics.
-EXPOSE 8000 9100
+# 8000: the receiver (webhooks, /connect/callback, /livez, /readyz, /metrics); 8001: the application
+# API; 9100: worker/scheduler metrics.
+EXPOSE 8000 8001 9100
 
 # No HEALTHCHECK: the same image runs four different processes (only the receiver serves HTTP
 # on 8000) and Kubernetes ignores HEALTHCHECK anyway; the probes are in k8s/base.

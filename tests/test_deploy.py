@@ -900,7 +900,7 @@ def test_dockerfile_promises(dockerfile: list[Stage], rendered: dict[str, Render
         for c in containers(w)
         for p in c.get("ports", [])
     }
-    assert used == exposed == {8000, 9100}
+    assert used == exposed == {8000, 8001, 9100}
     # The runtime stage installs nothing: it creates the user and copies the venv, that is all.
     (run,) = runtime.all("RUN")
     assert run.startswith("groupadd") and f"--uid {IMAGE_UID}" in run and "apt-get" not in run
@@ -1091,7 +1091,15 @@ def test_build_context_holds_what_the_build_needs_and_nothing_private(
 ) -> None:
     paths = build_context(tmp_path)
     tops = {p.split("/")[0] for p in paths}
-    assert tops == {"pyproject.toml", "requirements.lock", "README.md", "bridgehook", "service", "workers"}
+    assert tops == {
+        "pyproject.toml",
+        "requirements.lock",
+        "README.md",
+        "bridgehook",
+        "service",
+        "workers",
+        "api",
+    }
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert any(p.startswith("bridgehook/fixtures/webhooks/") for p in paths), "package data"
     for args in dockerfile[0].all("COPY"):
@@ -1258,8 +1266,9 @@ def test_every_command_the_manifests_run_exists_in_the_image(
     assert image.run(["--help"]).returncode == 0
     commands = _manifest_commands(rendered)
     assert sorted(map(tuple, commands)) == sorted(
-        [("serve", "--host", "0.0.0.0", "--port", "8000"), ("worker",), ("scheduler",), ("db", "upgrade")]  # noqa: S104
-    )
+        [("serve", "--host", "0.0.0.0", "--port", "8000"), ("api", "--host", "0.0.0.0", "--port", "8001"),  # noqa: S104
+         ("worker",), ("scheduler",), ("db", "upgrade")]
+    )  # fmt: skip
     for args in [*commands, image.cmd, ["dlq", "list"], ["status"], ["resync"], ["events", "replay"]]:
         done = image.run([*args, "--help"])
         assert done.returncode == 0, f"bridgehook {' '.join(args)} --help: {done.stderr}"
@@ -1387,6 +1396,21 @@ def test_probe_paths_answer_on_the_real_processes(
     finally:
         code, output = _stop(process)
     # uvicorn drains, then re-raises the SIGTERM it caught (exit 143 in the pod): a clean stop.
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
+
+    api = pod_spec(r.one("Deployment", "bridgehook-api"))["containers"][0]
+    port = free_port()
+    args = [*api["args"]]
+    args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
+    process = image.start(args, {**env, "API_TOKENS": "deploy-test-api-token"})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/livez", timeout=30)
+        for probe in ("livenessProbe", "readinessProbe"):
+            answer = httpx.get(f"http://127.0.0.1:{port}{api[probe]['httpGet']['path']}", timeout=5)
+            assert answer.status_code == 200, (probe, answer.text)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/users/u1/items", timeout=5).status_code == 401
+    finally:
+        code, output = _stop(process)
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
 
     for name in ("bridgehook-worker", "bridgehook-scheduler"):
