@@ -101,8 +101,12 @@ def test_the_whole_flow(flow: Flow, world: World) -> None:
     back = flow.connect(session.json()["url"])
     [item] = [i["id"] for i in world.api_items(uuid)]
     assert back == {"item_id": str(item), "success": "true", "context": "onboarding-7"}
+    world.reset_requests()
     h.drain()
     assert h.failed_ids() == []
+    # The callback's sync coalesced with the webhooks': three jobs read the item (item.created,
+    # item.account.created, item.refreshed), the callback's was served by the last one's sync.
+    assert [q.path for q in world.requests].count(f"/v3/aggregation/items/{item}") == 3
     tables, truth = h.tables(), h.truth()
     assert tables["transactions"] == truth["transactions"] and len(tables["transactions"]) == 12
 
@@ -131,6 +135,18 @@ def test_the_whole_flow(flow: Flow, world: World) -> None:
     assert {t["clean_description"] for t in seen} <= {
         t["clean_description"] for t in truth["transactions"].values()
     }
+    # A transaction Bridge deletes leaves the default listing, and shows with include_deleted.
+    gone = seen[0]["transaction_id"]
+    world.delete_transaction(gone)
+    h.send(world.event_account(account["id"]))
+    h.drain()
+    live = api.get("/v1/users/app-user.1@x/transactions", headers=AUTH).json()["transactions"]
+    query = {"include_deleted": "true", "account_id": account["id"]}
+    every = api.get("/v1/users/app-user.1@x/transactions", headers=AUTH, params=query).json()["transactions"]
+    assert gone not in {t["transaction_id"] for t in live} and len(live) == 11
+    assert [t["deleted_at"] is not None for t in every if t["transaction_id"] == gone] == [True]
+    since = api.get("/v1/users/app-user.1@x/transactions", headers=AUTH, params={"since": seen[5]["date"]})
+    assert all(t["date"] >= seen[5]["date"] for t in since.json()["transactions"])
 
     # The bank wants new credentials: the item says so, in the user's language, as Bridge words it.
     world.set_item_status(item, 402)
