@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from fakebridge import FakeBridgeServer, World
+from fakebridge import FakeBridgeServer, WebhookSender, World
 
 HEADERS = {
     "Client-Id": "fake-client-id",
@@ -126,3 +126,16 @@ def test_status_descriptions_follow_accept_language(
     assert http.get(f"/v3/aggregation/items/{item}", headers=auth).json()["status_code_description"] == text
     [listed] = http.get("/v3/aggregation/items", headers=auth).json()["resources"]
     assert listed["status_code_description"] == text
+
+
+def test_the_cli_sends_the_connect_webhooks_where_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fakebridge.__main__ import make_world, parse_args
+
+    assert make_world(parse_args(["serve"])).webhooks is None
+    with pytest.raises(SystemExit, match="FAKE_BRIDGE_WEBHOOK_SECRET"):
+        make_world(parse_args(["serve", "--webhook-url", "http://127.0.0.1:9/webhooks/bridge"]))
+    monkeypatch.setenv("FAKE_BRIDGE_WEBHOOK_SECRET", "whsec-0123456789")
+    world = make_world(parse_args(["serve", "--webhook-url", "http://127.0.0.1:9/webhooks/bridge"]))
+    sender = getattr(world.webhooks, "__self__", None)  # the bound WebhookSender.send
+    assert isinstance(sender, WebhookSender) and sender.secrets == ["whsec-0123456789"]
+    assert sender.receiver_url == "http://127.0.0.1:9/webhooks/bridge"
