@@ -1,8 +1,9 @@
 """Errors as the API answers them: ``{"error": <code>, "detail": <text>}``, as the receiver does.
 
 Bridge's failures become answers the application can act on: a budget spent or Bridge unreachable is
-a 503 with ``Retry-After`` (try again later), Bridge refusing our credentials or a request is a 502
-(ours to fix, not the application's). A stored value that cannot be decrypted is a 500 naming it.
+a 503 with ``Retry-After`` (try again later), a user Bridge no longer knows a 404, Bridge refusing our
+credentials or a request a 502 (ours to fix, not the application's). A stored value that cannot be
+decrypted is a 500 naming it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service.logs import get_logger
-from workers.bridge import AuthError, BridgeError, TransientError
+from workers.bridge import AuthError, BridgeError, NotFound, TransientError
 from workers.codec import CodecError
 
 log = get_logger("bridgehook.api")
@@ -48,6 +49,8 @@ async def bridge_error(request: Request, exc: Exception) -> Response:
         wait = str(max(1, math.ceil(exc.retry_after or 1)))
         return error_response(503, "bridge_unavailable", "Bridge is busy or unreachable: retry later",
                               {"Retry-After": wait})  # fmt: skip
+    if isinstance(exc, NotFound):  # the user (or item) is gone at Bridge; its webhook will follow
+        return error_response(404, "not_found_at_bridge", "Bridge no longer knows this user or item")
     if isinstance(exc, AuthError):
         return error_response(502, "bridge_refused", "Bridge refused our credentials: check BRIDGE_CLIENT_*")
     return error_response(502, "bridge_error", f"Bridge refused the request ({exc.status} {exc.code or ''})")

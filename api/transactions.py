@@ -43,7 +43,9 @@ def _cursor(text: str) -> tuple[date, int]:
         day, last = json.loads(base64.urlsafe_b64decode(text.encode()))
         found = date.fromisoformat(day), int(last)
     except (ValueError, TypeError, binascii.Error, UnicodeError):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API gave") from None
+        found = None
+    if found is None or not 0 < found[1] <= _MAX_ID:
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API gave")
     return found
 
 

@@ -288,7 +288,8 @@ def test_sessions_and_transactions_refuse_what_is_not_the_users(flow: Flow, worl
 @SQLITE
 @pytest.mark.parametrize(
     "query", ["limit=0", "limit=501", "limit=x", "since=yesterday", "cursor=bm9wZQ", "cursor=%%%",
-              "include_deleted=yes", "account_id=-3"]
+              "include_deleted=yes", "account_id=-3", "account_id=99999999999999999999",
+              "cursor=WyIyMDI2LTAxLTAxIiwgMTAwMDAwMDAwMDAwMDAwMDAwMDAwMF0="]
 )  # fmt: skip
 def test_transactions_refuse_bad_queries(flow: Flow, query: str) -> None:
     flow.api.put("/v1/users/u1", headers=AUTH)
