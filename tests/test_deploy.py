@@ -692,8 +692,13 @@ def test_network_policies_allow_only_what_each_process_needs(manifests: Rendered
         "worker": {("TCP", 9100, prometheus)},
         "scheduler": {("TCP", 9100, prometheus)},
         "migrate": set(),
-        "api": {("TCP", 8001, "banking-app/")},  # the application's namespace, nothing else
     }
+    application = manifests.one("NetworkPolicy", "bridgehook-api-ingress")["spec"]["ingress"][0]["from"][0]
+    app_namespace = application["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    # The application's namespace (every pod of it: the API's tokens say who may call), nothing else.
+    expected_in["api"] = {("TCP", 8001, f"{app_namespace}/")}
+    (own,) = manifests.of("Namespace")
+    assert app_namespace not in ("ingress-nginx", "monitoring", "kube-system", own["metadata"]["name"])
     expected_out = {
         "receiver": dns | {("TCP", 6379)},
         "worker": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
