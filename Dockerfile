@@ -42,6 +42,7 @@ COPY pyproject.toml README.md ./
 COPY bridgehook ./bridgehook
 COPY service ./service
 COPY workers ./workers
+COPY api ./api
 RUN pip install --no-cache-dir --no-deps . \
     && pip check \
     && bridgehook --help > /dev/null \
@@ -54,7 +55,7 @@ RUN pip install --no-cache-dir --no-deps . \
 FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d AS runtime
 
 LABEL org.opencontainers.image.title="bridgehook" \
-      org.opencontainers.image.description="Bridge webhook receiver, workers, scheduler and ops commands" \
+      org.opencontainers.image.description="Bridge webhook receiver, application API, workers, scheduler and ops commands" \
       org.opencontainers.image.licenses="Proprietary"
 
 ENV PYTHONUNBUFFERED=1 \
@@ -75,8 +76,9 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 USER 10001:10001
 
-# 8000: the receiver (webhooks, /livez, /readyz, /metrics); 9100: worker/scheduler metrics.
-EXPOSE 8000 9000 9100
+# 8000: the receiver (webhooks, /connect/callback); 9000: its /livez, /readyz and /metrics
+# (ADMIN_PORT); 8001: the application API; 9100: worker/scheduler metrics.
+EXPOSE 8000 8001 9000 9100
 
 # No HEALTHCHECK: the same image runs four different processes (only the receiver serves HTTP
 # on 8000) and Kubernetes ignores HEALTHCHECK anyway; the probes are in k8s/base.

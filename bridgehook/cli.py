@@ -76,6 +76,22 @@ def serve(host: str, port: int) -> None:
         _serve(settings, webhook, admin)
 
 
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")  # noqa: S104
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+def api(host: str, port: int) -> None:
+    """Run the application API (users, Connect, items, transactions, erasure; internal, behind tokens)."""
+    import uvicorn
+
+    from api.app import API_NEEDS, create_app
+    from service.logs import configure_logging
+
+    settings = load_settings(*API_NEEDS)
+    configure_logging(settings.log_format, settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False)
+
+
 def _say(line: str) -> None:
     click.echo(line, err=True)
 
@@ -335,11 +351,12 @@ def scheduler() -> None:
 
 
 def _register_ops() -> None:
-    from bridgehook import data, ops, status
+    from bridgehook import data, items, ops, status
 
     for command in (ops.dlq, ops.events, ops.resync, ops.reconcile, status.status, status.retries, data.keys,
                     data.accounts):  # fmt: skip
         main.add_command(command)
+    main.add_command(items.items)
 
 
 _register_ops()

@@ -1,5 +1,7 @@
 """``python -m fakebridge serve [--host H] [--port P] [--seed-demo] [--seed N] [--latency-ms MS]
-[--jitter-ms MS] [--budget-app N/S] [--budget-user N/S] [--budget-token N/S]``: the fake (foreground).
+[--jitter-ms MS] [--budget-app N/S] [--budget-user N/S] [--budget-token N/S] [--webhook-url URL]``: the
+fake (foreground). With ``--webhook-url``, its Connect page delivers the webhooks it causes there,
+signed with ``FAKE_BRIDGE_WEBHOOK_SECRET``.
 
 The latency and budget options make the fake as slow and as strict as the real API (whose documented
 limits are 2000/300 per application, 60/60 per user and 10/60 token requests per user), so that a client
@@ -15,6 +17,7 @@ import sys
 import uvicorn
 
 from fakebridge.app import PREFIX, create_app
+from fakebridge.sender import WebhookSender
 from fakebridge.world import Limit, World, seed_demo
 
 
@@ -49,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             metavar="N/S",
             help=f"{kind} rate limit, N requests per S seconds (Bridge: {real}; default unlimited)",
         )
+    serve.add_argument(
+        "--webhook-url",
+        help="where the Connect page sends its webhooks (a receiver's /webhooks/bridge), signed with "
+        "FAKE_BRIDGE_WEBHOOK_SECRET",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.jitter_ms <= args.latency_ms:
         parser.error("--jitter-ms must be between 0 and --latency-ms")
@@ -66,6 +74,11 @@ def make_world(args: argparse.Namespace) -> World:
         seed_demo(world)
     world.faults.latency(args.latency_ms / 1000, args.jitter_ms / 1000, seed=args.seed)
     world.budgets.set(app=args.budget_app, user=args.budget_user, token=args.budget_token)
+    if args.webhook_url:
+        secret = os.environ.get("FAKE_BRIDGE_WEBHOOK_SECRET", "")
+        if not secret:
+            raise SystemExit("--webhook-url needs FAKE_BRIDGE_WEBHOOK_SECRET, the receiver's webhook secret")
+        world.webhooks = WebhookSender(args.webhook_url, secret).send
     return world
 
 

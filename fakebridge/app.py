@@ -18,10 +18,12 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fakebridge.connect import connect_page, create_session, describe
 from fakebridge.world import Refusal, RequestRecord, World, parse_iso_ms, render, render_json
 
 PREFIX = "/v3/aggregation"
 TOKEN_PATH = PREFIX + "/authorization/token"
+CONNECT_PAGE = "/connect/"
 
 
 class JSONResponse(Response):
@@ -139,6 +141,9 @@ class FakeBridgeMiddleware:
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         response: Response | None = None
         headers = Request(scope).headers
+        if scope["path"].startswith(CONNECT_PAGE):  # a user's browser: no credentials, no budget
+            await self.app(scope, receive, send)
+            return
         if (fault := self.world.faults.take()) is not None:
             response = fault_response(fault.status, fault.retry_after)
         elif (
@@ -236,9 +241,15 @@ async def create_user(request: Request) -> Response:
     world: World = request.app.state.world
     try:
         body = json.loads(await request.body() or b"{}")
-        uuid = world.add_user(body.get("external_user_id"))
+        external = body.get("external_user_id")
     except (ValueError, AttributeError) as exc:
         raise ApiError(400, "invalid_body", str(exc)) from None
+    if external is not None and not isinstance(external, str):
+        raise ApiError(400, "invalid_body", "external_user_id must be a string")
+    try:
+        uuid = world.add_user(external)
+    except ValueError as exc:  # that external_user_id is taken
+        raise ApiError(409, "conflict", str(exc)) from None
     return JSONResponse(
         render({"uuid": uuid, "external_user_id": body.get("external_user_id")}), status_code=201
     )
@@ -253,7 +264,8 @@ async def delete_user(request: Request) -> Response:
 
 
 async def list_items(request: Request) -> Response:
-    return _page(request, request.app.state.world.api_items(_user(request)))
+    items = request.app.state.world.api_items(_user(request))
+    return _page(request, [describe(item, request.headers.get("accept-language")) for item in items])
 
 
 async def get_item(request: Request) -> Response:
@@ -262,7 +274,7 @@ async def get_item(request: Request) -> Response:
     item = request.app.state.world.api_item(user, item_id)
     if item is None:
         raise _not_found("item")
-    return JSONResponse(item)
+    return JSONResponse(describe(item, request.headers.get("accept-language")))
 
 
 async def list_accounts(request: Request) -> Response:
@@ -319,15 +331,17 @@ def create_app(world: World) -> Starlette:
         Route("/accounts", list_accounts, methods=["GET"]),
         Route("/accounts/{account_id:int}", get_account, methods=["GET"]),
         Route("/transactions", list_transactions, methods=["GET"]),
+        Route("/connect-sessions", create_session, methods=["POST"]),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPException: _http_error,
         ApiError: _http_error,
     }
     app = Starlette(
-        routes=[Mount(PREFIX, routes=routes)],
+        routes=[Mount(PREFIX, routes=routes), Route(CONNECT_PAGE + "{session_id}", connect_page)],
         middleware=[Middleware(FakeBridgeMiddleware, world=world)],
         exception_handlers=handlers,
     )
     app.state.world = world
+    app.state.connect_sessions = {}
     return app

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -386,6 +387,9 @@ class World:
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (user uuid, expiry epoch seconds)
         self._next_id = {"item": 4_000_001, "account": 20_000_001, "txn": 50_000_001}
         self._event_marks: dict[int, int] = {}  # account id -> clock at its last item.account.updated
+        # Where the fake Connect page delivers the webhooks it causes (fakebridge.connect), e.g.
+        # ``WebhookSender(url, secret).send``; None sends none.
+        self.webhooks: Callable[[str, dict[str, Any]], object] | None = None
 
     # -- clock and ids -------------------------------------------------------------------------------
     def _tick(self) -> int:

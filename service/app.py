@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.connect import CALLBACK_PATH, ConnectCallback
 from service.health import Readiness, livez, readyz
 from service.logs import get_logger
 from service.metrics import metrics_endpoint
@@ -61,24 +62,36 @@ def create_app(settings: Settings) -> ASGIApp:
     app.state.settings = settings
     app.state.queue = queue
     app.state.readiness = Readiness(queue)
-    return behind_proxies(Ports(view, app, settings.admin_port), settings.trusted_proxies)
+    # The webhook port's other routes, for the user's browser: the end of Connect.
+    public = Router([Route(CALLBACK_PATH, ConnectCallback(settings, queue).endpoint)], default=_not_found)
+    public.redirect_slashes = False
+    return behind_proxies(Ports(view, public, app, settings.admin_port), settings.trusted_proxies)
 
 
-_NOT_FOUND = b'{"error":"not_found","detail":"this port serves only POST %s"}' % WEBHOOK_PATH.encode()
+_NOT_FOUND = b'{"error":"not_found","detail":"this port serves POST %s and GET %s"}' % (
+    WEBHOOK_PATH.encode(),
+    CALLBACK_PATH.encode(),
+)
 _NOT_FOUND_HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_NOT_FOUND))]
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
+    await send({"type": "http.response.body", "body": _NOT_FOUND})
 
 
 class Ports:
     """Plain ASGI, by the port a request came in on.
 
     On ``ADMIN_PORT``: the probes and ``/metrics`` (Starlette). On any other port, the one the
-    ingress publishes, only the webhook path, straight to its view (the hot path, every delivery),
-    and a 404 for anything else: whoever reaches the webhook port cannot read the metrics or make
-    ``/readyz`` write to Redis. Lifespan goes to Starlette.
+    ingress publishes: the webhook path, straight to its view (the hot path, every delivery), the
+    end of Connect, and a 404 for anything else: whoever reaches the webhook port cannot read the
+    metrics or make ``/readyz`` write to Redis. Lifespan goes to Starlette.
     """
 
-    def __init__(self, webhook: ASGIApp, app: Starlette, admin_port: int) -> None:
+    def __init__(self, webhook: ASGIApp, public: ASGIApp, app: Starlette, admin_port: int) -> None:
         self.webhook = webhook
+        self.public = public
         self.app = app
         self.admin_port = admin_port
         self.state = app.state
@@ -90,7 +103,6 @@ class Ports:
                 if scope["path"] == WEBHOOK_PATH:
                     await self.webhook(scope, receive, send)
                 else:
-                    await send({"type": "http.response.start", "status": 404, "headers": _NOT_FOUND_HEADERS})
-                    await send({"type": "http.response.body", "body": _NOT_FOUND})
+                    await self.public(scope, receive, send)
                 return
         await self.app(scope, receive, send)

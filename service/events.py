@@ -125,7 +125,7 @@ def _depth(value: Any) -> int:
 
 # Identifiers a job stores or uses in keys are checked for their form at the door: a NUL, an
 # empty or 60 KB value, or ``../../x`` would be queued, then fail in the database or be cut short.
-_UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TYPE_FORM = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")  # after normalise_type; archived as such
 
 # Past these a worker cannot store the value: ids are int64 (BIGINT), times end in year 9999.
@@ -176,7 +176,7 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
                 raise MalformedEvent(f"content.{key} is not {_NAMES[types[0]]}")
             if types is _ID and not 0 < value <= _MAX_ID:
                 raise MalformedEvent(f"content.{key} is not a positive 64-bit id")
-            if types is _UUID and not _UUID_FORM.fullmatch(value):
+            if types is _UUID and not UUID_FORM.fullmatch(value):
                 raise MalformedEvent(f"content.{key} is not a UUID")
         for key in _OPTIONAL_KEYS.intersection(content):
             if type(content[key]) not in OPTIONAL_CONTENT[key]:

@@ -40,6 +40,7 @@ class Rate(NamedTuple):
 
 # Bridge's documented limits: per application, per user, token requests per user.
 RATE_APP, RATE_USER, RATE_TOKEN = Rate(2000, 300), Rate(60, 60), Rate(10, 60)
+RATE_CONNECT = Rate(60, 60)  # callbacks at the end of Connect, all clients together
 DEFAULT_BRIDGE_API_URL = "https://api.bridgeapi.io/v3/aggregation"
 
 
@@ -128,6 +129,13 @@ class Settings:
     # Encryption at rest of bank data (workers/codec.py): newest key first.
     encryption_keys: tuple[Secret, ...] = ()
     allow_plaintext_storage: bool = False
+    # The application API (api/) and the end of Connect (the receiver's /connect/callback).
+    api_tokens: tuple[Secret, ...] = ()
+    connect_callback_url: str | None = None
+    connect_return_url: str | None = None
+    connect_callback_rate: Rate = RATE_CONNECT
+    consent_warning_days: int = 14
+    deleted_user_retention_days: int = 30
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -154,6 +162,9 @@ class Settings:
             "BRIDGE_CLIENT_ID": self.bridge_client_id is not None,
             "BRIDGE_CLIENT_SECRET": self.bridge_client_secret is not None,
             "ENCRYPTION_KEYS": bool(self.encryption_keys) or self.allow_plaintext_storage,
+            "API_TOKENS": bool(self.api_tokens),
+            "CONNECT_CALLBACK_URL": self.connect_callback_url is not None,
+            "CONNECT_RETURN_URL": self.connect_return_url is not None,
         }
         for name in names:
             if not present[name]:
@@ -201,6 +212,12 @@ class Settings:
             metrics_port=env.positive_int("METRICS_PORT", 9100, allow_zero=True),
             encryption_keys=env.keys("ENCRYPTION_KEYS"),
             allow_plaintext_storage=env.flag("ALLOW_PLAINTEXT_STORAGE"),
+            api_tokens=env.secrets("API_TOKENS"),
+            connect_callback_url=env.url("CONNECT_CALLBACK_URL", ("https", "http"), None),
+            connect_return_url=env.url("CONNECT_RETURN_URL", ("https", "http"), None),
+            connect_callback_rate=env.rate("CONNECT_CALLBACK_RATE_LIMIT", RATE_CONNECT),
+            consent_warning_days=env.positive_int("CONSENT_WARNING_DAYS", 14),
+            deleted_user_retention_days=env.positive_int("DELETED_USER_RETENTION_DAYS", 30, allow_zero=True),
         )
 
 
@@ -213,6 +230,12 @@ _HOW_TO_SET = {
     "BRIDGE_CLIENT_SECRET": "set it to the client secret of your Bridge application",
     "ENCRYPTION_KEYS": "set it to a key from `bridgehook keys generate` (bank data is encrypted at rest), "
     "or set ALLOW_PLAINTEXT_STORAGE=1 to store it in clear on purpose",
+    "API_TOKENS": "set it to the token(s) your application sends as `Authorization: Bearer <token>`, "
+    "comma-separated during a rotation (at least 8 characters each)",
+    "CONNECT_CALLBACK_URL": "set it to the public URL of the receiver's /connect/callback, where Bridge "
+    "sends the user's browser at the end of Connect",
+    "CONNECT_RETURN_URL": "set it to the page of your application where the receiver sends the user's "
+    "browser after Connect",
 }
 
 

@@ -24,12 +24,18 @@ def imported_packages(package: str) -> set[str]:
     return found
 
 
-def test_service_never_imports_workers_or_the_cli() -> None:
-    assert not imported_packages("service") & {"workers", "bridgehook", "fakebridge"}
+def test_service_never_imports_workers_the_api_or_the_cli() -> None:
+    assert not imported_packages("service") & {"workers", "api", "bridgehook", "fakebridge"}
 
 
-def test_workers_never_import_the_cli_or_the_fake() -> None:
-    assert not imported_packages("workers") & {"bridgehook", "fakebridge"}
+def test_workers_never_import_the_api_the_cli_or_the_fake() -> None:
+    assert not imported_packages("workers") & {"api", "bridgehook", "fakebridge"}
+
+
+def test_the_api_never_imports_the_cli_or_the_fake() -> None:
+    """The API may use the receiver's and the workers' code (it needs the database and Bridge)."""
+    assert not imported_packages("api") & {"bridgehook", "fakebridge"}
+    assert {"service", "workers"} <= imported_packages("api")
 
 
 @pytest.mark.parametrize("dotted", sorted(JOB_FUNCTIONS.values()))

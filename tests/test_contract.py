@@ -82,6 +82,12 @@ CASES: dict[tuple[str, ...], Case] = {
     ("reconcile",): ops(),
     ("status",): ops(),
     ("retries",): ops(),
+    ("items", "attention"): ops(),
+    # The API, like serve, is checked for what it must have before it starts.
+    ("api",): Case(
+        ("--host", "127.0.0.1"),
+        config=(("API_TOKENS", None), ("CONNECT_CALLBACK_URL", None), ("REDIS_URL", None), *MALFORMED),
+    ),
     ("keys", "generate"): Case(),
     ("keys", "rotate"): Case(("--dry-run",), database=True, config=KEYS_CONFIG),
     ("accounts", "show"): Case(("1",), database=True, config=KEYS_CONFIG),
@@ -125,6 +131,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         "BRIDGE_CLIENT_ID": "client-id",
         "BRIDGE_CLIENT_SECRET": "client-secret",
         "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+        "API_TOKENS": "api-token-0123456789",
+        "CONNECT_CALLBACK_URL": "https://hooks.example.com/connect/callback",
     }
     assert not (tmp_path / ".bridgehook").exists()
 

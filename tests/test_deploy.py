@@ -423,6 +423,11 @@ def test_probes_match_what_each_process_serves(manifests: Rendered) -> None:
     assert "ADMIN_PORT" not in manifests.config()
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "admin"}
+    (c,) = containers(manifests.one("Deployment", "bridgehook-api"))
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8001}
+    assert c["args"] == ["api", "--host", "0.0.0.0", "--port", "8001"]  # noqa: S104 (inside the pod)
+    for probe in ("readinessProbe", "livenessProbe"):  # /livez: no token, no I/O (api/app.py)
+        assert c[probe]["httpGet"] == {"path": "/livez", "port": "http"}
     for name in ("bridgehook-worker", "bridgehook-scheduler"):
         workload = manifests.one("Deployment", name)
         (c,) = containers(workload)
@@ -465,7 +470,9 @@ def test_secrets_are_referenced_never_defined(manifests: Rendered) -> None:
     config = manifests.config()
     for key, value in config.items():
         assert not re.search(r"SECRET|PASSWORD|TOKEN|KEY", key), f"{key} belongs in the Secret"
-        assert key == "BRIDGE_API_URL" or ("@" not in value and "://" not in value), f"{key}={value!r}"
+        public = ("BRIDGE_API_URL", "CONNECT_CALLBACK_URL", "CONNECT_RETURN_URL")  # addresses, no credentials
+        assert key in public or ("@" not in value and "://" not in value), f"{key}={value!r}"
+        assert "@" not in value, f"{key}={value!r}"
 
 
 WANTED_SECRETS = {
@@ -473,6 +480,14 @@ WANTED_SECRETS = {
     "worker": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "scheduler": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "migrate": {"DATABASE_URL", "DATABASE_URL_MIGRATE"},
+    "api": {
+        "REDIS_URL",
+        "DATABASE_URL",
+        "BRIDGE_CLIENT_ID",
+        "BRIDGE_CLIENT_SECRET",
+        "ENCRYPTION_KEYS",
+        "API_TOKENS",
+    },
 }
 
 
@@ -720,10 +735,19 @@ def test_services_monitors_and_ingress_fit_together(manifests: Rendered) -> None
     assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["tls"]
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] in ingress["spec"]["tls"][0]["hosts"] and not rule["host"].endswith("example.invalid")
-    # Only the webhook is published: /metrics, /livez and /readyz stay inside the cluster.
-    (path,) = rule["http"]["paths"]
-    assert (path["path"], path["pathType"]) == ("/webhooks/bridge", "Exact")
-    assert path["backend"]["service"] == {"name": "bridgehook-receiver", "port": {"name": "http"}}
+    # Only the webhook and the end of Connect are published: /metrics, /livez and /readyz stay inside
+    # the cluster, and so does the application API.
+    paths = rule["http"]["paths"]
+    assert {(p["path"], p["pathType"]) for p in paths} == {
+        ("/webhooks/bridge", "Exact"),
+        ("/connect/callback", "Exact"),
+    }
+    for path in paths:
+        assert path["backend"]["service"] == {"name": "bridgehook-receiver", "port": {"name": "http"}}
+    # Bridge sends the user's browser to the callback under the published host.
+    assert manifests.config()["CONNECT_CALLBACK_URL"] == f"https://{rule['host']}/connect/callback"
+    api = services["bridgehook-api"]
+    assert api["spec"]["type"] == "ClusterIP" and [p["port"] for p in api["spec"]["ports"]] == [8001]
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -781,11 +805,18 @@ def test_network_policies_allow_only_what_each_process_needs(manifests: Rendered
         "scheduler": {("TCP", 9100, prometheus)},
         "migrate": set(),
     }
+    application = manifests.one("NetworkPolicy", "bridgehook-api-ingress")["spec"]["ingress"][0]["from"][0]
+    app_namespace = application["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    # The application's namespace (every pod of it: the API's tokens say who may call), nothing else.
+    expected_in["api"] = {("TCP", 8001, f"{app_namespace}/")}
+    (own,) = manifests.of("Namespace")
+    assert app_namespace not in ("ingress-nginx", "monitoring", "kube-system", own["metadata"]["name"])
     expected_out = {
         "receiver": dns | {("TCP", 6379)},
         "worker": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
         "scheduler": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
         "migrate": dns | {("TCP", 5432)},
+        "api": dns | {("TCP", 6379), ("TCP", 5432), ("TCP", 443)},
     }
     for workload in manifests.workloads():
         labels = workload["spec"]["template"]["metadata"]["labels"]
@@ -810,10 +841,11 @@ def _ip_block_allows(peer: dict[str, Any], address: str) -> bool:
     )
 
 
-def test_bridge_is_reached_on_443_from_workers_and_scheduler_only(manifests: Rendered) -> None:
-    """Bridge's API has no fixed addresses: HTTPS to the public internet, from the two processes that
-    call it, never to the cluster's or the cloud's private addresses. (Bridge, for its part,
-    allow-lists the cluster's static egress address: docs/deploy.md, "Egress address".)"""
+def test_bridge_is_reached_on_443_from_the_processes_that_call_it_only(manifests: Rendered) -> None:
+    """Bridge's API has no fixed addresses: HTTPS to the public internet, from the three processes
+    that call it (the API creates users and Connect sessions), never to the cluster's or the cloud's
+    private addresses. (Bridge, for its part, allow-lists the cluster's static egress address:
+    docs/deploy.md, "Egress address".)"""
     policy = manifests.one("NetworkPolicy", "bridgehook-egress-bridge-api")
     assert policy["spec"]["policyTypes"] == ["Egress"]
     selected = {
@@ -821,7 +853,7 @@ def test_bridge_is_reached_on_443_from_workers_and_scheduler_only(manifests: Ren
         for w in manifests.workloads()
         if _selects(policy["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])
     }
-    assert selected == {"worker", "scheduler"}
+    assert selected == {"worker", "scheduler", "api"}
     (rule,) = policy["spec"]["egress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
     (peer,) = rule["to"]
@@ -868,6 +900,8 @@ REQUIRED_ALERTS = {
     "BridgehookWorkersAbsent",
     "BridgehookSchedulerAbsent",
     "BridgehookKedaScalerErrors",
+    "BridgehookItemsNeedSupport",  # action contact_support
+    "BridgehookConsentsExpiring",  # within 7 days
 }
 # Metrics of other programs the alerts may read (KEDA >= 2.14's name, docs/deploy.md "Alerts").
 EXTERNAL_METRICS = {"keda_scaler_detail_errors_total"}
@@ -1040,7 +1074,7 @@ def test_dockerfile_promises(dockerfile: list[Stage], rendered: dict[str, Render
         for c in containers(w)
         for p in c.get("ports", [])
     }
-    assert used == exposed == {8000, 9000, 9100}
+    assert used == exposed == {8000, 8001, 9000, 9100}
     # The runtime stage installs nothing: it creates the user and copies the venv, that is all.
     (run,) = runtime.all("RUN")
     assert run.startswith("groupadd") and f"--uid {IMAGE_UID}" in run and "apt-get" not in run
@@ -1231,7 +1265,15 @@ def test_build_context_holds_what_the_build_needs_and_nothing_private(
 ) -> None:
     paths = build_context(tmp_path)
     tops = {p.split("/")[0] for p in paths}
-    assert tops == {"pyproject.toml", "requirements.lock", "README.md", "bridgehook", "service", "workers"}
+    assert tops == {
+        "pyproject.toml",
+        "requirements.lock",
+        "README.md",
+        "bridgehook",
+        "service",
+        "workers",
+        "api",
+    }
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert any(p.startswith("bridgehook/fixtures/webhooks/") for p in paths), "package data"
     for args in dockerfile[0].all("COPY"):
@@ -1398,16 +1440,18 @@ def test_every_command_the_manifests_run_exists_in_the_image(
     assert image.run(["--help"]).returncode == 0
     commands = _manifest_commands(rendered)
     assert sorted(map(tuple, commands)) == sorted(
-        [("serve", "--host", "0.0.0.0", "--port", "8000"), ("worker",), ("scheduler",), ("db", "upgrade")]  # noqa: S104
-    )
+        [("serve", "--host", "0.0.0.0", "--port", "8000"), ("api", "--host", "0.0.0.0", "--port", "8001"),  # noqa: S104
+         ("worker",), ("scheduler",), ("db", "upgrade")]
+    )  # fmt: skip
     for args in [*commands, image.cmd, ["dlq", "list"], ["status"], ["resync"], ["events", "replay"]]:
         done = image.run([*args, "--help"])
         assert done.returncode == 0, f"bridgehook {' '.join(args)} --help: {done.stderr}"
         assert done.stdout.startswith("Usage: bridgehook")
     # No DATABASE_URL: the SQLite default cannot be created in the read-only workdir, so the Job
-    # fails loudly instead of migrating a database that would vanish with the pod.
+    # fails loudly (a configuration error, exit 2) instead of migrating a database that would vanish
+    # with the pod.
     done = image.run(["db", "upgrade"])
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 2 and "DATABASE_URL" in done.stderr, done.stderr
     assert _snapshot(image.root / "opt", image.workdir) == before, "the image's files must stay untouched"
 
 
@@ -1528,6 +1572,21 @@ def test_probe_paths_answer_on_the_real_processes(
     finally:
         code, output = _stop(process)
     # uvicorn drains, then re-raises the SIGTERM it caught (exit 143 in the pod): a clean stop.
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
+
+    api = pod_spec(r.one("Deployment", "bridgehook-api"))["containers"][0]
+    port = free_port()
+    args = [*api["args"]]
+    args[args.index("--host") + 1], args[args.index("--port") + 1] = "127.0.0.1", str(port)
+    process = image.start(args, {**env, "API_TOKENS": "deploy-test-api-token"})
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/livez", timeout=30)
+        for probe in ("livenessProbe", "readinessProbe"):
+            answer = httpx.get(f"http://127.0.0.1:{port}{api[probe]['httpGet']['path']}", timeout=5)
+            assert answer.status_code == 200, (probe, answer.text)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/users/u1/items", timeout=5).status_code == 401
+    finally:
+        code, output = _stop(process)
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
 
     for name in ("bridgehook-worker", "bridgehook-scheduler"):

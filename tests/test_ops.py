@@ -475,7 +475,10 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
 
 
 REDIS_FAMILIES = {"bridgehook_queue_jobs", "bridgehook_replays", "bridgehook_workers"}
-DATABASE_FAMILIES = {"bridgehook_items", "bridgehook_items_stuck_1003", "bridgehook_items_stale"}
+DATABASE_FAMILIES = {
+    "bridgehook_items", "bridgehook_items_stuck_1003", "bridgehook_items_stale", "bridgehook_items_by_action",
+    "bridgehook_items_consent_expiring_7d",
+}  # fmt: skip
 BOTH_FAMILIES = {"bridgehook_failed_jobs", "bridgehook_dead_letter_oldest_age_seconds"}
 
 

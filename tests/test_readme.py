@@ -25,10 +25,10 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Where commands are documented: the README names every one, the runbook gives every option.
 COMMAND_DOCS = (README, ROOT / "docs" / "operations.md")
 # Packages whose environment reads are user configuration (not the fake's, the benchmarks' or tests').
-CONFIGURED = ("service", "workers", "bridgehook")
+CONFIGURED = ("service", "workers", "api", "bridgehook")
 # Local state of `make run`, named in the docs but not in the repository.
 RUNTIME_DIRS = {".bridgehook", ".venv", ".venv-deploy"}
-PACKAGES = ("service", "workers", "bridgehook", "fakebridge", "benchmarks")
+PACKAGES = ("service", "workers", "api", "bridgehook", "fakebridge", "benchmarks")
 
 
 # -- reading Markdown ------------------------------------------------------------------------------

@@ -244,6 +244,45 @@ class BridgeClient:
             params["since"] = _iso(since)
         return "/transactions", params
 
+    # -- users and Connect (the application API, api/) --------------------------------------------
+
+    def create_user(self, external_user_id: str) -> dict[str, Any]:
+        """``POST /users``: the new user (``uuid``, ``external_user_id``)."""
+        return dict(self._request("POST", "/users", body={"external_user_id": external_user_id}))
+
+    def find_user(self, external_user_id: str) -> dict[str, Any] | None:
+        """The user Bridge knows by ``external_user_id`` (authenticated by it, the token kept for the
+        user's next calls), None if none."""
+        try:
+            who = {"external_user_id": external_user_id}
+            return self._issue_token(who, f"external:{external_user_id}")[1]
+        except NotFound:
+            return None
+
+    def delete_user(self, user_uuid: str) -> bool:
+        """``DELETE /users/{uuid}``, and the user's cached token forgotten; False if Bridge had no such
+        user (deleted already)."""
+        try:
+            self._request("DELETE", f"/users/{user_uuid}")
+        except NotFound:
+            return False
+        finally:
+            self.forget_token(user_uuid)
+        return True
+
+    def forget_token(self, user_uuid: str) -> None:
+        self._redis.delete(f"bridgehook:token:{user_uuid}", f"bridgehook:token-user:{user_uuid}")
+        self._hold(user_uuid, None, 0)
+
+    def connect_session(self, user_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /connect-sessions`` for the user: ``{"id", "url"}``."""
+        return dict(self._request("POST", "/connect-sessions", user_uuid=user_uuid, body=body))
+
+    def get_item_in(self, user_uuid: str, item_id: int, language: str) -> dict[str, Any]:
+        """The item with its ``status_code_description`` in ``language`` (``Accept-Language``)."""
+        path = f"/items/{int(item_id)}"
+        return dict(self._request("GET", path, user_uuid=user_uuid, headers={"Accept-Language": language}))
+
     def user(self, user_uuid: str) -> dict[str, Any]:
         """The user as the last token response described it (uuid, external_user_id)."""
         self._token(user_uuid)
@@ -317,21 +356,20 @@ class BridgeClient:
         params: Any = None,
         body: Any = None,
         decode: Callable[[bytes], Any] = _json,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         renewed = False
         attempt = 0
         while True:
             attempt += 1
             self._budget(user_uuid)
-            headers = {}
+            sent = dict(headers or {})
             token = None
             if user_uuid is not None:
                 token = self._token(user_uuid)
-                headers["Authorization"] = f"Bearer {token}"
+                sent["Authorization"] = f"Bearer {token}"
             try:
-                response = self._http.request(
-                    method, self._url(path), params=params, json=body, headers=headers
-                )
+                response = self._http.request(method, self._url(path), params=params, json=body, headers=sent)
             except httpx.TransportError as exc:
                 if attempt >= self._max_attempts:
                     raise TransientError(f"{type(exc).__name__} on {method} {path.split('?')[0]}") from exc
@@ -399,7 +437,7 @@ class BridgeClient:
                 cached = self._shared_token(user_uuid, key)  # another worker may have refreshed it meanwhile
                 if cached is not None and cached != stale:
                     return cached
-                return self._new_token(user_uuid, key)
+                return self._new_token(user_uuid)
         except LockError as exc:
             raise TransientError(f"token refresh for a user is stuck: {exc}") from exc
 
@@ -420,12 +458,20 @@ class BridgeClient:
         else:
             self._tokens.pop(user_uuid, None)
 
-    def _new_token(self, user_uuid: str, key: str) -> str:
+    def _new_token(self, user_uuid: str) -> str:
+        return self._issue_token({"user_uuid": user_uuid}, user_uuid)[0]
+
+    def _issue_token(self, who: dict[str, str], budget: str) -> tuple[str, dict[str, Any]]:
+        """A token for the user ``who`` names (user_uuid or external_user_id), shared in Redis as
+        :meth:`_token` reads it, and the user it was issued for. ``budget``: whose token budget."""
         try:
-            self._limiter.acquire(f"token:{user_uuid}", self._settings.rate_token)
+            self._limiter.acquire(f"token:{budget}", self._settings.rate_token)
         except OverBudget as exc:
             raise BudgetExhausted(str(exc), retry_after=exc.wait) from exc
-        data = self._request("POST", "/authorization/token", body={"user_uuid": user_uuid})
+        data = self._request("POST", "/authorization/token", body=who)
+        user: dict[str, Any] = dict(data.get("user") or {"uuid": who.get("user_uuid")})
+        user_uuid = str(user.get("uuid") or who.get("user_uuid"))
+        key = f"bridgehook:token:{user_uuid}"
         token = str(data["access_token"])
         expires_at = datetime.fromisoformat(str(data["expires_at"]))
         lifetime = expires_at.timestamp() - time.time()
@@ -436,8 +482,8 @@ class BridgeClient:
             pipe.set(key, token, ex=ttl)
         else:
             pipe.delete(key)
-        pipe.set(f"bridgehook:token-user:{user_uuid}", json.dumps(data.get("user") or {"uuid": user_uuid}))
+        pipe.set(f"bridgehook:token-user:{user_uuid}", json.dumps(user))
         pipe.execute()
         self._hold(user_uuid, token, ttl)
         log.info("bridge.token_issued", user_uuid=user_uuid, ttl=ttl)
-        return token
+        return token, user

@@ -33,6 +33,7 @@ from service.logs import get_logger
 from workers import watermark
 from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
+from workers.erasure import erase_user, is_erased
 from workers.metrics import JOBS, SYNC_LAG
 from workers.sync import PROGRESS, Progress, Syncer, SyncResult
 
@@ -332,6 +333,12 @@ def user_deleted(event: Event) -> dict[str, Any]:
     user_uuid, at = event["content"]["user_uuid"], event_time(event)
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
+        lock = lambda item_id: item_lock(ctx, item_id)  # noqa: E731
+        with ctx.storage.transaction() as tx:
+            erased = is_erased(tx, user_uuid)
+        if erased:  # the application deleted the user first (the API): no row of theirs, not even this
+            erase_user(ctx.storage, user_uuid, None, at, lock)  # event's ledger row
+            return {"skipped": "erased"}
         with ctx.storage.transaction() as tx:
             ctx.storage.mark_user_deleted(tx, user_uuid, at)
         busy = []
@@ -343,9 +350,50 @@ def user_deleted(event: Event) -> dict[str, Any]:
                 busy.append(item_id)
         if busy:
             raise ItemBusy(f"items {busy} stayed locked; the user is marked, these items will be again")
+        if ctx.settings.deleted_user_retention_days == 0:  # no retention: erased at once
+            erase_user(ctx.storage, user_uuid, None, at, lock)
+            ctx.client.forget_token(user_uuid)
+            return {"deleted_at": at.isoformat(), "erased": True}
         return {"deleted_at": at.isoformat()}
 
     return _run(event, work, locks_itself=True)
+
+
+def connect_returned(event: Event) -> dict[str, Any]:
+    """The end of Connect as the user's browser reported it (service.connect): hints, not facts.
+    Recorded in ``connect_sessions`` for a live user we know (one the API created, or one webhooks
+    told us of) and an item that is not another user's. Then, when ``success`` is true, the item is
+    synced under its lock, as after ``item.refreshed`` (its sync serves, and is served by, the
+    webhooks Bridge sends for the same Connect: workers.watermark), or in full for an item we do not
+    hold yet, which Bridge itself vouches for: it answers the user's own token for the user's items
+    only (a 404 otherwise, and nothing is written)."""
+    c = event["content"]
+    user_uuid, item_id = str(c["user_uuid"]), c.get("item_id")
+    ctx = current()
+    body = json.dumps(event, sort_keys=True, separators=(",", ":"), default=str)
+    with ctx.storage.transaction() as tx:
+        user = tx.execute(
+            "SELECT 1 FROM users WHERE uuid = %s AND deleted_at IS NULL", (user_uuid,)
+        ).fetchone()
+        owner = None if item_id is None else tx.execute(
+            "SELECT user_uuid FROM items WHERE id = %s", (item_id,)
+        ).fetchone()  # fmt: skip
+        refused = None
+        if user is None:
+            refused = "unknown_user"
+        elif owner is not None and owner[0] != user_uuid:
+            refused = "not_the_users_item"
+        if refused is None:
+            tx.execute(
+                "INSERT INTO connect_sessions (id, user_uuid, item_id, success, step, context, returned_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (hashlib.sha256(body.encode()).hexdigest(), user_uuid, item_id, bool(c["success"]),
+                 c.get("step"), c.get("context"), event_time(event)),
+            )  # fmt: skip
+    if refused is not None or not c["success"] or item_id is None:
+        outcome = {"skipped": refused} if refused else {"recorded": True}
+        return _run(event, lambda ctx, s: outcome, locks_itself=True)
+    return _run(event, lambda ctx, s: s.sync_item(user_uuid, int(item_id), full=owner is None), "item")
 
 
 def resync_item(event: Event) -> dict[str, Any]:

@@ -57,15 +57,17 @@ class Ledger:
         content = event.get("content") or {}
         with self.db.transaction(durable=durable) as tx:
             tx.execute(
-                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body, "
-                "processed_at) VALUES (%s, %s, %s, %s, %s, 1, %s, %s) ON CONFLICT (id) DO UPDATE SET "
-                "attempts = webhook_events.attempts + 1, status = excluded.status, processed_at = "
+                "INSERT INTO webhook_events (id, type, item_id, user_uuid, received_at, status, attempts, "
+                "body, processed_at) VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET attempts = webhook_events.attempts + 1, "
+                "status = excluded.status, processed_at = "
                 "COALESCE(excluded.processed_at, webhook_events.processed_at), last_error = CASE WHEN "
                 "excluded.status = 'done' THEN NULL ELSE webhook_events.last_error END",
                 (
                     event_id,
                     event.get("type"),
                     content.get("item_id"),
+                    _user_of(content),
                     received_at,
                     "done" if done else "queued",
                     self.codec.encode(body, BODY),
@@ -96,10 +98,11 @@ class Ledger:
         content = event.get("content") or {}
         with self.db.transaction() as tx:
             tx.execute(
-                "INSERT INTO webhook_events (id, type, item_id, received_at, status, attempts, body) "
-                "VALUES (%s, %s, %s, %s, 'purged', %s, %s) ON CONFLICT (id) DO UPDATE SET status = 'purged'",
-                (event_id, event.get("type", "?"), content.get("item_id"), received_at, attempts,
-                 self.codec.encode(body, BODY)),
+                "INSERT INTO webhook_events (id, type, item_id, user_uuid, received_at, status, attempts, "
+                "body) VALUES (%s, %s, %s, %s, %s, 'purged', %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET status = 'purged'",
+                (event_id, event.get("type", "?"), content.get("item_id"), _user_of(content), received_at,
+                 attempts, self.codec.encode(body, BODY)),
             )  # fmt: skip
 
     # -- reads ---------------------------------------------------------------------------------
@@ -131,6 +134,12 @@ class Ledger:
         if when is not None and when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         return Entry(event_id, when, int(attempts), last_error, self.codec.decode(body, BODY))
+
+
+def _user_of(content: Mapping[str, Any]) -> str | None:
+    """The user an event is about, by which a user's erasure finds its rows (workers.erasure)."""
+    user = content.get("user_uuid")
+    return user if isinstance(user, str) else None
 
 
 _SELECT = "SELECT id, received_at, attempts, last_error, body FROM webhook_events"

@@ -31,6 +31,7 @@ from service import rejections
 from service.logs import get_logger
 from service.queue import ARCHIVE_KEY
 from service.settings import Settings
+from workers.actions import attention, counts
 from workers.deadletters import DeadLetters
 from workers.reconcile import last_sweep, stale_items, stuck_items
 from workers.retries import ScheduledRetries
@@ -95,6 +96,8 @@ class ItemFigures:
     by_status: dict[tuple[int | None, bool], int]
     stuck_1003: list[int]
     stale: list[int]
+    by_action: dict[str, int]  # what the items need (workers.actions), every action named
+    consent_expiring_7d: int  # live items whose consent ends within 7 days (the alert's)
 
 
 def queue_figures(settings: Settings, connection: redis.Redis) -> QueueFigures:
@@ -155,8 +158,14 @@ def item_figures(settings: Settings, storage: Storage, now: datetime) -> ItemFig
             "SELECT status, needs_user_action, count(*) FROM items WHERE deleted_at IS NULL "
             "GROUP BY status, needs_user_action"
         ).fetchall()
+        [(expiring,)] = tx.execute(
+            "SELECT count(*) FROM items WHERE deleted_at IS NULL AND authentication_expires_at <= %s",
+            (now + timedelta(days=7),),
+        ).fetchall()
     stale_after = timedelta(seconds=settings.reconcile_stale_seconds)
     return ItemFigures(
+        by_action=counts(attention(storage, now, timedelta(days=settings.consent_warning_days))),
+        consent_expiring_7d=int(expiring),
         by_status={(row[0], bool(row[1])): int(row[2]) for row in rows},
         stuck_1003=[i for i, _ in stuck_items(storage, now)],
         stale=[i for i, _ in stale_items(storage, now, stale_after)],
@@ -209,6 +218,14 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         ),
         GaugeMetricFamily("bridgehook_items_stuck_1003", "Items in status 1003 for more than 24 hours."),
         GaugeMetricFamily("bridgehook_items_stale", "Usable items whose last sync is too old."),
+        GaugeMetricFamily(
+            "bridgehook_items_by_action",
+            "Live items by what they need (the API's action; none: not counted).",
+            labels=["action"],
+        ),
+        GaugeMetricFamily(
+            "bridgehook_items_consent_expiring_7d", "Usable items whose consent ends within 7 days."
+        ),
         CounterMetricFamily("bridgehook_replays", "Dead letters replayed, by outcome.", labels=["outcome"]),
         GaugeMetricFamily("bridgehook_workers", "RQ workers alive on the queue."),
     ]
@@ -244,9 +261,14 @@ class StatusCollector(Collector):
                 f["bridgehook_items"].add_metric([str(status), str(flagged).lower()], n)
             f["bridgehook_items_stuck_1003"].add_metric([], len(items.stuck_1003))
             f["bridgehook_items_stale"].add_metric([], len(items.stale))
+            for action, n in items.by_action.items():
+                f["bridgehook_items_by_action"].add_metric([action], n)
+            f["bridgehook_items_consent_expiring_7d"].add_metric([], items.consent_expiring_7d)
             yield from (
-                f[n] for n in ("bridgehook_items", "bridgehook_items_stuck_1003", "bridgehook_items_stale")
-            )
+                f[n]
+                for n in ("bridgehook_items", "bridgehook_items_stuck_1003", "bridgehook_items_stale",
+                          "bridgehook_items_by_action", "bridgehook_items_consent_expiring_7d")
+            )  # fmt: skip
         if queues is None or items is None:
             return
         letters = _read("dead letters", lambda: dead_letter_figures(self.settings, self.redis, self.storage))

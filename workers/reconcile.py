@@ -11,6 +11,7 @@ One sweep (an RQ job the scheduler enqueues every ``RECONCILE_INTERVAL_SECONDS``
 - finds what Bridge deleted without a webhook reaching us: an item we hold that Bridge no longer
   lists gets a resync (its 404 marks it gone, under the item's lock), a user Bridge answers 404
   for gets a ``user.deleted`` of our own;
+- erases the users Bridge deleted more than ``DELETED_USER_RETENTION_DAYS`` ago (workers.erasure);
 - warns about items stuck in ``1003`` for more than 24 h (Bridge's checklist: contact their
   support) and items whose last sync is older than ``RECONCILE_STALE_SECONDS``, and resyncs them.
 
@@ -30,15 +31,17 @@ from typing import Any
 import redis
 
 from service.logs import get_logger
+from workers.actions import STUCK_AFTER
 from workers.bridge import NotFound, TransientError
 from workers.context import WorkerContext
 from workers.db import to_datetime
+from workers.erasure import due, erase_user, leftovers
+from workers.jobs import item_lock
 from workers.replay import Enqueuer
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
 
 log = get_logger("bridgehook.reconcile")
 
-STUCK_AFTER = timedelta(hours=24)
 LAST_SWEEP_KEY = "bridgehook:reconcile:last"  # JSON: the last sweep's times, outcome and counts
 
 
@@ -124,8 +127,20 @@ class Reconciler:
             log.warning("reconcile.item_stale", item_id=item_id, stale_after=str(stale_after))
             self.enqueuer.resync_item(item_id, user_uuid)
             counts["stale"] += 1
+        counts["erased"] = self._erase(now)
         log.info("reconcile.done", **counts)
         return counts
+
+    def _erase(self, now: datetime) -> int:
+        """Users Bridge deleted more than DELETED_USER_RETENTION_DAYS ago, and erased users a late job
+        wrote a row of again: erased (workers.erasure), each item under its lock."""
+        storage, days = self.ctx.storage, self.ctx.settings.deleted_user_retention_days
+        todo = dict(due(storage, now, days)) | dict.fromkeys(leftovers(storage))
+        for user_uuid, external in todo.items():
+            erase_user(storage, user_uuid, external, now, lambda item_id: item_lock(self.ctx, item_id))
+            self.ctx.client.forget_token(user_uuid)
+            log.info("reconcile.user_erased", user_uuid=user_uuid)
+        return len(todo)
 
     def _users(self) -> list[str]:
         with self.ctx.storage.transaction() as tx:

@@ -129,6 +129,34 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "accounts.listing: where an unfinished listing of transactions stopped, to resume it",
         ["ALTER TABLE accounts ADD COLUMN listing TEXT"],
     ),
+    (
+        5,
+        "the application API: users by external id, Connect outcomes, erased users, ledger rows by user",
+        [
+            "CREATE INDEX users_external_user_id ON users (external_user_id)",
+            # The end of Connect as the user's browser reported it (untrusted hints: see the receiver).
+            """CREATE TABLE connect_sessions (
+                id TEXT PRIMARY KEY,
+                user_uuid TEXT NOT NULL,
+                item_id BIGINT,
+                success {bool} NOT NULL,
+                step TEXT,
+                context TEXT,
+                returned_at {ts} NOT NULL)""",
+            "CREATE INDEX connect_sessions_item ON connect_sessions (item_id, returned_at)",
+            "CREATE INDEX connect_sessions_user ON connect_sessions (user_uuid)",
+            # Users whose data was purged: what keeps a late webhook from bringing a row of theirs
+            # back, and DELETE idempotent. Only ids are kept: Bridge's uuid, a hash of the app's id.
+            """CREATE TABLE erased_users (
+                uuid TEXT PRIMARY KEY,
+                external_user_id_hash TEXT,
+                erased_at {ts} NOT NULL)""",
+            "CREATE INDEX erased_users_external ON erased_users (external_user_id_hash)",
+            "ALTER TABLE webhook_events ADD COLUMN user_uuid TEXT",
+            "CREATE INDEX webhook_events_user ON webhook_events (user_uuid)",
+            "CREATE INDEX webhook_events_item ON webhook_events (item_id)",
+        ],
+    ),
 ]
 
 _LOCK_ID = 0x62726964  # "brid": the advisory lock all bridgehook upgrades share

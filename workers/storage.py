@@ -179,7 +179,11 @@ class Storage:
     def user_deleted_at(self, tx: Tx, uuid: str) -> datetime | None:
         """When the user was marked deleted (user.deleted), None if not. In the transaction that has
         just upserted the user, whose row it then holds locked (see workers.jobs.user_deleted)."""
-        row = tx.execute("SELECT deleted_at FROM users WHERE uuid = %s", (uuid,)).fetchone()
+        row = tx.execute(
+            "SELECT COALESCE(u.deleted_at, e.erased_at) FROM users u "
+            "LEFT JOIN erased_users e ON e.uuid = u.uuid WHERE u.uuid = %s",
+            (uuid,),
+        ).fetchone()
         return None if row is None else to_datetime(row[0])
 
     def item_deleted_at(self, tx: Tx, item_id: int) -> datetime | None:
@@ -252,6 +256,9 @@ class Storage:
         tx.execute(_earliest("accounts", "item_id = %s"), (at, item_id, at))
 
     def mark_user_deleted(self, tx: Tx, user_uuid: str, at: datetime) -> None:
+        """Not for a user we erased (workers.erasure): a late user.deleted brings no row of theirs back."""
+        if tx.execute("SELECT 1 FROM erased_users WHERE uuid = %s", (user_uuid,)).fetchone() is not None:
+            return
         self.upsert_user(tx, user_uuid)
         tx.execute(_earliest("users", "uuid = %s"), (at, user_uuid, at))
         tx.execute(_earliest("items", "user_uuid = %s"), (at, user_uuid, at))
