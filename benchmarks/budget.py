@@ -34,9 +34,11 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,6 +64,7 @@ class Bench:
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         self.queue = f"bench-budget-{os.getpid()}"
         self.queued: list[str] = []
+        self.logs = Path(tempfile.mkdtemp(prefix="bench-budget-"))
 
     def env(self, limited: bool) -> dict[str, str]:
         a = self.args
@@ -79,7 +82,10 @@ class Bench:
         }  # fmt: skip
 
     def start(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+        # Each process's stderr in a file of its own, to read when a run fails.
+        log = (self.logs / f"{'-'.join(argv[1:3])}-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stderr=log)
+        log.close()
         self.procs.append(proc)
         return proc
 
@@ -118,7 +124,7 @@ class Bench:
             if row is not None and row[0] >= len(ids):
                 return time.monotonic()
             time.sleep(0.2)
-        raise SystemExit(f"FAIL: events still unprocessed {timeout:.0f} s after the phase")
+        raise SystemExit(f"FAIL: events still unprocessed {timeout:.0f} s after the phase; see {self.logs}")
 
 
 def run(bench: Bench) -> dict[str, Any]:
@@ -135,8 +141,11 @@ def run(bench: Bench) -> dict[str, Any]:
     db = psycopg.connect(bench.database_url, autocommit=True)
     # Setup: every item synced whole, no latency, no budgets; then tokens and budgets start afresh.
     setup = bench.workers(limited=False)
+    now = int(time.time() * 1000)  # (a body seen before, in an earlier run on this Redis, is a duplicate)
     for n, p in enumerate(plan):
-        bench.post({"type": "item.created", "content": p, "timestamp": 1_700_000_000_000 + n})
+        bench.post({"type": "item.created", "content": p, "timestamp": now + n})
+    if len(bench.queued) != len(plan):
+        raise SystemExit(f"FAIL: {len(plan) - len(bench.queued)} item.created not queued")
     bench.drain(db, bench.queued, 120)
     bench.stop(setup)
     connection = redis.Redis.from_url(bench.redis)
@@ -196,15 +205,17 @@ def run(bench: Bench) -> dict[str, Any]:
             int(k): str(v["amount"]) for k, v in truth["transactions"].items() if not v.get("deleted")
         },
     }
-    wrong = {
-        k: sum(tables[k].get(i) != expected[k].get(i) for i in {*tables[k], *expected[k]}) for k in tables
-    }
+    wrong = {k: sorted(i for i in {*tables[k], *expected[k]} if tables[k].get(i) != expected[k].get(i))
+             for k in tables}  # fmt: skip
+    for k, ids in wrong.items():  # a sample, to start from when a run fails
+        for i in ids[:3]:
+            print(f"{k} {i}: ours {tables[k].get(i)}, Bridge's {expected[k].get(i)}")
     return {
         "requests": requests, "minimum": minimum, "users": len(users), "started": started,
         "backlog_end": backlog_end, "backlog_busy": backlog_busy, "ended": ended,
         "lags": [float(r[0]) for r in rows if r[0] is not None],
         "lost": len(set(bench.queued)) - (done or (0,))[0], "queued": len(bench.queued),
-        "right": tables == expected, "wrong": wrong,
+        "right": tables == expected, "wrong": {k: len(ids) for k, ids in wrong.items()},
     }  # fmt: skip
 
 
