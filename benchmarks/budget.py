@@ -45,7 +45,7 @@ import httpx
 import psycopg
 import redis
 
-from benchmarks.common import ROOT, machine, pg_schema, redis_url, table, verdict
+from benchmarks.common import ROOT, machine, pg_schema, redis_url, stop, table, verdict
 from benchmarks.receiver import free_port, percentile, wait_http
 from fakebridge.sender import signature_header, webhook_body
 
@@ -96,16 +96,6 @@ class Bench:
         env = self.env(limited)
         return [self.start("-m", "bridgehook", "worker", env=env) for _ in range(self.args.workers)]
 
-    def stop(self, procs: list[subprocess.Popen[bytes]]) -> None:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
     def post(self, event: dict[str, Any], times: int = 1) -> None:
         body = webhook_body(event["type"], event["content"], event["timestamp"])
         headers = {
@@ -150,7 +140,7 @@ def run(bench: Bench) -> dict[str, Any]:
     if len(bench.queued) != len(plan):
         raise SystemExit(f"FAIL: {len(plan) - len(bench.queued)} item.created not queued")
     bench.drain(db, bench.queued, 120)
-    bench.stop(setup)
+    stop(setup)
     connection = redis.Redis.from_url(bench.redis)
     for pattern in ("bridgehook:token*", "bridgehook:rate:*"):
         for key in connection.scan_iter(pattern):
@@ -307,7 +297,7 @@ def main() -> int:
         try:
             ok = report(args, run(bench))
         finally:
-            bench.stop(bench.procs)
+            stop(bench.procs)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -38,7 +38,7 @@ import httpx
 import psycopg
 import uvloop
 
-from benchmarks.common import machine
+from benchmarks.common import machine, stop
 from benchmarks.receiver import free_port, percentile, wait_http
 from bridgehook.devenv import embedded_redis
 from workers.codec import generate_key
@@ -259,13 +259,7 @@ def main() -> int:
             syncs = httpx.get(f"http://127.0.0.1:{fake_port}/_bench/syncs", timeout=60).json()
             truth = json.loads(truth_text, parse_float=Decimal)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         admin.close()
         shutil.rmtree(work, ignore_errors=True)
