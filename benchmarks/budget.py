@@ -82,6 +82,7 @@ class Bench:
             "BRIDGE_RATE_LIMIT_USER": user if limited else "1000000/60",
             "BRIDGE_RATE_LIMIT_TOKEN": "10/60" if limited else "1000000/60",
             "METRICS_PORT": "0", "LOG_LEVEL": "warning", "ALLOW_PLAINTEXT_STORAGE": "1",
+            "SYNC_COALESCE_SECONDS": str(a.coalesce_seconds if limited else 0),
         }  # fmt: skip
 
     def start(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -242,7 +243,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> bool:
     print(f"machine: {machine()}")
     print(f"latency {args.latency_ms} ± {args.jitter_ms} ms; budgets app {n_app}/{s_app} s, user "
           f"{args.user_budget[0]}/{args.user_budget[1]} s (ours: {args.margin:.0%}, {args.user_margin:.0%}); "
-          f"{args.workers} worker processes; {refreshes} refreshes of {args.users} users' items, "
+          f"{args.workers} worker processes, SYNC_COALESCE_SECONDS={args.coalesce_seconds}; "
+          f"{refreshes} refreshes of {args.users} users' items, "
           f"{r['queued']} events queued")  # fmt: skip
     rows = [[k, calls.get(k, 0), least.get(k, 0), f"{calls.get(k, 0) / refreshes:.2f}"]
             for k in ("token", "item", "accounts listing", "account", "transactions page")]  # fmt: skip
@@ -286,6 +288,7 @@ def main() -> int:
     parser.add_argument("--margin", type=float, default=0.95, help="our limiter's share of the app budget")
     parser.add_argument("--user-margin", type=float, default=0.8, help="our limiter's share of a user's")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--coalesce-seconds", type=int, default=1, help="the workers' SYNC_COALESCE_SECONDS")
     parser.add_argument("--users", type=int, default=60)
     parser.add_argument("--backlog", type=int, default=60, help="refreshes at once")
     parser.add_argument("--steady-rate", type=float, default=1.0, help="refreshes per second")

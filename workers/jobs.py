@@ -54,6 +54,21 @@ class ItemLocked(TransientError):
     that was running then is likely to have served it by that time (see workers.watermark)."""
 
 
+def _coalesce(ctx: WorkerContext, meta: dict[str, Any], scope: str) -> None:
+    """Step aside (:class:`ItemLocked`) until ``SYNC_COALESCE_SECONDS`` after the event's receipt (twice
+    that for an account's event). Bridge sends a refresh's ``item.refreshed`` and then an
+    ``item.account.updated`` per account, milliseconds apart: a sync that begins before they are all
+    in cannot serve the later ones (see workers.watermark), which then cost a sync each. Waiting lets
+    the ``item.refreshed`` sync begin once they are in, and the account events, later still, find
+    themselves served. An event replayed, or older than that (a backlog), runs at once."""
+    received, delay = meta.get("received_at"), ctx.settings.sync_coalesce_seconds
+    if not delay or not received or meta.get("replayed"):
+        return
+    wait = delay * (2 if scope == "account" else 1) - (time.time() - int(received) / 1000)
+    if wait > 0:
+        raise ItemLocked(f"waiting {wait:.1f}s for the refresh's other events", retry_after=wait)
+
+
 def event_time(event: Event) -> datetime:
     """When Bridge sent the event (milliseconds since the epoch; seconds in TEST_EVENT)."""
     ts = int(event.get("timestamp") or 0)
@@ -147,6 +162,8 @@ def _run(
             ctx.ledger.started(event_id, event, body, received, durable=False)
             finished = False
             try:
+                if scope is not None:
+                    _coalesce(ctx, meta, scope)
                 if item_id is None:
                     outcome = work(ctx, ctx.syncer())
                 else:
