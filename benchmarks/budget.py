@@ -184,20 +184,28 @@ def run(bench: Bench) -> dict[str, Any]:
                       (bench.queued,)).fetchone()  # fmt: skip
     tables = {
         "items": dict(db.execute("SELECT id, status FROM items WHERE deleted_at IS NULL").fetchall()),
-        "accounts": {k: str(v) for k, v in db.execute(
-            "SELECT id, balance FROM accounts WHERE deleted_at IS NULL").fetchall()},
-        "transactions": {k: str(v) for k, v in db.execute(
-            "SELECT id, amount FROM transactions WHERE deleted_at IS NULL").fetchall()},
+        "accounts": {k: (item, str(v)) for k, item, v in db.execute(
+            "SELECT id, item_id, balance FROM accounts WHERE deleted_at IS NULL").fetchall()},
+        "transactions": {k: (account, str(v)) for k, account, v in db.execute(
+            "SELECT id, account_id, amount FROM transactions WHERE deleted_at IS NULL").fetchall()},
     }  # fmt: skip
     db.close()
     requests = bench.fake.get("/_bench/requests").json()
     truth = json.loads(bench.fake.get("/_bench/truth").text, parse_float=Decimal)
+    # As tests/test_model.py compares: the data of an item in a status other than 0 is not fetched
+    # (a refresh that came before the 402 in a backlog is read once the user has repaired the item),
+    # so its accounts and their transactions are left out on both sides.
+    waiting = {int(k) for k, v in truth["items"].items() if v["status"] != 0}
+    accounts = {int(k): v for k, v in truth["accounts"].items() if v["item_id"] not in waiting}
     expected = {
         "items": {int(k): v["status"] for k, v in truth["items"].items()},
-        "accounts": {int(k): str(v["balance"]) for k, v in truth["accounts"].items()},
-        "transactions": {
-            int(k): str(v["amount"]) for k, v in truth["transactions"].items() if not v.get("deleted")
-        },
+        "accounts": {k: str(v["balance"]) for k, v in accounts.items()},
+        "transactions": {int(k): str(v["amount"]) for k, v in truth["transactions"].items()
+                         if not v.get("deleted") and v["account_id"] in accounts},
+    }  # fmt: skip
+    tables["accounts"] = {k: v[1] for k, v in tables["accounts"].items() if v[0] not in waiting}
+    tables["transactions"] = {
+        k: v[1] for k, v in tables["transactions"].items() if v[0] in tables["accounts"]
     }
     wrong = {k: sorted(i for i in {*tables[k], *expected[k]} if tables[k].get(i) != expected[k].get(i))
              for k in tables}  # fmt: skip
