@@ -10,9 +10,10 @@ then `item.refreshed` / `item.account.updated` for random items.
 
 Reported: p50 / p99 from receipt (the receiver's enqueue time) to rows committed (the job's
 `processed_at`), read from `webhook_events`. Checked: every event answered `queued` was
-processed exactly once (`done`, one attempt), none failed, and the tables equal the fake's
-ground truth. Request budgets are raised for the run (the fake has none; Bridge's real ones
-would throttle a synthetic load of one application).
+processed exactly once (`done`), none failed, and the tables equal the fake's ground truth;
+"retried" counts the events whose job ran more than once (one that stepped aside for its item's
+lock, see workers.jobs.ItemLocked, runs again a second later). Request budgets are raised for the
+run (the fake has none; Bridge's real ones would throttle a synthetic load of one application).
 """
 
 from __future__ import annotations
