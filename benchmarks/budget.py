@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -309,7 +310,9 @@ def main() -> int:
             ok = report(args, run(bench))
         finally:
             stop(bench.procs)
-    print("PASS" if ok else "FAIL")
+    if ok:
+        shutil.rmtree(bench.logs, ignore_errors=True)
+    print("PASS" if ok else f"FAIL (the processes' stderr: {bench.logs})")
     return 0 if ok else 1
 
 
