@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["receiver", "write_path", "incremental", "e2e"]
+BENCHMARKS = ["receiver", "write_path", "incremental", "e2e", "budget"]
 
 
 def main() -> int:

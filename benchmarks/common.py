@@ -71,6 +71,18 @@ def pg_schema() -> Iterator[str]:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def stop(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """Terminate every process, then wait for each (killed if it outlives ``timeout``)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def machine() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{os.cpu_count()} cores, load average {load}, Python {sys.version.split()[0]}"

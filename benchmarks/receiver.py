@@ -12,17 +12,18 @@ distinct signed event, so every 200 must leave exactly one job.
    same moments of the machine's load, and the ratio is the median of the rounds' ratios: on
    a shared 2-core machine, one long run of each swung by half either way with what else ran.
    After each receiver run, Redis's background work (an AOF rewrite its writes set off) is
-   waited out, so that it never lands on the next run. Target: the receiver serves at least
+   waited out, so that it never lands on the next run. Guard rail: the receiver serves at least
    50 % of the bare app's requests per second. Nothing is pinned to a CPU: with the server
    alone on one core and wrk and Redis on the other, the receiver waited for Redis behind
    wrk (and whatever else ran there) while its own core idled: the ratio fell from about 0.7
    to about 0.4 in runs taking turns with unpinned ones.
 2. Latency: an open-loop generator sends 1,000 requests/s on a schedule and measures each
-   latency from its scheduled time (so queueing counts). Target: p99 ≤ 10 ms.
+   latency from its scheduled time (so queueing counts). Guard rail: p99 ≤ 10 ms.
 3. Accounting: every event id the receiver answered `queued` for is in the queue exactly once,
    and under wrk each round's jobs match its `queued` answers.
 
-Exit status 1 when a target is missed.
+The receiver is never the bottleneck (Bridge's request budget is: benchmark 5), so these are guard
+rails against regressions rather than goals to tune for. Exit status 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -306,9 +307,9 @@ def main() -> int:
     print(f"jobs under the open loop: {len(queued)} answered queued, each in the queue once: {exact}")
     print(
         f"RATIO receiver/bare throughput {ratio:.2f}, median of {', '.join(f'{x:.2f}' for x in ratios)} "
-        "(target ≥ 0.50)"
+        "(guard rail ≥ 0.50)"
     )
-    print(f"RATIO p99 at {args.rate}/s {p99:.2f} ms (target ≤ 10 ms)")
+    print(f"RATIO p99 at {args.rate}/s {p99:.2f} ms (guard rail ≤ 10 ms)")
     receiver_non2xx = sum(res["receiver"]["non2xx"] for res in rounds)
     failed = ratio < 0.5 or p99 > 10 or not exact or not bounded or receiver_non2xx > 0
     print("FAIL" if failed else "PASS")

@@ -121,6 +121,9 @@ class Settings:
     budget_max_wait_seconds: int = 10
     retry_intervals: tuple[int, ...] = (10, 60, 300, 1800, 7200)
     sync_overlap_seconds: int = 300
+    # A sync event younger than this steps aside (an account's, twice as long) so that its refresh's
+    # other events arrive first and one sync serves them all (workers.jobs._coalesce); 0: off.
+    sync_coalesce_seconds: int = 0
     item_lock_seconds: int = 60
     # Operations: reconciliation and metrics of the worker and scheduler processes.
     reconcile_interval_seconds: int = 3600
@@ -206,6 +209,7 @@ class Settings:
             budget_max_wait_seconds=env.positive_int("BRIDGE_BUDGET_MAX_WAIT_SECONDS", 10, allow_zero=True),
             retry_intervals=env.intervals("WORKER_RETRY_INTERVALS", cls.retry_intervals),
             sync_overlap_seconds=env.positive_int("SYNC_OVERLAP_SECONDS", 300, allow_zero=True),
+            sync_coalesce_seconds=env.positive_int("SYNC_COALESCE_SECONDS", 0, allow_zero=True),
             item_lock_seconds=env.positive_int("ITEM_LOCK_SECONDS", 60),
             reconcile_interval_seconds=env.positive_int("RECONCILE_INTERVAL_SECONDS", 3600),
             reconcile_stale_seconds=env.positive_int("RECONCILE_STALE_SECONDS", 2 * 86400),

@@ -255,3 +255,38 @@ def test_a_job_that_never_moves_forward_spends_its_retries(harness: Harness, wor
     release(harness, wait=False)
     harness.drain()
     assert harness.tables() == harness.truth()
+
+
+def test_a_refreshs_events_coalesce_into_one_sync(harness: Harness, world: World, redis_url: str) -> None:
+    """SYNC_COALESCE_SECONDS: an item.refreshed and its item.account.updated, sent milliseconds apart,
+    step aside (no call, no retry spent) until the refresh's events are all in; then the item's sync
+    runs first and serves the account's event. Without it the account's event, received after that
+    sync began, would cost a sync of its own."""
+    harness.settings = worker_settings(
+        redis_url, harness.settings.database_url, harness.fake.api_url, world, SYNC_COALESCE_SECONDS="1"
+    )
+    b = bank(world, 3)
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()  # a full sync is never held back
+    assert scheduled(harness) == []
+    world.add_transactions(b["account"], 2)
+    world.set_item_status(b["item"], 0)
+    refreshed = harness.send(world.event_item_refreshed(b["item"]))
+    updated = harness.send(world.event_account(b["account"], "updated"))
+    assert (refreshed, updated) == ("queued", "queued")
+    world.reset_requests()
+
+    harness.drain()
+    held = sorted(scheduled(harness), key=lambda pair: pair[1])
+    assert [job.args[0]["type"] for job, _ in held] == ["item.refreshed", "item.account.updated"]
+    assert all(
+        job.retries_left == 3 for job, _ in held
+    )  # (WORKER_RETRY_INTERVALS' five, less the one RQ takes)
+    assert world.requests == []
+
+    run_to_the_end(harness)
+    jobs = [Job.fetch(i, connection=harness.r, serializer=JSONSerializer) for i in harness.acknowledged[-2:]]
+    assert [(job.return_value() or {}).get("skipped") for job in jobs] == [None, "served"]
+    with world.lock:
+        assert sum(1 for r in world.requests if r.path.endswith(f"/items/{b['item']}")) == 1
+    assert harness.tables() == harness.truth()

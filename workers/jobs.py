@@ -46,6 +46,30 @@ class ItemBusy(Exception):
     """Another job held the item's lock for longer than we could wait; retry later."""
 
 
+STEP_ASIDE_SECONDS = 1.0
+
+
+class ItemLocked(TransientError):
+    """Another job holds the item's lock: a sync steps aside instead of holding its worker idle (the
+    worker takes the next job, another item's), and runs again shortly, keeping its retries. A sync
+    that was running then is likely to have served it by that time (see workers.watermark)."""
+
+
+def _coalesce(ctx: WorkerContext, meta: dict[str, Any], scope: str) -> None:
+    """Step aside (:class:`ItemLocked`) until ``SYNC_COALESCE_SECONDS`` after the event's receipt (twice
+    that for an account's event). Bridge sends a refresh's ``item.refreshed`` and then an
+    ``item.account.updated`` per account, milliseconds apart: a sync that begins before they are all
+    in cannot serve the later ones (see workers.watermark), which then cost a sync each. Waiting lets
+    the ``item.refreshed`` sync begin once they are in, and the account events, later still, find
+    themselves served. An event replayed, or older than that (a backlog), runs at once."""
+    received, delay = meta.get("received_at"), ctx.settings.sync_coalesce_seconds
+    if not delay or not received or meta.get("replayed"):
+        return
+    wait = delay * (2 if scope == "account" else 1) - (time.time() - int(received) / 1000)
+    if wait > 0:
+        raise ItemLocked(f"waiting {wait:.1f}s for the refresh's other events", retry_after=wait)
+
+
 def event_time(event: Event) -> datetime:
     """When Bridge sent the event (milliseconds since the epoch; seconds in TEST_EVENT)."""
     ts = int(event.get("timestamp") or 0)
@@ -53,7 +77,7 @@ def event_time(event: Event) -> datetime:
 
 
 @contextmanager
-def item_lock(ctx: WorkerContext, item_id: int) -> Iterator[Callable[[], None]]:
+def item_lock(ctx: WorkerContext, item_id: int, *, wait: bool = True) -> Iterator[Callable[[], None]]:
     """Hold ``item_id``'s lock for the block: a lease renewed by a thread every third of it, so that
     a slow Bridge call cannot outlast it while the job is alive (and a killed job's lease lapses).
     The yielded heartbeat costs no round trip: it raises if a renewal found the lock lost, so the
@@ -61,7 +85,9 @@ def item_lock(ctx: WorkerContext, item_id: int) -> Iterator[Callable[[], None]]:
     lease = ctx.settings.item_lock_seconds
     lock = ctx.redis.lock(f"bridgehook:lock:item:{item_id}", timeout=lease, blocking_timeout=lease + 5,
                           thread_local=False)  # fmt: skip
-    if not lock.acquire():
+    if not wait and not lock.acquire(blocking=False):
+        raise ItemLocked(f"item {item_id} is locked by another job", retry_after=STEP_ASIDE_SECONDS)
+    if wait and not lock.acquire():
         raise ItemBusy(f"item {item_id} stayed locked for {lease + 5}s")
     lost: list[Exception] = []
     done = threading.Event()
@@ -137,11 +163,13 @@ def _run(
             ctx.ledger.started(event_id, event, body, received, durable=False)
             finished = False
             try:
+                if scope is not None:
+                    _coalesce(ctx, meta, scope)
                 if item_id is None:
                     outcome = work(ctx, ctx.syncer())
                 else:
-                    with item_lock(ctx, int(item_id)) as heartbeat:
-                        if is_served():  # by the sync that held the lock while this job waited
+                    with item_lock(ctx, int(item_id), wait=scope is None) as heartbeat:
+                        if is_served():  # by the sync that held the lock when this job stepped aside
                             outcome = {"skipped": "served"}
                         else:
                             through = None if scope is None else watermark.received_so_far(ctx.redis)
@@ -149,7 +177,7 @@ def _run(
                             ctx.ledger.done(event_id)  # synchronous: the sync's rows are durable
                             finished = True
                             # Only now (the rows are durable), and before the lock goes: a job
-                            # waiting for the lock finds the record as it takes it.
+                            # stepping aside for the lock finds the record as it takes it.
                             serves = isinstance(outcome, SyncResult) and outcome.serves_earlier_events
                             if serves and through is not None:
                                 _record_watermark(ctx, through, int(item_id), account_id)
@@ -233,7 +261,7 @@ def _failed(
 ) -> None:
     if isinstance(exc, PermanentError) and job is not None:
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
-    budget = isinstance(exc, BudgetExhausted)
+    budget = isinstance(exc, BudgetExhausted | ItemLocked)
     if job is not None and progress is not None:  # what this attempt did, for the next one to go on from
         moved = (
             progress.pages > 0

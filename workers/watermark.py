@@ -6,10 +6,11 @@ each account), and every sync fetches the item's current state, whichever event 
 receiver numbers each event it enqueues (``meta.received_seq``: one Redis counter, incremented in the
 enqueueing script, :data:`service.queue.RECEIVED_SEQ_KEY`). A sync of a whole item reads the counter
 before its first request to Bridge and, once its rows are durably committed and before it releases
-the item's lock (:mod:`workers.jobs`), records that number for the item, so that a job that waited
-for that lock finds it. A later job for an event of that item whose number is not above the record
-was received before that sync began, so the sync fetched at least the state the event announced: the
-job records itself done without calling Bridge. Only a sync that listed every account since its
+the item's lock (:mod:`workers.jobs`), records that number for the item, so that a job that stepped
+aside for that lock (workers.jobs.ItemLocked) finds it when it takes the lock. A later job for an
+event of that item whose number is not above the record was received before that sync began, so
+the sync fetched at least the state the event announced: the job records itself done without calling
+Bridge. Only a sync that listed every account since its
 cursor records (:attr:`workers.sync.SyncResult.serves_earlier_events`): a whole listing (a first or a
 full sync) leaves deleted transactions out, so it cannot stand for the delta that would have shown
 them. An
