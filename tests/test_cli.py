@@ -218,7 +218,7 @@ def test_db_upgrade_connects_as_database_url_migrate_when_set(pg_schema_url: str
     env = {**os.environ, "DATABASE_URL": runtime, "DATABASE_URL_MIGRATE": pg_schema_url}
     done = run("db", "upgrade", env=env)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == f"applied migrations [1, 2, 3, 4] to {pg_schema_url}\n"
+    assert done.stderr == f"applied migrations [1, 2, 3, 4, 5] to {pg_schema_url}\n"
     bad = run(
         "db", "upgrade", env={**env, "DATABASE_URL_MIGRATE": "postgresql://owner:ownerpw@127.0.0.1:1/x"}
     )
