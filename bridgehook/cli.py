@@ -25,7 +25,8 @@ from bridgehook import devenv
 from bridgehook.exits import Exit, fail
 from service.settings import Settings, SettingsError, configured, variable
 
-DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
+WEBHOOK_PATH = "/webhooks/bridge"
+DEFAULT_URL = f"http://127.0.0.1:8000{WEBHOOK_PATH}"
 # What the worker and the scheduler cannot start without (the receiver never reads bank data).
 WORKER_NEEDS = ("REDIS_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS")
 
@@ -111,12 +112,15 @@ def dev(host: str, port: int, stop: bool) -> None:
 
     An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
-    BRIDGE_API_URL is set), one worker, the scheduler, and the receiver in the foreground.
+    BRIDGE_API_URL is set), one worker, the scheduler, the application API on API_PORT (the
+    receiver's port + 1) with the token in .bridgehook/api-token, and the receiver in the foreground.
     Ctrl-C, SIGTERM and SIGHUP stop them all; so does `bridgehook dev --stop` from anywhere in the
     project (or with BRIDGEHOOK_HOME). One runs per .bridgehook/ (or BRIDGEHOOK_HOME) at a time.
     """
     if stop:
         sys.exit(0 if devenv.stop(devenv.state_dir(), _say) else 1)
+    from service.connect import CALLBACK_PATH
+
     env = os.environ
     _require_dev_extra(env)
     home = devenv.state_dir(search=False)
@@ -130,31 +134,48 @@ def dev(host: str, port: int, stop: bool) -> None:
             _listen(host, port, "`make run PORT={0}` or `bridgehook dev --port {0}`")
         )
         # The probes and metrics: ADMIN_PORT, else 1000 above the webhook's (8000: 9000).
-        given = env.get("ADMIN_PORT", "")
-        admin_port = int(given) if given.isdigit() else port + 1000 if 0 < port <= 64535 else 0
-        admin = stack.enter_context(_listen(host, admin_port, "ADMIN_PORT={}"))
+        admin = stack.enter_context(
+            _listen(host, _beside(env.get("ADMIN_PORT", ""), port, 1000), "ADMIN_PORT={}")
+        )
         env["ADMIN_PORT"] = str(admin.getsockname()[1])
+        # The API: API_PORT, else the one above the webhook's (8000: 8001). `bridgehook api` binds it
+        # itself; probing it here stops dev on a taken port before anything starts.
+        with _listen(host, _beside(env.get("API_PORT", ""), port, 1), "API_PORT={}") as probe:
+            api_port = probe.getsockname()[1]
+        base = f"http://{f'[{host}]' if ':' in host else host}"
+        receiver = f"{base}:{webhook.getsockname()[1]}"
+        token = "API_TOKENS (yours)" if configured(env, "API_TOKENS") else str(home / "api-token")
         devenv.apply_dev_defaults(env, home)
-        load_settings("BRIDGE_WEBHOOK_SECRETS")  # validate before starting anything
+        if not configured(env, "CONNECT_CALLBACK_URL"):
+            env["CONNECT_CALLBACK_URL"] = receiver + CALLBACK_PATH
+        # Validated before anything starts; the fake's Connect page signs its webhooks with it.
+        secret = load_settings("BRIDGE_WEBHOOK_SECRETS").webhook_secrets[0]
         local.note(key=devenv.first_key_id(env.get("ENCRYPTION_KEYS")))  # for `keys rotate` to compare
         if not configured(env, "REDIS_URL"):
             env["REDIS_URL"] = stack.enter_context(devenv.embedded_redis(home, local))
-        api = stack.enter_context(devenv.fake_bridge(env))
+        fake = stack.enter_context(devenv.fake_bridge(env, receiver + WEBHOOK_PATH, secret.reveal()))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
         _upgrade(settings)
         stack.enter_context(devenv.process("worker", env, local))
         stack.enter_context(devenv.process("scheduler", env, local))
-        base = f"http://{f'[{host}]' if ':' in host else host}"
-        receiver = f"{base}:{webhook.getsockname()[1]}/webhooks/bridge"
+        api = f"{base}:{api_port}"
+        stack.enter_context(devenv.process("api", env, local, ("--host", host, "--port", str(api_port))))
         probes = f"{base}:{settings.admin_port}"
-        local.note(receiver=receiver, admin=probes)
+        back = settings.connect_return_url or "nowhere: set CONNECT_RETURN_URL"
+        bridge = (
+            f"{fake}  (fake, demo data; its Connect sends webhooks here)" if fake else settings.bridge_api_url
+        )
+        local.note(receiver=receiver + WEBHOOK_PATH, admin=probes, api=api)
         click.echo(
             f"bridgehook dev\n"
-            f"  receiver   {receiver}\n"
+            f"  receiver   {receiver + WEBHOOK_PATH}\n"
             f"  admin      {probes}   (/livez /readyz /metrics)\n"
+            f"  api        {api}/v1   (Authorization: Bearer <token>)\n"
+            f"  token      {token}\n"
+            f"  connect    {settings.connect_callback_url} -> {back}\n"
             f"  redis      {settings.redis_url_for_logs}\n"
             f"  database   {settings.database_url_for_logs}\n"
-            f"  bridge     {api + '  (fake, demo data)' if api else settings.bridge_api_url}\n"
+            f"  bridge     {bridge}\n"
             f"  secret     {home / 'webhook-secret'}\n"
             f"  try        bridgehook send --fixture item.created\n"
             f"  stop       Ctrl-C, or `bridgehook dev --stop` from another terminal\n",
@@ -162,6 +183,12 @@ def dev(host: str, port: int, stop: bool) -> None:
         )
         # uvicorn re-raises Ctrl-C after its graceful shutdown, and SIGTERM (see stop_signals).
         _serve(settings, webhook, admin)
+
+
+def _beside(given: str, port: int, offset: int) -> int:
+    """The port a variable gives (``given``), else ``offset`` above the webhook's ``port`` (0 for
+    any free one when that is 0 or past 65535)."""
+    return int(given) if given.isdigit() else port + offset if 0 < port <= 65535 - offset else 0
 
 
 @contextmanager

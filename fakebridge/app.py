@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fakebridge.connect import connect_page, create_session, describe
+from fakebridge.connect import RETURN_PAGE, connect_page, create_session, describe, return_page
 from fakebridge.world import Refusal, RequestRecord, World, parse_iso_ms, render, render_json
 
 PREFIX = "/v3/aggregation"
@@ -338,7 +338,11 @@ def create_app(world: World) -> Starlette:
         ApiError: _http_error,
     }
     app = Starlette(
-        routes=[Mount(PREFIX, routes=routes), Route(CONNECT_PAGE + "{session_id}", connect_page)],
+        routes=[
+            Mount(PREFIX, routes=routes),
+            Route(RETURN_PAGE, return_page),  # before the sessions' pages, whose ids are hex
+            Route(CONNECT_PAGE + "{session_id}", connect_page),
+        ],
         middleware=[Middleware(FakeBridgeMiddleware, world=world)],
         exception_handlers=handlers,
     )

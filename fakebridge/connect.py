@@ -9,6 +9,9 @@ none are sent while it is None), and redirects (303) to the session's ``callback
 on the page choose the outcome: ``success=false`` with a ``step`` (where the user left: nothing
 changes and no webhook is sent), and ``status`` (the new or repaired item's status, 0 by default).
 A page serves once; it is a 404 afterwards.
+
+``/connect/return`` stands in for the application's page at ``CONNECT_RETURN_URL`` (``bridgehook dev``
+points it there): it answers, as JSON, the parameters the receiver passed on, and nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from fakebridge.world import World, iso_ms, render_json
 
@@ -37,6 +40,7 @@ DESCRIPTIONS: dict[int, dict[str, str]] = {
     1100: {"en": "Pro account validation required", "fr": "Validation du compte pro requise"},
 }
 LANGUAGES = ("en", "fr")
+RETURN_PAGE = "/connect/return"
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 CONTEXT_MAX = 100
 
@@ -142,6 +146,12 @@ def connect_page(request: Request) -> Response:
         params["context"] = session.context
     separator = "&" if urlsplit(session.callback_url).query else "?"
     return RedirectResponse(session.callback_url + separator + urlencode(params), status_code=303)
+
+
+def return_page(request: Request) -> Response:
+    """The application's page after Connect, played by the fake: what it was told, as JSON (never
+    HTML, so that nothing the query holds becomes markup)."""
+    return JSONResponse(dict(request.query_params))
 
 
 def _go_through(world: World, session: Session, status: int) -> tuple[int, list[tuple[str, dict[str, Any]]]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import redis
 
@@ -300,17 +301,20 @@ def start_dev(started: dict[int, str], cwd: Path, **popen: Any) -> subprocess.Po
 
 
 def wait_for_stack(proc: subprocess.Popen[bytes], home: Path, started: dict[int, str]) -> dict[int, str]:
-    """Wait until dev's receiver answers and its four processes run (valkey-server, the worker and
-    the RQ scheduler it forks, our scheduler); return them, by pid with their start times."""
+    """Wait until dev's receiver and API answer and its five processes run (valkey-server, the worker
+    and the RQ scheduler it forks, our scheduler, the API); return them, by pid with their start times."""
 
     def up() -> dict[int, str]:
         assert proc.poll() is None, f"bridgehook dev exited ({proc.returncode})"
         tree = descendants(proc.pid)
         started.update(tree)
-        return tree if len(tree) >= 4 and "receiver" in record(home) else {}
+        return tree if len(tree) >= 5 and "receiver" in record(home) else {}
 
     tree = wait_until(up, 30, "the stack to start", interval=0.1)
+    processes = record(home)["processes"]
+    assert isinstance(processes, dict) and processes["api"] in tree
     wait_for_http(f"{record(home)['admin']}/readyz")
+    wait_for_http(f"{record(home)['api']}/livez")
     return tree
 
 
@@ -353,6 +357,11 @@ def test_dev_stops_everything_on_sigterm_and_keeps_its_home_to_itself(
         assert taken.stderr.startswith(f"bridgehook: port {port} is taken on 127.0.0.1")
         assert "`make run PORT=" in taken.stderr
         assert not (tmp_path / "a" / ".bridgehook" / "valkey").exists()  # refused before starting anything
+        api_port = str(urlsplit(str(record(home)["api"])).port)
+        api_taken = run("dev", "--port", "0", env={**dev_env(), "API_PORT": api_port}, cwd=tmp_path / "a")
+        assert api_taken.returncode == 2
+        assert api_taken.stderr.startswith(f"bridgehook: port {api_port} is taken on 127.0.0.1")
+        assert "choose another with API_PORT=" in api_taken.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
@@ -362,6 +371,67 @@ def test_dev_stops_everything_on_sigterm_and_keeps_its_home_to_itself(
     assert [pid for pid, when in children.items() if running(pid, when)] == []
     assert not (home / "dev.json").exists()
     assert not (home / "redis.url").exists()
+
+
+def test_dev_runs_the_api_and_the_whole_connect_flow(tmp_path: Path, started: dict[int, str]) -> None:
+    """The application's side on `make run`: the API behind the token in .bridgehook/api-token, a user,
+    a Connect session whose fake page sends its webhooks to the stack's receiver and the browser to
+    the callback and on to CONNECT_RETURN_URL, then the item in GET items; SIGTERM stops the API too."""
+    home = tmp_path / ".bridgehook"
+    with open(tmp_path / "dev.log", "wb") as log:  # a file: a pipe nobody reads would fill and block dev
+        proc = start_dev(started, tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        children = wait_for_stack(proc, home, started)
+        assert (home / "api-token").stat().st_mode & 0o777 == 0o600
+        token = (home / "api-token").read_text().strip()
+        record_api = str(record(home)["api"])
+        user = f"{record_api}/v1/users/customer-42"
+        assert httpx.put(user).status_code == 401
+        assert httpx.put(user, headers={"Authorization": "Bearer not-the-token"}).status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        created = httpx.put(user, headers=auth)
+        assert created.status_code == 201, created.text
+        session = httpx.post(f"{user}/connect-sessions", headers=auth,
+                             json={"user_email": "ann@example.fr", "context": "onboarding"})  # fmt: skip
+        assert session.status_code == 201, session.text
+        # The user's browser: the fake Connect page, the receiver's callback, the application's page.
+        browser = httpx.get(session.json()["url"], follow_redirects=True)
+        assert [str(r.url).split("?")[0] for r in browser.history][1:] == [
+            f"{receiver_base(home)}/connect/callback"
+        ]
+        assert browser.status_code == 200
+        back = browser.json()
+        assert back["success"] == "true" and back["context"] == "onboarding"
+        item = int(back["item_id"])
+
+        def listed() -> dict[str, Any] | None:
+            items = httpx.get(f"{user}/items", headers=auth).json()["items"]
+            # The webhooks bring the item and its accounts, the callback's job the outcome of Connect.
+            return items[0] if items and items[0]["accounts"] and items[0]["last_connect"] else None
+
+        shown = wait_until(listed, 20, "the item, its accounts and the outcome in GET items")
+        assert shown is not None and shown["item_id"] == item and shown["action"] is None
+        assert shown["last_connect"]["success"] is True
+        # The fake's webhooks reached the receiver, and the worker took them.
+        db = sqlite3.connect(home / "bridgehook.db")
+        query = "SELECT type FROM webhook_events WHERE item_id = ? AND status = 'done'"
+        done = {kind for (kind,) in db.execute(query, (item,))}
+        db.close()
+        assert {"item.created", "item.account.created", "item.refreshed"} <= done
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    out = (tmp_path / "dev.log").read_text()
+    assert proc.returncode == 0, out
+    assert f"api        {record_api}/v1" in out and f"token      {home / 'api-token'}" in out  # the banner
+    assert "api.stopped" in out  # its graceful shutdown ran
+    assert [pid for pid, when in children.items() if running(pid, when)] == []
+
+
+def receiver_base(home: Path) -> str:
+    """The scheme, host and port of the stack's receiver."""
+    url = urlsplit(str(record(home)["receiver"]))
+    return f"{url.scheme}://{url.netloc}"
 
 
 def pending_signals(pid: int) -> int:
