@@ -236,8 +236,8 @@ def test_a_job_that_stepped_aside_for_the_lock_finds_the_record_of_the_sync_it_w
     assert outcomes[second] == {"skipped": "served"}
     assert stepped_aside and set(stepped_aside) == {second}  # it found the lock taken, and ran again
     assert item_requests(world, b["item"]) == 1  # the first sync's, and no other
-    assert harness.ledger()[first] == ("done", 1)
-    assert harness.ledger()[second][0] == "done"
+    # Stepping aside is not an attempt: each ran once as far as the ledger knows.
+    assert {harness.ledger()[i] for i in (first, second)} == {("done", 1)}
     assert harness.tables() == harness.truth()
 
 

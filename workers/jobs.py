@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,12 +47,22 @@ class ItemBusy(Exception):
 
 
 STEP_ASIDE_SECONDS = 1.0
+STEP_ASIDE_MAX_SECONDS = 16.0
 
 
 class ItemLocked(TransientError):
     """Another job holds the item's lock: a sync steps aside instead of holding its worker idle (the
     worker takes the next job, another item's), and runs again shortly, keeping its retries. A sync
-    that was running then is likely to have served it by that time (see workers.watermark)."""
+    that was running then is likely to have served it by that time (see workers.watermark).
+
+    ``backoff``: the lock was taken. Each step aside in a row waits twice as long as the one before,
+    up to :data:`STEP_ASIDE_MAX_SECONDS`: the holder may have died with its lease (a worker killed,
+    Redis restarted), which lapses only after ``ITEM_LOCK_SECONDS``. Stepping aside spends no retry
+    and is no attempt, however long the lock stays taken: the lease bounds it."""
+
+    def __init__(self, message: str, *, retry_after: float, backoff: bool = False) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.backoff = backoff
 
 
 def _coalesce(ctx: WorkerContext, meta: dict[str, Any], scope: str) -> None:
@@ -86,7 +96,9 @@ def item_lock(ctx: WorkerContext, item_id: int, *, wait: bool = True) -> Iterato
     lock = ctx.redis.lock(f"bridgehook:lock:item:{item_id}", timeout=lease, blocking_timeout=lease + 5,
                           thread_local=False)  # fmt: skip
     if not wait and not lock.acquire(blocking=False):
-        raise ItemLocked(f"item {item_id} is locked by another job", retry_after=STEP_ASIDE_SECONDS)
+        raise ItemLocked(
+            f"item {item_id} is locked by another job", retry_after=STEP_ASIDE_SECONDS, backoff=True
+        )
     if wait and not lock.acquire():
         raise ItemBusy(f"item {item_id} stayed locked for {lease + 5}s")
     lost: list[Exception] = []
@@ -159,28 +171,34 @@ def _run(
             ctx.ledger.started(event_id, event, body, received, done=True)
             outcome = {"skipped": "served"}
         else:
-            # Asynchronous commit: Ledger.done or Ledger.failed, synchronous, end every run and flush it.
-            ctx.ledger.started(event_id, event, body, received, durable=False)
             finished = False
             try:
-                if scope is not None:
-                    _coalesce(ctx, meta, scope)
-                if item_id is None:
-                    outcome = work(ctx, ctx.syncer())
-                else:
-                    with item_lock(ctx, int(item_id), wait=scope is None) as heartbeat:
-                        if is_served():  # by the sync that held the lock when this job stepped aside
-                            outcome = {"skipped": "served"}
-                        else:
-                            through = None if scope is None else watermark.received_so_far(ctx.redis)
-                            outcome = work(ctx, ctx.syncer(heartbeat))
-                            ctx.ledger.done(event_id)  # synchronous: the sync's rows are durable
-                            finished = True
-                            # Only now (the rows are durable), and before the lock goes: a job
-                            # stepping aside for the lock finds the record as it takes it.
-                            serves = isinstance(outcome, SyncResult) and outcome.serves_earlier_events
-                            if serves and through is not None:
-                                _record_watermark(ctx, through, int(item_id), account_id)
+                with ExitStack() as held:
+                    # Stepping aside (the refresh's other events not in yet, or the item locked by
+                    # another sync: ItemLocked) comes before the ledger: it is not an attempt.
+                    if scope is not None:
+                        _coalesce(ctx, meta, scope)
+                    lock = None if item_id is None else item_lock(ctx, int(item_id), wait=scope is None)
+                    heartbeat = held.enter_context(lock) if lock is not None and scope is not None else None
+                    # Asynchronous commit: Ledger.done or Ledger.failed, synchronous, end every run and
+                    # flush it.
+                    ctx.ledger.started(event_id, event, body, received, durable=False)
+                    if lock is not None and heartbeat is None:  # not a sync: it waits for the lock
+                        heartbeat = held.enter_context(lock)
+                    if item_id is None:
+                        outcome = work(ctx, ctx.syncer())
+                    elif is_served():  # by the sync that held the lock when this job stepped aside
+                        outcome = {"skipped": "served"}
+                    else:
+                        through = None if scope is None else watermark.received_so_far(ctx.redis)
+                        outcome = work(ctx, ctx.syncer(heartbeat))
+                        ctx.ledger.done(event_id)  # synchronous: the sync's rows are durable
+                        finished = True
+                        # Only now (the rows are durable), and before the lock goes: a job
+                        # stepping aside for the lock finds the record as it takes it.
+                        serves = isinstance(outcome, SyncResult) and outcome.serves_earlier_events
+                        if serves and through is not None:
+                            _record_watermark(ctx, through, int(item_id), account_id)
             except NotFound as exc:
                 # Gone at Bridge: nothing left to fetch. Not an error, and not worth a retry.
                 log.info("job.not_found", error=str(exc))
@@ -188,7 +206,8 @@ def _run(
             except Exception as exc:
                 if not finished:
                     _failed(ctx, job, event_id, exc, progress)
-                    JOBS.labels(event.get("type"), "failed").inc()
+                    if not isinstance(exc, ItemLocked):  # stepping aside is no failure
+                        JOBS.labels(event.get("type"), "failed").inc()
                     raise
                 # Done and durable already (a job timeout, Redis gone as the lock was released):
                 # the ledger and RQ must not call it failed, nor run it again.
@@ -268,11 +287,16 @@ def _failed(
             or progress.listed != set(job.meta.get("listed", ()))
             or progress.items != set(job.meta.get("items_done", ()))
         )
-        idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + budget
+        spent = isinstance(exc, BudgetExhausted)  # a budget that never frees would defer it forever
+        idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + spent
         job.meta.update(
             listed=sorted(progress.listed), items_done=sorted(progress.items), idle_deferrals=idle
         )
-        if budget and idle > MAX_IDLE_DEFERRALS:
+        if isinstance(exc, ItemLocked) and exc.backoff:
+            in_a_row = int(job.meta.get("stepped_aside", 0))
+            exc.retry_after = min(STEP_ASIDE_SECONDS * 2**in_a_row, STEP_ASIDE_MAX_SECONDS)
+            job.meta["stepped_aside"] = in_a_row + 1
+        if spent and idle > MAX_IDLE_DEFERRALS:
             log.warning("job.deferred_without_progress", deferrals=idle)
             budget = False
     if job is not None and isinstance(exc, TransientError) and (budget or exc.retry_after):
@@ -282,13 +306,16 @@ def _failed(
         for key in _PROGRESS_KEYS:
             job.meta.pop(key, None)
     error = f"{type(exc).__name__}: {exc}"
-    if job is not None:  # RQ keeps the last traceback; the history of attempts is ours to keep
-        history = job.meta.setdefault("attempts", [])
-        history.append({"at": datetime.now(UTC).isoformat(), "error": error[:500]})
-        del history[:-20]
+    stepped_aside = isinstance(exc, ItemLocked)  # before the ledger's row: not an attempt
+    if job is not None:
+        if not stepped_aside:  # RQ keeps the last traceback; the history of attempts is ours to keep
+            history = job.meta.setdefault("attempts", [])
+            history.append({"at": datetime.now(UTC).isoformat(), "error": error[:500]})
+            del history[:-20]
         job.save_meta()
     try:
-        ctx.ledger.failed(event_id, error, final=final)
+        if not stepped_aside or final:
+            ctx.ledger.failed(event_id, error, final=final)
     except Exception:  # the database may be what failed; the job's own error matters more
         log.exception("job.ledger_unavailable")
     if budget and not final:  # expected, and handled: the job waits for its budget
