@@ -71,7 +71,9 @@ class SyncResult:
     # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions. Not
     # counted: the listing of an account without a cursor that sets none (it showed no transaction
     # with an ``updated_at``: see workers.writer). The account still has no cursor, so whichever sync
-    # lists it next lists it whole as well: this listing stands for any of them.
+    # lists it next lists it whole as well: this listing stands for any of them. Nor, but in a full
+    # sync, the first listing of an account (no transaction of it stored when it began, from page 1):
+    # there was nothing of it to delete, so what it shows is all a delta would have told.
     whole_listing: bool = False
     accounts: int = 0
     transactions: int = 0  # rows written (a resync writes those changed since the cursor twice)
@@ -272,7 +274,9 @@ class Syncer:
                     progress.pages += 1
                 self._beat()
                 if last:  # a whole listing counts as one when it sets a cursor (see SyncResult.whole_listing)
-                    self.whole_listings += listing.whole and (full or listing.newest is not None)
+                    self.whole_listings += listing.whole and (
+                        full or (listing.newest is not None and not listing.first)
+                    )
                     if progress is not None and full:
                         progress.listed.add(listing.account_id)
                     log.info("sync.transactions", account_id=listing.account_id, written=listing.written,
@@ -343,6 +347,7 @@ class Syncer:
         if saved is None:
             since = cursor - self.overlap if cursor is not None else None
             listing = Listing.begin(account_id, cursor, since, reset=reset)
+            listing.first = cursor is None and not reset and not self.writer.holds_transactions(account_id)
         else:
             listing = Listing.resume(account_id, cursor, saved, reset=reset)
         start = None if saved is None else saved.get("next")

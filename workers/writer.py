@@ -114,6 +114,9 @@ class Listing:
     held_mark: Position | End | None = None
     # The accounts listed together with it by one listing of the user's (see Writer.add_group), or ().
     group: tuple[int, ...] = ()
+    # A whole listing of an account of which no transaction was stored when it began: it shows all
+    # there is to know, deletions included (there is nothing of the account's to delete).
+    first: bool = False
 
     @classmethod
     def begin(
@@ -394,6 +397,16 @@ class Writer:
         if row is None:
             return None, None
         return to_datetime(row[0]), (dict(json.loads(row[1])) if row[1] else None)
+
+    def holds_transactions(self, account_id: int) -> bool:
+        """Whether any transaction of the account is stored, deleted or not."""
+        with self.db.transaction() as tx:
+            return (
+                tx.execute(
+                    "SELECT 1 FROM transactions WHERE account_id = %s LIMIT 1", (account_id,)
+                ).fetchone()
+                is not None
+            )
 
     def cursor(self, account_id: int) -> datetime | None:
         return self.position(account_id)[0]
