@@ -4,13 +4,16 @@ the same rows. On SQLite and PostgreSQL, against the fake Bridge over HTTP."""
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from fakebridge.world import World
 from tests.harness import Harness
 from tests.test_budgets import fast_budget, run_to_the_end, scheduled
 from workers import context
+from workers.writer import Writer
 
 
 def bank(world: World, accounts: int = 3, per_account: int = 20) -> dict[str, Any]:
@@ -123,3 +126,58 @@ def test_a_users_listing_goes_on_where_a_spent_budget_stopped_it(
     assert harness.failed_ids() == []
     assert harness.tables() == harness.truth()
     assert harness.rows("SELECT listing FROM accounts") == [(None,), (None,)]
+
+
+def test_a_users_listing_bridge_will_not_resume_starts_again(harness: Harness, world: World) -> None:
+    """The saved position of a listing of the user's whose next_uri Bridge refuses (400): the listing
+    starts again from page 1 for the same accounts, rather than failing the job for good."""
+    b = bank(world, accounts=2)
+    synced(harness, world, b)
+    cursors = dict(harness.rows("SELECT id, transactions_cursor FROM accounts"))
+    state = {
+        "next": "/v3/aggregation/transactions?limit=500&after=expired",
+        "since": str(min(cursors.values())), "newest": None, "future": [], "reset": False,
+        "started": datetime.now().astimezone().isoformat(), "group": b["accounts"],
+    }  # fmt: skip
+    with harness.db.transaction() as tx:
+        tx.execute("UPDATE accounts SET listing = %s", (json.dumps(state),))
+    for account in b["accounts"]:
+        world.add_transactions(account, 2)
+    world.set_item_status(b["item"], 0)
+    world.reset_requests()
+
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+
+    statuses = [r.status for r in world.requests if r.path.endswith("/transactions")]
+    assert statuses == [400, 200] and not any("account_id" in q for q in listings(world))
+    assert harness.failed_ids() == []
+    assert harness.tables() == harness.truth()
+    assert harness.rows("SELECT listing FROM accounts") == [(None,), (None,)]
+
+
+def test_an_account_whose_cursor_is_far_behind_is_listed_on_its_own(harness: Harness, world: World) -> None:
+    """Two accounts' cursors within a day of each other are listed together; a third's, two days
+    behind, on its own: listed with the others, it would make the listing read two days of theirs."""
+    b = bank(world)
+    synced(harness, world, b)
+    behind = b["accounts"][2]
+    cursor = Writer(harness.db).cursor(behind)
+    assert cursor is not None
+    with harness.db.transaction() as tx:
+        tx.execute(
+            "UPDATE accounts SET transactions_cursor = %s WHERE id = %s", (cursor - timedelta(days=2), behind)
+        )
+    for account in b["accounts"]:
+        world.add_transactions(account, 2)
+    world.set_item_status(b["item"], 0)
+    world.reset_requests()
+
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+
+    queries = listings(world)
+    assert len(queries) == 2
+    assert sum("account_id" not in q for q in queries) == 1
+    assert sum(f"account_id={behind}" in q for q in queries) == 1
+    assert harness.tables() == harness.truth()
