@@ -7,6 +7,11 @@ leaves the cursor where it was and the next sync simply rewrites (idempotently) 
 written. The next sync asks Bridge for transactions updated ``since`` the cursor minus an overlap that
 absorbs clock skew and updates made while we paginated.
 
+The deltas of an item's accounts that have a cursor are one listing of the user's transactions (no
+``account_id``: one page where there were as many as accounts), split by account; the user's other
+accounts' rows (disabled, deleted, another item's) are left out, and every account of the group saves
+the listing's position with each page, so that they resume together (see :func:`_groups`).
+
 Fetching runs ahead of writing: a thread requests the next pages (and the next accounts'),
 parses them and builds their rows while this one writes, at most twelve pages ahead;
 what is written, in which order and in which transaction stays the same. How a page is written
