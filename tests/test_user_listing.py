@@ -128,6 +128,16 @@ def test_a_users_listing_goes_on_where_a_spent_budget_stopped_it(
     assert harness.rows("SELECT listing FROM accounts") == [(None,), (None,)]
 
 
+def refresh_with_new_transactions(harness: Harness, world: World, b: dict[str, Any]) -> None:
+    """Two new transactions in each account, and the refresh that announces them, processed."""
+    for account in b["accounts"]:
+        world.add_transactions(account, 2)
+    world.set_item_status(b["item"], 0)
+    world.reset_requests()
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+
+
 def test_a_users_listing_bridge_will_not_resume_starts_again(harness: Harness, world: World) -> None:
     """The saved position of a listing of the user's whose next_uri Bridge refuses (400): the listing
     starts again from page 1 for the same accounts, rather than failing the job for good."""
@@ -141,13 +151,7 @@ def test_a_users_listing_bridge_will_not_resume_starts_again(harness: Harness, w
     }  # fmt: skip
     with harness.db.transaction() as tx:
         tx.execute("UPDATE accounts SET listing = %s", (json.dumps(state),))
-    for account in b["accounts"]:
-        world.add_transactions(account, 2)
-    world.set_item_status(b["item"], 0)
-    world.reset_requests()
-
-    harness.send(world.event_item_refreshed(b["item"]))
-    harness.drain()
+    refresh_with_new_transactions(harness, world, b)
 
     statuses = [r.status for r in world.requests if r.path.endswith("/transactions")]
     assert statuses == [400, 200] and not any("account_id" in q for q in listings(world))
@@ -168,13 +172,7 @@ def test_an_account_whose_cursor_is_far_behind_is_listed_on_its_own(harness: Har
         tx.execute(
             "UPDATE accounts SET transactions_cursor = %s WHERE id = %s", (cursor - timedelta(days=2), behind)
         )
-    for account in b["accounts"]:
-        world.add_transactions(account, 2)
-    world.set_item_status(b["item"], 0)
-    world.reset_requests()
-
-    harness.send(world.event_item_refreshed(b["item"]))
-    harness.drain()
+    refresh_with_new_transactions(harness, world, b)
 
     queries = listings(world)
     assert len(queries) == 2
