@@ -170,13 +170,10 @@ def test_a_sync_after_item_deleted_writes_nothing_under_it(harness: Harness, wor
 
 
 # -- 5. one gone account does not end the item's sync ----------------------------------------------------
-def test_an_account_gone_mid_sync_is_marked_and_the_others_synced(harness: Harness, world: World) -> None:
-    """The account is deleted at Bridge between the account listing and its transactions (each call
-    takes 0.2 s at the fake): its listing answers 404. The item's other account is synced all the same."""
-    b = synced(harness, world)
-    gone, other = b["accounts"]
-    new = world.add_transactions(other, 4)
-    world.set_item_status(b["item"], 0)
+def refresh_deleting_once_listed(harness: Harness, world: World, item: int, gone: int) -> None:
+    """A refresh of the item whose sync finds ``gone`` deleted at Bridge once it has listed the item's
+    accounts (each call takes 0.2 s at the fake)."""
+    world.set_item_status(item, 0)
     world.reset_requests()
     world.faults.delay(0.2)
 
@@ -189,14 +186,44 @@ def test_an_account_gone_mid_sync_is_marked_and_the_others_synced(harness: Harne
 
     deleter = threading.Thread(target=delete_once_listed)
     deleter.start()
-    harness.send(world.event_item_refreshed(b["item"]))
+    harness.send(world.event_item_refreshed(item))
     harness.drain()
     deleter.join()
     world.faults.clear()
 
+
+def test_an_account_gone_mid_sync_is_marked_and_the_others_synced(harness: Harness, world: World) -> None:
+    """The account is deleted at Bridge between the account listing and its transactions (each call
+    takes 0.2 s at the fake): its listing answers 404. The item's other account (new: listed whole) is
+    synced all the same. (The account is listed on its own: the item's only one with a cursor.)"""
+    b = synced(harness, world, accounts=1)
+    [gone] = b["accounts"]
+    other = world.add_account(b["item"], name="Nouveau")
+    new = world.add_transactions(other, 4)
+    refresh_deleting_once_listed(harness, world, b["item"], gone)
+
     listings = [r for r in world.requests if r.path.endswith("/transactions")]
     assert [r.status for r in listings if f"account_id={gone}" in r.query] == [404]
     assert set(new) <= set(held(harness, other))
+    assert harness.rows("SELECT deleted_at IS NOT NULL FROM accounts WHERE id = %s", (gone,)) == [(True,)]
+    assert harness.tables() == harness.truth()
+    assert harness.failed_ids() == []
+
+
+def test_an_account_gone_mid_users_listing_is_marked_by_its_event(harness: Harness, world: World) -> None:
+    """Accounts listed together by one listing of the user's: the account deleted at Bridge after the
+    account listing is no longer in it (no 404 to tell), so the sync writes the other's rows and leaves
+    the gone one as it was; Bridge's ``item.account.deleted`` marks it."""
+    b = synced(harness, world)
+    gone, other = b["accounts"]
+    new = world.add_transactions(other, 4)
+    world.add_transactions(gone, 2)
+    refresh_deleting_once_listed(harness, world, b["item"], gone)
+
+    assert set(new) <= set(held(harness, other))
+    assert harness.rows("SELECT deleted_at IS NULL FROM accounts WHERE id = %s", (gone,)) == [(True,)]
+    harness.send(world.event_account(gone, "deleted"))
+    harness.drain()
     assert harness.rows("SELECT deleted_at IS NOT NULL FROM accounts WHERE id = %s", (gone,)) == [(True,)]
     assert harness.tables() == harness.truth()
     assert harness.failed_ids() == []

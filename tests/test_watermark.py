@@ -95,12 +95,36 @@ def test_an_account_without_transactions_does_not_stop_a_sync_from_serving(
     harness.drain()
     assert results(harness, harness.acknowledged[-2:]) == [None, "served"]
 
-    # Once it has a transaction, it has a cursor, and is listed since it like any other.
+    # Its first transaction: the listing that finds it is whole, but of an account of which nothing
+    # was stored (nothing to delete), so it serves the account's event all the same.
     world.add_transactions(empty, 1)
     harness.send(world.event_item_refreshed(b["item"]))
     harness.send(world.event_account(empty, "updated"))
     harness.drain()
-    assert results(harness, harness.acknowledged[-2:]) == [None, None]  # the first listing was whole
+    assert results(harness, harness.acknowledged[-2:]) == [None, "served"]
+    assert harness.tables() == harness.truth()
+
+    # Then it has a cursor, and is listed since it like any other.
+    assert harness.rows("SELECT transactions_cursor IS NOT NULL FROM accounts WHERE id = %s", (empty,)) == [
+        (True,)
+    ]
+
+
+def test_a_whole_listing_of_an_account_with_stored_rows_serves_nothing(
+    harness: Harness, world: World
+) -> None:
+    """An account whose rows are stored but which has no cursor (cleared here by hand) is listed whole:
+    deletions since its rows were written would not show, so that sync serves none of its events, and
+    the account's event runs a sync of its own."""
+    b = synced_bank(harness, world, accounts=1, per_account=10)
+    with harness.db.transaction() as tx:
+        tx.execute("UPDATE accounts SET transactions_cursor = NULL")
+    world.add_transactions(b["accounts"][0], 1)
+    world.set_item_status(b["item"], 0)
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.send(world.event_account(b["accounts"][0], "updated"))
+    harness.drain()
+    assert results(harness, harness.acknowledged[-2:]) == [None, None]
     assert harness.tables() == harness.truth()
 
 

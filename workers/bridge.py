@@ -230,16 +230,24 @@ class BridgeClient:
         return (page for page, _ in self._listing(*self._transactions(account_id, since), user_uuid, decode))
 
     def transaction_listing(
-        self, user_uuid: str, account_id: int, since: datetime | None = None, *, start: str | None = None
+        self,
+        user_uuid: str,
+        account_id: int | None,
+        since: datetime | None = None,
+        *,
+        start: str | None = None,
     ) -> Iterator[tuple[list[Any], str | None]]:
         """Typed pages (see ``transaction_pages``), each with the ``next_uri`` that follows it (None
-        after the last): where a listing stopped, to resume it from ``start`` (a ``next_uri`` it gave)."""
+        after the last): where a listing stopped, to resume it from ``start`` (a ``next_uri`` it gave).
+        ``account_id`` None: the user's transactions, every account's."""
         path, params = (self._resolve(start), None) if start else self._transactions(account_id, since)
         return self._listing(path, params, user_uuid, _typed_transaction_page)
 
     @staticmethod
-    def _transactions(account_id: int, since: datetime | None) -> tuple[str, dict[str, Any]]:
-        params: dict[str, Any] = {"account_id": int(account_id), "limit": 500}
+    def _transactions(account_id: int | None, since: datetime | None) -> tuple[str, dict[str, Any]]:
+        params: dict[str, Any] = {"limit": 500}
+        if account_id is not None:
+            params = {"account_id": int(account_id)} | params
         if since is not None:
             params["since"] = _iso(since)
         return "/transactions", params

@@ -7,6 +7,11 @@ leaves the cursor where it was and the next sync simply rewrites (idempotently) 
 written. The next sync asks Bridge for transactions updated ``since`` the cursor minus an overlap that
 absorbs clock skew and updates made while we paginated.
 
+The deltas of an item's accounts that have a cursor are one listing of the user's transactions (no
+``account_id``: one page where there were as many as accounts), split by account; the user's other
+accounts' rows (disabled, deleted, another item's) are left out, and every account of the group saves
+the listing's position with each page, so that they resume together (see :func:`_groups`).
+
 Fetching runs ahead of writing: a thread requests the next pages (and the next accounts'),
 parses them and builds their rows while this one writes, at most twelve pages ahead;
 what is written, in which order and in which transaction stays the same. How a page is written
@@ -23,12 +28,13 @@ survives without the rows before it.
 from __future__ import annotations
 
 import contextvars
+import functools
 import queue
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from service.logs import get_logger
 from workers.bridge import BridgeClient, BridgeError, NotFound, PermanentError, TransientError
@@ -36,6 +42,7 @@ from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, p
 from workers.writer import HELD_ROWS, Listing, Page, Writer
 
 log = get_logger("bridgehook.sync")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -69,7 +76,9 @@ class SyncResult:
     # cursor: a whole listing leaves deleted transactions out, so it tells nothing of deletions. Not
     # counted: the listing of an account without a cursor that sets none (it showed no transaction
     # with an ``updated_at``: see workers.writer). The account still has no cursor, so whichever sync
-    # lists it next lists it whole as well: this listing stands for any of them.
+    # lists it next lists it whole as well: this listing stands for any of them. Nor, but in a full
+    # sync, the first listing of an account (no transaction of it stored when it began, from page 1):
+    # there was nothing of it to delete, so what it shows is all a delta would have told.
     whole_listing: bool = False
     accounts: int = 0
     transactions: int = 0  # rows written (a resync writes those changed since the cursor twice)
@@ -113,6 +122,7 @@ class Syncer:
         self.whole_listings = 0  # accounts listed whole by this syncer, as SyncResult counts them
         self.accounts_gone: list[int] = []  # accounts Bridge answered 404 for, marked deleted
         self.resumed_listings = 0  # listings this syncer took up where an earlier attempt stopped
+        self._group: list[Listing] | None = None  # the listings of the user's listing being written
 
     def sync_item(
         self, user_uuid: str, item_id: int, *, full: bool = False, resync: bool = False
@@ -243,6 +253,9 @@ class Syncer:
         fetched = _prefetched(self._listings(user_uuid, account_ids, full, reset))
         try:
             for listed in fetched:
+                if isinstance(listed, _Group):
+                    written += self._write_group(listed, progress)
+                    continue
                 if listed.listing is not listing:
                     listing = listed.listing
                     if listing.resumed:
@@ -266,7 +279,9 @@ class Syncer:
                     progress.pages += 1
                 self._beat()
                 if last:  # a whole listing counts as one when it sets a cursor (see SyncResult.whole_listing)
-                    self.whole_listings += listing.whole and (full or listing.newest is not None)
+                    self.whole_listings += listing.whole and (
+                        full or (listing.newest is not None and not listing.first)
+                    )
                     if progress is not None and full:
                         progress.listed.add(listing.account_id)
                     log.info("sync.transactions", account_id=listing.account_id, written=listing.written,
@@ -283,13 +298,37 @@ class Syncer:
             fetched.close()  # stops the prefetching thread, whatever happened
         return written
 
+    def _write_group(self, listed: _Group, progress: Progress | None) -> int:
+        """One page of a listing of the user's transactions, written for the group's accounts."""
+        if isinstance(listed.pages, Exception):
+            raise listed.pages  # the page could not be read into rows: fail where writing it would
+        if listed.listings is not self._group:  # a group's first page
+            self._group = listed.listings
+            if listed.listings[0].resumed:
+                self.resumed_listings += 1
+                log.info("sync.listing_resumed", accounts=len(listed.listings))
+        self.writer.add_group(listed.listings, listed.pages, listed.next)
+        rows = sum(len(page.rows) for page in listed.pages.values())
+        if progress is not None and listed.next is not None and rows:
+            progress.pages += 1
+        self._beat()
+        if listed.next is None:
+            log.info("sync.transactions", accounts=len(listed.listings), written=sum(
+                lst.written for lst in listed.listings), full=False)  # fmt: skip
+        return rows
+
     def _listings(
         self, user_uuid: str, account_ids: tuple[int, ...], full: bool, reset: bool
-    ) -> Iterator[_Listed]:
-        """The pages to write, account after account; an unfinished listing of the same kind goes on
-        where it stopped. Runs in the prefetching thread."""
-        for account_id in account_ids:
-            cursor, saved = self.writer.position(account_id)
+    ) -> Iterator[_Listed | _Group]:
+        """The pages to write: first those of the accounts listed together (see :func:`_groups`), then
+        account after account; an unfinished listing of the same kind goes on where it stopped. Runs
+        in the prefetching thread."""
+        positions = {account_id: self.writer.position(account_id) for account_id in account_ids}
+        groups, alone = ([], list(account_ids)) if full else _groups(positions)
+        for group, resumed in groups:
+            yield from self._group_listing(user_uuid, group, positions, resumed)
+        for account_id in alone:
+            cursor, saved = positions[account_id]
             cursor = None if full else cursor
             if saved is not None and (saved.get("since") is None) != (cursor is None):
                 saved = None  # another kind of listing: this one begins afresh (and saves over it)
@@ -313,6 +352,7 @@ class Syncer:
         if saved is None:
             since = cursor - self.overlap if cursor is not None else None
             listing = Listing.begin(account_id, cursor, since, reset=reset)
+            listing.first = cursor is None and not reset and not self.writer.holds_transactions(account_id)
         else:
             listing = Listing.resume(account_id, cursor, saved, reset=reset)
         start = None if saved is None else saved.get("next")
@@ -333,6 +373,70 @@ class Syncer:
                 raise
             # The account is gone (sync_transactions marks it): on to the next one.
             yield _Listed(listing, exc, None)
+
+    def _group_listing(
+        self,
+        user_uuid: str,
+        group: tuple[int, ...],
+        positions: Mapping[int, tuple[datetime | None, dict[str, Any] | None]],
+        resumed: bool,
+    ) -> Iterator[_Group]:
+        """The user's transactions since the group's earliest cursor (minus the overlap), every page
+        split by account, the other accounts' rows left out; or where such a listing stopped."""
+        if resumed:
+            listings = [Listing.resume(a, positions[a][0], positions[a][1] or {}, reset=False) for a in group]
+            start = (positions[group[0]][1] or {}).get("next")
+        else:
+            earliest = min(c for c, _ in (positions[a] for a in group) if c is not None) - self.overlap
+            listings = [Listing.begin(a, positions[a][0], earliest, reset=False) for a in group]
+            start = None
+        for listing in listings:
+            listing.group = group
+        # What each account's own listing would ask for: rows it would not show are not written again.
+        since = listings[0].since
+        floors = {
+            listing.account_id: listing.cursor - self.overlap
+            for listing in listings
+            if listing.cursor is not None and since is not None and listing.cursor - self.overlap > since
+        }
+        pages = self.client.transaction_listing(user_uuid, None, since, start=start)
+        first = True
+        try:
+            for resources, next_uri in pages:
+                try:
+                    split: dict[int, Page] | Exception = self._split(resources, group, floors)
+                except Exception as exc:
+                    split = exc
+                yield _Group(listings, split, next_uri)
+                first = False
+        except (NotFound, PermanentError) as exc:
+            if not (first and resumed):
+                raise
+            # Bridge refuses where the listing stopped (a next_uri it no longer takes): from page 1.
+            log.warning("sync.listing_not_resumed", accounts=len(group), error=str(exc))
+            fresh = {a: (positions[a][0], None) for a in group}
+            yield from self._group_listing(user_uuid, group, fresh, resumed=False)
+
+    def _split(
+        self, resources: Sequence[Any], group: tuple[int, ...], floors: Mapping[int, datetime]
+    ) -> dict[int, Page]:
+        """A page of the user's transactions as one page of rows per account of the group: the rows
+        each account's own listing would show (updated after its ``floors``, if it has one)."""
+        by_account: dict[int, list[Any]] = {a: [] for a in group}
+        for resource in resources:
+            get = resource.get if isinstance(resource, dict) else functools.partial(getattr, resource)
+            account_id = get("account_id")
+            if account_id not in by_account:
+                continue
+            floor = floors.get(account_id)
+            if (
+                floor is not None
+                and (updated := parse_ts(get("updated_at"))) is not None
+                and updated <= floor
+            ):
+                continue
+            by_account[account_id].append(resource)
+        return {a: self.writer.page(rows) for a, rows in by_account.items() if rows}
 
     def _beat(self) -> None:
         """Between pages: stop if the item's lock was lost (the lease itself is renewed by a thread,
@@ -371,6 +475,47 @@ class Syncer:
         return True
 
 
+# Accounts listed together are those whose cursors are at most this far from the latest of them: a
+# listing since the earliest cursor also reads the others' transactions since then, left out.
+GROUP_SPAN = timedelta(days=1)
+
+
+def _groups(
+    positions: dict[int, tuple[datetime | None, dict[str, Any] | None]],
+) -> tuple[list[tuple[tuple[int, ...], bool]], list[int]]:
+    """Which accounts one listing of the user's transactions serves (each group, and whether it goes
+    on where an earlier attempt stopped), and which are listed on their own. Together: listings since
+    a cursor, never a whole one (a user's whole history for one account's). An unfinished listing of
+    the user's goes on with the accounts that saved its position (the same ``next_uri``); an unfinished
+    listing of one account's goes on alone. At least two accounts make a new group."""
+    resumed: dict[str, list[int]] = {}
+    fresh: list[int] = []
+    for account_id, (cursor, saved) in positions.items():
+        if cursor is None:
+            continue
+        if saved is not None and saved.get("group") and saved.get("since") is not None and saved.get("next"):
+            resumed.setdefault(str(saved["next"]), []).append(account_id)
+        elif saved is None:
+            fresh.append(account_id)
+    if fresh:
+        latest = max(c for c, _ in (positions[a] for a in fresh) if c is not None)
+        fresh = [a for a in fresh if (positions[a][0] or latest) >= latest - GROUP_SPAN]
+    groups = [(tuple(ids), True) for ids in resumed.values()]
+    if len(fresh) >= 2:
+        groups.append((tuple(fresh), False))
+    together = {a for ids, _ in groups for a in ids}
+    return groups, [a for a in positions if a not in together]
+
+
+class _Group(NamedTuple):
+    """One page of a listing of the user's transactions, as fetched for a group of accounts: each
+    account's rows (or why they could not be built), and the ``next_uri`` that follows it."""
+
+    listings: list[Listing]
+    pages: dict[int, Page] | Exception
+    next: str | None
+
+
 class _NotResumed(Exception):
     """Bridge refused the page an unfinished listing stopped at."""
 
@@ -391,7 +536,7 @@ class _Listed(NamedTuple):
 _AHEAD = HELD_ROWS // 500 + 2
 
 
-def _prefetched(items: Iterator[_Listed]) -> Generator[_Listed, None, None]:
+def _prefetched(items: Iterator[_T]) -> Generator[_T, None, None]:
     """``items`` as they are, produced by a thread of their own while the ones before are consumed:
     Bridge's latency, JSON parsing and row building overlap the database's work instead of adding up.
 

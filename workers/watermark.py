@@ -15,8 +15,9 @@ cursor records (:attr:`workers.sync.SyncResult.serves_earlier_events`): a whole 
 full sync) leaves deleted transactions out, so it cannot stand for the delta that would have shown
 them. An
 account without a cursor whose listing shows no transaction is the exception: it keeps no cursor, so
-whichever sync lists it next lists it whole too. A sync of one account does the same for that
-account's events.
+whichever sync lists it next lists it whole too. So is the first listing of an account of which no
+transaction is stored (not in a full sync): there is nothing of it to delete, so it shows all a delta
+would. A sync of one account does the same for that account's events.
 Full syncs (``item.created``, resyncs) are never skipped and serve nothing; events replayed from the
 archive or the ledger carry no number: they always run. A dead
 letter requeued by ``dlq replay`` keeps its job and so its number: when a later sync served it, it

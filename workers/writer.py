@@ -112,6 +112,11 @@ class Listing:
     held: list[Page] = field(default_factory=list)
     held_rows: int = 0
     held_mark: Position | End | None = None
+    # The accounts listed together with it by one listing of the user's (see Writer.add_group), or ().
+    group: tuple[int, ...] = ()
+    # A whole listing of an account of which no transaction was stored when it began: it shows all
+    # there is to know, deletions included (there is nothing of the account's to delete).
+    first: bool = False
 
     @classmethod
     def begin(
@@ -130,7 +135,7 @@ class Listing:
             account_id, cursor, since, parse_ts(saved.get("started")) or datetime.now(UTC),
             (reset or bool(saved.get("reset"))) and since is None, resumed=True, saved=True,
             newest=_later(cursor, newest),
-            future=set(saved.get("future") or ()),
+            future=set(saved.get("future") or ()), group=tuple(saved.get("group") or ()),
         )  # fmt: skip
 
     @property
@@ -288,6 +293,30 @@ class Writer:
         listing.written += len(page.rows)
         listing.saved |= bool(page.rows) and not last
 
+    def add_group(self, listings: Sequence[Listing], pages: Mapping[int, Page], next_uri: str | None) -> None:
+        """Write one page of a listing of the user's transactions (not one account's), split into
+        ``pages`` by account, for the accounts of ``listings`` (the page's other rows are not ours to
+        write here), with where each of those listings stands after it: in one transaction, so that
+        every account of the group saves the same ``next_uri`` (a later attempt resumes them together)
+        and every cursor moves with the last page only. A delta: nothing is held back."""
+        last = next_uri is None
+        for listing in listings:
+            page = pages.get(listing.account_id)
+            if page is not None:
+                listing.future.update(page.future_ids)
+                listing.newest = _later(listing.newest, page.latest)
+        rows = any(page.rows for page in pages.values())
+        moves = any(lst.saved or (lst.newest is not None and lst.newest != lst.cursor) for lst in listings)
+        if rows or (last and moves):
+            with self.db.transaction(durable=False) as tx:
+                for page in pages.values():
+                    self.write(tx, page)
+                for listing in listings:
+                    self._mark(tx, self._end(listing) if last else self._position(listing, next_uri or ""))
+        for listing in listings:
+            listing.written += len(pages[listing.account_id].rows) if listing.account_id in pages else 0
+            listing.saved |= rows and not last
+
     def flush(self, listing: Listing) -> bool:
         """Write the listing's held pages, with the mark of the last one: together if they can be
         (:meth:`write_together`), else each page through the upsert in a transaction of its own, the
@@ -329,6 +358,8 @@ class Writer:
             "next": next_uri, "since": _text(listing.since), "newest": _text(listing.newest),
             "future": sorted(listing.future), "started": _text(listing.started), "reset": listing.reset,
         }  # fmt: skip
+        if listing.group:
+            state["group"] = list(listing.group)
         return Position(listing.account_id, json.dumps(state, separators=(",", ":")))
 
     @staticmethod
@@ -366,6 +397,16 @@ class Writer:
         if row is None:
             return None, None
         return to_datetime(row[0]), (dict(json.loads(row[1])) if row[1] else None)
+
+    def holds_transactions(self, account_id: int) -> bool:
+        """Whether any transaction of the account is stored, deleted or not."""
+        with self.db.transaction() as tx:
+            return (
+                tx.execute(
+                    "SELECT 1 FROM transactions WHERE account_id = %s LIMIT 1", (account_id,)
+                ).fetchone()
+                is not None
+            )
 
     def cursor(self, account_id: int) -> datetime | None:
         return self.position(account_id)[0]
