@@ -42,6 +42,7 @@ from workers.context import WorkerContext
 from workers.jobs import ItemBusy
 
 log = get_logger("bridgehook.worker")
+SCHEDULER_RETRY_SECONDS = 10
 HEARTBEAT_SECONDS = 10
 MAINTENANCE_SECONDS = 60
 # A sync's rows hold no cycles (reference counting frees them), so collecting every 700 allocations, as
@@ -99,6 +100,31 @@ class Worker(PlainWorker):
 
     log_result_lifespan = False  # RQ's log line per job saying how long results are kept
     _renewed_at: float | None = None  # when the worker's key last got the default lease
+    _scheduler_tried_at = -float("inf")  # when this worker last tried to take over RQ's scheduler
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """Idle, the worker looks up every few seconds (RQ's default: 405 s) and, in its heartbeat,
+        whether RQ's scheduler needs taking over (:meth:`_take_over_scheduler`)."""
+        return SCHEDULER_RETRY_SECONDS
+
+    def _take_over_scheduler(self) -> None:
+        """RQ's scheduler (it moves retries and deferrals to the queue when they are due) runs in one
+        worker, under a lock of 61 s that RQ tries to take only at maintenance, every 60 s here: after
+        the worker that held it dies, every due retry, budget deferral and step aside would wait up
+        to two minutes. Here a worker without it tries every ``SCHEDULER_RETRY_SECONDS``, so that
+        one takes over as soon as the lock lapses."""
+        scheduler = self.scheduler
+        process = scheduler._process if scheduler is not None else None
+        if scheduler is None or (process is not None and process.is_alive()):
+            return
+        if time.monotonic() - self._scheduler_tried_at < SCHEDULER_RETRY_SECONDS:
+            return
+        self._scheduler_tried_at = time.monotonic()
+        try:
+            scheduler.acquire_locks(auto_start=True)  # type: ignore[no-untyped-call]
+        except redis.RedisError as exc:
+            log.warning("worker.scheduler_lock_failed", error=str(exc))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("maintenance_interval", MAINTENANCE_SECONDS)
@@ -113,6 +139,8 @@ class Worker(PlainWorker):
         for worker_ttl + 60 s (8 minutes): about a third of its own cost per short job. Here the three
         go in one round trip, and a renewal for that default lease less than a second after the last
         one is skipped, unless a shorter lease (RQ sets one for each job) was set since."""
+        if timeout is None and pipeline is None:  # the idle loop's beat (and before and after a job)
+            self._take_over_scheduler()
         if timeout is not None:
             self._renewed_at = None  # a shorter lease stands: the next default one goes out
         elif self._renewed_at is not None and time.monotonic() - self._renewed_at < 1:
