@@ -30,7 +30,9 @@ def create_app(settings: Settings) -> ASGIApp:
     view = WebhookView(settings, queue)
     # Powens's endpoint exists only where it is configured; it shares the counts and the deadlines.
     powens = (
-        PowensView(settings, queue, view.rejections, view.deadlines) if settings.powens_webhook_secrets else None
+        PowensView(settings, queue, view.rejections, view.deadlines)
+        if settings.powens_webhook_secrets
+        else None
     )
 
     @asynccontextmanager
@@ -92,12 +94,18 @@ class Ports:
 
     On ``ADMIN_PORT``: the probes and ``/metrics`` (Starlette). On any other port, the one the
     ingress publishes: the webhook path, straight to its view (the hot path, every delivery), then
-    Powens's paths when it is configured (a prefix test, after Bridge's equality), the end of Connect, and a 404 for anything else: whoever reaches the webhook port cannot read the
-    metrics or make ``/readyz`` write to Redis. Lifespan goes to Starlette.
+    Powens's paths when it is configured (a prefix test, after Bridge's equality), the end of
+    Connect, and a 404 for anything else: whoever reaches the webhook port cannot read the metrics
+    or make ``/readyz`` write to Redis. Lifespan goes to Starlette.
     """
 
     def __init__(
-        self, webhook: ASGIApp, public: ASGIApp, app: Starlette, admin_port: int, powens: ASGIApp | None = None
+        self,
+        webhook: ASGIApp,
+        public: ASGIApp,
+        app: Starlette,
+        admin_port: int,
+        powens: ASGIApp | None = None,
     ) -> None:
         self.webhook = webhook
         self.powens = powens

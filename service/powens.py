@@ -143,11 +143,14 @@ class PowensView(WebhookView):
     wanted = _WANTED
     signature_header = SIGNATURE
 
-    def __init__(self, settings: Settings, queue: EventQueue, rejections: Rejections, deadlines: Deadlines) -> None:
+    def __init__(
+        self, settings: Settings, queue: EventQueue, rejections: Rejections, deadlines: Deadlines
+    ) -> None:
         self.settings = settings
         self.queue = queue
-        self.sources = SourcePolicy(settings.powens_allowed_ips) if settings.powens_allowed_ips else None
-        self.verifier = PowensVerifier(settings.powens_webhook_secrets)
+        allowed = settings.powens_allowed_ips
+        self.powens_sources = SourcePolicy(allowed) if allowed else None
+        self.powens_verifier = PowensVerifier(settings.powens_webhook_secrets)
         self.deadlines = deadlines
         self.rejections = rejections
 
@@ -155,7 +158,7 @@ class PowensView(WebhookView):
         self, scope: Scope, receive: Receive, headers: dict[bytes, bytes], request_id: bytes
     ) -> tuple[int, bytes, tuple[bytes, bytes]]:
         client = scope["client"][0] if scope.get("client") else None
-        if self.sources is not None and not self.sources.allows(client):
+        if self.powens_sources is not None and not self.powens_sources.allows(client):
             raise Rejected(403, "forbidden_source", "this address may not post webhooks", client=client)
         path: str = scope["path"]
         name = powens_events.event_type(path[len(PATH_PREFIX) :])
@@ -184,7 +187,9 @@ class PowensView(WebhookView):
         if date is None or not date.strip():
             raise Rejected(401, "missing_signature_date", "the BI-Signature-Date header is missing")
         plain = gunzip(raw, limit) if encoding == b"gzip" else raw
-        if not self.verifier.matches(path, date, signature, (raw, plain) if plain is not raw else (raw,)):
+        if not self.powens_verifier.matches(
+            path, date, signature, (raw, plain) if plain is not raw else (raw,)
+        ):
             raise Rejected(401, "invalid_signature", "no POWENS_WEBHOOK_SECRETS secret signs this delivery",
                            client=client, size=len(raw))  # fmt: skip
         return await self._accept(name, plain, date, signature, client, request_id)
@@ -197,7 +202,7 @@ class PowensView(WebhookView):
             raise Rejected(
                 401,
                 "signature_date_out_of_window",
-                f"BI-Signature-Date is more than {MAX_SKEW_SECONDS} s from our clock (a replay, or a clock off)",
+                f"BI-Signature-Date is over {MAX_SKEW_SECONDS} s from our clock (a replay, or a clock off)",
                 date=date[:64].decode("latin-1"),
             )
         try:
@@ -217,12 +222,22 @@ class PowensView(WebhookView):
             outcome = await self.queue.submit(event_id, function, job_event, archive)
         except QueueUnavailable as exc:
             raise Rejected(
-                503, "queue_unavailable", "the queue is unavailable; retry later", event_id=event_id, error=str(exc)
+                503,
+                "queue_unavailable",
+                "the queue is unavailable; retry later",
+                event_id=event_id,
+                error=str(exc),
             ) from None
         except (ValueError, TypeError, RecursionError) as exc:
             raise Rejected(400, "malformed_event", "the event cannot be encoded", event_id=event_id) from exc
         REQUESTS.labels(outcome).inc()
         if logs.enabled(logging.DEBUG):
-            log.debug("webhook.accepted", request_id=request_id.decode(), outcome=outcome, event_id=event_id, type=name)
+            log.debug(
+                "webhook.accepted",
+                request_id=request_id.decode(),
+                outcome=outcome,
+                event_id=event_id,
+                type=name,
+            )
         answer = b'{"status":"%s","event_id":"%s"}' % (outcome.encode(), event_id.encode())
         return 200, answer, (b"content-length", b"%d" % len(answer))
