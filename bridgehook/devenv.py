@@ -77,9 +77,16 @@ def local_database_url(home: Path) -> str:
     return f"sqlite:///{home / 'bridgehook.db'}"
 
 
+POWENS_FILE = "powens-webhook-secret"  # the local Powens webhook secret, beside Bridge's
+
+
+def _hex_secret() -> str:
+    return secrets.token_hex(32)
+
+
 def dev_secret(home: Path) -> str:
     """The local webhook secret."""
-    return _local_secret(home / "webhook-secret", lambda: secrets.token_hex(32))
+    return _local_secret(home / "webhook-secret", _hex_secret)
 
 
 def dev_encryption_key(home: Path) -> str:
@@ -94,6 +101,8 @@ def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
     env.setdefault("LOG_FORMAT", "console")
     if not configured(env, "BRIDGE_WEBHOOK_SECRETS"):
         env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
+    if not configured(env, "POWENS_WEBHOOK_SECRETS"):
+        env.setdefault("POWENS_WEBHOOK_SECRETS", _local_secret(home / POWENS_FILE, _hex_secret))
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
     if not configured(env, "DATABASE_URL"):
