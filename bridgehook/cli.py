@@ -23,7 +23,7 @@ import httpx
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
-from service.settings import Settings, SettingsError, configured, variable
+from service.settings import Settings, SettingsError, configured
 
 DEFAULT_URL = "http://127.0.0.1:8000/webhooks/bridge"
 # What the worker and the scheduler cannot start without (the receiver never reads bank data).
@@ -305,20 +305,7 @@ def _bridge_headers(body: bytes) -> dict[str, str]:
 
 
 def _sending_secret() -> str:
-    try:
-        given = variable(os.environ, "BRIDGE_WEBHOOK_SECRETS")
-    except SettingsError as exc:
-        fail(str(exc), Exit.USAGE)
-    if given:
-        return given.split(",")[0].strip()
-    path = devenv.state_dir() / "webhook-secret"
-    if path.exists():
-        return path.read_text().strip()
-    fail(
-        "no secret: set BRIDGE_WEBHOOK_SECRETS, or start `make run` once to create .bridgehook/webhook-secret"
-        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)",
-        Exit.USAGE,
-    )
+    return devenv.sending_secret("BRIDGE_WEBHOOK_SECRETS", "webhook-secret")
 
 
 @main.command()

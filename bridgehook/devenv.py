@@ -32,7 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from service.settings import BRIDGE_SOURCE_IPS, configured
+from bridgehook.exits import Exit, fail
+from service.settings import BRIDGE_SOURCE_IPS, SettingsError, configured, variable
 
 LOCK = "dev.lock"
 CHILDREN_LOCK = "children.lock"
@@ -70,6 +71,24 @@ def _local_secret(path: Path, make: Callable[[], str]) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(make())
     return path.read_text().strip()
+
+
+def sending_secret(name: str, file: str) -> str:
+    """What `send` signs with: the first secret of ``name``, else the local stack's ``file``."""
+    try:
+        given = variable(os.environ, name)
+    except SettingsError as exc:
+        fail(str(exc), Exit.USAGE)
+    if given:
+        return given.split(",")[0].strip()
+    path = state_dir() / file
+    if path.exists():
+        return path.read_text().strip()
+    fail(
+        f"no secret: set {name}, or start `make run` once to create .bridgehook/{file}"
+        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)",
+        Exit.USAGE,
+    )
 
 
 def local_database_url(home: Path) -> str:

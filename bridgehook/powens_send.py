@@ -9,7 +9,6 @@ else the local stack's ``.bridgehook/powens-webhook-secret`` (``make run`` creat
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +16,6 @@ from urllib.parse import urlsplit, urlunsplit
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
 from service.powens import PATH_PREFIX, sign, signature_date
-from service.settings import SettingsError, variable
 
 
 def fixture_names() -> list[str]:
@@ -57,17 +55,4 @@ def headers(url: str, body: bytes) -> dict[str, str]:
 
 
 def sending_secret() -> str:
-    try:
-        given = variable(os.environ, "POWENS_WEBHOOK_SECRETS")
-    except SettingsError as exc:
-        fail(str(exc), Exit.USAGE)
-    if given:
-        return given.split(",")[0].strip()
-    path = devenv.state_dir() / devenv.POWENS_FILE
-    if path.exists():
-        return path.read_text().strip()
-    fail(
-        "no Powens secret: set POWENS_WEBHOOK_SECRETS, or start `make run` once to create "
-        f".bridgehook/{devenv.POWENS_FILE}",
-        Exit.USAGE,
-    )
+    return devenv.sending_secret("POWENS_WEBHOOK_SECRETS", devenv.POWENS_FILE)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from service.events import MalformedEvent, _load
+from service.events import MalformedEvent, load_object
 
 PROVIDER = "powens"
 
@@ -67,14 +67,7 @@ def _is_id(value: Any) -> bool:
 
 def parse(name: str, body: bytes) -> dict[str, Any]:
     """The body as a dict; MalformedEvent if it is not one, or a processed type lacks an id it needs."""
-    try:
-        event = _load(body)
-    except MalformedEvent:
-        raise
-    except (ValueError, RecursionError):
-        raise MalformedEvent("the body is not valid JSON") from None
-    if type(event) is not dict:
-        raise MalformedEvent("the body is not a JSON object")
+    event = load_object(body)
     if "id_webhook_data" in event and not _is_id(event["id_webhook_data"]):
         raise MalformedEvent("id_webhook_data is not a positive 64-bit id")
     for path in REQUIRED_IDS.get(name, ()):
@@ -93,18 +86,18 @@ def _check_accounts(connection: dict[str, Any]) -> None:
     state = connection.get("state")
     if state is not None and type(state) is not str:
         raise MalformedEvent("connection.state is not a string or null")
-    accounts = connection.get("accounts", [])
-    if type(accounts) is not list:
-        raise MalformedEvent("connection.accounts is not a list")
-    for account in accounts:
-        if type(account) is not dict or not _is_id(account.get("id")):
-            raise MalformedEvent("each of connection.accounts needs an id, a positive 64-bit id")
-        transactions = account.get("transactions", [])
-        if type(transactions) is not list:
-            raise MalformedEvent("an account's transactions is not a list")
-        for transaction in transactions:
-            if type(transaction) is not dict or not _is_id(transaction.get("id")):
-                raise MalformedEvent("each transaction needs an id, a positive 64-bit id")
+    for account in _rows(connection.get("accounts", []), "connection.accounts"):
+        _rows(account.get("transactions", []), "an account's transactions")
+
+
+def _rows(value: Any, what: str) -> list[dict[str, Any]]:
+    """``value`` if it is a list of objects, each with an id; MalformedEvent otherwise."""
+    if type(value) is not list:
+        raise MalformedEvent(f"{what} is not a list")
+    for row in value:
+        if type(row) is not dict or not _is_id(row.get("id")):
+            raise MalformedEvent(f"each of {what} needs an id, a positive 64-bit id")
+    return value
 
 
 def envelope(name: str, event: dict[str, Any], received_at_ms: int) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def test_powens_send_usage_errors(tmp_path: Path) -> None:
     listed = run("send", "--provider", "powens", "--list", env=env)
     assert "connection.synced" in listed.stdout.split() and "item.created" not in listed.stdout.split()
     no_secret = run("send", "--provider", "powens", "--fixture", "user.deleted", "--url", url, env=env)
-    assert no_secret.returncode == 2 and "no Powens secret" in no_secret.stderr
+    assert no_secret.returncode == 2 and "no secret: set POWENS_WEBHOOK_SECRETS" in no_secret.stderr
     env["POWENS_WEBHOOK_SECRETS"] = POWENS_SECRET
     unknown = run("send", "--provider", "powens", "--fixture", "item.created", env=env)
     assert unknown.returncode == 2 and "no Powens fixture" in unknown.stderr
