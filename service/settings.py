@@ -142,6 +142,7 @@ class Settings:
     powens_webhook_auth: Literal["hmac"] = "hmac"
     powens_max_body_bytes: int = 8 * 1024 * 1024
     powens_allowed_ips: tuple[IPNetwork, ...] = ()  # Powens publishes none: empty allows any source
+    powens_signature_max_age_seconds: int = 300  # BI-Signature-Date's distance from our clock
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -228,6 +229,7 @@ class Settings:
             powens_webhook_auth=_powens_auth(env.choice("POWENS_WEBHOOK_AUTH", ("hmac", "bearer"), "hmac")),
             powens_max_body_bytes=env.positive_int("POWENS_WEBHOOK_MAX_BODY_BYTES", 8 * 1024 * 1024),
             powens_allowed_ips=env.networks("POWENS_ALLOWED_IPS", (), allow_empty=True),
+            powens_signature_max_age_seconds=env.positive_int("POWENS_SIGNATURE_MAX_AGE_SECONDS", 300),
         )
 
 

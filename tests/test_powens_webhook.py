@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from starlette.testclient import TestClient
 
 from service.app import create_app
-from service.powens import MAX_SKEW_SECONDS, signature_date
+from service.powens import signature_date
 from service.powens_events import JOB_FUNCTIONS
 from service.queue import ARCHIVE_KEY
 from service.settings import SettingsError
@@ -37,6 +37,7 @@ from tests.support import (
 )
 
 SYNCED = powens_url("connection.synced")
+MAX_SKEW_SECONDS = 300  # POWENS_SIGNATURE_MAX_AGE_SECONDS's default
 PROCESSED = {
     "connection.synced": "CONNECTION_SYNCED",
     "connection.deleted": "CONNECTION_DELETED",
@@ -144,6 +145,13 @@ def test_a_date_powens_would_not_write_is_refused(powens: TestClient, r: redis.R
     body = powens_fixture("connection.synced")
     refused(powens.post(SYNCED, **powens_signed("connection.synced", body, date=date)), 401,
             "signature_date_out_of_window", r)  # fmt: skip
+
+
+def test_the_window_is_a_setting(client_factory: Callable[..., TestClient], r: redis.Redis) -> None:
+    client = client_factory(POWENS_WEBHOOK_SECRETS=POWENS_SECRET, POWENS_SIGNATURE_MAX_AGE_SECONDS="3600")
+    body = powens_fixture("connection.synced")
+    late = powens_signed("connection.synced", body, date=signature_date(time.time() - 1800))
+    assert client.post(SYNCED, **late).json()["status"] == "queued"
 
 
 def test_a_date_within_the_window_is_accepted(powens: TestClient, r: redis.Redis) -> None:
