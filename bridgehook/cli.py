@@ -23,7 +23,7 @@ import httpx
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
-from service.settings import Settings, SettingsError, configured, variable
+from service.settings import Settings, SettingsError, configured
 
 WEBHOOK_PATH = "/webhooks/bridge"
 DEFAULT_URL = f"http://127.0.0.1:8000{WEBHOOK_PATH}"
@@ -178,6 +178,7 @@ def dev(host: str, port: int, stop: bool) -> None:
             f"  bridge     {bridge}\n"
             f"  secret     {home / 'webhook-secret'}\n"
             f"  try        bridgehook send --fixture item.created\n"
+            f"             bridgehook send --provider powens --fixture connection.synced\n"
             f"  stop       Ctrl-C, or `bridgehook dev --stop` from another terminal\n",
             err=True,
         )
@@ -235,7 +236,7 @@ def _fixture_names() -> list[str]:
 
 
 @main.command()
-@click.option("--fixture", "fixture", help="A bundled example body, e.g. item.refreshed.")
+@click.option("--fixture", "fixture", help="A bundled example body, e.g. item.refreshed (see --list).")
 @click.option(
     "--file",
     "path",
@@ -244,37 +245,64 @@ def _fixture_names() -> list[str]:
 )
 @click.option(
     "--url",
-    help=f"The receiver's webhook URL [default: the running `bridgehook dev`'s, else {DEFAULT_URL}].",
+    help=f"The receiver's webhook URL [default: the running `bridgehook dev`'s, else {DEFAULT_URL}]; "
+    "for Powens, its origin with /webhooks/powens/<event>.",
 )
-@click.option("--fresh", is_flag=True, help="Set the timestamp to now, so the body is a new event.")
+@click.option(
+    "--fresh", is_flag=True, help="Make the body a new event (a new timestamp, or id_webhook_data)."
+)
 @click.option("--list", "list_fixtures", is_flag=True, help="List the bundled fixtures and exit.")
-def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, list_fixtures: bool) -> None:
-    """Sign a webhook body the way Bridge does and POST it to a receiver."""
+@click.option("--provider", type=click.Choice(["bridge", "powens"]), default="bridge", show_default=True,
+              help="Whose signature and path.")  # fmt: skip
+@click.option(
+    "--event", help="Powens's event of a --file body, e.g. connection.synced (a fixture's is its name)."
+)
+def send(
+    fixture: str | None,
+    path: Path | None,
+    url: str | None,
+    fresh: bool,
+    list_fixtures: bool,
+    provider: str,
+    event: str | None,
+) -> None:
+    """Sign a webhook body the way Bridge (or Powens) does and POST it to a receiver."""
+    from bridgehook import powens_send
+
+    powens = provider == "powens"
     if list_fixtures:
-        click.echo("\n".join(_fixture_names()))
+        click.echo("\n".join(powens_send.fixture_names() if powens else _fixture_names()))
         return
     if (fixture is None) == (path is None):
         fail("give exactly one of --fixture NAME or --file PATH (see --list)", Exit.USAGE)
+    if event is not None and not (powens and path is not None):
+        fail(
+            "--event names the event of a Powens --file body: use it with --provider powens --file",
+            Exit.USAGE,
+        )
+    if powens and path is not None and event is None:
+        fail(
+            "a Powens body does not name its event: give --event, e.g. --event connection.synced", Exit.USAGE
+        )
     if fixture is not None:
-        if fixture not in _fixture_names():
+        if powens:
+            body = powens_send.fixture_body(fixture)
+        elif fixture not in _fixture_names():
             fail(f"no fixture {fixture!r}; choose one of: {', '.join(_fixture_names())}", Exit.USAGE)
-        body = (resources.files("bridgehook") / "fixtures" / "webhooks" / f"{fixture}.json").read_bytes()
+        else:
+            body = (resources.files("bridgehook") / "fixtures" / "webhooks" / f"{fixture}.json").read_bytes()
     else:
         assert path is not None
         body = path.read_bytes()
-    if fresh:
-        try:
-            event = json.loads(body)
-            event["timestamp"] = int(time.time() * 1000)
-        except (ValueError, TypeError) as exc:
-            fail(f"--fresh sets the timestamp of a JSON object; the body is not one ({exc})", Exit.USAGE)
-        body = json.dumps(event).encode()
-    secret = _sending_secret()
     if url is None:
         url = devenv.running_receiver(devenv.state_dir()) or DEFAULT_URL
-    from service.signing import signature_header
-
-    headers = {"Content-Type": "application/json", "BridgeApi-Signature": signature_header(body, [secret])}
+    if powens:
+        body = powens_send.fresh(body) if fresh else body
+        url = powens_send.webhook_url(url, event or str(fixture))
+        headers = powens_send.headers(url, body)
+    else:
+        body = _fresh(body) if fresh else body
+        headers = _bridge_headers(body)
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
     except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
@@ -285,21 +313,26 @@ def send(fixture: str | None, path: Path | None, url: str | None, fresh: bool, l
     sys.exit(0 if response.is_success else Exit.FAILED)
 
 
-def _sending_secret() -> str:
+def _fresh(body: bytes) -> bytes:
     try:
-        given = variable(os.environ, "BRIDGE_WEBHOOK_SECRETS")
-    except SettingsError as exc:
-        fail(str(exc), Exit.USAGE)
-    if given:
-        return given.split(",")[0].strip()
-    path = devenv.state_dir() / "webhook-secret"
-    if path.exists():
-        return path.read_text().strip()
-    fail(
-        "no secret: set BRIDGE_WEBHOOK_SECRETS, or start `make run` once to create .bridgehook/webhook-secret"
-        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)",
-        Exit.USAGE,
-    )
+        event = json.loads(body)
+        event["timestamp"] = int(time.time() * 1000)
+    except (ValueError, TypeError) as exc:
+        fail(f"--fresh sets the timestamp of a JSON object; the body is not one ({exc})", Exit.USAGE)
+    return json.dumps(event).encode()
+
+
+def _bridge_headers(body: bytes) -> dict[str, str]:
+    from service.signing import signature_header
+
+    return {
+        "Content-Type": "application/json",
+        "BridgeApi-Signature": signature_header(body, [_sending_secret()]),
+    }
+
+
+def _sending_secret() -> str:
+    return devenv.sending_secret("BRIDGE_WEBHOOK_SECRETS", "webhook-secret")
 
 
 @main.command()

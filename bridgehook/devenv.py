@@ -32,7 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from service.settings import BRIDGE_SOURCE_IPS, configured
+from bridgehook.exits import Exit, fail
+from service.settings import BRIDGE_SOURCE_IPS, SettingsError, configured, variable
 
 LOCK = "dev.lock"
 CHILDREN_LOCK = "children.lock"
@@ -72,14 +73,39 @@ def _local_secret(path: Path, make: Callable[[], str]) -> str:
     return path.read_text().strip()
 
 
+def sending_secret(name: str, file: str) -> str:
+    """What `send` signs with: the first secret of ``name``, else the local stack's ``file``."""
+    try:
+        given = variable(os.environ, name)
+    except SettingsError as exc:
+        fail(str(exc), Exit.USAGE)
+    if given:
+        return given.split(",")[0].strip()
+    path = state_dir() / file
+    if path.exists():
+        return path.read_text().strip()
+    fail(
+        f"no secret: set {name}, or start `make run` once to create .bridgehook/{file}"
+        " (found from the project's directories, or from anywhere with BRIDGEHOOK_HOME=/path/to/.bridgehook)",
+        Exit.USAGE,
+    )
+
+
 def local_database_url(home: Path) -> str:
     """The SQLite database `make run` uses."""
     return f"sqlite:///{home / 'bridgehook.db'}"
 
 
+POWENS_FILE = "powens-webhook-secret"  # the local Powens webhook secret, beside Bridge's
+
+
+def _hex_secret() -> str:
+    return secrets.token_hex(32)
+
+
 def dev_secret(home: Path) -> str:
     """The local webhook secret."""
-    return _local_secret(home / "webhook-secret", lambda: secrets.token_hex(32))
+    return _local_secret(home / "webhook-secret", _hex_secret)
 
 
 def dev_encryption_key(home: Path) -> str:
@@ -101,6 +127,8 @@ def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
         env.setdefault("BRIDGE_WEBHOOK_SECRETS", dev_secret(home))
     if not configured(env, "API_TOKENS"):
         env.setdefault("API_TOKENS", dev_api_token(home))
+    if not configured(env, "POWENS_WEBHOOK_SECRETS"):
+        env.setdefault("POWENS_WEBHOOK_SECRETS", _local_secret(home / POWENS_FILE, _hex_secret))
     # Locally the sender is this machine, so loopback joins Bridge's addresses.
     env.setdefault("BRIDGE_ALLOWED_IPS", ",".join((*BRIDGE_SOURCE_IPS, "127.0.0.1", "::1")))
     if not configured(env, "DATABASE_URL"):

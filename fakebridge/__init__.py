@@ -6,6 +6,9 @@ Standalone: it never imports the service, the workers or the CLI.
     with FakeBridgeServer(world) as server:      # server.api_url == "http://127.0.0.1:<port>/v3/aggregation"
         ...
     WebhookSender(receiver_url, secret).send(*world.event_item_created(4568477))
+
+The fake Powens lives beside it (``fakebridge.powens``, ``fakebridge.powens_world``): a PowensWorld
+served by FakePowensServer at ``/2.0``, and PowensSender for its signed (optionally gzipped) webhooks.
 """
 
 from fakebridge.app import create_app

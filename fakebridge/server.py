@@ -6,18 +6,22 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Self
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from fakebridge.app import PREFIX, create_app
 from fakebridge.world import World
 
 
-class FakeBridgeServer:
-    """``with FakeBridgeServer(world) as server: httpx.get(server.api_url + "/items", ...)``."""
+class LocalServer:
+    """An ASGI app on a loopback port, in a background thread; subclasses say which app and prefix."""
 
-    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.world, self.host, self.port = world, host, port
+    prefix = ""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -28,7 +32,10 @@ class FakeBridgeServer:
 
     @property
     def api_url(self) -> str:
-        return self.url + PREFIX
+        return self.url + self.prefix
+
+    def app(self) -> ASGIApp:
+        raise NotImplementedError
 
     def start(self, timeout: float = 10.0) -> None:
         """Bind (port 0 picks a free port), run uvicorn in a daemon thread and wait until it serves."""
@@ -43,7 +50,7 @@ class FakeBridgeServer:
         sock.set_inheritable(True)
         self.port, self._socket = int(sock.getsockname()[1]), sock
         config = uvicorn.Config(
-            create_app(self.world), loop="asyncio", lifespan="off", log_level="warning", access_log=False
+            self.app(), loop="asyncio", lifespan="off", log_level="warning", access_log=False
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -54,7 +61,7 @@ class FakeBridgeServer:
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("the fake Bridge server did not start")
+                raise RuntimeError(f"the {type(self).__name__} did not start")
             time.sleep(0.005)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -70,7 +77,7 @@ class FakeBridgeServer:
         if sock is not None:
             sock.close()
 
-    def __enter__(self) -> FakeBridgeServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -78,3 +85,16 @@ class FakeBridgeServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class FakeBridgeServer(LocalServer):
+    """``with FakeBridgeServer(world) as server: httpx.get(server.api_url + "/items", ...)``."""
+
+    prefix = PREFIX
+
+    def __init__(self, world: World, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.world = world
+
+    def app(self) -> ASGIApp:
+        return create_app(self.world)

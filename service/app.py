@@ -13,6 +13,8 @@ from service.connect import CALLBACK_PATH, ConnectCallback
 from service.health import Readiness, livez, readyz
 from service.logs import get_logger
 from service.metrics import metrics_endpoint
+from service.powens import PATH_PREFIX as POWENS_PATH_PREFIX
+from service.powens import PowensView
 from service.queue import EventQueue
 from service.settings import Settings
 from service.sources import behind_proxies
@@ -26,6 +28,12 @@ WEBHOOK_PATH = "/webhooks/bridge"
 def create_app(settings: Settings) -> ASGIApp:
     queue = EventQueue(settings)
     view = WebhookView(settings, queue)
+    # Powens's endpoint exists only where it is configured; it shares the counts and the deadlines.
+    powens = (
+        PowensView(settings, queue, view.rejections, view.deadlines)
+        if settings.powens_webhook_secrets
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -40,6 +48,7 @@ def create_app(settings: Settings) -> ASGIApp:
             trusted_proxies=[str(n) for n in settings.trusted_proxies],
             max_body_bytes=settings.max_body_bytes,
             secrets=len(settings.webhook_secrets),
+            powens_secrets=len(settings.powens_webhook_secrets),
         )
         try:
             yield
@@ -65,7 +74,7 @@ def create_app(settings: Settings) -> ASGIApp:
     # The webhook port's other routes, for the user's browser: the end of Connect.
     public = Router([Route(CALLBACK_PATH, ConnectCallback(settings, queue).endpoint)], default=_not_found)
     public.redirect_slashes = False
-    return behind_proxies(Ports(view, public, app, settings.admin_port), settings.trusted_proxies)
+    return behind_proxies(Ports(view, public, app, settings.admin_port, powens), settings.trusted_proxies)
 
 
 _NOT_FOUND = b'{"error":"not_found","detail":"this port serves POST %s and GET %s"}' % (
@@ -84,13 +93,22 @@ class Ports:
     """Plain ASGI, by the port a request came in on.
 
     On ``ADMIN_PORT``: the probes and ``/metrics`` (Starlette). On any other port, the one the
-    ingress publishes: the webhook path, straight to its view (the hot path, every delivery), the
-    end of Connect, and a 404 for anything else: whoever reaches the webhook port cannot read the
-    metrics or make ``/readyz`` write to Redis. Lifespan goes to Starlette.
+    ingress publishes: the webhook path, straight to its view (the hot path, every delivery), then
+    Powens's paths when it is configured (a prefix test, after Bridge's equality), the end of
+    Connect, and a 404 for anything else: whoever reaches the webhook port cannot read the metrics
+    or make ``/readyz`` write to Redis. Lifespan goes to Starlette.
     """
 
-    def __init__(self, webhook: ASGIApp, public: ASGIApp, app: Starlette, admin_port: int) -> None:
+    def __init__(
+        self,
+        webhook: ASGIApp,
+        public: ASGIApp,
+        app: Starlette,
+        admin_port: int,
+        powens: ASGIApp | None = None,
+    ) -> None:
         self.webhook = webhook
+        self.powens = powens
         self.public = public
         self.app = app
         self.admin_port = admin_port
@@ -100,8 +118,11 @@ class Ports:
         if scope["type"] == "http":
             server = scope.get("server")
             if server is None or server[1] != self.admin_port:
-                if scope["path"] == WEBHOOK_PATH:
+                path = scope["path"]
+                if path == WEBHOOK_PATH:
                     await self.webhook(scope, receive, send)
+                elif self.powens is not None and path.startswith(POWENS_PATH_PREFIX):
+                    await self.powens(scope, receive, send)
                 else:
                     await self.public(scope, receive, send)
                 return

@@ -133,13 +133,8 @@ _MAX_ID = 2**63 - 1
 _MAX_TIMESTAMP = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z in milliseconds
 
 
-def parse(body: bytes) -> dict[str, Any]:
-    """The event as a dict with its ``type`` normalised; MalformedEvent if it is not one."""
-    return parse_delivery(body)[0]
-
-
-def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
-    """The event, and whether the body is it verbatim (an object whose type needed no normalising)."""
+def load_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object under the rules of :func:`_load`; MalformedEvent otherwise."""
     try:
         event = _load(body)
     except MalformedEvent:
@@ -149,6 +144,17 @@ def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
         raise MalformedEvent("the body is not valid JSON") from None
     if type(event) is not dict:
         raise MalformedEvent("the body is not a JSON object")
+    return event
+
+
+def parse(body: bytes) -> dict[str, Any]:
+    """The event as a dict with its ``type`` normalised; MalformedEvent if it is not one."""
+    return parse_delivery(body)[0]
+
+
+def parse_delivery(body: bytes) -> tuple[dict[str, Any], bool]:
+    """The event, and whether the body is it verbatim (an object whose type needed no normalising)."""
+    event = load_object(body)
     for key, types in _TOP:
         if key not in event:
             raise MalformedEvent(f"the event has no {key!r}")

@@ -27,7 +27,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The variables NAME that may be given as NAME_FILE=/path instead: the keys of the deployment's Secret.
 FROM_FILE = frozenset({
     "BRIDGE_WEBHOOK_SECRETS", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS",
-    "DATABASE_URL", "DATABASE_URL_MIGRATE", "REDIS_URL",
+    "DATABASE_URL", "DATABASE_URL_MIGRATE", "REDIS_URL", "POWENS_WEBHOOK_SECRETS",
 })  # fmt: skip
 
 
@@ -139,6 +139,13 @@ class Settings:
     connect_callback_rate: Rate = RATE_CONNECT
     consent_warning_days: int = 14
     deleted_user_retention_days: int = 30
+    # Powens's webhooks (service/powens.py): served only when configured. Its first sync's body can
+    # be several MB, so its limit (on the decompressed body too) is its own.
+    powens_webhook_secrets: tuple[Secret, ...] = ()
+    powens_webhook_auth: Literal["hmac"] = "hmac"
+    powens_max_body_bytes: int = 8 * 1024 * 1024
+    powens_allowed_ips: tuple[IPNetwork, ...] = ()  # Powens publishes none: empty allows any source
+    powens_signature_max_age_seconds: int = 300  # BI-Signature-Date's distance from our clock
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -222,6 +229,11 @@ class Settings:
             connect_callback_rate=env.rate("CONNECT_CALLBACK_RATE_LIMIT", RATE_CONNECT),
             consent_warning_days=env.positive_int("CONSENT_WARNING_DAYS", 14),
             deleted_user_retention_days=env.positive_int("DELETED_USER_RETENTION_DAYS", 30, allow_zero=True),
+            powens_webhook_secrets=env.secrets("POWENS_WEBHOOK_SECRETS"),
+            powens_webhook_auth=_powens_auth(env.choice("POWENS_WEBHOOK_AUTH", ("hmac", "bearer"), "hmac")),
+            powens_max_body_bytes=env.positive_int("POWENS_WEBHOOK_MAX_BODY_BYTES", 8 * 1024 * 1024),
+            powens_allowed_ips=env.networks("POWENS_ALLOWED_IPS", (), allow_empty=True),
+            powens_signature_max_age_seconds=env.positive_int("POWENS_SIGNATURE_MAX_AGE_SECONDS", 300),
         )
 
 
@@ -241,6 +253,17 @@ _HOW_TO_SET = {
     "CONNECT_RETURN_URL": "set it to the page of your application where the receiver sends the user's "
     "browser after Connect",
 }
+
+
+def _powens_auth(mode: str) -> Literal["hmac"]:
+    """Powens's ``bearer`` mode sends the user's permanent token; checking it needs the tokens stored
+    per user, which the workers do not keep yet. Refused rather than accepting what we cannot check."""
+    if mode != "hmac":
+        raise SettingsError(
+            "POWENS_WEBHOOK_AUTH: bearer is not supported yet (no per-user token store); "
+            "choose the HMAC signature in Powens's console and set POWENS_WEBHOOK_AUTH=hmac"
+        )
+    return "hmac"
 
 
 class _Env:

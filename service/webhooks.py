@@ -73,6 +73,8 @@ _UNREAD = frozenset(
         "client_disconnected",
         "duplicate_signature",
         "signature_too_large",
+        "unknown_event",  # Powens's (service/powens.py)
+        "unsupported_content_encoding",
     }
 )
 _CLOSE = (b"connection", b"close")
@@ -115,7 +117,15 @@ _ACCEPTED = {outcome: _accepted(outcome) for outcome in _OUTCOMES}
 
 
 class WebhookView:
-    """The endpoint, holding what it needs; built once per app, not per request."""
+    """The endpoint, holding what it needs; built once per app, not per request.
+
+    Another provider's view (service/powens.py) subclasses it for the request's life cycle (the
+    headers it reads, the request id, the answer, the logging and counting of rejections, the
+    body's read) and brings its own ``_handle``.
+    """
+
+    wanted: tuple[bytes, ...] = _WANTED  # the headers _handle reads
+    signature_header: bytes = _SIGNATURE  # refused when sent twice
 
     def __init__(self, settings: Settings, queue: EventQueue) -> None:
         self.settings = settings
@@ -127,9 +137,10 @@ class WebhookView:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = {}
+        wanted, signature = self.wanted, self.signature_header
         for name, value in scope["headers"]:
-            if name in _WANTED:
-                if name in headers and name == _SIGNATURE:
+            if name in wanted:
+                if name in headers and name == signature:
                     value = _TWICE  # refused in _handle: only one of them would be checked
                 headers[name] = value
         request_id = _request_id(headers.get(b"x-request-id"))

@@ -17,11 +17,17 @@ import redis
 import uvicorn
 from click.testing import Result
 
+from service.powens import PATH_PREFIX as POWENS_PREFIX
+from service.powens import sign as powens_sign
+from service.powens import signature_date
 from service.server import bind_socket, uvicorn_config
 from service.settings import Settings
 from service.signing import signature_header
 
 FIXTURES = Path(__file__).resolve().parents[1] / "bridgehook" / "fixtures" / "webhooks"
+POWENS_FIXTURES = FIXTURES.parent / "powens"
+POWENS_SECRET = "powens-test-primary-0123456789"
+POWENS_OLD_SECRET = "powens-test-previous-9876543210"
 SECRET = "whsec-test-primary-0123456789"
 OLD_SECRET = "whsec-test-previous-9876543210"
 BRIDGE_IP = "63.32.31.5"
@@ -60,6 +66,27 @@ def signed(body: bytes, *secrets: str, content_type: str = "application/json") -
     headers = {"BridgeApi-Signature": signature_header(body, secrets or (SECRET,))}
     if content_type:
         headers["Content-Type"] = content_type
+    return {"content": body, "headers": headers}
+
+
+def powens_fixture(name: str) -> bytes:
+    return (POWENS_FIXTURES / f"{name}.json").read_bytes()
+
+
+def powens_url(event: str) -> str:
+    """``/webhooks/powens/connection_synced`` for ``CONNECTION_SYNCED`` or ``connection.synced``."""
+    return POWENS_PREFIX + event.lower().replace(".", "_")
+
+
+def powens_signed(
+    event: str, body: bytes, *secrets: str, date: str | None = None, signed_body: bytes | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for client.post() to ``powens_url(event)``: the body and Powens's headers,
+    signed with the first of ``secrets`` (POWENS_SECRET by default) over ``signed_body`` or the body."""
+    date = date or signature_date()
+    signature = powens_sign(powens_url(event), date, body if signed_body is None else signed_body,
+                            (secrets or (POWENS_SECRET,))[0])  # fmt: skip
+    headers = {"BI-Signature": signature, "BI-Signature-Date": date, "Content-Type": "application/json"}
     return {"content": body, "headers": headers}
 
 

@@ -12,6 +12,7 @@ worker can process: the receiver refuses them (each with the reason a worker wou
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import re
 import select
@@ -21,6 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -32,7 +34,18 @@ from starlette.testclient import TestClient
 from service.queue import ARCHIVE_KEY
 from service.signing import signature_header
 from tests.faults.support import POSTGRESQL, Processes, Recorder
-from tests.support import FIXTURES, SECRET, queued_ids, signed
+from tests.support import (
+    FIXTURES,
+    POWENS_FIXTURES,
+    POWENS_PREFIX,
+    POWENS_SECRET,
+    SECRET,
+    powens_fixture,
+    powens_signed,
+    powens_url,
+    queued_ids,
+    signed,
+)
 
 URL = "/webhooks/bridge"
 
@@ -554,3 +567,98 @@ def test_unprocessable_signed_bodies_are_refused(client: TestClient, r: redis.Re
     how each would fail in a worker)."""
     response = client.post(URL, **signed(body))
     assert queued_ids(r) == [] and response.status_code == 400, response.text
+
+
+# -- Powens's endpoint ---------------------------------------------------------------------------------
+POWENS_EVENTS = [
+    "connection_synced",
+    "user_deleted",
+    "account_disabled",
+    "connection_deleted",
+    "user_created",
+]
+powens_paths = st.sampled_from(POWENS_EVENTS) | st.text(max_size=12)
+powens_header_names = st.sampled_from(
+    ["Content-Type", "Content-Encoding", "BI-Signature", "BI-Signature-Date", "X-Request-Id", "X-Other"]
+)
+
+
+@pytest.fixture
+def powens(client_factory: Any) -> TestClient:
+    client: TestClient = client_factory(peer="198.51.100.40", POWENS_WEBHOOK_SECRETS=POWENS_SECRET)
+    return client
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    event=powens_paths,
+    body=st.binary(max_size=2048),
+    headers=st.dictionaries(powens_header_names, header_values, max_size=5),
+)
+def test_random_unsigned_powens_requests(
+    powens: TestClient, r: redis.Redis, event: str, body: bytes, headers: dict[str, str]
+) -> None:
+    response = powens.post(POWENS_PREFIX + quote(event, safe=""), content=body, headers=headers)
+    # Nothing random carries a valid HMAC: refused at the path, the media type, or the signature.
+    assert response.status_code in (400, 401, 404, 415), response.text
+    assert queued_ids(r) == []
+
+
+def _powens_ids(value: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every path to a key named ``id``, ``id_*`` in a fixture: what the jobs key their rows by."""
+    found: list[tuple[str, ...]] = []
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if key == "id" or key.startswith("id_"):
+                found.append((*path, key))
+            found += _powens_ids(child, (*path, key))
+    elif isinstance(value, list):
+        for n, child in enumerate(value):
+            found += _powens_ids(child, (*path, str(n)))
+    return found
+
+
+def _set(event: Any, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        event = event[int(key)] if isinstance(event, list) else event[key]
+    event[path[-1]] = value
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), name=st.sampled_from(sorted(p.stem for p in POWENS_FIXTURES.glob("*.json"))))
+def test_powens_fixtures_with_a_mistyped_id(
+    powens: TestClient, r: redis.Redis, data: st.DataObject, name: str
+) -> None:
+    """Each id of each fixture given a value of another type, or out of int64: a 400 and no job when the
+    event's job needs it; never a 5xx, and a job only for a 200 "queued"."""
+    event = json.loads(powens_fixture(name))
+    path = data.draw(st.sampled_from(_powens_ids(event)))
+    _set(event, path, data.draw(st.sampled_from([None, "7", 1.5, True, [1], {"id": 1}, 0, -3, 2**63])))
+    event["id_webhook_data"] = (
+        data.draw(st.integers(1, 2**62)) if path != ("id_webhook_data",) else event[path[0]]
+    )
+    body = json.dumps(event).encode()
+    before = len(queued_ids(r))
+    response = powens.post(powens_url(name), **powens_signed(name, body))
+    assert response.status_code in (200, 400), response.text
+    queued = len(queued_ids(r)) - before
+    assert queued == (1 if response.status_code == 200 and response.json()["status"] == "queued" else 0)
+    keyed_by = name != "accounts.fetched" and path in (("id",), ("user", "id"), ("connection", "id"))
+    if path == ("id_webhook_data",) or keyed_by:
+        assert response.status_code == 400  # the delivery's id, or an id its job is keyed by
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    payload=st.binary(max_size=4096)
+    | st.builds(lambda b, n: gzip.compress(b)[:n], st.binary(max_size=512), st.integers(0, 600))
+)
+def test_signed_junk_as_gzip(powens: TestClient, r: redis.Redis, payload: bytes) -> None:
+    """Signed bytes that claim to be gzip: whole streams are read, the rest is a 400, never a 5xx."""
+    kwargs = powens_signed("user.deleted", payload)
+    kwargs["headers"]["Content-Encoding"] = "gzip"
+    response = powens.post(powens_url("user.deleted"), **kwargs)
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert response.json()["error"] in ("malformed_encoding", "malformed_event")
+        assert queued_ids(r) == []
