@@ -67,7 +67,7 @@ from service.queue import ArchivedDelivery, EventQueue, QueueUnavailable
 from service.rejections import Rejections
 from service.settings import Secret, Settings
 from service.sources import SourcePolicy
-from service.webhooks import _TWICE, MAX_SIGNATURE_BYTES, Deadlines, Rejected, WebhookView, _is_json
+from service.webhooks import _TWICE, MAX_SIGNATURE_BYTES, Deadlines, Rejected, WebhookView, door
 
 log = logs.get_logger("bridgehook.powens")
 
@@ -115,10 +115,14 @@ class PowensVerifier:
 
 
 def parse_date(value: bytes) -> float | None:
-    """Seconds since the epoch of a UTC ISO-8601 date (a date without a zone is UTC); None if not one."""
+    """Seconds since the epoch of a UTC ISO-8601 date (a date without a zone is UTC); None if not one,
+    such as the space-separated form Python would also read but Powens never writes."""
     try:
-        moment = datetime.fromisoformat(value.decode("ascii").strip())
+        text = value.decode("ascii").strip()
+        moment = datetime.fromisoformat(text)
     except (UnicodeDecodeError, ValueError):
+        return None
+    if "T" not in text:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -166,15 +170,8 @@ class PowensView(WebhookView):
         name = powens_events.event_type(path[len(PATH_PREFIX) :])
         if name is None:
             raise Rejected(404, "unknown_event", f"post to {PATH_PREFIX}<event>, e.g. connection_synced")
-        if scope["method"] != "POST":
-            raise Rejected(405, "method_not_allowed", "use POST", method=scope["method"])
         limit = self.settings.powens_max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise Rejected(413, "body_too_large", f"the limit is {limit} bytes", declared=int(declared))
-        content_type = headers.get(b"content-type")
-        if content_type is not None and not _is_json(content_type):
-            raise Rejected(415, "unsupported_media_type", "send application/json")
+        door(scope, headers, limit)
         encoding = headers.get(_ENCODING, b"identity").strip().lower()
         if encoding not in (b"gzip", b"identity"):
             raise Rejected(415, "unsupported_content_encoding", "send gzip or identity")

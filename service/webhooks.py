@@ -116,6 +116,24 @@ def _accepted(outcome: str) -> tuple[bytes, tuple[bytes, bytes], Counter]:
 _ACCEPTED = {outcome: _accepted(outcome) for outcome in _OUTCOMES}
 
 
+def door(scope: Scope, headers: dict[bytes, bytes], limit: int) -> None:
+    """The checks every provider's endpoint makes before reading a body: the method, the declared
+    size and the content type (Rejected with 405, 413 or 415)."""
+    if scope["method"] != "POST":
+        raise Rejected(405, "method_not_allowed", "use POST", method=scope["method"])
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejected(413, "body_too_large", f"the limit is {limit} bytes", declared=int(declared))
+    content_type = headers.get(b"content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise Rejected(
+            415,
+            "unsupported_media_type",
+            "send application/json",
+            content_type=content_type[:100].decode("latin-1"),
+        )
+
+
 class WebhookView:
     """The endpoint, holding what it needs; built once per app, not per request.
 
@@ -175,20 +193,8 @@ class WebhookView:
         client = scope["client"][0] if scope.get("client") else None
         if not self.sources.allows(client):
             raise Rejected(403, "forbidden_source", "this address may not post webhooks", client=client)
-        if scope["method"] != "POST":
-            raise Rejected(405, "method_not_allowed", "use POST", method=scope["method"])
         limit = self.settings.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise Rejected(413, "body_too_large", f"the limit is {limit} bytes", declared=int(declared))
-        content_type = headers.get(b"content-type")
-        if content_type is not None and not _is_json(content_type):
-            raise Rejected(
-                415,
-                "unsupported_media_type",
-                "send application/json",
-                content_type=content_type[:100].decode("latin-1"),
-            )
+        door(scope, headers, limit)
         signature = headers.get(_SIGNATURE)
         if signature is _TWICE:
             raise Rejected(400, "duplicate_signature", "send one BridgeApi-Signature header", client=client)
