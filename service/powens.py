@@ -63,7 +63,7 @@ from starlette.types import Receive, Scope
 from service import logs, powens_events
 from service.events import MalformedEvent
 from service.metrics import REQUESTS
-from service.queue import ArchivedDelivery, EventQueue, QueueUnavailable
+from service.queue import ArchivedDelivery, EventQueue
 from service.rejections import Rejections
 from service.settings import Secret, Settings
 from service.sources import SourcePolicy
@@ -218,18 +218,7 @@ class PowensView(WebhookView):
         )  # fmt: skip
         function = powens_events.job_function(name)
         job_event: dict[str, Any] = powens_events.envelope(name, event, received_at)
-        try:
-            outcome = await self.queue.submit(event_id, function, job_event, archive)
-        except QueueUnavailable as exc:
-            raise Rejected(
-                503,
-                "queue_unavailable",
-                "the queue is unavailable; retry later",
-                event_id=event_id,
-                error=str(exc),
-            ) from None
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise Rejected(400, "malformed_event", "the event cannot be encoded", event_id=event_id) from exc
+        outcome = await self._enqueue(event_id, function, job_event, archive)
         REQUESTS.labels(outcome).inc()
         if logs.enabled(logging.DEBUG):
             log.debug(

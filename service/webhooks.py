@@ -227,20 +227,7 @@ class WebhookView:
             body,
         )
         function = events.job_function(event_type)
-        try:
-            submitted = self.queue.submit(event_id, function, event, archive, verbatim=verbatim)
-        except (ValueError, TypeError, RecursionError) as exc:  # the event cannot be encoded for the job
-            raise Rejected(400, "malformed_event", "the event cannot be encoded", event_id=event_id) from exc
-        try:
-            outcome = await submitted
-        except QueueUnavailable as exc:
-            raise Rejected(
-                503,
-                "queue_unavailable",
-                "the queue is unavailable; retry later",
-                event_id=event_id,
-                error=str(exc),
-            ) from None
+        outcome = await self._enqueue(event_id, function, event, archive, verbatim=verbatim)
         prefix, length, counter = _ACCEPTED[outcome]
         counter.inc()
         if logs.enabled(logging.DEBUG):  # every delivery is in the archive stream and the metrics
@@ -255,6 +242,32 @@ class WebhookView:
                 account_id=content.get("account_id"),
             )
         return 200, b'%s%s"}' % (prefix, event_id.encode()), length
+
+    async def _enqueue(
+        self,
+        event_id: str,
+        function: str | None,
+        event: dict[str, Any],
+        archive: ArchivedDelivery,
+        *,
+        verbatim: bool = False,
+    ) -> str:
+        """The queue's outcome for the delivery; Rejected with 400 if the event cannot be encoded for
+        the job, 503 if Redis did not confirm the write."""
+        try:
+            submitted = self.queue.submit(event_id, function, event, archive, verbatim=verbatim)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise Rejected(400, "malformed_event", "the event cannot be encoded", event_id=event_id) from exc
+        try:
+            return await submitted
+        except QueueUnavailable as exc:
+            raise Rejected(
+                503,
+                "queue_unavailable",
+                "the queue is unavailable; retry later",
+                event_id=event_id,
+                error=str(exc),
+            ) from None
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes:
         """The whole body within the read timeout, never buffering more than the limit (chunked too)."""
