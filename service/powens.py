@@ -180,7 +180,7 @@ class PowensView(WebhookView):
             raise Rejected(400, "duplicate_signature", "send one BI-Signature header", client=client)
         if signature is not None and len(signature) > MAX_SIGNATURE_BYTES:
             raise Rejected(431, "signature_too_large", f"BI-Signature is over {MAX_SIGNATURE_BYTES} bytes")
-        raw = await self._read_body(receive, limit)
+        raw = await self._read_body(scope, receive, limit)
         if signature is None or not signature.strip():
             raise Rejected(401, "missing_signature", "the BI-Signature header is missing", client=client)
         if date is None or not date.strip():

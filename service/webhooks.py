@@ -61,22 +61,9 @@ log = logs.get_logger("bridgehook.webhooks")
 _OUTCOMES = {name: REQUESTS.labels(name) for name in ("queued", "duplicate", "ignored")}
 _WANTED = (b"content-length", b"content-type", b"bridgeapi-signature", b"x-request-id")
 _CONTENT_TYPE = (b"content-type", b"application/json")
-# Refused before the body was read (or while it was): the connection closes after the answer (see
+# Refused before the whole body was read: the connection closes after the answer (see
 # service/connections.py), and says so, so that a client does not send its next request down it.
-_UNREAD = frozenset(
-    {
-        "forbidden_source",
-        "method_not_allowed",
-        "body_too_large",
-        "unsupported_media_type",
-        "request_timeout",
-        "client_disconnected",
-        "duplicate_signature",
-        "signature_too_large",
-        "unknown_event",  # Powens's (service/powens.py)
-        "unsupported_content_encoding",
-    }
-)
+_BODY_READ = "bridgehook.body_read"  # set in the request's scope by _read_body once it has it all
 _CLOSE = (b"connection", b"close")
 _SIGNATURE = b"bridgeapi-signature"
 _TWICE = b"\0twice"  # never a header value: h11 and httptools refuse NUL in headers
@@ -176,7 +163,7 @@ class WebhookView:
             body = json.dumps({"error": r.reason, "detail": r.detail}, separators=(",", ":")).encode()
             length = (b"content-length", str(len(body)).encode())
             extra = [(b"allow", b"POST")] if r.status == 405 else []
-            if r.reason in _UNREAD:
+            if _BODY_READ not in scope:
                 extra.append(_CLOSE)
         await send(
             {
@@ -206,7 +193,7 @@ class WebhookView:
                 client=client,
                 size=len(signature),
             )
-        body = await self._read_body(receive, limit)
+        body = await self._read_body(scope, receive, limit)
         try:
             self.verifier.verify(signature.decode("latin-1") if signature is not None else None, body)
         except SignatureError as exc:
@@ -269,8 +256,9 @@ class WebhookView:
                 error=str(exc),
             ) from None
 
-    async def _read_body(self, receive: Receive, limit: int) -> bytes:
-        """The whole body within the read timeout, never buffering more than the limit (chunked too)."""
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes:
+        """The whole body within the read timeout, never buffering more than the limit (chunked too);
+        the request's scope notes that it was read whole (see _BODY_READ)."""
         task = asyncio.current_task()
         assert task is not None
         self.deadlines.watch(task)
@@ -289,6 +277,7 @@ class WebhookView:
                     raise Rejected(413, "body_too_large", f"the limit is {limit} bytes")
                 chunks.append(chunk)
                 if not message.get("more_body", False):
+                    scope[_BODY_READ] = True
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except asyncio.CancelledError:
             if not self.deadlines.expired(task):
