@@ -27,10 +27,12 @@ from rich.table import Table
 
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
+from service.events import normalise_type
 from service.settings import Settings, SettingsError
 from workers.codec import CodecError, codec_from_settings
 from workers.db import Database
 from workers.deadletters import DeadLetter, DeadLetters, Filters, UnknownId, redact, traceback_of
+from workers.providers import PROVIDERS, subject
 from workers.replay import Enqueuer, from_ledger
 from workers.schema import SchemaNotReady, require_current
 from workers.storage import TEMPORARY_STATUSES, Storage
@@ -96,11 +98,18 @@ class PerSecond(click.ParamType):  # type: ignore[type-arg]
         return rate
 
 
+PROVIDER_OPTION = click.option(
+    "--provider", type=click.Choice(PROVIDERS), help="Only this provider's events (default: both)."
+)
+ITEM_HELP = "Item id (Powens's connection N is item -N)."
+
+
 def filter_options(f: F) -> F:
     for option in reversed(
         [
-            click.option("--type", "type_", help="Event type, e.g. item.refreshed."),
-            click.option("--item", "item_id", type=int, help="Bridge item id."),
+            PROVIDER_OPTION,
+            click.option("--type", "type_", help="Event type, e.g. item.refreshed or connection.synced."),
+            click.option("--item", "item_id", type=int, help=ITEM_HELP),
             click.option("--since", type=When(), help="Received at or after (30m, 2h, 3d, or ISO)."),
             click.option("--until", type=When(), help="Received before."),
             click.option("--error", help="Text the last error contains."),
@@ -112,9 +121,8 @@ def filter_options(f: F) -> F:
 
 
 def _filters(kw: dict[str, Any]) -> Filters:
-    return Filters(
-        kw.get("type_"), kw.get("item_id"), kw.get("since"), kw.get("until"), kw.get("error"), kw.get("limit")
-    )
+    names = ("type_", "item_id", "since", "until", "error", "limit", "provider")
+    return Filters(*(kw.get(name) for name in names))
 
 
 def settings() -> Settings:
@@ -377,8 +385,9 @@ def events() -> None:
 @events.command("replay")
 @click.option("--since", type=When(), required=True, help="Received at or after (30m, 2h, 3d, or ISO).")
 @click.option("--until", type=When(), help="Received before.")
+@PROVIDER_OPTION
 @click.option("--type", "type_", help="Only this event type.")
-@click.option("--item", "item_id", type=int, help="Only this item.")
+@click.option("--item", "item_id", type=int, help=ITEM_HELP)
 @click.option(
     "--from",
     "source",
@@ -392,6 +401,7 @@ def events() -> None:
 def events_replay(
     since: datetime,
     until: datetime | None,
+    provider: str | None,
     type_: str | None,
     item_id: int | None,
     source: str,
@@ -405,15 +415,14 @@ def events_replay(
         chosen = [
             (event_id, event, received)
             for event_id, event, received in found
-            if (type_ is None or event.get("type") == type_)
-            and (item_id is None or (event.get("content") or {}).get("item_id") == item_id)
+            if (type_ is None or normalise_type(str(event.get("type"))) == normalise_type(type_))
+            and (provider is None or subject(event).provider == provider)
+            and (item_id is None or subject(event).item_id == item_id)
         ]
         if dry_run:
             click.echo(f"would replay {len(chosen)} event(s) from the {source}")
             for event_id, event, _ in chosen:
-                click.echo(
-                    f"  {event_id}  {event.get('type')}  item {(event.get('content') or {}).get('item_id')}"
-                )
+                click.echo(f"  {event_id}  {event.get('type')}  item {subject(event).item_id}")
             return
         _confirm("Replay", len(chosen), yes)
         outcomes: dict[str, int] = {}

@@ -133,18 +133,22 @@ class Harness:
         return [self.reader.select(table, cols.split(", ")) for table, cols in COMPARED]
 
     def tables(self) -> dict[str, dict[Any, dict[str, Any]]]:
-        """Live rows in the shape of the fake's ground truth."""
+        """Live Bridge rows in the shape of the fake's ground truth."""
         out: dict[str, dict[Any, dict[str, Any]]] = {"items": {}, "accounts": {}, "transactions": {}}
         for row in self.rows(
-            "SELECT id, status, provider_id, last_try_refresh FROM items WHERE deleted_at IS NULL"
+            "SELECT id, status, provider_id, last_try_refresh FROM items "
+            "WHERE deleted_at IS NULL AND provider = 'bridge'"
         ):
             out["items"][row[0]] = {"status": row[1], "provider_id": row[2], "last_try_refresh": ts(row[3])}
-        accounts = self.reader.select("accounts", ["id", *ACCOUNT_COLUMNS], "deleted_at IS NULL")
+        accounts = self.reader.select(
+            "accounts", ["id", *ACCOUNT_COLUMNS], "deleted_at IS NULL AND provider = 'bridge'"
+        )
         out["accounts"] = {a["id"]: _shape(ACCOUNT_FIELDS, [a[c] for c in ACCOUNT_COLUMNS]) for a in accounts}
         transactions = self.reader.select(
             "transactions",
             ["id", *TRANSACTION_COLUMNS],
-            "deleted_at IS NULL AND account_id IN (SELECT id FROM accounts WHERE deleted_at IS NULL)",
+            "deleted_at IS NULL AND account_id IN "
+            "(SELECT id FROM accounts WHERE deleted_at IS NULL AND provider = 'bridge')",
         )
         out["transactions"] = {
             t["id"]: _shape(TRANSACTION_FIELDS, [t[c] for c in TRANSACTION_COLUMNS]) for t in transactions

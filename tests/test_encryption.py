@@ -179,7 +179,7 @@ def test_rotation_reencrypts_every_row_and_resumes(harness: Harness, world: Worl
     assert isinstance(codec, AESGCMCodec)
     rotation = Rotation(harness.db, codec, batch_size=7)
     before = rotation.pending()
-    assert before == {"accounts": 3, "transactions": 120, "webhook_events": 1}
+    assert before == {"accounts": 3, "transactions": 120, "webhook_events": 1, "user_tokens": 0}
 
     class Interrupted(Exception):
         pass
@@ -200,7 +200,7 @@ def test_rotation_reencrypts_every_row_and_resumes(harness: Harness, world: Worl
     result = CliRunner().invoke(main, ["keys", "rotate", "--batch-size", "50"], env=env)
     assert result.exit_code == 0, result.output
     assert "rotated 114 rows; 0 left" in result.output
-    assert rotation.pending() == {"accounts": 0, "transactions": 0, "webhook_events": 0}
+    assert rotation.pending() == {"accounts": 0, "transactions": 0, "webhook_events": 0, "user_tokens": 0}
 
     # Only the new key is needed now: the old one can be dropped.
     harness.reader = Reader(harness.db, codec_from_settings(rotation_settings(harness, NEW_KEY)))

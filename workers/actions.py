@@ -17,6 +17,11 @@ mapping follows Bridge's integration checklist:
 =====================  ================================================================
 
 A status that needs the user wins over a consent about to end: Connect renews both at once.
+
+A Powens connection's ``state`` is stored as the Bridge status that asks the same of the user
+(:data:`POWENS_STATUS`; the state itself stays in ``status_code_info``), so that one vocabulary and
+one ``status`` column serve both providers. ``bug`` and any state Powens may add later are
+:data:`PROVIDER_ERROR`, which only the provider's support can clear.
 """
 
 from __future__ import annotations
@@ -39,6 +44,23 @@ BY_STATUS: dict[int, str] = {
     -2: "wait",
     -3: "wait",
 }
+PROVIDER_ERROR = -100  # ours, not Bridge's: the provider reports an error its support must fix
+BY_STATUS[PROVIDER_ERROR] = "contact_support"
+# Powens's connection states (null or "" is a usable connection: status 0).
+POWENS_STATUS: dict[str, int] = {
+    **dict.fromkeys(("SCARequired", "webauthRequired", "decoupled", "additionalInformationNeeded"), 1010),
+    **dict.fromkeys(("wrongpass", "passwordExpired"), 402),
+    "actionNeeded": 429,
+    **dict.fromkeys(("websiteUnavailable", "rateLimiting", "validating"), -2),
+    "bug": PROVIDER_ERROR,
+}
+
+
+def powens_status(state: str | None) -> int:
+    """The status a Powens connection in ``state`` is stored with (see the module's docstring)."""
+    return 0 if not state else POWENS_STATUS.get(state, PROVIDER_ERROR)
+
+
 ACTIONS = (
     "update_credentials", "complete_sca", "validate_pro_account", "act_on_bank_site", "renew_password",
     "wait", "contact_support", "renew_consent",

@@ -41,6 +41,7 @@ ENCRYPTED_COLUMNS: dict[str, tuple[str, ...]] = {
     "accounts": ("name", "iban"),
     "transactions": ("clean_description", "provider_description"),
     "webhook_events": ("body",),
+    "user_tokens": ("token",),
 }
 _NONCE = 12
 

@@ -1,4 +1,4 @@
-"""What one worker process holds for all its jobs: Redis, the database and the Bridge client.
+"""What one worker process holds for all its jobs: Redis, the database and the providers' clients.
 
 Built once per process (so HTTP and database connections are reused across jobs) by
 ``bridgehook worker`` through :func:`configure`, or lazily from the environment the first
@@ -20,6 +20,8 @@ from workers.bridge import BridgeClient
 from workers.codec import codec_from_settings
 from workers.db import Database
 from workers.ledger import Ledger
+from workers.powens import PowensClient
+from workers.powens_sync import PowensSync
 from workers.storage import Storage
 from workers.sync import Syncer
 
@@ -75,7 +77,24 @@ class WorkerContext:
             heartbeat=heartbeat if callable(heartbeat) else (lambda: None),
         )
 
+    @cached_property
+    def powens(self) -> PowensClient:
+        """Powens's client, built on a Powens job's first use: a deployment without Powens needs
+        none of its settings."""
+        self.settings.require("POWENS_API_URL", "POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET")
+        return PowensClient(self.settings, self.redis)
+
+    def powens_sync(self, heartbeat: object = None) -> PowensSync:
+        return PowensSync(
+            self.powens,
+            self.storage,
+            overlap=timedelta(seconds=self.settings.sync_overlap_seconds),
+            heartbeat=heartbeat if callable(heartbeat) else (lambda: None),
+        )
+
     def close(self) -> None:
+        if "powens" in self.__dict__:
+            self.powens.close()
         self.client.close()
         self.storage.db.close()
         self.redis.close()

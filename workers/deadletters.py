@@ -28,6 +28,7 @@ from rq.serializers import JSONSerializer
 from service.events import normalise_type
 from workers.db import to_datetime
 from workers.ledger import Ledger
+from workers.providers import Provider, subject
 from workers.storage import Storage
 
 SENSITIVE = ("iban", "name", "description", "balance", "amount", "label", "owner", "holder")
@@ -64,18 +65,23 @@ class DeadLetter:
         return normalise_type(str(self.event.get("type", "?")))
 
     @property
+    def provider(self) -> Provider:
+        return subject(self.event).provider
+
+    @property
     def item_id(self) -> int | None:
-        item = (self.event.get("content") or {}).get("item_id")
+        """The item's id (a Powens connection N is item -N: see workers.providers)."""
+        item = subject(self.event).item_id
         return item if isinstance(item, int) else None
 
     @property
     def user_uuid(self) -> str | None:
-        user = (self.event.get("content") or {}).get("user_uuid")
-        return user if isinstance(user, str) else None
+        return subject(self.event).user_uuid
 
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "provider": self.provider,
             "type": self.type,
             "item_id": self.item_id,
             "received_at": self.received_at.isoformat() if self.received_at else None,
@@ -93,11 +99,13 @@ class Filters:
     until: datetime | None = None
     error: str | None = None
     limit: int | None = None
+    provider: str | None = None
 
     def match(self, d: DeadLetter) -> bool:
         when = d.received_at or d.failed_at
         return (
-            (self.type is None or d.type == normalise_type(self.type))
+            (self.provider is None or d.provider == self.provider)
+            and (self.type is None or d.type == normalise_type(self.type))
             and (self.item_id is None or d.item_id == self.item_id)
             and (self.since is None or (when is not None and when >= self.since))
             and (self.until is None or (when is not None and when < self.until))

@@ -33,6 +33,7 @@ _DROP = (
     f"DELETE FROM accounts WHERE item_id IN ({_ITEMS})",  # noqa: S608
     f"DELETE FROM webhook_events WHERE item_id IN ({_ITEMS}) OR user_uuid = %s",  # noqa: S608
     "DELETE FROM connect_sessions WHERE user_uuid = %s",
+    "DELETE FROM user_tokens WHERE user_uuid = %s",
     "DELETE FROM items WHERE user_uuid = %s",
     "DELETE FROM users WHERE uuid = %s",
 )

@@ -30,11 +30,12 @@ from redis.exceptions import LockError
 from rq import get_current_job
 
 from service.logs import get_logger
-from workers import watermark
+from workers import tokens, watermark
 from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
 from workers.erasure import erase_user, is_erased
 from workers.metrics import JOBS, SYNC_LAG
+from workers.providers import provider_of_user
 from workers.sync import PROGRESS, Progress, Syncer, SyncResult
 
 log = get_logger("bridgehook.jobs")
@@ -385,7 +386,12 @@ def user_deleted(event: Event) -> dict[str, Any]:
     """The user first, with its items and accounts: a sync that writes its item after this marks it
     and stops (Syncer._write_item). Then each item we hold for the user again, under the item's
     lock: after the sync that holds it now, which began before and may have added accounts since."""
-    user_uuid, at = event["content"]["user_uuid"], event_time(event)
+    return delete_user(event, event["content"]["user_uuid"])
+
+
+def delete_user(event: Event, user_uuid: str) -> dict[str, Any]:
+    """:func:`user_deleted` for either provider's user (workers.powens_jobs.user_deleted)."""
+    at = event_time(event)
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
         lock = lambda item_id: item_lock(ctx, item_id)  # noqa: E731
@@ -396,6 +402,7 @@ def user_deleted(event: Event) -> dict[str, Any]:
             return {"skipped": "erased"}
         with ctx.storage.transaction() as tx:
             ctx.storage.mark_user_deleted(tx, user_uuid, at)
+            tokens.forget(tx, user_uuid)  # a Powens user's: no use to anyone now
         busy = []
         for item_id in ctx.storage.item_ids_of(user_uuid):
             try:
@@ -407,7 +414,8 @@ def user_deleted(event: Event) -> dict[str, Any]:
             raise ItemBusy(f"items {busy} stayed locked; the user is marked, these items will be again")
         if ctx.settings.deleted_user_retention_days == 0:  # no retention: erased at once
             erase_user(ctx.storage, user_uuid, None, at, lock)
-            ctx.client.forget_token(user_uuid)
+            if provider_of_user(user_uuid) == "bridge":
+                ctx.client.forget_token(user_uuid)
             return {"deleted_at": at.isoformat(), "erased": True}
         return {"deleted_at": at.isoformat()}
 

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from workers.codec import Codec
 from workers.db import Database, to_datetime
+from workers.providers import subject
 
 BODY = "webhook_events.body"  # the encrypted column (workers.codec.ENCRYPTED_COLUMNS)
 
@@ -54,11 +55,11 @@ class Ledger:
         job whose row ends done or failed by a synchronous commit (which makes this one durable too).
         ``done``: the job had nothing left to do (a later sync served its event): the row goes in done
         at once."""
-        content = event.get("content") or {}
+        about = subject(event)
         with self.db.transaction(durable=durable) as tx:
             tx.execute(
-                "INSERT INTO webhook_events (id, type, item_id, user_uuid, received_at, status, attempts, "
-                "body, processed_at) VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s) "
+                "INSERT INTO webhook_events (id, type, item_id, user_uuid, provider, received_at, status, "
+                "attempts, body, processed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, 1, %s, %s) "
                 "ON CONFLICT (id) DO UPDATE SET attempts = webhook_events.attempts + 1, "
                 "status = excluded.status, processed_at = "
                 "COALESCE(excluded.processed_at, webhook_events.processed_at), last_error = CASE WHEN "
@@ -66,8 +67,9 @@ class Ledger:
                 (
                     event_id,
                     event.get("type"),
-                    content.get("item_id"),
-                    _user_of(content),
+                    about.item_id,
+                    about.user_uuid,
+                    about.provider,
                     received_at,
                     "done" if done else "queued",
                     self.codec.encode(body, BODY),
@@ -95,14 +97,14 @@ class Ledger:
         self, event_id: str, event: Mapping[str, Any], body: str, attempts: int, received_at: datetime
     ) -> None:
         """A dead letter was purged: its row stays, marked so (written if the job never got to it)."""
-        content = event.get("content") or {}
+        about = subject(event)
         with self.db.transaction() as tx:
             tx.execute(
-                "INSERT INTO webhook_events (id, type, item_id, user_uuid, received_at, status, attempts, "
-                "body) VALUES (%s, %s, %s, %s, %s, 'purged', %s, %s) "
+                "INSERT INTO webhook_events (id, type, item_id, user_uuid, provider, received_at, status, "
+                "attempts, body) VALUES (%s, %s, %s, %s, %s, %s, 'purged', %s, %s) "
                 "ON CONFLICT (id) DO UPDATE SET status = 'purged'",
-                (event_id, event.get("type", "?"), content.get("item_id"), _user_of(content), received_at,
-                 attempts, self.codec.encode(body, BODY)),
+                (event_id, event.get("type", "?"), about.item_id, about.user_uuid, about.provider,
+                 received_at, attempts, self.codec.encode(body, BODY)),
             )  # fmt: skip
 
     # -- reads ---------------------------------------------------------------------------------
@@ -134,12 +136,6 @@ class Ledger:
         if when is not None and when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         return Entry(event_id, when, int(attempts), last_error, self.codec.decode(body, BODY))
-
-
-def _user_of(content: Mapping[str, Any]) -> str | None:
-    """The user an event is about, by which a user's erasure finds its rows (workers.erasure)."""
-    user = content.get("user_uuid")
-    return user if isinstance(user, str) else None
 
 
 _SELECT = "SELECT id, received_at, attempts, last_error, body FROM webhook_events"

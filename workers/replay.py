@@ -24,6 +24,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from service import powens_events
 from service.events import MalformedEvent, job_function, parse
 from service.queue import ARCHIVE_KEY, build_job
 from service.settings import Settings
@@ -70,7 +71,10 @@ class Enqueuer:
         return "queued"
 
     def event(self, event_id: str, event: dict[str, Any], received_at_ms: int | None = None) -> str:
-        function = job_function(str(event.get("type", "")))
+        kind = str(event.get("type", ""))
+        function = (
+            powens_events.job_function(kind) if event.get("provider") == "powens" else job_function(kind)
+        )
         if function is None:
             return "ignored"
         return self.enqueue(event_id, function, event, received_at_ms=received_at_ms)
@@ -112,12 +116,23 @@ class Enqueuer:
                 if fields.get(b"decision") in (b"queued", b"duplicate") and event_id not in seen:
                     seen.add(event_id)
                     try:
-                        yield event_id, parse(fields[b"body"]), int(fields[b"received_at"])
+                        yield event_id, _archived_event(event_id, fields), int(fields[b"received_at"])
                     except MalformedEvent:
                         continue
             if len(entries) < 500:
                 return
             start = "(" + entries[-1][0].decode()
+
+
+def _archived_event(event_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """The event a job receives, from an archived delivery of either provider: a Powens body is put
+    in the envelope the receiver made for it (service/powens_events.py), its type in the archive's."""
+    if not event_id.startswith(f"{powens_events.PROVIDER}-"):
+        return parse(fields[b"body"])
+    name = fields[b"type"].decode()
+    return powens_events.envelope(
+        name, powens_events.parse(name, fields[b"body"]), int(fields[b"received_at"])
+    )
 
 
 def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:

@@ -19,7 +19,7 @@ from typing import Any
 from workers.codec import ENCRYPTED_COLUMNS, PREFIX, AESGCMCodec, CodecError
 from workers.db import Database
 
-KEYS = {"accounts": "id", "transactions": "id", "webhook_events": "id"}
+KEYS = {"accounts": "id", "transactions": "id", "webhook_events": "id", "user_tokens": "user_uuid"}
 Progress = Callable[[str, int], None]  # (table, rows rotated by this batch)
 
 
@@ -117,5 +117,6 @@ class Rotation:
 
 
 def _first_key(table: str) -> Any:
-    """Below every key of the table: ids are positive integers, event ids non-empty text."""
-    return "" if table == "webhook_events" else -(2**62)
+    """Below every key of the table: ids are integers (Powens's negated: far above -2**62), event ids
+    and user uuids non-empty text."""
+    return "" if KEYS[table] == "user_uuid" or table == "webhook_events" else -(2**62)

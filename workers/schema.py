@@ -157,6 +157,26 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX webhook_events_item ON webhook_events (item_id)",
         ],
     ),
+    (
+        6,
+        "a second provider: users, items, accounts and events say whose they are; Powens user tokens",
+        [
+            # Each provider's rows keep their own id space (docs/design.md, Two providers): Bridge's
+            # ids as Bridge gives them, Powens's negated, a Powens user "powens-<id>". So no key
+            # changes, and these columns, whose constant default PostgreSQL and SQLite both add
+            # without rewriting the table, are all today's rows need: every one of them is Bridge's.
+            "ALTER TABLE users ADD COLUMN provider TEXT NOT NULL DEFAULT 'bridge'",
+            "ALTER TABLE items ADD COLUMN provider TEXT NOT NULL DEFAULT 'bridge'",
+            "ALTER TABLE accounts ADD COLUMN provider TEXT NOT NULL DEFAULT 'bridge'",
+            "ALTER TABLE webhook_events ADD COLUMN provider TEXT NOT NULL DEFAULT 'bridge'",
+            # A Powens user's permanent token (Bridge's last two hours and stay in Redis), encrypted.
+            """CREATE TABLE user_tokens (
+                user_uuid TEXT PRIMARY KEY,
+                provider TEXT NOT NULL,
+                token TEXT NOT NULL,
+                updated_at {ts} NOT NULL)""",
+        ],
+    ),
 ]
 
 _LOCK_ID = 0x62726964  # "brid": the advisory lock all bridgehook upgrades share

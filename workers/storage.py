@@ -18,6 +18,7 @@ from typing import Any
 
 from workers.codec import Codec, PlainCodec
 from workers.db import Database, Tx, to_datetime
+from workers.providers import provider_of_id, provider_of_user
 
 USER_ACTION_STATUSES = frozenset({402, 429, 430, 1007, 1009, 1010, 1100})
 TEMPORARY_STATUSES = frozenset({1003, -2, -3})
@@ -118,14 +119,15 @@ def merge_sql(table: str, source: str, key: str, columns: list[str], **conflict:
 ITEM_COLUMNS = [
     "id", "user_uuid", "status", "status_code_info", "status_code_description", "provider_id",
     "needs_user_action", "authentication_expires_at", "last_successful_refresh", "last_try_refresh",
-    "updated_at", "status_changed_at",
+    "updated_at", "status_changed_at", "provider",
 ]  # fmt: skip
 ACCOUNT_COLUMNS = [
     "id", "item_id", "name", "type", "currency_code", "balance", "accounting_balance", "instant_balance",
-    "iban", "data_access", "last_refresh_status", "pro", "provider_id", "bridge_updated_at",
+    "iban", "data_access", "last_refresh_status", "pro", "provider_id", "bridge_updated_at", "provider",
 ]  # fmt: skip
 UPSERT_USER = (
-    "INSERT INTO users (uuid, external_user_id, created_at, updated_at) VALUES (%s, %s, %s, %s) "
+    "INSERT INTO users (uuid, external_user_id, created_at, updated_at, provider) "
+    "VALUES (%s, %s, %s, %s, %s) "
     "ON CONFLICT (uuid) DO UPDATE SET external_user_id = COALESCE(excluded.external_user_id, "
     "users.external_user_id), updated_at = excluded.updated_at"
 )
@@ -160,7 +162,7 @@ class Storage:
 
     def upsert_user(self, tx: Tx, uuid: str, external_user_id: str | None = None) -> None:
         now = datetime.now(UTC)
-        tx.execute(UPSERT_USER, (uuid, external_user_id, now, now))
+        tx.execute(UPSERT_USER, (uuid, external_user_id, now, now, provider_of_user(uuid)))
 
     def upsert_item(self, tx: Tx, user_uuid: str, item: Mapping[str, Any]) -> None:
         """The item as Bridge describes it, but for ``last_successful_refresh``: set by item_synced
@@ -172,7 +174,7 @@ class Storage:
                 item["id"], user_uuid, status, item.get("status_code_info"),
                 item.get("status_code_description"), item.get("provider_id"), status in USER_ACTION_STATUSES,
                 parse_ts(item.get("authentication_expires_at")),
-                None, parse_ts(item.get("last_try_refresh")), now, now,
+                None, parse_ts(item.get("last_try_refresh")), now, now, provider_of_id(item["id"]),
             ),
         )  # fmt: skip
 
@@ -239,7 +241,7 @@ class Storage:
                 a.get("currency_code"), money(a.get("balance")), money(a.get("accounting_balance")),
                 money(a.get("instant_balance")), enc(clear_iban(a.get("iban")), "accounts.iban"),
                 a.get("data_access"), a.get("last_refresh_status"), a.get("pro"), a.get("provider_id"),
-                parse_ts(a.get("updated_at")),
+                parse_ts(a.get("updated_at")), provider_of_id(a["id"]),
             )
             for a in accounts
         ]  # fmt: skip

@@ -1,0 +1,209 @@
+"""Powens's events through the whole pipeline: the real receiver, RQ workers, Redis and both
+databases, against the fake Powens over HTTP. Whatever the order and the repetitions, our rows end
+equal to the fake's ground truth, in the same tables as Bridge's."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from fakebridge.powens import FakePowensServer
+from fakebridge.powens_world import PowensWorld, PUser
+from fakebridge.server import FakeBridgeServer
+from fakebridge.world import World
+from tests.harness import worker_settings
+from tests.powens_harness import PowensHarness, powens_environ
+from workers.actions import PROVIDER_ERROR, action
+from workers.providers import powens_id, powens_user
+
+
+@pytest.fixture
+def fake_powens() -> Iterator[FakePowensServer]:
+    with FakePowensServer(PowensWorld(seed=11)) as server:
+        yield server
+
+
+@pytest.fixture
+def ph(
+    redis_url: str,
+    r: redis.Redis,
+    database_url: str,
+    world: World,
+    fake: FakeBridgeServer,
+    fake_powens: FakePowensServer,
+) -> Iterator[PowensHarness]:
+    env = powens_environ(fake_powens, fake_powens.world)
+    settings = worker_settings(redis_url, database_url, fake.api_url, world, **env)
+    h = PowensHarness(settings, world, fake, r, fake_powens)
+    yield h
+    h.close()
+
+
+def connected(ph: PowensHarness, user: PUser, accounts: int = 2, transactions: int = 5) -> int:
+    """A connection whose accounts the user consented to (Powens's are disabled until then)."""
+    connection = ph.pworld.add_connection(user.id, accounts=accounts, transactions=transactions)
+    for account in [a for a in ph.pworld.accounts.values() if a.id_connection == connection.id]:
+        ph.pworld.enable_account(account.id)
+    return connection.id
+
+
+def synced(ph: PowensHarness, connection_id: int, new: list[int] | None = None) -> None:
+    assert ph.deliver("CONNECTION_SYNCED", ph.pworld.connection_synced(connection_id, new)) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+
+
+def test_a_first_sync_lands_in_the_same_tables(ph: PowensHarness) -> None:
+    user = ph.user()
+    cid = connected(ph, user)
+    synced(ph, cid)
+    assert ph.powens_tables() == ph.powens_truth()
+    assert len(ph.powens_tables()["transactions"]) == 10
+    item = ph.item(cid)
+    assert (item["status"], item["provider"], item["deleted_at"]) == (0, "powens", None)
+    [(user_uuid, provider)] = ph.rows("SELECT uuid, provider FROM users")
+    assert (user_uuid, provider) == (powens_user(user.id), "powens")
+    [(kind, item_id, owner, provider)] = ph.rows(
+        "SELECT type, item_id, user_uuid, provider FROM webhook_events"
+    )
+    assert (kind, item_id, owner, provider) == (
+        "CONNECTION_SYNCED",
+        powens_id(cid),
+        powens_user(user.id),
+        "powens",
+    )
+
+
+def test_updates_and_deletions_the_body_does_not_carry_come_from_the_listing(ph: PowensHarness) -> None:
+    user = ph.user()
+    cid = connected(ph, user)
+    synced(ph, cid)
+    world = ph.pworld
+    first, second = sorted(world.transactions)[:2]
+    world.update_transaction(first, value=world.transactions[first].value + 1)
+    world.delete_transaction(second)
+    account = next(a.id for a in world.accounts.values() if a.id_connection == cid)
+    new = world.add_transaction(account, coming=True)
+    synced(ph, cid, new=[new.id])  # the body carries the new one only
+    assert ph.powens_tables() == ph.powens_truth()
+    [(deleted_at,)] = ph.rows("SELECT deleted_at FROM transactions WHERE id = %s", (powens_id(second),))
+    assert deleted_at is not None
+
+
+def test_an_older_body_delivered_after_a_newer_one_changes_nothing(ph: PowensHarness) -> None:
+    user = ph.user()
+    cid = connected(ph, user)
+    old = ph.pworld.connection_synced(cid)
+    world = ph.pworld
+    account = next(a for a in world.accounts.values() if a.id_connection == cid)
+    account.balance += 100
+    account.last_update = world.tick()
+    changed = sorted(t for t in world.transactions if world.transactions[t].id_account == account.id)[0]
+    world.update_transaction(changed, wording="CARTE RENAMED")
+    world.set_state(cid, None)
+    synced(ph, cid)
+    before = ph.every_row()
+    replayed = copy.deepcopy(old)
+    replayed["id_webhook_data"] = world.webhook({})["id_webhook_data"]  # delivered again, days later
+    assert ph.deliver("CONNECTION_SYNCED", replayed) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+    assert ph.every_row() == before
+    assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_a_connection_state_becomes_the_same_action_as_bridges(ph: PowensHarness) -> None:
+    user = ph.user()
+    cid = connected(ph, user)
+    synced(ph, cid)
+    for state, status, wanted in [
+        ("wrongpass", 402, "update_credentials"),
+        ("SCARequired", 1010, "complete_sca"),
+        ("actionNeeded", 429, "act_on_bank_site"),
+        ("websiteUnavailable", -2, "wait"),
+        ("somethingPowensAddsLater", PROVIDER_ERROR, "contact_support"),
+        (None, 0, None),
+    ]:
+        ph.pworld.set_state(cid, state, "message" if state else None)
+        synced(ph, cid)
+        item = ph.item(cid)
+        assert (item["status"], item["state"]) == (status, state), state
+        now = item["last_try_refresh"]
+        assert action(item["status"], None, None, now, now - now) == wanted
+    assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_consent_withdrawn_and_given_again(ph: PowensHarness) -> None:
+    user = ph.user()
+    cid = connected(ph, user)
+    synced(ph, cid)
+    world = ph.pworld
+    account = next(a for a in world.accounts.values() if a.id_connection == cid)
+    world.disable_account(account.id)
+    assert ph.deliver("ACCOUNT_DISABLED", world.webhook(world.render_account(account))) == "queued"
+    ph.drain()
+    tables = ph.powens_tables()
+    assert tables == ph.powens_truth() and tables["accounts"][account.id]["disabled"]
+    assert not [t for t in tables["transactions"].values() if t["account"] == account.id]
+    world.enable_account(account.id)
+    world.add_transaction(account.id)
+    assert ph.deliver("ACCOUNT_ENABLED", world.webhook(world.render_account(account))) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+    assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_a_deleted_connection_and_user_stay_deleted(ph: PowensHarness) -> None:
+    user = ph.user()
+    kept, dropped = connected(ph, user), connected(ph, user)
+    synced(ph, kept)
+    synced(ph, dropped)
+    old = ph.pworld.connection_synced(dropped)
+    ph.pworld.delete_connection(dropped)
+    assert (
+        ph.deliver("CONNECTION_DELETED", ph.pworld.webhook({"id": dropped, "id_user": user.id})) == "queued"
+    )
+    ph.drain()
+    assert ph.item(dropped)["deleted_at"] is not None
+    assert ph.deliver("CONNECTION_SYNCED", old) == "queued"  # late: deleted stays deleted
+    ph.drain()
+    assert ph.item(dropped)["deleted_at"] is not None
+    assert ph.powens_tables() == ph.powens_truth()
+    assert ph.deliver("USER_DELETED", ph.pworld.webhook({"id": user.id})) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+    assert ph.item(kept)["deleted_at"] is not None
+    assert ph.rows("SELECT user_uuid FROM user_tokens") == []
+
+
+def test_without_a_token_the_body_lands_and_the_event_is_a_dead_letter(ph: PowensHarness) -> None:
+    user = ph.user(token=False)
+    cid = connected(ph, user)
+    assert ph.deliver("CONNECTION_SYNCED", ph.pworld.connection_synced(cid)) == "queued"
+    ph.drain()
+    [failed] = ph.failed_ids()
+    [(status, error)] = ph.rows("SELECT status, last_error FROM webhook_events WHERE id = %s", (failed,))
+    assert status == "failed" and "no token" in error and user.token not in error
+    assert ph.powens_tables() == ph.powens_truth()  # the body carried all there was
+
+
+def test_powens_and_bridge_ids_never_meet(ph: PowensHarness) -> None:
+    """The fakes count from different numbers: here a Bridge item takes the very id of a Powens
+    connection, and each keeps its own rows."""
+    user = ph.user()
+    cid = connected(ph, user)
+    account = next(a.id for a in ph.pworld.accounts.values() if a.id_connection == cid)
+    uuid = ph.world.add_user()
+    item_id = ph.world.add_item(uuid, item_id=cid)
+    ph.world.add_transactions(ph.world.add_account(item_id, account_id=account), 3)
+    assert ph.send(ph.world.event_item_created(item_id)) == "queued"
+    synced(ph, cid)
+    providers = dict(ph.rows("SELECT id, provider FROM items"))
+    assert providers == {cid: "bridge", powens_id(cid): "powens"}
+    bridge = ph.tables()
+    assert bridge["items"].keys() == {cid} and bridge["accounts"].keys() == {account}
+    assert len(bridge["transactions"]) == 3 and all(t > 0 for t in bridge["transactions"])
+    assert ph.powens_tables() == ph.powens_truth()

@@ -1,0 +1,69 @@
+"""RQ job functions, one per processed Powens event, importable by dotted path.
+
+The receiver enqueues ``workers.powens_jobs.<name>(event)`` (service/powens_events.py) with an
+envelope shaped like a Bridge event: ``{"type", "provider": "powens", "id_webhook_data", "content":
+<Powens's body>, "timestamp": <receipt, ms>}``. Each job runs as Bridge's do (workers.jobs): the same
+ledger row, the same retries and budget deferrals, the same dead letters, and the item's lock (item
+-N for connection N, see workers.providers) around what it writes, so that a Powens event and a
+replay of it, in any order, leave the rows that Powens holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from workers.context import WorkerContext
+from workers.jobs import Event, _run, delete_user, event_time, item_lock
+from workers.powens_sync import PowensSync
+from workers.providers import powens_id, powens_user
+from workers.sync import Syncer
+
+
+def _under_lock(event: Event, item_id: int, work: Callable[[PowensSync], dict[str, Any]]) -> dict[str, Any]:
+    def run(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
+        with item_lock(ctx, item_id) as heartbeat:
+            return work(ctx.powens_sync(heartbeat))
+
+    return _run(event, run, locks_itself=True)
+
+
+def connection_synced(event: Event) -> dict[str, Any]:
+    """The connection, its activated accounts and new transactions, from the body; then the rest."""
+    body = event["content"]
+    return _under_lock(event, powens_id(body["connection"]["id"]), lambda s: s.connection_synced(body))
+
+
+def account_enabled(event: Event) -> dict[str, Any]:
+    """The user consented: the account is kept as enabled and its transactions are listed."""
+    body = event["content"]
+    return _under_lock(
+        event, powens_id(body["id_connection"]), lambda s: s.account_changed(body, list_after=True)
+    )
+
+
+def account_disabled(event: Event) -> dict[str, Any]:
+    """Consent withdrawn: the account is kept, flagged ``data_access = disabled``, and its
+    transactions are marked deleted, as Powens deletes them."""
+    body = event["content"]
+    return _under_lock(
+        event, powens_id(body["id_connection"]), lambda s: s.account_changed(body, list_after=False)
+    )
+
+
+def connection_deleted(event: Event) -> dict[str, Any]:
+    """Bridge's ``item.deleted`` rules: the item and its accounts are marked deleted (the earliest
+    time wins), and stay so whatever a late event says."""
+    item_id, at = powens_id(event["content"]["id"]), event_time(event)
+
+    def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
+        with item_lock(ctx, item_id), ctx.storage.transaction() as tx:
+            ctx.storage.mark_item_deleted(tx, item_id, at)
+        return {"deleted_at": at.isoformat()}
+
+    return _run(event, work, locks_itself=True)
+
+
+def user_deleted(event: Event) -> dict[str, Any]:
+    """Bridge's ``user.deleted`` rules (workers.jobs.delete_user), and the user's token is dropped."""
+    return delete_user(event, powens_user(event["content"]["id"]))
