@@ -1,16 +1,10 @@
 """Bridge's v3 aggregation API: one client class around one ``httpx.Client``.
 
-The exceptions a caller may catch, each with one home::
-
-    BridgeError
-    ├── TransientError   retry later: 5xx, timeouts, connection errors (``retry_after`` says
-    │   │                when, if anyone knows)
-    │   └── BudgetExhausted  a request budget is spent: ours (workers.ratelimit) or Bridge's (a
-    │                    ``429`` still refused after the waits below); ``retry_after`` says when it
-    │                    frees. The job runs again then, and spends none of its retries.
-    ├── AuthError        credentials refused: 401/403 after one token renewal, or a bad client id/secret
-    ├── NotFound         404: the item, account or user is gone at Bridge
-    └── PermanentError   any other 4xx: the request is wrong and retrying will not help
+The exceptions a caller may catch are :mod:`workers.errors`'s: ``TransientError`` for 5xx, timeouts
+and connection errors; ``BudgetExhausted`` for a spent budget, ours (workers.ratelimit) or Bridge's (a
+``429`` still refused after the waits below); ``AuthError`` for 401/403 after one token renewal, or a
+bad client id/secret; ``NotFound`` for a 404 (the item, account or user is gone at Bridge);
+``PermanentError`` for any other 4xx.
 
 Inside one call the client already retries what is worth retrying: 5xx and network errors
 with exponential backoff and full jitter, ``429`` after its ``Retry-After`` (when short: a longer
@@ -36,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -46,55 +39,22 @@ from redis.exceptions import LockError
 
 from service.logs import get_logger
 from service.settings import Settings
+from workers.errors import (
+    AuthError,
+    BridgeError,
+    BudgetExhausted,
+    NotFound,
+    PermanentError,
+    TransientError,
+    parse_retry_after,
+)
 from workers.ratelimit import OverBudget, RateLimiter
 
 log = get_logger("bridgehook.bridge")
 
 
-class BridgeError(Exception):
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class TransientError(BridgeError):
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
-
-
-class BudgetExhausted(TransientError):
-    pass
-
-
 # A 429 without a usable Retry-After: Bridge's per-user budget is counted per minute.
 DEFAULT_BUDGET_WAIT = 60.0
-
-
-class AuthError(BridgeError):
-    pass
-
-
-class NotFound(BridgeError):
-    pass
-
-
-class PermanentError(BridgeError):
-    pass
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # str.isdigit() alone admits '²', which float() refuses
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -31,9 +31,9 @@ from rq import get_current_job
 
 from service.logs import get_logger
 from workers import watermark
-from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
 from workers.erasure import erase_user, is_erased
+from workers.errors import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.metrics import JOBS, SYNC_LAG
 from workers.sync import PROGRESS, Progress, Syncer, SyncResult
 
