@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 
 import httpx
@@ -17,17 +17,6 @@ from fakebridge.powens_world import PowensWorld
 from service.powens import sign as receiver_sign
 from service.settings import Settings
 from tests.support import POWENS_SECRET, queued_ids, running_receiver
-
-
-@pytest.fixture
-def powens_world() -> PowensWorld:
-    return PowensWorld(seed=3)
-
-
-@pytest.fixture
-def fake_powens(powens_world: PowensWorld) -> Iterator[FakePowensServer]:
-    with FakePowensServer(powens_world) as server:
-        yield server
 
 
 def user_client(server: FakePowensServer) -> tuple[httpx.Client, int]:
