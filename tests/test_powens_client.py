@@ -20,6 +20,7 @@ from fakebridge.powens_world import PowensWorld
 from fakebridge.powens_world import powens_time as fake_time
 from service.settings import Settings
 from workers import powens_rows
+from workers.actions import action
 from workers.db import Database
 from workers.errors import AuthError, BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.powens import PAGE_LIMIT, PowensClient
@@ -297,14 +298,21 @@ def test_the_rows_go_into_the_tables(make: Make, powens_world: PowensWorld, data
 
 
 @pytest.mark.parametrize(
-    ("state", "status"),
-    [(None, 0), ("", 0), ("wrongpass", 402), ("SCARequired", 1010), ("webauthRequired", 1010),
-     ("actionNeeded", 429), ("passwordExpired", 430), ("websiteUnavailable", 1003), ("rateLimiting", 1003),
-     ("validating", -2), ("somethingNew", powens_rows.UNKNOWN_STATE_STATUS)],
+    ("state", "status", "what"),
+    [(None, 0, None), ("", 0, None), ("SCARequired", 1010, "complete_sca"),
+     ("webauthRequired", 1010, "complete_sca"), ("decoupled", 1010, "complete_sca"),
+     ("additionalInformationNeeded", 1010, "complete_sca"), ("wrongpass", 402, "update_credentials"),
+     ("passwordExpired", 402, "update_credentials"), ("actionNeeded", 429, "act_on_bank_site"),
+     ("websiteUnavailable", -3, "wait"), ("rateLimiting", -3, "wait"), ("validating", -2, "wait"),
+     ("bug", powens_rows.SUPPORT_STATUS, None), ("somethingNew", powens_rows.SUPPORT_STATUS, None)],
 )  # fmt: skip
-def test_connection_states_read_as_bridge_statuses(state: str | None, status: int) -> None:
+def test_connection_states_read_as_bridge_statuses(state: str | None, status: int, what: str | None) -> None:
+    """Each state, as a status, has the action issue #21 gives it (bug and unknown states: contact_support,
+    once workers.actions maps SUPPORT_STATUS to it)."""
     item = powens_rows.item({"id": 4, "state": state, "error_message": "Mot de passe incorrect"})
     assert item["status"] == status and item["id"] == -4
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    assert action(status, now, None, now, timedelta(days=14)) == what
     assert item["status_code_info"] == (state or None)
     assert item["status_code_description"] == "Mot de passe incorrect"
 

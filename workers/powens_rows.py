@@ -35,23 +35,23 @@ PARIS = ZoneInfo("Europe/Paris")
 POWENS_USER_PREFIX = "powens-"
 
 # A connection's ``state`` as a Bridge status code, so that what reads Bridge's statuses (needs_user_action,
-# workers.actions, the sync's skip or retry) reads Powens's the same way: null or "" is OK (0).
+# workers.actions, the sync's skip or retry) reads Powens's the same way, with the actions issue #21 gives
+# each state. Null or "" is OK (0).
 STATE_STATUS: dict[str, int] = {
-    "wrongpass": 402,  # update_credentials
     "SCARequired": 1010,  # complete_sca: the 180-day consent, or the bank asks again
     "webauthRequired": 1010,
     "additionalInformationNeeded": 1010,
     "decoupled": 1010,
+    "wrongpass": 402,  # update_credentials
+    "passwordExpired": 402,
     "actionNeeded": 429,  # act_on_bank_site
-    "passwordExpired": 430,  # renew_password
+    "rateLimiting": -3,  # wait (a temporary status: the sync tries again later); Powens retries by itself
+    "websiteUnavailable": -3,
     "validating": -2,  # wait: Powens is checking what the user just gave
-    "rateLimiting": 1003,  # wait, then contact support: Powens retries by itself
-    "websiteUnavailable": 1003,
-    "bug": 1003,  # resumes once Powens fixes it
 }
-# Any other state: "a generic unrecoverable state", Powens says. A code of our own, in neither of
-# workers.storage's sets (user action, temporary): the state string in status_code_info says which.
-UNKNOWN_STATE_STATUS = 1099
+# ``bug`` and any other state ("a generic unrecoverable state", Powens says): contact_support. A code of
+# our own, in neither of workers.storage's sets (user action, temporary); status_code_info says which.
+SUPPORT_STATUS = 1099
 
 
 def stored_id(powens_id: Any) -> int:
@@ -112,7 +112,7 @@ def status(state: Any) -> int:
     """The Bridge status code of a connection's ``state``."""
     if state is None or state == "":
         return 0
-    return STATE_STATUS.get(str(state), UNKNOWN_STATE_STATUS)
+    return STATE_STATUS.get(str(state), SUPPORT_STATUS)
 
 
 def item(connection: Mapping[str, Any]) -> dict[str, Any]:
