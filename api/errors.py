@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from service.logs import get_logger
-from workers.bridge import AuthError, BridgeError, NotFound, TransientError
 from workers.codec import CodecError
+from workers.errors import AuthError, NotFound, ProviderError, TransientError
 
 log = get_logger("bridgehook.api")
 
@@ -43,7 +43,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def bridge_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, BridgeError)
+    assert isinstance(exc, ProviderError)
     log.warning("api.bridge_error", error=type(exc).__name__, status=exc.status, code=exc.code)
     if isinstance(exc, TransientError):
         wait = str(max(1, math.ceil(exc.retry_after or 1)))
@@ -69,7 +69,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 HANDLERS = {
     ApiError: api_error,
     HTTPException: http_error,
-    BridgeError: bridge_error,
+    ProviderError: bridge_error,
     CodecError: codec_error,
     Exception: internal_error,
 }

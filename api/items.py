@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, Response
 
 from api.users import live_user
 from workers.actions import action
-from workers.bridge import BridgeError
 from workers.context import WorkerContext
 from workers.db import to_datetime, to_decimal
+from workers.errors import ProviderError
 
 LANGUAGES = ("fr", "en")
 TEXT_TTL_SECONDS = 86400
@@ -65,7 +65,7 @@ def _description(ctx: WorkerContext, uuid: str, item: dict[str, Any], lang: str)
         return cached.decode() if isinstance(cached, bytes) else str(cached)
     try:
         text = ctx.client.get_item_in(uuid, item["item_id"], lang).get("status_code_description")
-    except BridgeError:  # busy, unreachable, or the item gone at Bridge a moment ago: our own text
+    except ProviderError:  # busy, unreachable, or the item gone at Bridge a moment ago: our own text
         return stored
     ctx.redis.set(key, text or "", ex=TEXT_TTL_SECONDS)
     return str(text) if text else None

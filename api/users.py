@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.errors import ApiError
-from workers.bridge import PermanentError
 from workers.context import WorkerContext
 from workers.erasure import erase_user, forget_erasure, was_erased
+from workers.errors import PermanentError
 from workers.jobs import item_lock
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")

@@ -1,10 +1,13 @@
 """A fake Powens (API 2.0) over a PowensWorld, and a sender of its signed webhooks.
 
 What a sync needs, as powens-api.md describes it: ``POST /auth/init`` (a permanent user token),
-``GET /users/{id|me}/connections``, ``GET /users/{id|me}/accounts[?all]`` and
+``GET /users/{id|me}/connections``, ``GET /users/{id|me}/accounts[?all]``,
 ``GET /users/{id|me}/transactions?limit=&offset=&last_update=&all&min_date=&max_date=`` paged
-through ``_links.next``. Every ``/users`` route needs ``Authorization: Bearer <that user's token>``.
-Errors are Powens's ``{"code", "description", "message"}``.
+through ``_links.next``, and ``DELETE /users/{id|me}``. Every ``/users`` route needs
+``Authorization: Bearer <that user's token>``. Errors are Powens's ``{"code", "description", "message"}``.
+Around the routes, as the fake Bridge has them: latency, injected faults, request budgets (a 429, with
+``Retry-After`` unless ``world.retry_after_header`` is off) and a log of the requests served
+(``world.requests``).
 
 The sender signs as Powens does, ``BI-Signature`` = base64(HMAC-SHA256(secret,
 ``POST.<path>.<BI-Signature-Date>.<body>``)), and may gzip the body (signing the compressed bytes,
@@ -13,6 +16,7 @@ or the inflated ones: Powens does not say which it signs). Standalone: it never 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -28,9 +32,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fakebridge.powens_world import PowensWorld, PUser
+from fakebridge.powens_world import PowensWorld, PRequest, PUser, read_powens_time
 from fakebridge.server import LocalServer
 from fakebridge.world import render_json
 
@@ -77,7 +81,7 @@ def _moment(request: Request, name: str) -> datetime | None:
     if raw is None:
         return None
     try:
-        return datetime.strptime(raw, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        return read_powens_time(raw)
     except ValueError:
         raise PowensError(400, "invalidValue", f"{name} is not YYYY-MM-DD HH:MM:SS") from None
 
@@ -156,16 +160,70 @@ async def list_transactions(request: Request) -> Response:
     )
 
 
+async def delete_user(request: Request) -> Response:
+    """The user and everything under it erased; its token goes with it."""
+    world: PowensWorld = request.app.state.world
+    world.delete_user(_user(request).id)
+    return Response(status_code=204)
+
+
+class PowensMiddleware:
+    """Latency, one-shot and ratio faults, request budgets (the app's, and a user's by its bearer token),
+    the request log."""
+
+    def __init__(self, app: ASGIApp, world: PowensWorld) -> None:
+        self.app, self.world = app, world
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        world = self.world
+
+        async def logged(message: Message) -> None:
+            if message["type"] == "http.response.start":  # logged before the client can see it
+                query = scope.get("query_string", b"").decode("latin-1")
+                world.requests.append(PRequest(scope["method"], scope["path"], query, message["status"]))
+            await send(message)
+
+        if (delay := world.faults.next_delay()) > 0:
+            await asyncio.sleep(delay)
+        response: Response | None = None
+        if (fault := world.faults.take()) is not None:
+            response = self._error(fault.status, "injected fault", fault.retry_after)
+        else:
+            keys = {"app": world.client_id}
+            scheme, _, token = Request(scope).headers.get("authorization", "").partition(" ")
+            user = (
+                world.user_by_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+            )
+            if user is not None:
+                keys["user"] = str(user.id)
+            if (refusal := world.budgets.admit(keys)) is not None:
+                response = self._error(429, f"{refusal.kind} budget spent", refusal.retry_after)
+        await (response or self.app)(scope, receive, logged)
+
+    def _error(self, status: int, message: str, retry_after: int | None) -> Response:
+        code = {429: "tooManyRequests", 500: "bug"}.get(status, "error")
+        body = {"code": code, "description": message, "message": message, "request_id": "fake"}
+        headers = (
+            {"Retry-After": str(retry_after or 1)} if status == 429 and self.world.retry_after_header else {}
+        )
+        return Response(render_json(body), status_code=status, media_type="application/json", headers=headers)
+
+
 def create_app(world: PowensWorld) -> Starlette:
     """The fake's ASGI app; ``app.state.world`` is ``world``."""
     routes = [
         Route("/auth/init", auth_init, methods=["POST"]),
+        Route("/users/{user}", delete_user, methods=["DELETE"]),
         Route("/users/{user}/connections", list_connections, methods=["GET"]),
         Route("/users/{user}/accounts", list_accounts, methods=["GET"]),
         Route("/users/{user}/transactions", list_transactions, methods=["GET"]),
     ]
     app = Starlette(routes=[Mount(PREFIX, routes=routes)], exception_handlers={PowensError: _error})
     app.state.world = world
+    app.add_middleware(PowensMiddleware, world=world)
     return app
 
 

@@ -1,27 +1,49 @@
 """A fake Powens's ground truth: users, connections, accounts and transactions, and its webhook bodies.
 
-Its own clock (``now``) moves one second at each change, so that every change has a ``last_update``
-strictly after the previous one, as the delta listing (``last_update`` = updated *after*) needs.
-Dates are written as Powens writes them, ``YYYY-MM-DD HH:MM:SS``. Accounts start disabled, as at
-Powens, until the user consents (:meth:`PowensWorld.enable_account`); disabling one deletes its
-transactions, as Powens does.
+Its own clock (``now``, UTC) moves one second at each change, so that every change has a
+``last_update`` strictly after the previous one, as the delta listing (``last_update`` = updated *after*)
+needs. Times are written as Powens writes them, ``YYYY-MM-DD HH:MM:SS`` without a zone, in Europe/Paris
+time (what the one production connector we know of reads them as; Powens documents only its
+``*datetime`` fields, as UTC), and a ``last_update`` filter is read the same way. Accounts start
+disabled, as at Powens, until the user consents (:meth:`PowensWorld.enable_account`); disabling one
+deletes its transactions, as Powens does.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo
+
+from fakebridge.world import Budgets, Faults
 
 CURRENCY = {"id": "EUR", "name": "Euro", "precision": 2, "symbol": "€"}
 WORDINGS = ("CB CARREFOUR CITY", "PRLV SEPA EDF", "VIR SEPA SALAIRE", "CB SNCF", "RETRAIT DAB", "CB FNAC")
 
 
+PARIS = ZoneInfo("Europe/Paris")
+SANDBOX_USER_BUDGET = (30, 60.0)  # Powens's sandbox: 30 calls a minute (per user)
+
+
 def powens_time(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+    return None if moment is None else moment.astimezone(PARIS).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def read_powens_time(text: str) -> datetime:
+    """The inverse of :func:`powens_time` (ValueError if ``text`` is not ``YYYY-MM-DD HH:MM:SS``)."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=PARIS).astimezone(UTC)
+
+
+class PRequest(NamedTuple):
+    method: str
+    path: str
+    query: str
+    status: int
 
 
 @dataclass
@@ -79,6 +101,13 @@ class PowensWorld:
         self.connections: dict[int, PConnection] = {}
         self.accounts: dict[int, PAccount] = {}
         self.transactions: dict[int, PTransaction] = {}
+        # Served requests, injected faults (one-shot, ratios, latency) and request budgets (kinds "app",
+        # "user"; unlimited until set, see :meth:`sandbox_budgets`), as the fake Bridge has them.
+        lock = threading.RLock()
+        self.requests: list[PRequest] = []
+        self.faults = Faults(lock)
+        self.budgets = Budgets(lock)
+        self.retry_after_header = True  # whether a 429 says when to come back (Powens does not document it)
         self._next = {
             "user": 1000,
             "connection": 4000,
@@ -86,6 +115,10 @@ class PowensWorld:
             "transaction": 900_000,
             "webhook": 5_537_000,
         }
+
+    def sandbox_budgets(self, user: tuple[int, float] = SANDBOX_USER_BUDGET) -> None:
+        """Refuse a user's calls past Powens's sandbox budget (429), as the real sandbox does."""
+        self.budgets.set(user=user)
 
     def _id(self, kind: str) -> int:
         self._next[kind] += 1

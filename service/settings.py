@@ -27,7 +27,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # The variables NAME that may be given as NAME_FILE=/path instead: the keys of the deployment's Secret.
 FROM_FILE = frozenset({
     "BRIDGE_WEBHOOK_SECRETS", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS",
-    "DATABASE_URL", "DATABASE_URL_MIGRATE", "REDIS_URL", "POWENS_WEBHOOK_SECRETS",
+    "DATABASE_URL", "DATABASE_URL_MIGRATE", "REDIS_URL", "POWENS_WEBHOOK_SECRETS", "POWENS_CLIENT_ID",
+    "POWENS_CLIENT_SECRET",
 })  # fmt: skip
 
 
@@ -42,6 +43,9 @@ class Rate(NamedTuple):
 RATE_APP, RATE_USER, RATE_TOKEN = Rate(2000, 300), Rate(60, 60), Rate(10, 60)
 RATE_CONNECT = Rate(60, 60)  # callbacks at the end of Connect, all clients together
 DEFAULT_BRIDGE_API_URL = "https://api.bridgeapi.io/v3/aggregation"
+# Powens's: per user, its sandbox's documented 30 calls a minute; per application (the domain), production
+# numbers are not published: a guess, well under the sandbox's 86,400 a day spread over a minute's window.
+POWENS_RATE_APP, POWENS_RATE_USER = Rate(1000, 60), Rate(30, 60)
 
 
 class SettingsError(ValueError):
@@ -146,6 +150,13 @@ class Settings:
     powens_max_body_bytes: int = 8 * 1024 * 1024
     powens_allowed_ips: tuple[IPNetwork, ...] = ()  # Powens publishes none: empty allows any source
     powens_signature_max_age_seconds: int = 300  # BI-Signature-Date's distance from our clock
+    # Powens's API (workers/powens.py): https://<domain>.biapi.pro/2.0, no default (each client has a domain).
+    powens_api_url: str | None = None
+    powens_client_id: str | None = None
+    powens_client_secret: Secret | None = None
+    powens_timeout_seconds: float = 30.0
+    powens_rate_app: Rate = POWENS_RATE_APP
+    powens_rate_user: Rate = POWENS_RATE_USER
 
     @property
     def redis_url_for_logs(self) -> str | None:
@@ -175,6 +186,9 @@ class Settings:
             "API_TOKENS": bool(self.api_tokens),
             "CONNECT_CALLBACK_URL": self.connect_callback_url is not None,
             "CONNECT_RETURN_URL": self.connect_return_url is not None,
+            "POWENS_API_URL": self.powens_api_url is not None,
+            "POWENS_CLIENT_ID": self.powens_client_id is not None,
+            "POWENS_CLIENT_SECRET": self.powens_client_secret is not None,
         }
         for name in names:
             if not present[name]:
@@ -234,6 +248,12 @@ class Settings:
             powens_max_body_bytes=env.positive_int("POWENS_WEBHOOK_MAX_BODY_BYTES", 8 * 1024 * 1024),
             powens_allowed_ips=env.networks("POWENS_ALLOWED_IPS", (), allow_empty=True),
             powens_signature_max_age_seconds=env.positive_int("POWENS_SIGNATURE_MAX_AGE_SECONDS", 300),
+            powens_api_url=env.url("POWENS_API_URL", ("https", "http"), None),
+            powens_client_id=env.get("POWENS_CLIENT_ID"),
+            powens_client_secret=env.secret("POWENS_CLIENT_SECRET"),
+            powens_timeout_seconds=float(env.positive_int("POWENS_TIMEOUT_SECONDS", 30)),
+            powens_rate_app=env.rate("POWENS_RATE_LIMIT_APP", POWENS_RATE_APP),
+            powens_rate_user=env.rate("POWENS_RATE_LIMIT_USER", POWENS_RATE_USER),
         )
 
 
@@ -252,6 +272,9 @@ _HOW_TO_SET = {
     "sends the user's browser at the end of Connect",
     "CONNECT_RETURN_URL": "set it to the page of your application where the receiver sends the user's "
     "browser after Connect",
+    "POWENS_API_URL": "set it to your Powens domain's API, https://<domain>.biapi.pro/2.0",
+    "POWENS_CLIENT_ID": "set it to the client id of your Powens client application",
+    "POWENS_CLIENT_SECRET": "set it to the client secret of your Powens client application",
 }
 
 

@@ -13,6 +13,8 @@ from click.testing import CliRunner, Result
 from starlette.testclient import TestClient
 
 from bridgehook.cli import main
+from fakebridge.powens import FakePowensServer
+from fakebridge.powens_world import PowensWorld
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from service.app import create_app
@@ -124,3 +126,15 @@ def harness(
     h = Harness(worker_settings(redis_url, database_url, fake.api_url, world), world, fake, r)
     yield h
     h.close()
+
+
+@pytest.fixture
+def powens_world() -> PowensWorld:
+    return PowensWorld(seed=3)
+
+
+@pytest.fixture
+def fake_powens(powens_world: PowensWorld) -> Iterator[FakePowensServer]:
+    """The fake Powens over HTTP (its API at ``fake_powens.api_url``)."""
+    with FakePowensServer(powens_world) as server:
+        yield server

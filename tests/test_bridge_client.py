@@ -37,14 +37,13 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import RequestRecord, World, iso_ms
 from service.settings import Rate, Settings
 from tests.harness import storage_at, worker_settings
-from workers.bridge import (
-    DEFAULT_BUDGET_WAIT,
+from workers.bridge import DEFAULT_BUDGET_WAIT, BridgeClient
+from workers.errors import (
     AuthError,
-    BridgeClient,
-    BridgeError,
     BudgetExhausted,
     NotFound,
     PermanentError,
+    ProviderError,
     TransientError,
     parse_retry_after,
 )
@@ -658,7 +657,7 @@ def test_concurrent_clients_request_one_token(
         barrier.wait()
         try:
             results.append(client.get_item(user, item)["id"])
-        except BridgeError as exc:  # pragma: no cover - reported by the assertion below
+        except ProviderError as exc:  # pragma: no cover - reported by the assertion below
             results.append(exc)
 
     threads = [threading.Thread(target=run, args=(c,)) for c in workers]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 
 import httpx
@@ -17,17 +17,6 @@ from fakebridge.powens_world import PowensWorld
 from service.powens import sign as receiver_sign
 from service.settings import Settings
 from tests.support import POWENS_SECRET, queued_ids, running_receiver
-
-
-@pytest.fixture
-def powens_world() -> PowensWorld:
-    return PowensWorld(seed=3)
-
-
-@pytest.fixture
-def fake_powens(powens_world: PowensWorld) -> Iterator[FakePowensServer]:
-    with FakePowensServer(powens_world) as server:
-        yield server
 
 
 def user_client(server: FakePowensServer) -> tuple[httpx.Client, int]:
@@ -166,3 +155,29 @@ def test_sender_delivers_to_a_real_receiver(
     event = Job.fetch(job_id, connection=r, serializer=JSONSerializer).args[0]
     (account,) = event["content"]["connection"]["accounts"]
     assert len(account["transactions"]) == 3
+
+
+def test_delete_budgets_faults_latency_and_the_request_log(
+    fake_powens: FakePowensServer, powens_world: PowensWorld
+) -> None:
+    client, user_id = user_client(fake_powens)
+    powens_world.sandbox_budgets(user=(2, 60.0))
+    assert client.get("/users/me/connections").status_code == 200
+    assert client.get("/users/me/accounts").status_code == 200
+    refused = client.get("/users/me/connections")
+    assert refused.status_code == 429 and 55 <= int(refused.headers["retry-after"]) <= 60
+    assert refused.json()["code"] == "tooManyRequests"
+    powens_world.budgets.clear()
+    powens_world.retry_after_header = False
+    powens_world.faults.rate_limit_next(1)
+    assert "retry-after" not in client.get("/users/me/connections").headers
+    powens_world.faults.latency(0.2)
+    assert client.get("/users/me/connections").elapsed.total_seconds() >= 0.2
+    powens_world.faults.clear()
+    assert client.delete(f"/users/{user_id}").status_code == 204 and user_id not in powens_world.users
+    assert client.get("/users/me/connections").status_code == 401  # the token went with the user
+    assert [(r.method, r.status) for r in powens_world.requests[-3:]] == [
+        ("GET", 200),
+        ("DELETE", 204),
+        ("GET", 401),
+    ]

@@ -107,6 +107,32 @@ def test_worker_settings() -> None:
             Settings.from_env({name: value})
 
 
+def test_powens_client_settings() -> None:
+    unset = Settings.from_env({})
+    assert (unset.powens_api_url, unset.powens_client_id, unset.powens_client_secret) == (None, None, None)
+    assert (unset.powens_rate_app, unset.powens_rate_user, unset.powens_timeout_seconds) == (
+        (1000, 60),
+        (30, 60),
+        30,
+    )
+    with pytest.raises(SettingsError, match=r"^POWENS_CLIENT_SECRET: required; set it to the client secret"):
+        unset.require("POWENS_CLIENT_SECRET")
+    s = Settings.from_env(
+        {
+            "POWENS_API_URL": "https://acme-sandbox.biapi.pro/2.0",
+            "POWENS_CLIENT_ID": "12345678",
+            "POWENS_CLIENT_SECRET": "powens-client-secret-value",
+            "POWENS_RATE_LIMIT_USER": "20/60",
+            "POWENS_TIMEOUT_SECONDS": "12",
+        }
+    )
+    s.require("POWENS_API_URL", "POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET")
+    assert s.powens_rate_user == (20, 60) and s.powens_timeout_seconds == 12.0
+    assert "powens-client-secret-value" not in repr(s) + str(s)
+    with pytest.raises(SettingsError, match=r"^POWENS_API_URL: expected a URL starting with https://"):
+        Settings.from_env({"POWENS_API_URL": "acme.biapi.pro/2.0"})
+
+
 def test_secret_values_never_appear_in_errors() -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"BRIDGE_WEBHOOK_SECRETS": "tiny,also-a-valid-long-one"})
@@ -185,12 +211,15 @@ FILE_VALUES = {
     "DATABASE_URL": "postgresql://app:filepass@db/bridge",
     "DATABASE_URL_MIGRATE": "postgresql://owner:migratepass@db/bridge",
     "REDIS_URL": "redis://:redisfilepass@redis:6379/0",
+    "POWENS_CLIENT_ID": "powens-id-from-a-file",
+    "POWENS_CLIENT_SECRET": "powens-secret-from-a-file",
 }
 
 
 def revealed(settings: Settings) -> dict[str, str | None]:
     """The settings of FILE_VALUES' variables, as plain text."""
     client_secret = settings.bridge_client_secret
+    powens_secret = settings.powens_client_secret
     return {
         "BRIDGE_WEBHOOK_SECRETS": ",".join(s.reveal() for s in settings.webhook_secrets),
         "BRIDGE_CLIENT_ID": settings.bridge_client_id,
@@ -199,6 +228,8 @@ def revealed(settings: Settings) -> dict[str, str | None]:
         "DATABASE_URL": settings.database_url,
         "DATABASE_URL_MIGRATE": settings.database_url_migrate,
         "REDIS_URL": settings.redis_url,
+        "POWENS_CLIENT_ID": settings.powens_client_id,
+        "POWENS_CLIENT_SECRET": None if powens_secret is None else powens_secret.reveal(),
     }
 
 
@@ -211,7 +242,8 @@ def test_every_secret_can_be_read_from_a_file_without_its_trailing_newline(tmp_p
     assert revealed(s) == FILE_VALUES
     assert revealed(Settings.from_env(FILE_VALUES)) == FILE_VALUES  # the same as set directly
     text = repr(s) + str(s)
-    secrets = (SECRET, "client-secret-from", FILE_VALUES["ENCRYPTION_KEYS"], "filepass", "migratepass")
+    secrets = (SECRET, "client-secret-from", FILE_VALUES["ENCRYPTION_KEYS"], "filepass", "migratepass",
+               "powens-secret-from")  # fmt: skip
     assert not [secret for secret in secrets if secret in text]
     # Only the secrets: another variable's _FILE is no way to set it.
     (tmp_path / "level").write_text("debug")

@@ -1,21 +1,15 @@
 """Bridge's v3 aggregation API: one client class around one ``httpx.Client``.
 
-The exceptions a caller may catch, each with one home::
+The exceptions a caller may catch are :mod:`workers.errors`'s: ``TransientError`` for 5xx, timeouts
+and connection errors; ``BudgetExhausted`` for a spent budget, ours (workers.ratelimit) or Bridge's (a
+``429`` still refused after the waits below); ``AuthError`` for 401/403 after one token renewal, or a
+bad client id/secret; ``NotFound`` for a 404 (the item, account or user is gone at Bridge);
+``PermanentError`` for any other 4xx.
 
-    BridgeError
-    ├── TransientError   retry later: 5xx, timeouts, connection errors (``retry_after`` says
-    │   │                when, if anyone knows)
-    │   └── BudgetExhausted  a request budget is spent: ours (workers.ratelimit) or Bridge's (a
-    │                    ``429`` still refused after the waits below); ``retry_after`` says when it
-    │                    frees. The job runs again then, and spends none of its retries.
-    ├── AuthError        credentials refused: 401/403 after one token renewal, or a bad client id/secret
-    ├── NotFound         404: the item, account or user is gone at Bridge
-    └── PermanentError   any other 4xx: the request is wrong and retrying will not help
-
-Inside one call the client already retries what is worth retrying: 5xx and network errors
-with exponential backoff and full jitter, ``429`` after its ``Retry-After`` (when short: a longer
-wait is the scheduler's, not a worker's),
-a ``401`` once with a renewed token; ``max_attempts`` bounds it all. User tokens are cached
+Inside one call the client already retries what is worth retrying (:mod:`workers.attempts`): 5xx
+and network errors with exponential backoff and full jitter, ``429`` after its ``Retry-After`` (when
+short: a longer wait is the scheduler's, not a worker's), and a ``401`` once with a renewed token;
+``max_attempts`` bounds it all. User tokens are cached
 in Redis for every worker until shortly before ``expires_at``, refreshed by one worker at a
 time per user. Request budgets per application, per user and for tokens are shared through
 Redis (:mod:`workers.ratelimit`). JSON numbers are never floats: fractions parse as ``Decimal``,
@@ -31,13 +25,11 @@ decoded the generic way instead, so a typed page holds exactly what the generic 
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Unpack
 
 import httpx
 import msgspec
@@ -46,63 +38,18 @@ from redis.exceptions import LockError
 
 from service.logs import get_logger
 from service.settings import Settings
-from workers.ratelimit import OverBudget, RateLimiter
+from workers.attempts import Attempts, Tuning, on_origin, read_json, spend
+from workers.errors import AuthError, BridgeError, NotFound, PermanentError, TransientError
 
 log = get_logger("bridgehook.bridge")
-
-
-class BridgeError(Exception):
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class TransientError(BridgeError):
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
-
-
-class BudgetExhausted(TransientError):
-    pass
 
 
 # A 429 without a usable Retry-After: Bridge's per-user budget is counted per minute.
 DEFAULT_BUDGET_WAIT = 60.0
 
 
-class AuthError(BridgeError):
-    pass
-
-
-class NotFound(BridgeError):
-    pass
-
-
-class PermanentError(BridgeError):
-    pass
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # str.isdigit() alone admits '²', which float() refuses
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _json(content: bytes) -> Any:
-    return json.loads(content or b"{}", parse_float=Decimal)
 
 
 class Transaction(msgspec.Struct, gc=False):
@@ -142,7 +89,7 @@ _TRANSACTION_PAGE = msgspec.json.Decoder(_TransactionPage)
 
 def _page(content: bytes) -> tuple[list[Any], str | None]:
     """The resources (dicts) and the next_uri of a page, decoded generically."""
-    data = _json(content)
+    data = read_json(content)
     return list(data.get("resources") or []), (data.get("pagination") or {}).get("next_uri")
 
 
@@ -166,28 +113,18 @@ class BridgeClient:
         connection: redis.Redis,
         *,
         transport: httpx.BaseTransport | None = None,
-        max_attempts: int = 4,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 8.0,
-        max_retry_after: float = 10.0,
-        sleep: Callable[[float], None] = time.sleep,
-        jitter: Callable[[], float] = random.random,
+        **tuning: Unpack[Tuning],
     ) -> None:
         if not settings.bridge_client_id or settings.bridge_client_secret is None:
             raise ValueError("BRIDGE_CLIENT_ID and BRIDGE_CLIENT_SECRET are required")
         self._settings = settings
         self._redis = connection
-        self._limiter = RateLimiter(connection, max_wait=max_retry_after, sleep=sleep)
+        self._attempts = Attempts("Bridge", DEFAULT_BUDGET_WAIT, **tuning)
+        self._limiter = self._attempts.limiter(connection)
         self._base = settings.bridge_api_url.rstrip("/")
         self._origin = httpx.URL(self._base)
         self._root = f"{self._origin.scheme}://{self._origin.netloc.decode('ascii')}"
         self._tokens: dict[str, tuple[str, float]] = {}  # user -> token, until when Redis keeps it
-        self._max_attempts = max_attempts
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._max_retry_after = max_retry_after
-        self._sleep = sleep
-        self._jitter = jitter
         self._http = httpx.Client(
             transport=transport,
             timeout=httpx.Timeout(settings.bridge_timeout_seconds, connect=5.0),
@@ -329,14 +266,7 @@ class BridgeClient:
             # A path from the host root, what Bridge sends: the host cannot change, and the request
             # parses (and normalises) the URL anyway, as the join below would, once instead of twice.
             return self._root + next_uri
-        target = self._origin.join(next_uri)
-        if (target.scheme, target.host, target.port) != (
-            self._origin.scheme,
-            self._origin.host,
-            self._origin.port,
-        ):
-            raise PermanentError(f"next_uri points to another host: {target.host}")
-        return str(target)
+        return on_origin(self._origin, next_uri, "next_uri")
 
     def _url(self, path_or_url: str) -> str:
         return path_or_url if "://" in path_or_url else self._base + path_or_url
@@ -346,14 +276,7 @@ class BridgeClient:
         budgets = [("app", s.rate_app)]
         if user_uuid is not None:
             budgets.append((f"user:{user_uuid}", s.rate_user))
-        try:
-            self._limiter.acquire_all(budgets)
-        except OverBudget as exc:
-            raise BudgetExhausted(str(exc), retry_after=exc.wait) from exc
-
-    def _backoff(self, attempt: int) -> None:
-        ceiling = min(self._backoff_cap, self._backoff_base * 2 ** (attempt - 1))
-        self._sleep(ceiling * self._jitter())
+        spend(self._limiter, budgets)
 
     def _request(
         self,
@@ -363,11 +286,12 @@ class BridgeClient:
         user_uuid: str | None = None,
         params: Any = None,
         body: Any = None,
-        decode: Callable[[bytes], Any] = _json,
+        decode: Callable[[bytes], Any] = read_json,
         headers: dict[str, str] | None = None,
     ) -> Any:
         renewed = False
         attempt = 0
+        where = f"{method} {path.split('?')[0]}"
         while True:
             attempt += 1
             self._budget(user_uuid)
@@ -379,9 +303,7 @@ class BridgeClient:
             try:
                 response = self._http.request(method, self._url(path), params=params, json=body, headers=sent)
             except httpx.TransportError as exc:
-                if attempt >= self._max_attempts:
-                    raise TransientError(f"{type(exc).__name__} on {method} {path.split('?')[0]}") from exc
-                self._backoff(attempt)
+                self._attempts.unsent(attempt, exc, where)
                 continue
             # httpx's response and its stream refer to each other (encode/httpx#3733): left so, each
             # response, a page's 190 KB of JSON with it, would wait for the cyclic collector, which a
@@ -395,21 +317,8 @@ class BridgeClient:
                 renewed = True
                 self._token(user_uuid or "", stale=token)
                 continue
-            if status == 429:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                if attempt < self._max_attempts and (retry_after or 0) <= self._max_retry_after:
-                    if retry_after:
-                        self._sleep(retry_after)
-                    else:
-                        self._backoff(attempt)
-                    continue
-                wait = DEFAULT_BUDGET_WAIT if retry_after is None else retry_after
-                raise BudgetExhausted("429 from Bridge", retry_after=wait, status=429)
-            if status >= 500:
-                if attempt < self._max_attempts:
-                    self._backoff(attempt)
-                    continue
-                raise TransientError(f"{status} from Bridge on {method} {path.split('?')[0]}", status=status)
+            if self._attempts.again(attempt, response, where):
+                continue
             raise self._error(response, method, path)
 
     def _error(self, response: httpx.Response, method: str, path: str) -> BridgeError:
@@ -472,10 +381,7 @@ class BridgeClient:
     def _issue_token(self, who: dict[str, str], budget: str) -> tuple[str, dict[str, Any]]:
         """A token for the user ``who`` names (user_uuid or external_user_id), shared in Redis as
         :meth:`_token` reads it, and the user it was issued for. ``budget``: whose token budget."""
-        try:
-            self._limiter.acquire(f"token:{budget}", self._settings.rate_token)
-        except OverBudget as exc:
-            raise BudgetExhausted(str(exc), retry_after=exc.wait) from exc
+        spend(self._limiter, [(f"token:{budget}", self._settings.rate_token)])
         data = self._request("POST", "/authorization/token", body=who)
         user: dict[str, Any] = dict(data.get("user") or {"uuid": who.get("user_uuid")})
         user_uuid = str(user.get("uuid") or who.get("user_uuid"))

@@ -7,7 +7,7 @@ items run in parallel), and fetches current state from Bridge, so that replays i
 order converge on the same rows. Transient failures raise, and RQ's ``Retry`` schedule
 takes over (never sooner than the error's ``retry_after``); a permanent one skips the remaining
 retries and lands in the failed-job registry (our dead-letter queue) at once. A spent request
-budget (:class:`~workers.bridge.BudgetExhausted`) is no failure: the job is scheduled again for
+budget (:class:`~workers.errors.BudgetExhausted`) is no failure: the job is scheduled again for
 when the budget frees, through the same schedule, and keeps all its retries, so no job that moves
 forward is dead-lettered by a budget (see MAX_IDLE_DEFERRALS for one that does not).
 """
@@ -31,9 +31,9 @@ from rq import get_current_job
 
 from service.logs import get_logger
 from workers import tokens, watermark
-from workers.bridge import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.context import WorkerContext, current
 from workers.erasure import erase_user, is_erased
+from workers.errors import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.metrics import JOBS, SYNC_LAG
 from workers.providers import provider_of_user
 from workers.sync import PROGRESS, Progress, Syncer, SyncResult

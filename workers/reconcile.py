@@ -32,10 +32,10 @@ import redis
 
 from service.logs import get_logger
 from workers.actions import STUCK_AFTER
-from workers.bridge import NotFound, TransientError
 from workers.context import WorkerContext
 from workers.db import to_datetime
 from workers.erasure import due, erase_user, leftovers
+from workers.errors import NotFound, TransientError
 from workers.jobs import item_lock
 from workers.replay import Enqueuer
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts

@@ -37,8 +37,8 @@ from rq.worker import BaseWorker
 from service.logs import get_logger
 from service.settings import Settings
 from workers import context
-from workers.bridge import TransientError
 from workers.context import WorkerContext
+from workers.errors import TransientError
 from workers.jobs import ItemBusy
 
 log = get_logger("bridgehook.worker")

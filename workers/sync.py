@@ -37,7 +37,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeVar
 
 from service.logs import get_logger
-from workers.bridge import BridgeClient, BridgeError, NotFound, PermanentError, TransientError
+from workers.bridge import BridgeClient
+from workers.errors import BridgeError, NotFound, PermanentError, TransientError
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
 from workers.writer import HELD_ROWS, Listing, Page, Writer
 
