@@ -24,14 +24,16 @@ from service.events import MalformedEvent, load_object
 
 PROVIDER = "powens"
 
-# Event type -> RQ job function (dotted path). ACCOUNTS_FETCHED and ACCOUNT_FOUND add nothing that
-# CONNECTION_SYNCED does not carry (its activated accounts) and are archived only, as Formance's
-# connector does; ACCOUNT_ENABLED and ACCOUNT_DISABLED carry the user's consent.
+# Event type -> RQ job function (dotted path). ACCOUNT_ENABLED and ACCOUNT_DISABLED carry the user's
+# consent; ACCOUNT_FOUND, an account found at the bank, which stays disabled until the user consents:
+# CONNECTION_SYNCED carries the activated accounts only, so that is where we learn of the others.
+# ACCOUNTS_FETCHED adds nothing those do not, and is archived only, like every other type.
 JOB_FUNCTIONS: dict[str, str] = {
     "CONNECTION_SYNCED": "workers.powens_jobs.connection_synced",
     "CONNECTION_DELETED": "workers.powens_jobs.connection_deleted",
     "ACCOUNT_DISABLED": "workers.powens_jobs.account_disabled",
     "ACCOUNT_ENABLED": "workers.powens_jobs.account_enabled",
+    "ACCOUNT_FOUND": "workers.powens_jobs.account_found",
     "USER_DELETED": "workers.powens_jobs.user_deleted",
 }
 
@@ -41,6 +43,7 @@ REQUIRED_IDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "CONNECTION_DELETED": (("id",),),
     "ACCOUNT_DISABLED": (("id",), ("id_connection",)),
     "ACCOUNT_ENABLED": (("id",), ("id_connection",)),
+    "ACCOUNT_FOUND": (("id",), ("id_connection",)),
     "USER_DELETED": (("id",),),
 }
 

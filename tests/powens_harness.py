@@ -18,7 +18,7 @@ from tests.harness import Harness, dec, ts
 from tests.support import POWENS_SECRET, powens_signed, powens_url
 from workers import tokens
 from workers.codec import codec_from_settings
-from workers.providers import powens_id, powens_user
+from workers.providers import powens_user, stored_id
 
 
 def powens_environ(fake: FakePowensServer, world: PowensWorld) -> dict[str, str]:
@@ -85,7 +85,11 @@ class PowensHarness(Harness):
                 "connection": -int(a["item_id"]), "name": a["name"], "balance": dec(a["balance"]),
                 "iban": a["iban"], "disabled": a["data_access"] == "disabled",
             }  # fmt: skip
-        live = "id < 0 AND deleted_at IS NULL"
+        # As Bridge's (Harness.tables): a deleted item's or account's transactions keep their rows.
+        live = (
+            "id < 0 AND deleted_at IS NULL AND account_id IN "
+            "(SELECT id FROM accounts WHERE provider = 'powens' AND deleted_at IS NULL)"
+        )
         for t in self.reader.select("transactions", ["id", "account_id", "amount", "date", "future"], live):
             out["transactions"][-int(t["id"])] = {
                 "account": -int(t["account_id"]), "amount": dec(t["amount"]), "date": str(t["date"])[:10],
@@ -121,7 +125,7 @@ class PowensHarness(Harness):
         [row] = self.rows(
             "SELECT status, status_code_info, needs_user_action, deleted_at, provider, last_try_refresh "
             "FROM items WHERE id = %s",
-            (powens_id(connection_id),),
+            (stored_id(connection_id),),
         )
         keys = ("status", "state", "needs_user_action", "deleted_at", "provider", "last_try_refresh")
         return dict(zip(keys, (*row[:5], ts(row[5])), strict=True))

@@ -20,11 +20,12 @@ from fakebridge.powens_world import PowensWorld
 from fakebridge.powens_world import powens_time as fake_time
 from service.settings import Settings
 from workers import powens_rows
-from workers.actions import action
+from workers.actions import PROVIDER_ERROR, action
 from workers.db import Database
 from workers.errors import AuthError, BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.powens import PAGE_LIMIT, PowensClient
 from workers.powens_rows import read_time
+from workers.providers import powens_user
 from workers.schema import upgrade
 from workers.storage import Storage
 from workers.writer import COPY_MIN_ROWS, Writer
@@ -279,9 +280,9 @@ def test_the_rows_go_into_the_tables(make: Make, powens_world: PowensWorld, data
     page = writer.page([powens_rows.transaction(t) for t in listed(client, user_id, token)])
     assert page.copy == (db.dialect == "postgresql")  # Powens's rows take Bridge's fast way
     with storage.transaction() as tx:
-        storage.upsert_user(tx, powens_rows.user_uuid(user_id))
+        storage.upsert_user(tx, powens_user(user_id))
         for connection in client.connections(user_id, token):
-            storage.upsert_item(tx, powens_rows.user_uuid(user_id), powens_rows.item(connection))
+            storage.upsert_item(tx, powens_user(user_id), powens_rows.item(connection))
         storage.upsert_accounts(tx, [powens_rows.account(a) for a in client.accounts(user_id, token)])
         writer.write(tx, page)
         stored = tx.execute(
@@ -303,12 +304,11 @@ def test_the_rows_go_into_the_tables(make: Make, powens_world: PowensWorld, data
      ("webauthRequired", 1010, "complete_sca"), ("decoupled", 1010, "complete_sca"),
      ("additionalInformationNeeded", 1010, "complete_sca"), ("wrongpass", 402, "update_credentials"),
      ("passwordExpired", 402, "update_credentials"), ("actionNeeded", 429, "act_on_bank_site"),
-     ("websiteUnavailable", -3, "wait"), ("rateLimiting", -3, "wait"), ("validating", -2, "wait"),
-     ("bug", powens_rows.SUPPORT_STATUS, None), ("somethingNew", powens_rows.SUPPORT_STATUS, None)],
+     ("websiteUnavailable", -2, "wait"), ("rateLimiting", -2, "wait"), ("validating", -2, "wait"),
+     ("bug", PROVIDER_ERROR, "contact_support"), ("somethingNew", PROVIDER_ERROR, "contact_support")],
 )  # fmt: skip
 def test_connection_states_read_as_bridge_statuses(state: str | None, status: int, what: str | None) -> None:
-    """Each state, as a status, has the action issue #21 gives it (bug and unknown states: contact_support,
-    once workers.actions maps SUPPORT_STATUS to it)."""
+    """Each state, as a status, has the action issue #21 gives it."""
     item = powens_rows.item({"id": 4, "state": state, "error_message": "Mot de passe incorrect"})
     assert item["status"] == status and item["id"] == -4
     now = datetime(2026, 12, 1, tzinfo=UTC)

@@ -16,7 +16,7 @@ from typing import Any
 from workers.context import WorkerContext
 from workers.jobs import Event, _run, delete_user, event_time, item_lock
 from workers.powens_sync import PowensSync
-from workers.providers import powens_id, powens_user
+from workers.providers import native_id, powens_user, stored_id
 from workers.sync import Syncer
 
 
@@ -31,14 +31,14 @@ def _under_lock(event: Event, item_id: int, work: Callable[[PowensSync], dict[st
 def connection_synced(event: Event) -> dict[str, Any]:
     """The connection, its activated accounts and new transactions, from the body; then the rest."""
     body = event["content"]
-    return _under_lock(event, powens_id(body["connection"]["id"]), lambda s: s.connection_synced(body))
+    return _under_lock(event, stored_id(body["connection"]["id"]), lambda s: s.connection_synced(body))
 
 
 def account_enabled(event: Event) -> dict[str, Any]:
     """The user consented: the account is kept as enabled and its transactions are listed."""
     body = event["content"]
     return _under_lock(
-        event, powens_id(body["id_connection"]), lambda s: s.account_changed(body, list_after=True)
+        event, stored_id(body["id_connection"]), lambda s: s.account_changed(body, list_after=True)
     )
 
 
@@ -47,14 +47,25 @@ def account_disabled(event: Event) -> dict[str, Any]:
     transactions are marked deleted, as Powens deletes them."""
     body = event["content"]
     return _under_lock(
-        event, powens_id(body["id_connection"]), lambda s: s.account_changed(body, list_after=False)
+        event, stored_id(body["id_connection"]), lambda s: s.account_changed(body, list_after=False)
+    )
+
+
+def account_found(event: Event) -> dict[str, Any]:
+    """An account found at the bank: kept, disabled until the user consents (then its transactions
+    are listed, as for ACCOUNT_ENABLED)."""
+    body = event["content"]
+    return _under_lock(
+        event,
+        stored_id(body["id_connection"]),
+        lambda s: s.account_changed(body, list_after=not body.get("disabled")),
     )
 
 
 def connection_deleted(event: Event) -> dict[str, Any]:
     """Bridge's ``item.deleted`` rules: the item and its accounts are marked deleted (the earliest
     time wins), and stay so whatever a late event says."""
-    item_id, at = powens_id(event["content"]["id"]), event_time(event)
+    item_id, at = stored_id(event["content"]["id"]), event_time(event)
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
         with item_lock(ctx, item_id), ctx.storage.transaction() as tx:
@@ -67,3 +78,37 @@ def connection_deleted(event: Event) -> dict[str, Any]:
 def user_deleted(event: Event) -> dict[str, Any]:
     """Bridge's ``user.deleted`` rules (workers.jobs.delete_user), and the user's token is dropped."""
     return delete_user(event, powens_user(event["content"]["id"]))
+
+
+def resync_connection(event: Event) -> dict[str, Any]:
+    """The connection, its accounts and its transactions as Powens lists them now (``reset``: all of
+    its transactions, cursors replaced): `bridgehook resync`, or the sweep after a missed webhook."""
+    c = event["content"]
+    id_user, connection_id = int(c["id_user"]), int(c["id_connection"])
+    return _under_lock(
+        event,
+        stored_id(connection_id),
+        lambda s: s.resync(id_user, connection_id, reset=bool(c.get("reset"))),
+    )
+
+
+def resync_user(event: Event) -> dict[str, Any]:
+    """Every connection of the user, Powens's and ours (a connection only we still hold is marked
+    deleted), each under its lock, but those in ``skip``: `bridgehook resync --user powens-<id>`."""
+    c = event["content"]
+    id_user, skip = int(c["id_user"]), {int(i) for i in c.get("skip", ())}
+
+    def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
+        token = ctx.powens_sync().token_of(id_user)
+        listed = {int(c["id"]) for c in ctx.powens.connections(id_user, token)}
+        held = {native_id(i) for i in ctx.storage.item_ids_of(powens_user(id_user))}
+        done = []
+        for connection_id in sorted(listed | held):
+            if stored_id(connection_id) in skip:
+                continue
+            with item_lock(ctx, stored_id(connection_id)) as heartbeat:
+                ctx.powens_sync(heartbeat).resync(id_user, connection_id, reset=True)
+            done.append(stored_id(connection_id))
+        return {"items": done}
+
+    return _run(event, work, locks_itself=True)

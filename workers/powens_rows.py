@@ -3,9 +3,10 @@
 Pure functions, no I/O: a connection becomes an item dict (:meth:`workers.storage.Storage.upsert_item`),
 an account an account dict (:meth:`~workers.storage.Storage.upsert_accounts`), a transaction a
 transaction dict (:meth:`workers.writer.Writer.page`). Powens's rows share Bridge's tables in an id space
-of their own: a Powens id N is stored as -N (:func:`stored_id`), its user as ``powens-<id_user>``
-(:func:`user_uuid`). Connector ids (``provider_id``) are kept as Powens gives them: they name a bank, no
-row of ours.
+of their own (:mod:`workers.providers`): a Powens id N is stored as -N, its user as ``powens-<id_user>``;
+a connection's ``state`` becomes the Bridge status that asks the same of the user
+(:func:`workers.actions.powens_status`). Connector ids (``provider_id``) are kept as Powens gives them:
+they name a bank, no row of ours.
 
 Money stays exact: the client parses JSON numbers as ``Decimal`` (never float) and they go on as they
 are; a float here is a TypeError, as in workers.storage.
@@ -31,41 +32,10 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from workers.actions import powens_status
+from workers.providers import stored_id
+
 PARIS = ZoneInfo("Europe/Paris")
-POWENS_USER_PREFIX = "powens-"
-
-# A connection's ``state`` as a Bridge status code, so that what reads Bridge's statuses (needs_user_action,
-# workers.actions, the sync's skip or retry) reads Powens's the same way, with the actions issue #21 gives
-# each state. Null or "" is OK (0).
-STATE_STATUS: dict[str, int] = {
-    "SCARequired": 1010,  # complete_sca: the 180-day consent, or the bank asks again
-    "webauthRequired": 1010,
-    "additionalInformationNeeded": 1010,
-    "decoupled": 1010,
-    "wrongpass": 402,  # update_credentials
-    "passwordExpired": 402,
-    "actionNeeded": 429,  # act_on_bank_site
-    "rateLimiting": -3,  # wait (a temporary status: the sync tries again later); Powens retries by itself
-    "websiteUnavailable": -3,
-    "validating": -2,  # wait: Powens is checking what the user just gave
-}
-# ``bug`` and any other state ("a generic unrecoverable state", Powens says): contact_support. A code of
-# our own, in neither of workers.storage's sets (user action, temporary); status_code_info says which.
-SUPPORT_STATUS = 1099
-
-
-def stored_id(powens_id: Any) -> int:
-    """Powens's id N as our rows hold it: -N."""
-    return -int(powens_id)
-
-
-def powens_id(stored: int) -> int:
-    """The inverse of :func:`stored_id`: Powens's id of a row we hold."""
-    return -int(stored)
-
-
-def user_uuid(id_user: Any) -> str:
-    return f"{POWENS_USER_PREFIX}{int(id_user)}"
 
 
 def read_time(value: Any, zone: tzinfo = PARIS) -> datetime | None:
@@ -108,13 +78,6 @@ def _money(value: Any) -> Decimal | int | None:
     return value if isinstance(value, Decimal | int) else Decimal(str(value))
 
 
-def status(state: Any) -> int:
-    """The Bridge status code of a connection's ``state``."""
-    if state is None or state == "":
-        return 0
-    return STATE_STATUS.get(str(state), SUPPORT_STATUS)
-
-
 def item(connection: Mapping[str, Any]) -> dict[str, Any]:
     """A connection as the item Storage.upsert_item takes. ``last_update`` (Powens's last successful
     sync) is both refresh times: the upsert's guard (``last_try_refresh``: an older body never overwrites
@@ -122,7 +85,7 @@ def item(connection: Mapping[str, Any]) -> dict[str, Any]:
     state, refreshed = connection.get("state"), _iso(connection.get("last_update"))
     return {
         "id": stored_id(connection["id"]),
-        "status": status(state),
+        "status": powens_status(_text(state)),
         "status_code_info": _text(state),
         "status_code_description": _text(connection.get("error_message")),
         "provider_id": connection.get("id_connector"),

@@ -17,7 +17,7 @@ Ids are stored in Powens's own id space (workers.providers): a connection N is i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.logs import get_logger
@@ -25,7 +25,7 @@ from workers import powens_rows, tokens
 from workers.db import Tx, to_datetime
 from workers.erasure import is_erased
 from workers.powens import PowensClient
-from workers.providers import powens_id, powens_user
+from workers.providers import powens_user, powens_user_id, stored_id
 from workers.storage import Storage, parse_ts
 from workers.writer import Writer
 
@@ -50,59 +50,74 @@ class PowensSync:
         self.heartbeat = heartbeat
 
     def connection_synced(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Write what the body carries, then list what it does not (when the connection is usable)."""
+        """Write what the body carries, then list what it does not (when the connection is usable).
+        The body holds the activated accounts only: the others of a connection new to us, and an
+        account we hold as enabled that it leaves out (disabled or deleted since), are what one
+        listing of the user's accounts tells."""
         id_user, connection = int(body["user"]["id"]), body["connection"]
         item = powens_rows.item(connection)
-        accounts = [powens_rows.account(a) for a in connection.get("accounts") or ()]
+        bodies = list(connection.get("accounts") or ())
+        accounts = [powens_rows.account(a) for a in bodies]
         with self.storage.transaction(durable=False) as tx:
             skipped = self._write_item(tx, powens_user(id_user), item)
             if skipped is None:
-                written = self._write_accounts(tx, accounts, connection.get("accounts") or ())
+                new = not self._held(tx, item["id"], enabled=False)
+                written = self._write_accounts(tx, accounts, bodies)
+                left_out = self._held(tx, item["id"]) - {a["id"] for a in accounts}
         if skipped is not None:
             return {"skipped": skipped}
         summary: dict[str, Any] = {"item_id": item["id"], "accounts": len(accounts), "transactions": written}
-        if item.get("status") != 0:  # nothing new to read until the user or Powens acts (workers.actions)
-            summary["listed"] = "not_usable"
-            return summary
-        summary["listed"] = self.list_changes(id_user, item["id"])
-        return summary
+        if new or left_out:
+            self._read_accounts(id_user, item["id"])
+        return summary | self._list_if_usable(id_user, item)
+
+    def resync(self, id_user: int, connection_id: int, *, reset: bool) -> dict[str, Any]:
+        """The connection and its accounts as Powens lists them now, then its transactions: those updated
+        since its cursors, or (``reset``: ``bridgehook resync``) all of them, the cursors replaced. What
+        the reconciliation sweep enqueues when a webhook went missing (workers.powens_reconcile)."""
+        item_id, token = stored_id(connection_id), self.token_of(id_user)
+        listed = [c for c in self.client.connections(id_user, token) if int(c["id"]) == connection_id]
+        if not listed:  # deleted at Powens, and its CONNECTION_DELETED never reached us
+            with self.storage.transaction(durable=False) as tx:
+                self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
+            return {"item_id": item_id, "gone": True}
+        item = powens_rows.item(listed[0])
+        with self.storage.transaction(durable=False) as tx:
+            skipped = self._write_item(tx, powens_user(id_user), item)
+        if skipped is not None:
+            return {"skipped": skipped}
+        accounts = self._read_accounts(id_user, item_id, token)
+        if reset:
+            with self.storage.transaction(durable=False) as tx:
+                tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
+        return {"item_id": item_id, "accounts": accounts} | self._list_if_usable(id_user, item, token)
 
     def account_changed(self, account: Mapping[str, Any], *, list_after: bool) -> dict[str, Any]:
         """ACCOUNT_ENABLED (``list_after``: its transactions, which consent makes readable) or
         ACCOUNT_DISABLED (Powens deletes a disabled account's transactions: so do we, with no call)."""
-        row = powens_rows.account(account)
-        id_user, item_id = int(account["id_user"]), powens_id(account["id_connection"])
+        row, item_id = powens_rows.account(account), stored_id(account["id_connection"])
         with self.storage.transaction(durable=False) as tx:
-            self.storage.upsert_user(tx, powens_user(id_user))
-            if self._deleted(tx, powens_user(id_user), item_id):
+            id_user = account.get("id_user") or self._owner(tx, item_id)
+            if self._deleted(tx, None if id_user is None else powens_user(id_user), item_id):
                 return {"skipped": "deleted"}
-            self.storage.upsert_accounts(tx, [row])
-            if row.get("data_access") == "disabled":
-                at = to_datetime(powens_rows.moment(account.get("disabled"))) or to_datetime(
-                    row["updated_at"]
-                )
-                tx.execute(
-                    "UPDATE transactions SET deleted_at = %s WHERE account_id = %s "
-                    "AND (deleted_at IS NULL OR deleted_at > %s)",
-                    (at, row["id"], at),
-                )
-        if not list_after:
-            return {"account_id": row["id"], "disabled": True}
-        return {"account_id": row["id"], "listed": self.list_changes(id_user, item_id)}
+            self._write_accounts(tx, [row], [account])
+        if not list_after or id_user is None:  # (whose it is: the connection's next sync will say)
+            return {"account_id": row["id"], "listed": 0}
+        return {"account_id": row["id"], "listed": self.list_changes(int(id_user), item_id)}
 
-    def list_changes(self, id_user: int, item_id: int) -> int:
+    def list_changes(self, id_user: int, item_id: int, token: str | None = None) -> int:
         """The user's transactions updated after the earliest cursor of the item's accounts (all of
         them for an account never listed), deleted ones included; those of the item's accounts are
         written, page by page. Then every such account's cursor moves to the latest ``last_update``
         seen: the listing showed everything updated up to it, the user's other items' too. Returns
         the number of rows written."""
+        token = token or self.token_of(id_user)
         with self.storage.transaction() as tx:
             rows = tx.execute(
                 "SELECT id, transactions_cursor FROM accounts WHERE item_id = %s AND deleted_at IS NULL "
                 "AND (data_access IS NULL OR data_access <> 'disabled')",
                 (item_id,),
             ).fetchall()
-            token = tokens.load(tx, self.storage.codec, powens_user(id_user))
         if not rows:
             return 0
         cursors = [to_datetime(cursor) for _, cursor in rows]
@@ -125,6 +140,47 @@ class PowensSync:
         log.info("powens.listed", item_id=item_id, since=since and since.isoformat(), written=written)
         return written
 
+    def _list_if_usable(
+        self, id_user: int, item: Mapping[str, Any], token: str | None = None
+    ) -> dict[str, Any]:
+        """List the item's changes unless the connection waits for the user or for Powens (nothing new
+        to read until then: workers.actions); then the item is synced as of its ``last_update``, which
+        the reconciliation sweep compares with Powens's."""
+        if item.get("status") != 0:
+            return {"listed": "not_usable"}
+        listed = self.list_changes(id_user, item["id"], token)
+        with self.storage.transaction(durable=False) as tx:
+            self.storage.item_synced(tx, item["id"], parse_ts(item.get("last_successful_refresh")))
+        return {"listed": listed}
+
+    def _read_accounts(self, id_user: int, item_id: int, token: str | None = None) -> int:
+        """The item's accounts as Powens lists them now, disabled and deleted ones included; those we
+        hold that it no longer lists at all are marked deleted. Returns how many it lists."""
+        token = token or self.token_of(id_user)
+        bodies = [
+            a
+            for a in self.client.accounts(id_user, token, all=True)
+            if stored_id(a["id_connection"]) == item_id
+        ]
+        rows = [powens_rows.account(a) for a in bodies]
+        with self.storage.transaction(durable=False) as tx:
+            self._write_accounts(tx, rows, bodies)
+            self.storage.vanish_accounts(tx, item_id, [a["id"] for a in rows], datetime.now(UTC))
+        return len(rows)
+
+    def token_of(self, id_user: int) -> str:
+        with self.storage.transaction() as tx:
+            return tokens.load(tx, self.storage.codec, powens_user(id_user))
+
+    def _held(self, tx: Tx, item_id: int, *, enabled: bool = True) -> set[int]:
+        """The item's accounts we hold live (``enabled``: those with consent only)."""
+        consent = " AND (data_access IS NULL OR data_access <> 'disabled')" if enabled else ""
+        rows = tx.execute(
+            f"SELECT id FROM accounts WHERE item_id = %s AND deleted_at IS NULL{consent}",  # noqa: S608
+            (item_id,),
+        ).fetchall()
+        return {int(row[0]) for row in rows}
+
     def _write_item(self, tx: Tx, user_uuid: str, item: dict[str, Any]) -> str | None:
         """The user and the item, as workers.sync writes Bridge's: why the sync stops, or None."""
         self.storage.upsert_user(tx, user_uuid)
@@ -134,23 +190,37 @@ class PowensSync:
             return "user_deleted"
         return "item_deleted" if self.storage.item_deleted_at(tx, item["id"]) is not None else None
 
-    def _deleted(self, tx: Tx, user_uuid: str, item_id: int) -> bool:
-        return (
-            is_erased(tx, user_uuid)
-            or self.storage.user_deleted_at(tx, user_uuid) is not None
-            or self.storage.item_deleted_at(tx, item_id) is not None
-        )
+    def _deleted(self, tx: Tx, user_uuid: str | None, item_id: int) -> bool:
+        if user_uuid is not None and (
+            is_erased(tx, user_uuid) or self.storage.user_deleted_at(tx, user_uuid) is not None
+        ):
+            return True
+        return self.storage.item_deleted_at(tx, item_id) is not None
+
+    @staticmethod
+    def _owner(tx: Tx, item_id: int) -> int | None:
+        """The Powens user of a connection we hold (an account's body may not name it)."""
+        row = tx.execute("SELECT user_uuid FROM items WHERE id = %s", (item_id,)).fetchone()
+        return None if row is None else powens_user_id(str(row[0]))
 
     def _write_accounts(
         self, tx: Tx, accounts: Sequence[dict[str, Any]], bodies: Sequence[Mapping[str, Any]]
     ) -> int:
-        """The body's accounts, and the transactions it carries for those not marked deleted."""
+        """Accounts as read (with their raw ``bodies``), and the transactions a body carries for those
+        not marked deleted. A deleted account is marked so (Powens no longer finds it at the bank); a
+        disabled one's transactions are marked deleted as of its ``disabled`` time, as Powens deletes
+        them, but those updated after it (a consent given again since, whichever event comes last)."""
         self.storage.upsert_accounts(tx, accounts)
         for row, body in zip(accounts, bodies, strict=True):
-            if body.get("deleted"):
-                at = to_datetime(powens_rows.moment(body["deleted"]))
-                if at is not None:
-                    self.storage.mark_account_deleted(tx, row["id"], at)
+            if row["deleted_at"] is not None:
+                self.storage.mark_account_deleted(tx, row["id"], row["deleted_at"])
+            if row.get("data_access") == "disabled":
+                at = powens_rows.read_time(body.get("disabled")) or parse_ts(row["updated_at"])
+                tx.execute(
+                    "UPDATE transactions SET deleted_at = %s WHERE account_id = %s AND deleted_at IS NULL "
+                    "AND (bridge_updated_at IS NULL OR bridge_updated_at <= %s)",
+                    (at, row["id"], at),
+                )
         gone = self.storage.deleted_accounts(tx, [a["id"] for a in accounts])
         carried = [
             powens_rows.transaction(t)

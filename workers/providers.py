@@ -29,17 +29,17 @@ PROVIDERS: tuple[Provider, ...] = ("bridge", "powens")
 POWENS_USER_PREFIX = "powens-"
 
 
-def powens_id(native: int) -> int:
-    """Where a Powens id (a connection's, an account's, a transaction's) is stored."""
-    return -int(native)
+def stored_id(powens_native: Any) -> int:
+    """Where a Powens id N (a connection's, an account's, a transaction's) is stored: -N."""
+    return -int(powens_native)
 
 
-def powens_native(stored: int) -> int:
-    """The Powens id of a stored (negative) id."""
+def native_id(stored: int) -> int:
+    """The Powens id of a stored (negative) id: the inverse of :func:`stored_id`."""
     return -int(stored)
 
 
-def powens_user(id_user: int) -> str:
+def powens_user(id_user: Any) -> str:
     return f"{POWENS_USER_PREFIX}{int(id_user)}"
 
 
@@ -72,9 +72,10 @@ def subject(event: Mapping[str, Any]) -> Subject:
     """Bridge's events name ``item_id`` and ``user_uuid`` in their content; a Powens body names its
     connection and user by where it sits in the body (service/powens_events.py, REQUIRED_IDS)."""
     content = event.get("content") or {}
-    if event.get("provider") != "powens":
+    provider: Provider = "powens" if event.get("provider") == "powens" else "bridge"
+    if provider == "bridge" or "item_id" in content:  # Bridge's events, and our own tasks (replay.py)
         user = content.get("user_uuid")
-        return Subject("bridge", content.get("item_id"), user if isinstance(user, str) else None)
+        return Subject(provider, content.get("item_id"), user if isinstance(user, str) else None)
     kind = event.get("type")
     if kind == "CONNECTION_SYNCED":
         connection, user = content.get("connection") or {}, content.get("user") or {}
@@ -86,5 +87,5 @@ def subject(event: Mapping[str, Any]) -> Subject:
     else:  # an account's event
         cid, uid = _int(content.get("id_connection")), _int(content.get("id_user"))
     return Subject(
-        "powens", None if cid is None else powens_id(cid), None if uid is None else powens_user(uid)
+        "powens", None if cid is None else stored_id(cid), None if uid is None else powens_user(uid)
     )

@@ -12,6 +12,7 @@ One sweep (an RQ job the scheduler enqueues every ``RECONCILE_INTERVAL_SECONDS``
   lists gets a resync (its 404 marks it gone, under the item's lock), a user Bridge answers 404
   for gets a ``user.deleted`` of our own;
 - erases the users Bridge deleted more than ``DELETED_USER_RETENTION_DAYS`` ago (workers.erasure);
+- sweeps Powens's users the same way (workers.powens_reconcile), when Powens is configured;
 - warns about items stuck in ``1003`` for more than 24 h (Bridge's checklist: contact their
   support) and items whose last sync is older than ``RECONCILE_STALE_SECONDS``, and resyncs them.
 
@@ -37,6 +38,8 @@ from workers.db import to_datetime
 from workers.erasure import due, erase_user, leftovers
 from workers.errors import NotFound, TransientError
 from workers.jobs import item_lock
+from workers.powens_reconcile import PowensSweep
+from workers.providers import provider_of_user
 from workers.replay import Enqueuer
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
 
@@ -113,6 +116,8 @@ class Reconciler:
                     counts["users"] += 1
                 else:
                     gone.append(user_uuid)
+            if self.ctx.settings.powens_api_url:
+                PowensSweep(self.ctx, self.enqueuer).run(counts)
         except TransientError as exc:
             counts["partial"] = 1
             log.warning("reconcile.partial", error=str(exc), users_done=counts["users"])
@@ -138,14 +143,16 @@ class Reconciler:
         todo = dict(due(storage, now, days)) | dict.fromkeys(leftovers(storage))
         for user_uuid, external in todo.items():
             erase_user(storage, user_uuid, external, now, lambda item_id: item_lock(self.ctx, item_id))
-            self.ctx.client.forget_token(user_uuid)
+            if provider_of_user(user_uuid) == "bridge":  # (a Powens user's token goes with its rows)
+                self.ctx.client.forget_token(user_uuid)
             log.info("reconcile.user_erased", user_uuid=user_uuid)
         return len(todo)
 
     def _users(self) -> list[str]:
         with self.ctx.storage.transaction() as tx:
             rows = tx.execute(
-                "SELECT DISTINCT user_uuid FROM items WHERE deleted_at IS NULL ORDER BY user_uuid"
+                "SELECT DISTINCT user_uuid FROM items WHERE deleted_at IS NULL AND provider = 'bridge' "
+                "ORDER BY user_uuid"
             ).fetchall()
         return [row[0] for row in rows]
 

@@ -29,12 +29,14 @@ from service.events import MalformedEvent, job_function, parse
 from service.queue import ARCHIVE_KEY, build_job
 from service.settings import Settings
 from workers.ledger import Ledger
+from workers.providers import native_id, powens_user_id, provider_of_id, provider_of_user
 from workers.storage import Storage
 
 IN_FLIGHT = {b"queued", b"started", b"scheduled", b"deferred"}
 RESYNC_ITEM = "workers.jobs.resync_item"
 RESYNC_USER = "workers.jobs.resync_user"
 RECONCILE = "workers.jobs.reconcile"
+POWENS_RESYNC = "workers.powens_jobs.resync_connection"
 
 # An event received earlier, read back to replay it: its id, the event, when it arrived (ms).
 ReceivedEvent = tuple[str, dict[str, Any], int]
@@ -80,17 +82,35 @@ class Enqueuer:
         return self.enqueue(event_id, function, event, received_at_ms=received_at_ms)
 
     def resync_item(self, item_id: int, user_uuid: str) -> str:
+        if provider_of_id(item_id) == "powens":
+            return self.powens_resync(item_id, user_uuid, f"resync-item-{item_id}", reset=True)
         return self.enqueue(f"resync-item-{item_id}", RESYNC_ITEM, _task("resync.item", item_id=item_id,
                                                                            user_uuid=user_uuid))  # fmt: skip
+
+    def powens_resync(self, item_id: int, user_uuid: str, job_id: str, *, reset: bool) -> str:
+        """A Powens connection as Powens lists it now (workers.powens_jobs.resync_connection)."""
+        task = _task("resync.item", item_id=item_id, user_uuid=user_uuid, reset=reset,
+                     id_connection=native_id(item_id), id_user=powens_user_id(user_uuid))  # fmt: skip
+        return self.enqueue(job_id, POWENS_RESYNC, {**task, "provider": "powens"})
 
     def resync_user(self, user_uuid: str, skip: Iterable[int] = ()) -> str:
         """Every item Bridge lists for the user but those in ``skip`` (their bank is down, say)."""
         task = _task("resync.user", user_uuid=user_uuid, skip=sorted(skip))
+        if provider_of_user(user_uuid) == "powens":
+            task |= {
+                "provider": "powens",
+                "content": {**task["content"], "id_user": powens_user_id(user_uuid)},
+            }
+            return self.enqueue(f"resync-user-{user_uuid}", "workers.powens_jobs.resync_user", task)
         return self.enqueue(f"resync-user-{user_uuid}", RESYNC_USER, task)
 
     def user_gone(self, user_uuid: str) -> str:
-        """``user.deleted``, for a user Bridge no longer knows (its own webhook never reached us)."""
+        """The user's deletion, for a user the provider no longer knows (its webhook never reached us)."""
         at = int(time.time() * 1000)
+        if provider_of_user(user_uuid) == "powens":
+            content: dict[str, Any] = {"id": powens_user_id(user_uuid)}
+            event = {"type": "USER_DELETED", "provider": "powens", "content": content, "timestamp": at}
+            return self.enqueue(f"user-gone-{user_uuid}", "workers.powens_jobs.user_deleted", event)
         event = {"type": "user.deleted", "content": {"user_uuid": user_uuid}, "timestamp": at}
         return self.enqueue(f"user-gone-{user_uuid}", "workers.jobs.user_deleted", event)
 

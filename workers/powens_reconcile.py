@@ -1,0 +1,131 @@
+"""Reconciliation for Powens's users: what their webhooks missed, found by asking Powens.
+
+Part of every sweep (workers.reconcile), for each live Powens user whose token we hold: two calls,
+the user's connections and the user's accounts (disabled and deleted ones included), against our rows.
+A connection is resynced (workers.powens_jobs.resync_connection, its transactions since its cursors)
+when Powens synced it after our last complete sync of it (its ``last_update``), when its state, or one
+of its accounts' consent or presence, differs from ours, when it is new to us, or when Powens no longer
+lists it (the resync marks it deleted, under its lock). A user Powens refuses (401, 404: deleted at
+Powens) gets a deletion of our own, as Bridge's do, but never when Powens refuses every user of a
+sweep: that is likelier our configuration (``POWENS_API_URL``) than a mass deletion.
+
+Powens sends ``CONNECTION_SYNCED`` after every sync, its daily background one included, which brings a
+connection's new and changed transactions without this; what only a sweep finds is a deletion or a
+consent change whose webhook was lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from service.logs import get_logger
+from workers import powens_rows, tokens
+from workers.context import WorkerContext
+from workers.db import to_datetime
+from workers.errors import AuthError, NotFound
+from workers.providers import native_id, powens_user_id, stored_id
+from workers.replay import Enqueuer
+
+log = get_logger("bridgehook.reconcile")
+
+
+class PowensSweep:
+    def __init__(self, ctx: WorkerContext, enqueuer: Enqueuer) -> None:
+        self.ctx = ctx
+        self.enqueuer = enqueuer
+
+    def run(self, counts: dict[str, int]) -> None:
+        """One pass over the Powens users; ``counts`` as Bridge's sweep keeps them (``gone`` users,
+        ``deltas`` enqueued, ``users`` done). A spent budget (TransientError) leaves to the caller."""
+        gone, done = [], 0
+        for user_uuid, token in self._users():
+            if self._user(user_uuid, token, counts):
+                done += 1
+            else:
+                gone.append(user_uuid)
+        counts["users"] += done
+        if len(gone) > 1 and not done:
+            log.warning("reconcile.every_powens_user_unknown", users=len(gone), hint="check POWENS_API_URL")
+            return
+        for user_uuid in gone:
+            log.info("reconcile.user_gone", user_uuid=user_uuid)
+            counts["gone"] += 1
+            self.enqueuer.user_gone(user_uuid)
+
+    def _users(self) -> list[tuple[str, str]]:
+        storage = self.ctx.storage
+        with storage.transaction() as tx:
+            rows = tx.execute(
+                "SELECT t.user_uuid, t.token FROM user_tokens t JOIN users u ON u.uuid = t.user_uuid "
+                "WHERE t.provider = 'powens' AND u.deleted_at IS NULL ORDER BY t.user_uuid"
+            ).fetchall()
+        return [(str(uuid), str(storage.codec.decode(token, tokens.COLUMN))) for uuid, token in rows]
+
+    def _user(self, user_uuid: str, token: str, counts: dict[str, int]) -> bool:
+        """False if Powens does not know the user."""
+        id_user, powens = powens_user_id(user_uuid), self.ctx.powens
+        try:
+            connections = {int(c["id"]): c for c in powens.connections(id_user, token)}
+            accounts = powens.accounts(id_user, token, all=True)
+        except (NotFound, AuthError):
+            return False
+        ours = self._ours(user_uuid)
+        differs = {native_id(i) for i in ours["items"]} - set(connections)  # gone at Powens
+        for connection_id, connection in connections.items():
+            held = ours["items"].get(stored_id(connection_id))
+            if held is None:  # new to us
+                differs.add(connection_id)
+            if held is None or held["deleted"]:
+                continue
+            item = powens_rows.item(connection)
+            refreshed = to_datetime(item["last_successful_refresh"])
+            if item["status"] != held["status"] or (
+                refreshed is not None and (held["synced"] is None or refreshed > held["synced"])
+            ):
+                differs.add(connection_id)
+        for account in accounts:
+            row, held_account = powens_rows.account(account), ours["accounts"].get(stored_id(account["id"]))
+            if _account_differs(row, held_account):
+                differs.add(int(account["id_connection"]))
+        tag = str(int(datetime.now(UTC).timestamp()))
+        for connection_id in sorted(differs):
+            item_id = stored_id(connection_id)
+            if item_id in ours["items"] and ours["items"][item_id]["deleted"]:
+                continue  # deleted stays deleted
+            counts["deltas"] += 1
+            log.info("reconcile.powens_differs", item_id=item_id)
+            self.enqueuer.powens_resync(item_id, user_uuid, f"reconcile-{item_id}-{tag}", reset=False)
+        return True
+
+    def _ours(self, user_uuid: str) -> dict[str, dict[int, dict[str, Any]]]:
+        with self.ctx.storage.transaction() as tx:
+            items = tx.execute(
+                "SELECT id, status, last_successful_refresh, deleted_at FROM items WHERE user_uuid = %s",
+                (user_uuid,),
+            ).fetchall()
+            accounts = tx.execute(
+                "SELECT a.id, a.data_access, a.deleted_at FROM accounts a JOIN items i ON i.id = a.item_id "
+                "WHERE i.user_uuid = %s",
+                (user_uuid,),
+            ).fetchall()
+        return {
+            "items": {
+                int(i): {"status": s, "synced": to_datetime(r), "deleted": d is not None}
+                for i, s, r, d in items
+            },
+            "accounts": {
+                int(a): {"data_access": access, "deleted": d is not None} for a, access, d in accounts
+            },
+        }
+
+
+def _account_differs(row: Mapping[str, Any], held: Mapping[str, Any] | None) -> bool:
+    """An account Powens lists that we do not hold (unless deleted), or hold with another consent or
+    presence."""
+    if held is None:
+        return bool(row["deleted_at"] is None)
+    return bool(
+        row["data_access"] != held["data_access"] or (row["deleted_at"] is not None) != held["deleted"]
+    )
