@@ -141,22 +141,29 @@ class PowensWorld:
             self._id("connection"), user_id, last_update=at, expire=at + timedelta(days=180)
         )
         self.connections[connection.id] = connection
-        for n in range(accounts):
-            account = PAccount(
-                self._id("account"),
-                connection.id,
-                user_id,
-                ("Compte chèque", "Livret A")[n % 2],
-                f"FR76300040000{self.random.randrange(10**14):014d}",
-                Decimal(self.random.randrange(-5000, 500000)) / 100,
-                type=("checking", "savings")[n % 2],
-                disabled=at,
-                last_update=at,
-            )
-            self.accounts[account.id] = account
-            for _ in range(transactions):
-                self.add_transaction(account.id)
+        for _ in range(accounts):
+            self.add_account(connection.id, transactions)
         return connection
+
+    def add_account(self, connection_id: int, transactions: int = 0) -> PAccount:
+        """An account found at the bank: disabled until the user consents, as Powens has them."""
+        at, connection = self.tick(), self.connections[connection_id]
+        n = sum(1 for a in self.accounts.values() if a.id_connection == connection_id)
+        account = PAccount(
+            self._id("account"),
+            connection_id,
+            connection.id_user,
+            ("Compte chèque", "Livret A")[n % 2],
+            f"FR76300040000{self.random.randrange(10**14):014d}",
+            Decimal(self.random.randrange(-5000, 500000)) / 100,
+            type=("checking", "savings")[n % 2],
+            disabled=at,
+            last_update=at,
+        )
+        self.accounts[account.id] = account
+        for _ in range(transactions):
+            self.add_transaction(account.id)
+        return account
 
     def add_transaction(
         self, account_id: int, value: Decimal | None = None, coming: bool = False
@@ -295,6 +302,12 @@ class PowensWorld:
         ]
 
     # -- webhook bodies ------------------------------------------------------------------------------
+
+    def synced(self, connection_id: int, new: list[int] | None = None) -> dict[str, Any]:
+        """A sync of the connection that found ``new`` (and whatever changed since the last one): its
+        ``last_update`` moves to now, and the body of the CONNECTION_SYNCED Powens sends after it."""
+        self.connections[connection_id].last_update = self.tick()
+        return self.connection_synced(connection_id, new)
 
     def connection_synced(self, connection_id: int, new: list[int] | None = None) -> dict[str, Any]:
         """CONNECTION_SYNCED: the connection, its activated accounts and their ``new`` transactions

@@ -19,6 +19,7 @@ from tests.support import POWENS_SECRET, powens_signed, powens_url
 from workers import tokens
 from workers.codec import codec_from_settings
 from workers.providers import powens_user, stored_id
+from workers.storage import Storage
 
 
 def powens_environ(fake: FakePowensServer, world: PowensWorld) -> dict[str, str]:
@@ -55,6 +56,7 @@ class PowensHarness(Harness):
         user = self.pworld.add_user()
         if token:
             with self.db.transaction() as tx:
+                Storage(self.db, self.codec).upsert_user(tx, powens_user(user.id))
                 tokens.store(tx, self.codec, powens_user(user.id), "powens", user.token)
         return user
 
@@ -113,7 +115,12 @@ class PowensHarness(Harness):
                 }  # fmt: skip
         for t in world.transactions.values():
             account = world.accounts.get(t.id_account)
-            if account is None or t.deleted is not None or account.id not in out["accounts"]:
+            if (
+                account is None
+                or t.deleted is not None
+                or account.id not in out["accounts"]
+                or account.disabled
+            ):
                 continue
             out["transactions"][t.id] = {
                 "account": t.id_account, "amount": dec(t.value), "date": t.day.isoformat(),

@@ -16,20 +16,36 @@ Ids are stored in Powens's own id space (workers.providers): a connection N is i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from typing import Any
 
 from service.logs import get_logger
 from workers import powens_rows, tokens
 from workers.db import Tx, to_datetime
 from workers.erasure import is_erased
+from workers.errors import AuthError, NotFound
 from workers.powens import PowensClient
 from workers.providers import powens_user, powens_user_id, stored_id
 from workers.storage import Storage, parse_ts
 from workers.writer import Writer
 
 log = get_logger("bridgehook.powens")
+
+
+@contextmanager
+def refused_token(id_user: int) -> Iterator[None]:
+    """Powens refuses a user's permanent token only once the user is deleted there (or the token
+    revoked): the user is gone, as a 404 says at Bridge (the job ends, not found; the sweep, or
+    USER_DELETED, deletes the user here)."""
+    try:
+        yield
+    except AuthError as exc:
+        raise NotFound(
+            f"Powens refuses {powens_user(id_user)}'s token ({exc.status}): deleted at Powens"
+        ) from exc
 
 
 class PowensSync:
@@ -75,8 +91,14 @@ class PowensSync:
         """The connection and its accounts as Powens lists them now, then its transactions: those updated
         since its cursors, or (``reset``: ``bridgehook resync``) all of them, the cursors replaced. What
         the reconciliation sweep enqueues when a webhook went missing (workers.powens_reconcile)."""
-        item_id, token = stored_id(connection_id), self.token_of(id_user)
-        listed = [c for c in self.client.connections(id_user, token) if int(c["id"]) == connection_id]
+        item_id = stored_id(connection_id)
+        with self.storage.transaction() as tx:
+            if self._deleted(tx, powens_user(id_user), item_id):  # deleted stays deleted
+                return {"skipped": "deleted"}
+        token = self.token_of(id_user)
+        with refused_token(id_user):
+            connections = self.client.connections(id_user, token)
+        listed = [c for c in connections if int(c["id"]) == connection_id]
         if not listed:  # deleted at Powens, and its CONNECTION_DELETED never reached us
             with self.storage.transaction(durable=False) as tx:
                 self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
@@ -125,7 +147,10 @@ class PowensSync:
         mine = {int(account_id) for account_id, _ in rows}
         newest: datetime | None = None
         written = 0
-        for listed in self.client.transactions(id_user, token, last_update=since):
+        with refused_token(id_user):
+            pages = self.client.transactions(id_user, token, last_update=since)
+            first = next(pages, None)  # (a generator: its first request goes here)
+        for listed in chain([first] if first is not None else [], pages):
             self.heartbeat()
             read = [powens_rows.transaction(t) for t in listed]
             newest = max(filter(None, [newest, *(parse_ts(r["updated_at"]) for r in read)]), default=None)
@@ -157,11 +182,9 @@ class PowensSync:
         """The item's accounts as Powens lists them now, disabled and deleted ones included; those we
         hold that it no longer lists at all are marked deleted. Returns how many it lists."""
         token = token or self.token_of(id_user)
-        bodies = [
-            a
-            for a in self.client.accounts(id_user, token, all=True)
-            if stored_id(a["id_connection"]) == item_id
-        ]
+        with refused_token(id_user):
+            everyone = self.client.accounts(id_user, token, all=True)
+        bodies = [a for a in everyone if stored_id(a["id_connection"]) == item_id]
         rows = [powens_rows.account(a) for a in bodies]
         with self.storage.transaction(durable=False) as tx:
             self._write_accounts(tx, rows, bodies)

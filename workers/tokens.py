@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 
 from workers.codec import Codec
 from workers.db import Tx
+from workers.errors import PermanentError
 
 COLUMN = "user_tokens.token"  # the encrypted column (workers.codec.ENCRYPTED_COLUMNS)
 
 
-class MissingToken(Exception):
-    """We hold no token for the user: their data cannot be read until one is stored."""
+class MissingToken(PermanentError):
+    """We hold no token for the user: their data cannot be read until one is stored, and no retry
+    will store it (the job goes to the dead letters at once, to be replayed once it is)."""
 
 
 def store(tx: Tx, codec: Codec, user_uuid: str, provider: str, token: str) -> None:
