@@ -476,7 +476,7 @@ def test_secrets_are_referenced_never_defined(manifests: Rendered) -> None:
 
 
 WANTED_SECRETS = {
-    "receiver": {"REDIS_URL", "BRIDGE_WEBHOOK_SECRETS"},
+    "receiver": {"REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "POWENS_WEBHOOK_SECRETS"},
     "worker": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "scheduler": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
     "migrate": {"DATABASE_URL", "DATABASE_URL_MIGRATE"},
@@ -731,23 +731,87 @@ def test_services_monitors_and_ingress_fit_together(manifests: Rendered) -> None
         }
         monitored.add(service["metadata"]["name"])
     assert monitored == {"bridgehook-receiver", "bridgehook-worker", "bridgehook-scheduler"}
-    (ingress,) = manifests.of("Ingress")
-    assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["tls"]
-    (rule,) = ingress["spec"]["rules"]
-    assert rule["host"] in ingress["spec"]["tls"][0]["hosts"] and not rule["host"].endswith("example.invalid")
-    # Only the webhook and the end of Connect are published: /metrics, /livez and /readyz stay inside
-    # the cluster, and so does the application API.
-    paths = rule["http"]["paths"]
-    assert {(p["path"], p["pathType"]) for p in paths} == {
-        ("/webhooks/bridge", "Exact"),
-        ("/connect/callback", "Exact"),
+    ingresses = {i["metadata"]["name"]: i for i in manifests.of("Ingress")}
+    assert set(ingresses) == {"bridgehook", "bridgehook-powens"}
+    published = set()
+    for ingress in ingresses.values():
+        assert ingress["spec"]["ingressClassName"] == "nginx" and ingress["spec"]["tls"]
+        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-redirect"] == "true"
+        (rule,) = ingress["spec"]["rules"]
+        assert rule["host"] in ingress["spec"]["tls"][0]["hosts"]
+        assert not rule["host"].endswith("example.invalid")
+        for path in rule["http"]["paths"]:
+            assert path["backend"]["service"] == {"name": "bridgehook-receiver", "port": {"name": "http"}}
+            published.add((rule["host"], path["path"], path["pathType"]))
+    # Only the webhooks and the end of Connect are published, on one host: /metrics, /livez and
+    # /readyz stay inside the cluster, and so does the application API.
+    host = ingresses["bridgehook"]["spec"]["rules"][0]["host"]
+    assert published == {
+        (host, "/webhooks/bridge", "Exact"),
+        (host, "/connect/callback", "Exact"),
+        (host, "/webhooks/powens/", "Prefix"),
     }
-    for path in paths:
-        assert path["backend"]["service"] == {"name": "bridgehook-receiver", "port": {"name": "http"}}
     # Bridge sends the user's browser to the callback under the published host.
-    assert manifests.config()["CONNECT_CALLBACK_URL"] == f"https://{rule['host']}/connect/callback"
+    assert manifests.config()["CONNECT_CALLBACK_URL"] == f"https://{host}/connect/callback"
     api = services["bridgehook-api"]
     assert api["spec"]["type"] == "ClusterIP" and [p["port"] for p in api["spec"]["ports"]] == [8001]
+
+
+NGINX_SIZE = re.compile(r"(\d+)([kKmMgG]?)")
+
+
+def _nginx_bytes(size: str) -> int:
+    """An nginx size (``1m``, ``512k``, ``65536``) in bytes."""
+    match = NGINX_SIZE.fullmatch(size)
+    assert match, f"not an nginx size: {size!r}"
+    return int(match.group(1)) * 1024 ** " kmg".index((match.group(2) or " ").lower())
+
+
+def test_powens_is_published_without_bridges_source_allow_list(manifests: Rendered) -> None:
+    """Powens publishes no source addresses: its Ingress is its own, so that no source allow-list
+    made for Bridge reaches it (ingress-nginx's annotations hold for a whole Ingress), and the
+    receiver checks none for it (POWENS_ALLOWED_IPS unset). Its path reaches the receiver as Powens
+    signed it, and its bodies (several MB) reach the receiver, which answers 413 itself past its limit."""
+    config = manifests.config()
+    settings = Settings.from_env(config)
+    assert settings.powens_allowed_ips == () and settings.allowed_ips, "Bridge's allow-list only"
+    assert settings.powens_max_body_bytes >= 8 * 1024 * 1024, "a first sync's body can be several MB"
+    ingresses = {i["metadata"]["name"]: i for i in manifests.of("Ingress")}
+    powens = ingresses["bridgehook-powens"]
+    for ingress in ingresses.values():
+        annotations = ingress["metadata"].get("annotations", {})
+        if ingress is powens:
+            assert not [a for a in annotations if "source-range" in a], "an allow-list would refuse Powens"
+            assert not [a for a in annotations if re.search(r"rewrite|regex|configuration-snippet", a)], (
+                "the signature covers the path Powens called: it must reach the receiver unchanged"
+            )
+        body = _nginx_bytes(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
+        paths = {p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]}
+        # The receiver, not nginx, refuses a body too large, and counts it.
+        limit = settings.powens_max_body_bytes if ingress is powens else settings.max_body_bytes
+        assert body > limit, ingress["metadata"]["name"]
+        assert ("/webhooks/powens/" in paths) == (ingress is powens)
+    from service.powens import PATH_PREFIX
+
+    assert powens["spec"]["rules"][0]["http"]["paths"][0]["path"] == PATH_PREFIX
+    # The receiver runs without Powens: the Secret's key is optional, Bridge's is not.
+    (c,) = containers(manifests.one("Deployment", "bridgehook-receiver"))
+    optional = {
+        e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False) for e in c["env"] if "valueFrom" in e
+    }
+    assert optional == {"REDIS_URL": False, "BRIDGE_WEBHOOK_SECRETS": False, "POWENS_WEBHOOK_SECRETS": True}
+    deploy = Doc.read(ROOT / "docs" / "deploy.md")
+    assert "powens" in anchors(deploy) and "bridgehook-powens" in "\n".join(deploy.section("Powens"))
+
+
+def test_the_5xx_alert_watches_every_ingress(manifests: Rendered) -> None:
+    (rule,) = manifests.of("PrometheusRule")
+    (alert,) = [r for g in rule["spec"]["groups"] for r in g["rules"] if r["alert"] == "BridgehookWebhook5xx"]
+    selectors = set(re.findall(r'ingress=~?"([^"]+)"', alert["expr"]))
+    assert len(selectors) == 1, selectors
+    (selector,) = selectors
+    for ingress in manifests.of("Ingress"):
+        assert re.fullmatch(selector, ingress["metadata"]["name"]), ingress["metadata"]["name"]
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
