@@ -187,7 +187,7 @@ def run(bench: Bench) -> dict[str, Any]:
                       (steady_ids,)).fetchall()  # fmt: skip
     done = db.execute("SELECT count(*) FROM webhook_events WHERE id = ANY(%s) AND status = 'done'",
                       (bench.queued,)).fetchone()  # fmt: skip
-    tables = {
+    tables: dict[str, dict[Any, Any]] = {
         "items": dict(db.execute("SELECT id, status FROM items WHERE deleted_at IS NULL").fetchall()),
         "accounts": {k: (item, str(v)) for k, item, v in db.execute(
             "SELECT id, item_id, balance FROM accounts WHERE deleted_at IS NULL").fetchall()},
