@@ -19,7 +19,7 @@ serves in half a minute), then a steady rate. Checked (exit 1 when one is missed
   transactions page per account whose transactions changed, an account call for an account no event
   describes, a token per user per two hours): at most 1.3 times;
 - 429s answered by the fake: 0;
-- the application budget used during the backlog (whole windows): ≥ 90 %;
+- the application budget used during the backlog (whole windows from its first call): ≥ 90 %;
 - nothing lost (every queued event done), tables equal to the fake's truth.
 
 Reported: calls by kind, calls in flight (per worker process), receipt → rows lag in the steady phase.
@@ -65,6 +65,9 @@ class Bench:
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         self.queue = f"bench-budget-{os.getpid()}"
         self.queued: list[str] = []
+        # When the receiver queued each event: the ledger's received_at is when the attempt that wrote it
+        # was queued, later than the receipt for an event that stepped aside first (SYNC_COALESCE_SECONDS).
+        self.received: dict[str, float] = {}
         self.logs = Path(tempfile.mkdtemp(prefix="bench-budget-"))
 
     def env(self, limited: bool) -> dict[str, str]:
@@ -109,6 +112,7 @@ class Bench:
             answer.raise_for_status()
             if answer.json()["status"] == "queued":
                 self.queued.append(answer.json()["event_id"])
+                self.received.setdefault(answer.json()["event_id"], time.time())
 
     def drain(self, db: psycopg.Connection[Any], ids: list[str], timeout: float) -> float:
         """Wait until every event of ``ids`` is processed; the time it happened (monotonic)."""
@@ -179,11 +183,11 @@ def run(bench: Bench) -> dict[str, Any]:
     steady_ids = bench.queued[steady_from:]
     bench.drain(db, steady_ids, 120)
     ended = time.monotonic()
-    rows = db.execute("SELECT EXTRACT(EPOCH FROM processed_at - received_at) FROM webhook_events "
-                      "WHERE id = ANY(%s)", (steady_ids,)).fetchall()  # fmt: skip
+    rows = db.execute("SELECT id, EXTRACT(EPOCH FROM processed_at) FROM webhook_events WHERE id = ANY(%s)",
+                      (steady_ids,)).fetchall()  # fmt: skip
     done = db.execute("SELECT count(*) FROM webhook_events WHERE id = ANY(%s) AND status = 'done'",
                       (bench.queued,)).fetchone()  # fmt: skip
-    tables = {
+    tables: dict[str, dict[Any, Any]] = {
         "items": dict(db.execute("SELECT id, status FROM items WHERE deleted_at IS NULL").fetchall()),
         "accounts": {k: (item, str(v)) for k, item, v in db.execute(
             "SELECT id, item_id, balance FROM accounts WHERE deleted_at IS NULL").fetchall()},
@@ -216,7 +220,7 @@ def run(bench: Bench) -> dict[str, Any]:
     return {
         "requests": requests, "minimum": minimum, "users": len(users), "started": started,
         "backlog_end": backlog_end, "backlog_busy": backlog_busy, "ended": ended,
-        "lags": [float(r[0]) for r in rows if r[0] is not None],
+        "lags": [float(done_at) - bench.received[i] for i, done_at in rows if done_at is not None],
         "lost": len(set(bench.queued)) - (done or (0,))[0], "queued": len(bench.queued),
         "right": tables == expected, "wrong": {k: len(ids) for k, ids in wrong.items()},
     }  # fmt: skip
@@ -244,9 +248,10 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> bool:
     total, floor = sum(calls.values()), sum(least.values())
     ratio = total / floor
     n_app, s_app = args.app_budget
-    windows = int((r["backlog_end"] - r["started"]) // s_app)
-    in_windows = sum(1 for _, t in answered if r["started"] <= t < r["started"] + windows * s_app)
-    use = in_windows / (windows * n_app) if windows else 0.0
+    times = [t for _, t in answered if r["started"] <= t < r["backlog_end"]]
+    first = min(times, default=r["started"])
+    use, in_windows, windows = budget_use(times, first, r["backlog_end"], args.app_budget)
+    from_start, _, _ = budget_use(times, r["started"], r["backlog_end"], args.app_budget)
     inflight = r["backlog_busy"] / (r["backlog_end"] - r["started"])
     p50, p99 = (percentile(r["lags"], q) * 1000 for q in (0.5, 0.99)) if r["lags"] else (math.nan, math.nan)
     print(f"machine: {machine()}")
@@ -265,7 +270,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> bool:
         ("calls per refresh / minimum", f"{total / refreshes:.2f} / {floor / refreshes:.2f} = {ratio:.2f}",
          f"≤ {TARGET_RATIO}", ratio <= TARGET_RATIO),
         ("429s answered by Bridge", f"{refused} {r['requests']['refused']}", "0", refused == 0),
-        ("app budget used in the backlog", f"{use:.0%} ({in_windows} of {windows} windows of {n_app})",
+        ("app budget used in the backlog", f"{use:.0%} ({in_windows} in {windows} windows of {n_app} from "
+         f"its first call, +{first - r['started']:.1f} s; {from_start:.0%} from the phase's start)",
          f"≥ {TARGET_USE:.0%}", use >= TARGET_USE),
         ("calls in flight per worker, backlog", f"{inflight / args.workers:.2f} (fake's peak "
          f"{r['requests']['peak']})", "(report)", True),
@@ -277,6 +283,25 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> bool:
     print(table(["check", "measured", "target", ""], [[*c[:3], verdict(c[3]) if c[2] != "(report)" else ""]
                                                     for c in checks]))  # fmt: skip
     return all(c[3] for c in checks)
+
+
+def budget_use(
+    times: list[float], start: float, end: float, budget: tuple[int, int]
+) -> tuple[float, int, int]:
+    """The share of ``budget`` (N calls per S seconds) the calls at ``times`` used over the whole
+    windows from ``start`` until ``end``; the calls and windows counted. Bridge's budget is a sliding
+    window: k windows from any start allow k·N and no more.
+
+    The backlog's windows begin at its first call, not when the benchmark begins to post it: until
+    then the phase has not begun (the benchmark posts its refreshes one by one, and each event, younger
+    than SYNC_COALESCE_SECONDS, steps aside for that long, as a real backlog's old events do not). Our
+    limiter spends each window's share in a burst at the workers' pace, and the next burst begins as
+    the first calls of this one leave the window: windows counted from the phase's start cut the
+    bursts where those first seconds place them (docs/performance.md, budget use from the first call)."""
+    n, seconds = budget
+    windows = int((end - start) // seconds)
+    counted = sum(1 for t in times if start <= t < start + windows * seconds)
+    return (counted / (windows * n) if windows else 0.0), counted, windows
 
 
 def budget(text: str) -> tuple[int, int]:

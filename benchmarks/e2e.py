@@ -8,8 +8,8 @@ and PostgreSQL (DATABASE_URL, a fresh schema) run as in production. An open-loop
 sends `--rate` signed webhooks per second for `--seconds`: first `item.created` for every item,
 then `item.refreshed` / `item.account.updated` for random items.
 
-Reported: p50 / p99 from receipt (the receiver's enqueue time) to rows committed (the job's
-`processed_at`), read from `webhook_events`. Checked: every event answered `queued` was
+Reported: p50 / p99 from receipt (the receiver's answer) to rows committed (the job's
+`processed_at`, read from `webhook_events`). Checked: every event answered `queued` was
 processed exactly once (`done`), none failed, and the tables equal the fake's ground truth;
 "retried" counts the events whose job ran more than once (one that stepped aside for its item's
 lock, see workers.jobs.ItemLocked, runs again a second later). Request budgets are raised for the
@@ -94,8 +94,9 @@ def signed(event: dict[str, Any]) -> tuple[str, bytes]:
     return hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest().upper(), body
 
 
-async def send_all(port: int, deliveries: list[tuple[str, bytes]], rate: int) -> list[str]:
-    """Open loop at ``rate``/s over keep-alive connections; returns the event ids answered ``queued``.
+async def send_all(port: int, deliveries: list[tuple[str, bytes]], rate: int) -> list[tuple[str, float]]:
+    """Open loop at ``rate``/s over keep-alive connections; returns the event ids answered ``queued``,
+    each with when it was answered (time.time()).
 
     Requests are prebuilt bytes written on plain asyncio streams: a client library's own work per
     request (httpx: about a millisecond) would compete for the two cores with what is measured and
@@ -104,7 +105,7 @@ async def send_all(port: int, deliveries: list[tuple[str, bytes]], rate: int) ->
     connections = 32
     free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     opened: list[asyncio.StreamWriter] = []
-    queued: list[str] = []
+    queued: list[tuple[str, float]] = []
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -137,7 +138,7 @@ async def send_all(port: int, deliveries: list[tuple[str, bytes]], rate: int) ->
         free.put_nowait((reader, writer))
         answer = json.loads(body)
         if answer["status"] == "queued":
-            queued.append(answer["event_id"])
+            queued.append((answer["event_id"], time.time()))
 
     head = f"POST /webhooks/bridge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
     requests = [
@@ -200,15 +201,15 @@ def main() -> int:
             subprocess.run(
                 [python, "-m", "bridgehook", "db", "upgrade"], env=env, check=True, capture_output=True
             )
-            port, admin = free_port(), free_port()
+            port, admin_port = free_port(), free_port()
             procs.append(
                 subprocess.Popen(
                     [python, "-m", "bridgehook", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                    env={**env, "ADMIN_PORT": str(admin)},
+                    env={**env, "ADMIN_PORT": str(admin_port)},
                     stderr=subprocess.DEVNULL,
                 )
             )
-            wait_http(f"http://127.0.0.1:{admin}/livez", procs[-1])
+            wait_http(f"http://127.0.0.1:{admin_port}/livez", procs[-1])
             for _ in range(2):
                 procs.append(
                     subprocess.Popen(
@@ -238,7 +239,11 @@ def main() -> int:
 
             uvloop.install()
             started = time.perf_counter()
-            queued = asyncio.run(send_all(port, deliveries, args.rate))
+            answered = asyncio.run(send_all(port, deliveries, args.rate))
+            queued = [event_id for event_id, _ in answered]
+            # Receipt: the receiver's answer. Not the ledger's received_at: that is when the attempt that
+            # wrote the row was queued, later than the receipt for a job that stepped aside first.
+            received = dict(reversed(answered))
             sent_for = time.perf_counter() - started
             deadline = time.monotonic() + 120
             with psycopg.connect(database_url) as db:
@@ -248,8 +253,7 @@ def main() -> int:
                         break
                     time.sleep(0.5)
                 rows = db.execute(
-                    "SELECT id, status, attempts, EXTRACT(EPOCH FROM processed_at - received_at) "
-                    "FROM webhook_events"
+                    "SELECT id, status, attempts, EXTRACT(EPOCH FROM processed_at) FROM webhook_events"
                 ).fetchall()
                 tables: dict[str, Any] = {
                     "items": db.execute("SELECT count(*) FROM items WHERE deleted_at IS NULL").fetchone(),
@@ -266,7 +270,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     by_id = {row[0]: row for row in rows}
-    lags = [float(row[3]) for row in rows if row[3] is not None]
+    lags = [float(row[3]) - received[row[0]] for row in rows if row[3] is not None and row[0] in received]
     if not lags:  # (a worker that cannot start exits at once; its stderr is the one to read)
         print(f"FAIL: no event was processed ({len(queued)} queued); try `python -m bridgehook worker`")
         return 1
