@@ -1,8 +1,10 @@
 """``GET /v1/users/{external_user_id}/items``: each live item with what it needs (``action``), its
 dates, its Connect outcome and its accounts.
 
-``action`` is :func:`workers.actions.action`. ``status_code_description`` is Bridge's own text in
-the language the request's ``Accept-Language`` asks for (``fr`` or ``en``, else
+Both providers' items, each with its ``provider``: a Powens connection N is item -N (see
+workers.providers), its ``status`` the Bridge status asking the same of the user, its state in
+``status_code_info``. ``action`` is :func:`workers.actions.action`. ``status_code_description`` is
+Bridge's own text in the language the request's ``Accept-Language`` asks for (``fr`` or ``en``, else
 ``BRIDGE_ACCEPT_LANGUAGE``): the workers store it in ``BRIDGE_ACCEPT_LANGUAGE``; in another language
 it is asked from Bridge (the item, with that header) and kept in Redis for a day per language,
 status and ``status_code_info``, so one request serves every item in that state. Should Bridge be
@@ -23,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.users import live_user
+from api.users import live_users
 from workers.actions import action
 from workers.context import WorkerContext
 from workers.db import to_datetime, to_decimal
@@ -55,10 +57,15 @@ def masked(iban: str | None) -> str | None:
     return iban[:4] + "*" * max(len(iban) - 8, 0) + iban[-4:]
 
 
-def _description(ctx: WorkerContext, uuid: str, item: dict[str, Any], lang: str) -> str | None:
+def _description(ctx: WorkerContext, item: dict[str, Any], lang: str) -> str | None:
     stored: str | None = item.pop("_stored_description")
-    if item["status"] in (None, 0) or lang == ctx.settings.bridge_accept_language:
-        return stored
+    uuid: str = item.pop("_user")
+    if (
+        item["status"] in (None, 0)
+        or lang == ctx.settings.bridge_accept_language
+        or item["provider"] != "bridge"
+    ):
+        return stored  # (Powens's error_message comes in one language)
     key = f"bridgehook:status-text:{lang}:{item['status']}:{item['status_code_info'] or ''}"
     cached = ctx.redis.get(key)
     if cached is not None:
@@ -91,37 +98,40 @@ def _account(row: tuple[Any, ...], tried_at: datetime | None, decode: Decode) ->
 
 
 def _items(ctx: WorkerContext, request: Request) -> list[dict[str, Any]]:
-    uuid = live_user(ctx, request)
+    uuids = live_users(ctx, request)
     lang = language(request.headers.get("accept-language"), ctx.settings.bridge_accept_language)
     now, warning = datetime.now(UTC), timedelta(days=ctx.settings.consent_warning_days)
     decode = ctx.storage.codec.decode
+    mine = f"user_uuid IN ({', '.join(['%s'] * len(uuids))})"  # the users' placeholders, never input
     with ctx.storage.transaction() as tx:
         items = tx.execute(
-            "SELECT id, status, status_code_info, status_code_description, authentication_expires_at, "
-            "last_successful_refresh, last_try_refresh, status_changed_at FROM items "
-            "WHERE user_uuid = %s AND deleted_at IS NULL ORDER BY id",
-            (uuid,),
+            "SELECT id, status, status_code_info, status_code_description, authentication_expires_at, "  # noqa: S608
+            "last_successful_refresh, last_try_refresh, status_changed_at, provider, user_uuid FROM items "
+            f"WHERE {mine} AND deleted_at IS NULL ORDER BY provider, id",
+            uuids,
         ).fetchall()
         accounts = tx.execute(
-            "SELECT id, item_id, name, type, balance, currency_code, iban, data_access, bridge_updated_at "
+            "SELECT id, item_id, name, type, balance, currency_code, iban, data_access, bridge_updated_at "  # noqa: S608
             "FROM accounts WHERE deleted_at IS NULL AND item_id IN "
-            "(SELECT id FROM items WHERE user_uuid = %s AND deleted_at IS NULL) ORDER BY id",
-            (uuid,),
+            f"(SELECT id FROM items WHERE {mine} AND deleted_at IS NULL) ORDER BY id",
+            uuids,
         ).fetchall()
         connects = tx.execute(
-            "SELECT item_id, success, step, returned_at FROM connect_sessions WHERE user_uuid = %s "
+            f"SELECT item_id, success, step, returned_at FROM connect_sessions WHERE {mine} "  # noqa: S608
             "AND item_id IS NOT NULL ORDER BY returned_at, id",
-            (uuid,),
+            uuids,
         ).fetchall()
     last_connect = {
         row[0]: {"success": bool(row[1]), "step": row[2], "at": iso(row[3])} for row in connects
     }  # the latest of each item wins
     out = []
-    for item_id, status, info, text, expires, success, tried, changed in items:
+    for item_id, status, info, text, expires, success, tried, changed, of, uuid in items:
         tried_at = to_datetime(tried)
         out.append(
             {
                 "item_id": int(item_id),
+                "provider": of,
+                "_user": uuid,
                 "status": status,
                 "status_code_info": info,
                 "_stored_description": text,
@@ -133,7 +143,7 @@ def _items(ctx: WorkerContext, request: Request) -> list[dict[str, Any]]:
             }
         )
     for item in out:
-        item["status_code_description"] = _description(ctx, uuid, item, lang)
+        item["status_code_description"] = _description(ctx, item, lang)
     return out
 
 

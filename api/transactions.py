@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from api.errors import ApiError
 from api.items import iso
-from api.users import live_user
+from api.users import live_users
 from workers.context import WorkerContext
 from workers.db import to_decimal
 
@@ -44,7 +44,7 @@ def _cursor(text: str) -> tuple[date, int]:
         found = date.fromisoformat(day), int(last)
     except (ValueError, TypeError, binascii.Error, UnicodeError):
         found = None
-    if found is None or not 0 < found[1] <= _MAX_ID:
+    if found is None or not 0 < abs(found[1]) <= _MAX_ID:
         raise ApiError(400, "invalid_cursor", "cursor is not one this API gave")
     return found
 
@@ -66,25 +66,26 @@ def _query(request: Request) -> dict[str, Any]:
         raise ApiError(400, "invalid_parameter", "limit and account_id are integers, since a date") from None
     if not 1 <= out["limit"] <= MAX_LIMIT:
         raise ApiError(400, "invalid_parameter", f"limit is between 1 and {MAX_LIMIT}")
-    if out["account_id"] is not None and not 0 < out["account_id"] <= _MAX_ID:
-        raise ApiError(400, "invalid_parameter", "account_id is a positive integer")
+    if out["account_id"] is not None and not 0 < abs(out["account_id"]) <= _MAX_ID:
+        raise ApiError(400, "invalid_parameter", "account_id is a non-zero 64-bit integer")
     out["cursor"] = None if q.get("cursor") is None else _cursor(q["cursor"])
     return out
 
 
 def _page(ctx: WorkerContext, request: Request, q: dict[str, Any]) -> dict[str, Any]:
-    uuid = live_user(ctx, request)
+    uuids = live_users(ctx, request)
+    users = ", ".join(["%s"] * len(uuids))
     day = "COALESCE(t.date, %s)"
-    where = ["i.user_uuid = %s"]
-    params: list[Any] = [_NO_DATE, uuid]
+    where = [f"i.user_uuid IN ({users})"]
+    params: list[Any] = [_NO_DATE, *uuids]
     if not q["include_deleted"]:
         where.append("t.deleted_at IS NULL AND a.deleted_at IS NULL AND i.deleted_at IS NULL")
     if q["account_id"] is not None:
         with ctx.storage.transaction() as tx:
             owned = tx.execute(
-                "SELECT 1 FROM accounts a JOIN items i ON i.id = a.item_id "
-                "WHERE a.id = %s AND i.user_uuid = %s",
-                (q["account_id"], uuid),
+                "SELECT 1 FROM accounts a JOIN items i ON i.id = a.item_id "  # noqa: S608
+                f"WHERE a.id = %s AND i.user_uuid IN ({users})",
+                (q["account_id"], *uuids),
             ).fetchone()
         if owned is None:
             raise ApiError(404, "account_not_found", "the user has no such account")

@@ -90,7 +90,7 @@ def test_the_whole_flow(flow: Flow, world: World) -> None:
     created = api.put("/v1/users/app-user.1@x", headers=AUTH)
     assert created.status_code == 201
     uuid = created.json()["uuid"]
-    assert created.json() == {"external_user_id": "app-user.1@x", "uuid": uuid}
+    assert created.json() == {"external_user_id": "app-user.1@x", "uuid": uuid, "provider": "bridge"}
     assert world.user_by_external_id("app-user.1@x") == uuid
     again = api.put("/v1/users/app-user.1@x", headers={"Authorization": f"Bearer {OLD_TOKEN}"})
     assert (again.status_code, again.json()["uuid"]) == (200, uuid)
@@ -288,7 +288,7 @@ def test_sessions_and_transactions_refuse_what_is_not_the_users(flow: Flow, worl
 @SQLITE
 @pytest.mark.parametrize(
     "query", ["limit=0", "limit=501", "limit=x", "since=yesterday", "cursor=bm9wZQ", "cursor=%%%",
-              "include_deleted=yes", "account_id=-3", "account_id=99999999999999999999",
+              "include_deleted=yes", "account_id=0", "account_id=-99999999999999999999",
               "cursor=WyIyMDI2LTAxLTAxIiwgMTAwMDAwMDAwMDAwMDAwMDAwMDAwMF0="]
 )  # fmt: skip
 def test_transactions_refuse_bad_queries(flow: Flow, query: str) -> None:

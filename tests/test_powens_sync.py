@@ -12,19 +12,13 @@ import pytest
 import redis
 
 from fakebridge.powens import FakePowensServer
-from fakebridge.powens_world import PowensWorld, PUser
+from fakebridge.powens_world import PUser
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import worker_settings
 from tests.powens_harness import PowensHarness, powens_environ
 from workers.actions import action
 from workers.providers import powens_user, stored_id
-
-
-@pytest.fixture
-def fake_powens() -> Iterator[FakePowensServer]:
-    with FakePowensServer(PowensWorld(seed=11)) as server:
-        yield server
 
 
 @pytest.fixture

@@ -166,7 +166,12 @@ def _run(
         return watermark.served(ctx.redis, int(seq), int(item_id), account_id)
 
     try:
-        received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
+        # When the receiver took the event (its meta): a retry, a deferral or a step aside is queued
+        # again, and RQ's enqueued_at is then that time, not the event's.
+        if meta.get("received_at"):
+            received = datetime.fromtimestamp(int(meta["received_at"]) / 1000, tz=UTC)
+        else:
+            received = job.enqueued_at if job is not None and job.enqueued_at else datetime.now(UTC)
         outcome: SyncResult | dict[str, Any]
         if is_served():  # nothing left to do: the ledger row goes in done, one synchronous commit
             ctx.ledger.started(event_id, event, body, received, done=True)
