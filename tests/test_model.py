@@ -121,6 +121,28 @@ class Env:
     scratch: Path
 
 
+class Scratch:
+    """What one timeline starts from: Redis flushed, a directory of its own, and an empty database (a
+    SQLite file in it, or a PostgreSQL schema of its own)."""
+
+    def __init__(self, env: Env) -> None:
+        self.r = redis.Redis.from_url(env.redis_url)
+        self.r.flushdb()
+        self.dir = Path(tempfile.mkdtemp(dir=env.scratch))
+        self._schema: AbstractContextManager[str] | None = None
+        if env.engine == "sqlite":
+            self.url = f"sqlite:///{self.dir / 'bridgehook.db'}"
+        else:
+            self._schema = pg_schema()
+            self.url = self._schema.__enter__()
+
+    def close(self) -> None:
+        if self._schema is not None:
+            self._schema.__exit__(None, None, None)
+        self.r.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class BurstWorker(Worker):
     """The production worker (``bridgehook worker``), without the pub/sub channel RQ listens to for
     commands: its thread takes 0.2 s to stop at the end of every burst, most of a timeline's time."""
@@ -234,15 +256,8 @@ class BridgeModel(RuleBasedStateMachine):
         self.world = World(seed=7, page_size=4)
         self.fake = FakeBridgeServer(self.world)
         self.fake.start()
-        self.r = redis.Redis.from_url(env.redis_url)
-        self.r.flushdb()
-        self.scratch = Path(tempfile.mkdtemp(dir=env.scratch))
-        self.schema: AbstractContextManager[str] | None = None
-        if env.engine == "sqlite":
-            url = f"sqlite:///{self.scratch / 'bridgehook.db'}"
-        else:
-            self.schema = pg_schema()
-            url = self.schema.__enter__()
+        self.scratch = Scratch(env)
+        self.r, url = self.scratch.r, self.scratch.url
         # Token requests are budgeted at 10 a minute per user: expired tokens, renewed in a loop, would
         # make the client wait for the next window. The budgets have their own tests.
         # No worker waits for a budget: Bridge's 429 (Retry-After: 1 s or more) defers the job through RQ's
@@ -276,10 +291,7 @@ class BridgeModel(RuleBasedStateMachine):
             self.receivers[1].__exit__(None, None, None)
             self.h.close()
             self.fake.stop()
-            if self.schema is not None:
-                self.schema.__exit__(None, None, None)
-            self.r.close()
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch.close()
 
     def _step(self, text: str) -> None:
         note(text)

@@ -25,16 +25,12 @@ import functools
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from hypothesis import HealthCheck, note, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -49,9 +45,9 @@ from fakebridge.powens import FakePowensServer
 from fakebridge.powens_world import PowensWorld
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
-from tests.harness import pg_schema, worker_settings
+from tests.harness import worker_settings
 from tests.powens_harness import PowensHarness, powens_environ
-from tests.test_model import STEPS, Env, dead_letter_errors, differences, drain, transient
+from tests.test_model import STEPS, Env, Scratch, dead_letter_errors, differences, drain, transient
 from workers.codec import codec_from_settings
 from workers.deadletters import DeadLetters
 from workers.providers import powens_user, stored_id
@@ -83,15 +79,8 @@ class PowensModel(RuleBasedStateMachine):
         self.world = World(seed=7)  # Bridge's, idle: the harness's receiver serves both providers
         self.fake = FakeBridgeServer(self.world)
         self.fake.start()
-        self.r = redis.Redis.from_url(env.redis_url)
-        self.r.flushdb()
-        self.scratch = Path(tempfile.mkdtemp(dir=env.scratch))
-        self.schema: AbstractContextManager[str] | None = None
-        if env.engine == "sqlite":
-            url = f"sqlite:///{self.scratch / 'bridgehook.db'}"
-        else:
-            self.schema = pg_schema()
-            url = self.schema.__enter__()
+        self.scratch = Scratch(env)
+        self.r, url = self.scratch.r, self.scratch.url
         env_vars = powens_environ(self.powens, self.pworld) | {"BRIDGE_BUDGET_MAX_WAIT_SECONDS": "0"}
         s = worker_settings(env.redis_url, url, self.fake.api_url, self.world, **env_vars)
         self.h = PowensHarness(s, self.world, self.fake, self.r, self.powens)
@@ -113,10 +102,7 @@ class PowensModel(RuleBasedStateMachine):
             self.h.close()
             self.powens.stop()
             self.fake.stop()
-            if self.schema is not None:
-                self.schema.__exit__(None, None, None)
-            self.r.close()
-            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch.close()
 
     def _queue(self, event: str, body: dict[str, Any], what: str) -> None:
         self.pending.append(Pending(f"{event} {what}", event, json.loads(json.dumps(body, default=str))))

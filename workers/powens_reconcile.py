@@ -36,23 +36,17 @@ class PowensSweep:
         self.ctx = ctx
         self.enqueuer = enqueuer
 
-    def run(self, counts: dict[str, int]) -> None:
-        """One pass over the Powens users; ``counts`` as Bridge's sweep keeps them (``gone`` users,
-        ``deltas`` enqueued, ``users`` done). A spent budget (TransientError) leaves to the caller."""
-        gone, done = [], 0
+    def run(self, counts: dict[str, int]) -> tuple[int, list[str]]:
+        """One pass over the Powens users, counting the ``deltas`` it enqueues in ``counts``: how many
+        users Powens knew, and those it refused (the sweep deletes them here, as Bridge's). A spent
+        budget (TransientError) leaves to the caller."""
+        known, gone = 0, []
         for user_uuid, token in self._users():
             if self._user(user_uuid, token, counts):
-                done += 1
+                known += 1
             else:
                 gone.append(user_uuid)
-        counts["users"] += done
-        if len(gone) > 1 and not done:
-            log.warning("reconcile.every_powens_user_unknown", users=len(gone), hint="check POWENS_API_URL")
-            return
-        for user_uuid in gone:
-            log.info("reconcile.user_gone", user_uuid=user_uuid)
-            counts["gone"] += 1
-            self.enqueuer.user_gone(user_uuid)
+        return known, gone
 
     def _users(self) -> list[tuple[str, str]]:
         storage = self.ctx.storage

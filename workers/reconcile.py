@@ -116,12 +116,17 @@ class Reconciler:
                     counts["users"] += 1
                 else:
                     gone.append(user_uuid)
-            if self.ctx.settings.powens_api_url:
-                PowensSweep(self.ctx, self.enqueuer).run(counts)
         except TransientError as exc:
-            counts["partial"] = 1
-            log.warning("reconcile.partial", error=str(exc), users_done=counts["users"])
-        self._users_gone(gone, counts)
+            self._partial(exc, counts)
+        self._users_gone(gone, counts["users"], "BRIDGE_API_URL", counts)
+        if self.ctx.settings.powens_api_url:
+            try:
+                known, gone = PowensSweep(self.ctx, self.enqueuer).run(counts)
+            except TransientError as exc:
+                self._partial(exc, counts)
+            else:
+                counts["users"] += known
+                self._users_gone(gone, known, "POWENS_API_URL", counts)
         now = self.now()
         for item_id, user_uuid in stuck_items(self.ctx.storage, now):
             log.warning("reconcile.item_stuck_1003", item_id=item_id, hint="contact Bridge support")
@@ -135,6 +140,11 @@ class Reconciler:
         counts["erased"] = self._erase(now)
         log.info("reconcile.done", **counts)
         return counts
+
+    @staticmethod
+    def _partial(exc: TransientError, counts: dict[str, int]) -> None:
+        counts["partial"] = 1
+        log.warning("reconcile.partial", error=str(exc), users_done=counts["users"])
 
     def _erase(self, now: datetime) -> int:
         """Users Bridge deleted more than DELETED_USER_RETENTION_DAYS ago, and erased users a late job
@@ -156,12 +166,12 @@ class Reconciler:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def _users_gone(self, gone: list[str], counts: dict[str, int]) -> None:
-        """A ``user.deleted`` of our own for each user Bridge answered 404 for; not when Bridge knew
-        none of several users in the sweep: then the likelier cause is ours (a wrong ``BRIDGE_API_URL``
-        or credentials), and a deletion is never undone."""
-        if len(gone) > 1 and not counts["users"]:
-            log.warning("reconcile.every_user_unknown", users=len(gone), hint="check BRIDGE_API_URL")
+    def _users_gone(self, gone: list[str], known: int, setting: str, counts: dict[str, int]) -> None:
+        """A deletion of our own for each user the provider no longer knows; not when it knew none of
+        several users in the sweep: then the likelier cause is ours (a wrong ``setting``, the API's
+        URL, or credentials), and a deletion is never undone."""
+        if len(gone) > 1 and not known:
+            log.warning("reconcile.every_user_unknown", users=len(gone), hint=f"check {setting}")
             return
         for user_uuid in gone:
             log.info("reconcile.user_gone", user_uuid=user_uuid)
