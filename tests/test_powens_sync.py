@@ -9,14 +9,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import redis
 
 from fakebridge.powens import FakePowensServer
 from fakebridge.powens_world import PowensWorld, PUser
-from fakebridge.server import FakeBridgeServer
-from fakebridge.world import World
-from tests.harness import worker_settings
-from tests.powens_harness import PowensHarness, powens_environ
+from tests.powens_harness import PowensHarness
 from workers.actions import action
 from workers.providers import powens_user, stored_id
 
@@ -25,22 +21,6 @@ from workers.providers import powens_user, stored_id
 def fake_powens() -> Iterator[FakePowensServer]:
     with FakePowensServer(PowensWorld(seed=11)) as server:
         yield server
-
-
-@pytest.fixture
-def ph(
-    redis_url: str,
-    r: redis.Redis,
-    database_url: str,
-    world: World,
-    fake: FakeBridgeServer,
-    fake_powens: FakePowensServer,
-) -> Iterator[PowensHarness]:
-    env = powens_environ(fake_powens, fake_powens.world)
-    settings = worker_settings(redis_url, database_url, fake.api_url, world, **env)
-    h = PowensHarness(settings, world, fake, r, fake_powens)
-    yield h
-    h.close()
 
 
 def connected(ph: PowensHarness, user: PUser, accounts: int = 2, transactions: int = 5) -> int:
