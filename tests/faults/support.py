@@ -603,18 +603,18 @@ def let_time_pass(r: redis.Redis, name: str = "bridgehook") -> None:
         r.set(f"{queue.intermediate_queue_key}:first_seen:{job}", time.time() - 120, ex=3600)
 
 
-def hurry_deferred(r: redis.Redis, name: str = "bridgehook") -> int:
+def hurry_deferred(r: redis.Redis, name: str = "bridgehook") -> list[str]:
     """Make the jobs RQ holds for later (a budget's deferral, a retry's wait) due now, as if their time
-    had come: RQ's scheduler enqueues them at its next pass (every second). Returns how many."""
+    had come: RQ's scheduler enqueues them at its next pass (every second). Returns their ids."""
     return _due_now(r, ScheduledJobRegistry(queue=rq_queue(r, name)).key)
 
 
-def _due_now(r: redis.Redis, key: str) -> int:
+def _due_now(r: redis.Redis, key: str) -> list[str]:
     """Every entry of a registry (a sorted set scored by when it is due) due a second ago."""
     entries = cast(list[bytes], r.zrange(key, 0, -1))
     for entry in entries:
         r.zadd(key, {entry: time.time() - 1}, xx=True)
-    return len(entries)
+    return [entry.decode() for entry in entries]
 
 
 def pg_address(url: str) -> tuple[str, int]:
