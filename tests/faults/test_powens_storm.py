@@ -59,7 +59,6 @@ def test_storm_of_5xx_and_429_over_a_powens_backlog(
     for status in (502, 503, 500, 503):
         world.faults.fail_next(1, status)
     world.faults.set_ratios(p500=0.25, p429=0.25, retry_after=RETRY_AFTER, seed=21)
-    hurried: set[str] = set()
 
     def settled() -> bool:
         """Every acknowledged event done or a dead letter (a dead letter ends the storm's waits too)."""
@@ -79,6 +78,8 @@ def test_storm_of_5xx_and_429_over_a_powens_backlog(
     world.faults.clear()
     world.retry_after_header = True
     bare_to = len(world.requests)
+
+    hurried: set[str] = set()
 
     def hurried_and_settled() -> bool:
         hurried.update(hurry_deferred(h.r, h.settings.queue_name))
