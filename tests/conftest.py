@@ -20,6 +20,7 @@ from fakebridge.world import World
 from service.app import create_app
 from service.settings import Settings
 from tests.harness import Harness, pg_schema_url, worker_settings
+from tests.powens_harness import PowensHarness, powens_environ
 from tests.support import BRIDGE_IP, TEST_ENCRYPTION_KEY, Cli, make_settings
 
 __all__ = ["pg_schema_url"]  # a fixture, imported so that pytest finds it
@@ -138,3 +139,20 @@ def fake_powens(powens_world: PowensWorld) -> Iterator[FakePowensServer]:
     """The fake Powens over HTTP (its API at ``fake_powens.api_url``)."""
     with FakePowensServer(powens_world) as server:
         yield server
+
+
+@pytest.fixture
+def ph(
+    redis_url: str,
+    r: redis.Redis,
+    database_url: str,
+    world: World,
+    fake: FakeBridgeServer,
+    fake_powens: FakePowensServer,
+) -> Iterator[PowensHarness]:
+    """The Powens side of the pipeline (tests.powens_harness), on the same Redis and database."""
+    env = powens_environ(fake_powens, fake_powens.world)
+    settings = worker_settings(redis_url, database_url, fake.api_url, world, **env)
+    h = PowensHarness(settings, world, fake, r, fake_powens)
+    yield h
+    h.close()

@@ -5,36 +5,14 @@ equal to the fake's ground truth, in the same tables as Bridge's."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
-import redis
-
-from fakebridge.powens import FakePowensServer
 from fakebridge.powens_world import PUser
-from fakebridge.server import FakeBridgeServer
-from fakebridge.world import World
-from tests.harness import worker_settings
-from tests.powens_harness import PowensHarness, powens_environ
+from fakebridge.world import render_json
+from tests.powens_harness import PowensHarness
+from tests.support import powens_signed, powens_url
 from workers.actions import action
 from workers.providers import powens_user, stored_id
-
-
-@pytest.fixture
-def ph(
-    redis_url: str,
-    r: redis.Redis,
-    database_url: str,
-    world: World,
-    fake: FakeBridgeServer,
-    fake_powens: FakePowensServer,
-) -> Iterator[PowensHarness]:
-    env = powens_environ(fake_powens, fake_powens.world)
-    settings = worker_settings(redis_url, database_url, fake.api_url, world, **env)
-    h = PowensHarness(settings, world, fake, r, fake_powens)
-    yield h
-    h.close()
 
 
 def connected(ph: PowensHarness, user: PUser, accounts: int = 2, transactions: int = 5) -> int:
@@ -204,4 +182,16 @@ def test_powens_and_bridge_ids_never_meet(ph: PowensHarness) -> None:
     bridge = ph.tables()
     assert bridge["items"].keys() == {cid} and bridge["accounts"].keys() == {account}
     assert len(bridge["transactions"]) == 3 and all(t > 0 for t in bridge["transactions"])
+    assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_amounts_as_powens_writes_them_json_numbers(ph: PowensHarness) -> None:
+    """Powens writes amounts as JSON numbers (``"balance": 310.0``, bridgehook/fixtures/powens/), not as
+    the strings ``PowensHarness.deliver`` sends: the body's accounts and transactions land all the same."""
+    cid = connected(ph, ph.user())
+    raw = render_json(ph.pworld.connection_synced(cid)).encode()
+    response = ph.receiver.post(powens_url("CONNECTION_SYNCED"), **powens_signed("CONNECTION_SYNCED", raw))
+    assert response.json()["status"] == "queued"
+    ph.drain()
+    assert ph.rows("SELECT last_error FROM webhook_events WHERE status = 'failed'") == []
     assert ph.powens_tables() == ph.powens_truth()

@@ -31,11 +31,15 @@ from workers.ledger import Ledger
 from workers.providers import Provider, subject
 from workers.storage import Storage
 
-SENSITIVE = ("iban", "name", "description", "balance", "amount", "label", "owner", "holder")
+# Keys whose values are bank data, by substring. Powens's own: a transaction's wordings and amount
+# (``value``), an account's number (the end of its IBAN) and coming balance, a counterparty.
+SENSITIVE = ("iban", "name", "description", "balance", "amount", "label", "owner", "holder",
+             "wording", "number", "value", "coming", "counterparty")  # fmt: skip
 
 
 def redact(value: Any) -> Any:
-    """The event with bank data (names, IBANs, descriptions, amounts) replaced by ``***``."""
+    """The event with bank data (names, IBANs and account numbers, descriptions and wordings, amounts)
+    replaced by ``***``."""
     if isinstance(value, dict):
         return {
             k: "***" if any(s in str(k).lower() for s in SENSITIVE) else redact(v) for k, v in value.items()

@@ -24,6 +24,7 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.faults.support import Outcome, Processes, Recorder
 from tests.harness import worker_environ
+from tests.powens_harness import PowensHarness, powens_environ
 from tests.support import SECRET
 
 SCENARIO_LIMIT = 180.0
@@ -90,6 +91,14 @@ def processes(environ: dict[str, str], tmp_path: Path, watchdog: Watchdog) -> It
     watchdog.cleanups.append(procs.close)
     yield procs
     procs.close()
+
+
+@pytest.fixture
+def powens(ph: PowensHarness, processes: Processes) -> PowensHarness:
+    """The Powens side of a scenario: its harness (tests.powens_harness, the fake Powens as ground truth),
+    and every process the scenario starts configured for that fake Powens as well."""
+    processes.env.update(powens_environ(ph.powens, ph.pworld))
+    return ph
 
 
 @pytest.fixture

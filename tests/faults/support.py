@@ -38,12 +38,13 @@ import httpx
 import pytest
 import redis
 from rq import Queue
-from rq.registry import StartedJobRegistry
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from fakebridge.world import World
+from fakebridge.world import World, render_json
 from tests.harness import Harness
-from tests.support import signed, wait_for_http
+from tests.powens_harness import PowensHarness
+from tests.support import powens_signed, powens_url, signed, wait_for_http
 
 T = TypeVar("T")
 
@@ -470,23 +471,34 @@ class Sender:
         self._client = httpx.Client(timeout=httpx.Timeout(10.0, connect=2.0))
         self._lock = threading.Lock()
 
-    def deliver(self, url: str, body: bytes) -> Delivery:
+    def deliver(self, url: str, body: bytes, sign: Callable[[bytes], dict[str, Any]] = signed) -> Delivery:
+        """``sign``: the keyword arguments of each attempt's POST (Bridge's signature by default), made
+        anew at each attempt. The delivery's id is the receiver's, once it answered 2xx."""
         delivery = Delivery(event_id(body))
         with self._lock:
             self.deliveries.append(delivery)
         deadline = time.monotonic() + self.patience
         while time.monotonic() < deadline:
             try:
-                response = self._client.post(url, **signed(body))
+                response = self._client.post(url, **sign(body))
             except httpx.TransportError:
                 delivery.statuses.append(0)
             else:
                 delivery.statuses.append(response.status_code)
                 if response.is_success:
-                    delivery.outcome = str(response.json()["status"])
+                    answer = response.json()
+                    delivery.outcome = str(answer["status"])
+                    delivery.event_id = str(answer.get("event_id", delivery.event_id))
                     break
             time.sleep(self.pause)
         return delivery
+
+    def deliver_powens(self, url: str, event: str, body: Mapping[str, Any]) -> Delivery:
+        """Powens's ``event`` as Powens delivers it: to the receiver of ``url`` (a Bridge webhook URL,
+        as :meth:`Processes.receiver` gives), on the event's own path, signed with a fresh
+        ``BI-Signature-Date`` at each attempt."""
+        target = url.removesuffix(WEBHOOK_PATH) + powens_url(event)
+        return self.deliver(target, render_json(dict(body)).encode(), lambda raw: powens_signed(event, raw))
 
     @property
     def acknowledged(self) -> list[str]:
@@ -539,8 +551,11 @@ class Recorder:
 
     def settle(self, h: Harness, *, sent: int, acknowledged: Collection[str]) -> None:
         """Assert that the tables equal the fake's ground truth and that every acknowledged event was
-        processed (``webhook_events`` says ``done``)."""
-        tables, truth = h.tables(), h.truth()
+        processed (``webhook_events`` says ``done``). With a PowensHarness: the Powens rows and truth."""
+        if isinstance(h, PowensHarness):
+            tables, truth = h.powens_tables(), h.powens_truth()
+        else:
+            tables, truth = h.tables(), h.truth()
         done = {event for event, (status, _) in h.ledger().items() if status == "done"}
         unprocessed = set(acknowledged) - done
         missing_rows = sum(len(truth[table].keys() - tables[table].keys()) for table in truth)
@@ -583,11 +598,23 @@ def let_time_pass(r: redis.Redis, name: str = "bridgehook") -> None:
     start-up, then every ten minutes) then requeues them, each with one retry fewer. Rather than wait
     that long, a scenario moves the deadlines and starts a worker."""
     queue = rq_queue(r, name)
-    key = StartedJobRegistry(queue=queue).key
-    for entry in cast(list[bytes], r.zrange(key, 0, -1)):
-        r.zadd(key, {entry: time.time() - 1}, xx=True)
+    _due_now(r, StartedJobRegistry(queue=queue).key)
     for job in taken(r, name):  # first seen long ago (RQ's own key, as RQ writes it)
         r.set(f"{queue.intermediate_queue_key}:first_seen:{job}", time.time() - 120, ex=3600)
+
+
+def hurry_deferred(r: redis.Redis, name: str = "bridgehook") -> list[str]:
+    """Make the jobs RQ holds for later (a budget's deferral, a retry's wait) due now, as if their time
+    had come: RQ's scheduler enqueues them at its next pass (every second). Returns their ids."""
+    return _due_now(r, ScheduledJobRegistry(queue=rq_queue(r, name)).key)
+
+
+def _due_now(r: redis.Redis, key: str) -> list[str]:
+    """Every entry of a registry (a sorted set scored by when it is due) due a second ago."""
+    entries = cast(list[bytes], r.zrange(key, 0, -1))
+    for entry in entries:
+        r.zadd(key, {entry: time.time() - 1}, xx=True)
+    return [entry.decode() for entry in entries]
 
 
 def pg_address(url: str) -> tuple[str, int]:

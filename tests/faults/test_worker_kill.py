@@ -6,6 +6,7 @@ RQ's abandoned-job handling, run by the restarted worker's own maintenance, requ
 fewer, and it ends at the ground truth. The job queued behind it is untouched by the crash.
 
 Runs on SQLite and PostgreSQL: the crash-safety of the cursor is the storage layer's, on both engines.
+Powens's twin kills the worker in the middle of a Powens listing, on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
 from service.queue import JOB_TIMEOUT_SECONDS
-from tests.faults.support import Processes, Recorder, abandoned, let_time_pass, wait_until
+from tests.faults.support import POSTGRESQL, Processes, Recorder, abandoned, let_time_pass, wait_until
 from tests.harness import Harness, ts
+from tests.powens_harness import PowensHarness
+from tests.test_powens_sync import connected
+from workers.providers import stored_id
 
 
 def test_sigkill_mid_sync_then_restart(
@@ -36,7 +40,6 @@ def test_sigkill_mid_sync_then_restart(
     world.faults.delay(0.15)  # slow enough to kill the worker between pages
     assert h.send(world.event_item_created(item)) == "queued"
     assert h.send(world.event_item_created(behind)) == "queued"
-    killed_job, queued_job = h.acknowledged
 
     # A short item lease, so that the restarted worker need not wait long for the dead one's lock.
     worker = processes.worker(ITEM_LOCK_SECONDS="3")
@@ -56,18 +59,60 @@ def test_sigkill_mid_sync_then_restart(
         }
         assert covered <= stored, f"account {account}'s cursor is ahead of its rows"
 
-    # The job is abandoned: in the started registry, due when its heartbeat lapses (RQ's SimpleWorker
-    # sets it once, to the job timeout plus 60 s), while the job behind it still waits in the queue.
+    world.faults.clear()
+    requeued_and_done(h, r, processes, recorder, started)
+
+
+@POSTGRESQL
+def test_sigkill_mid_powens_listing_then_restart(
+    powens: PowensHarness, r: redis.Redis, processes: Processes, recorder: Recorder
+) -> None:
+    """Powens's twin: the kill lands in the listing of a connection new to us (the body carries its
+    accounts, none of its transactions), between two of its pages. The accounts' cursors move only once
+    the listing has ended, so none has moved. (PostgreSQL only: the storage layer is Bridge's, whose
+    crash-safety the test above checks on both engines.)"""
+    h, world = powens, powens.pworld
+    connection = connected(h, h.user(), accounts=3, transactions=1400)  # 5 pages of the user's listing
+    behind = connected(h, h.user(), accounts=1, transactions=20)
+    world.faults.delay(0.3)  # each page a third of a second: time to kill the worker between two
+    assert h.deliver("CONNECTION_SYNCED", world.connection_synced(connection, new=[])) == "queued"
+    assert h.deliver("CONNECTION_SYNCED", world.connection_synced(behind, new=[])) == "queued"
+
+    worker = processes.worker(ITEM_LOCK_SECONDS="3")
+    started = time.time()
+    wait_until(lambda: len(h.powens_tables()["transactions"]) >= 1000, 60, "a page of the listing written")
+    processes.kill(worker)
+
+    truth = h.powens_truth()["transactions"]
+    tables = h.powens_tables()["transactions"]
+    assert 0 < len(tables) < len(truth), "the kill must land mid-listing"
+    assert all(tables[t] == truth[t] for t in tables)
+    cursors = h.rows("SELECT transactions_cursor FROM accounts WHERE item_id = %s", (stored_id(connection),))
+    assert len(cursors) == 3 and all(cursor is None for (cursor,) in cursors), cursors
+    listing = f"/2.0/users/{world.connections[connection].id_user}/transactions"
+    assert sum(request.path == listing for request in world.requests) < 5, "the kill must land mid-listing"
+
+    world.faults.clear()
+    requeued_and_done(h, r, processes, recorder, started)
+
+
+def requeued_and_done(
+    h: Harness, r: redis.Redis, processes: Processes, recorder: Recorder, started: float
+) -> None:
+    """After the kill of the worker running the first of ``h``'s two events: that job is abandoned in
+    the started registry, due when its heartbeat lapses (RQ's SimpleWorker sets it once, to the job
+    timeout plus 60 s), while the second still waits in the queue. Rather than sleep eleven minutes,
+    the heartbeat's deadline moves to the past (as if the time had passed): a restarted worker's
+    start-up maintenance must then requeue the job, with one retry fewer, and both end done."""
+    killed_job, queued_job = h.acknowledged
     queue = Queue(h.settings.queue_name, connection=r, serializer=JSONSerializer)
     [(job, due)] = abandoned(r, h.settings.queue_name).items()
     assert job == killed_job
     assert time.time() < due <= started + JOB_TIMEOUT_SECONDS + 60 + 5
     assert queue.get_job_ids() == [queued_job]
 
-    # Rather than sleep eleven minutes, move the heartbeat's deadline to the past (as if the time had
-    # passed); the restarted worker's start-up maintenance must then find the job and requeue it.
     let_time_pass(r, h.settings.queue_name)
-    world.faults.clear()
+    # A short item lease, so that the restarted worker need not wait long for the dead one's lock.
     restarted = processes.run("worker", "--burst", timeout=120, ITEM_LOCK_SECONDS="3")
     assert restarted.returncode == 0, restarted.output
 
