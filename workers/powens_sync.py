@@ -77,7 +77,12 @@ class PowensSync:
         with self.storage.transaction(durable=False) as tx:
             skipped = self._write_item(tx, powens_user(id_user), item)
             if skipped is None:
-                new = not self._held(tx, item["id"], enabled=False)
+                # Never synced whole: new to us, or an earlier attempt failed before the end (its
+                # body's accounts are stored by now, those awaiting consent maybe not).
+                new = (
+                    tx.execute("SELECT last_synced_at FROM items WHERE id = %s", (item["id"],)).fetchone()[0]
+                    is None
+                )
                 written = self._write_accounts(tx, accounts, bodies)
                 left_out = self._held(tx, item["id"]) - {a["id"] for a in accounts}
         if skipped is not None:
@@ -195,11 +200,11 @@ class PowensSync:
         with self.storage.transaction() as tx:
             return tokens.load(tx, self.storage.codec, powens_user(id_user))
 
-    def _held(self, tx: Tx, item_id: int, *, enabled: bool = True) -> set[int]:
-        """The item's accounts we hold live (``enabled``: those with consent only)."""
-        consent = " AND (data_access IS NULL OR data_access <> 'disabled')" if enabled else ""
+    def _held(self, tx: Tx, item_id: int) -> set[int]:
+        """The item's live accounts we hold with the user's consent."""
         rows = tx.execute(
-            f"SELECT id FROM accounts WHERE item_id = %s AND deleted_at IS NULL{consent}",  # noqa: S608
+            "SELECT id FROM accounts WHERE item_id = %s AND deleted_at IS NULL "
+            "AND (data_access IS NULL OR data_access <> 'disabled')",
             (item_id,),
         ).fetchall()
         return {int(row[0]) for row in rows}
