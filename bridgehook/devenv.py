@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Any
 
 from bridgehook.exits import Exit, fail
-from service.settings import BRIDGE_SOURCE_IPS, SettingsError, configured, variable
+from service.settings import BRIDGE_SOURCE_IPS, Settings, SettingsError, configured, variable
 
 LOCK = "dev.lock"
 CHILDREN_LOCK = "children.lock"
@@ -214,6 +214,42 @@ def fake_bridge(env: MutableMapping[str, str], receiver: str, secret: str) -> It
         env["BRIDGE_CLIENT_SECRET"] = world.client_secret
         if not configured(env, "CONNECT_RETURN_URL"):
             env["CONNECT_RETURN_URL"] = server.url + RETURN_PAGE
+        yield server.api_url
+
+
+@contextmanager
+def fake_powens(env: MutableMapping[str, str], settings: Settings) -> Iterator[str | None]:
+    """Serve the fake Powens, holding the user, connection, accounts and transactions that the Powens
+    fixtures name (fakebridge.powens_demo), unless POWENS_API_URL is set; the workers get its URL and
+    credentials, and that user's token is stored (encrypted, as the API stores a Powens user's) so
+    that a worker given ``connection.synced`` can list the connection. The database must be migrated.
+
+    The fake makes a new token at each start: the one stored replaces the previous one.
+    """
+    if env.get("POWENS_API_URL"):
+        yield None
+        return
+    from fakebridge.powens import FakePowensServer
+    from fakebridge.powens_demo import demo_world
+    from workers import tokens
+    from workers.codec import codec_from_settings
+    from workers.db import Database
+    from workers.providers import powens_user
+
+    world = demo_world()
+    with FakePowensServer(world) as server:
+        codec, database = codec_from_settings(settings), Database.from_url(settings.database_url)
+        try:
+            with database.transaction() as tx:
+                for user in world.users.values():
+                    tokens.store(tx, codec, powens_user(user.id), "powens", user.token)
+        finally:
+            database.close()
+        env["POWENS_API_URL"] = server.api_url
+        for name in ("POWENS_CLIENT_ID_FILE", "POWENS_CLIENT_SECRET_FILE"):  # the fake's credentials win
+            env.pop(name, None)
+        env["POWENS_CLIENT_ID"] = world.client_id
+        env["POWENS_CLIENT_SECRET"] = world.client_secret
         yield server.api_url
 
 

@@ -88,6 +88,9 @@ class PTransaction:
     coming: bool = False
     deleted: datetime | None = None
     last_update: datetime | None = None
+    # Fields rendered as given rather than made up (``rdate``, ``vdate``, ``type``, wordings): a
+    # transaction that must read as a fixture says (fakebridge.powens_demo).
+    shown: dict[str, Any] = field(default_factory=dict)
 
 
 class PowensWorld:
@@ -290,6 +293,7 @@ class PowensWorld:
             "active": True,
             "counterparty": None,
             "date_scraped": day,
+            **transaction.shown,
             "deleted": powens_time(transaction.deleted),
             "last_update": powens_time(transaction.last_update),
         }

@@ -12,7 +12,8 @@ plus ``provider`` and ``id_webhook_data``, with the body as ``content``. The job
 named by dotted path in ``workers.powens_jobs`` (the receiver never imports the workers); every
 other documented or future type is accepted and archived with no job.
 
-The JSON rules are Bridge's (service/events.py): strict UTF-8, no NaN, at most 32 levels deep.
+The JSON rules are Bridge's (service/events.py): strict UTF-8, no NaN, at most 32 levels deep; a
+number with a fraction (an amount) reaches the job as its text, ``"-23.8"``, never as a float.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def _is_id(value: Any) -> bool:
 
 def parse(name: str, body: bytes) -> dict[str, Any]:
     """The body as a dict; MalformedEvent if it is not one, or a processed type lacks an id it needs."""
-    event = load_object(body)
+    # Amounts (balance, coming, a transaction's value) as their text: the job's JSON cannot carry a
+    # Decimal, and a float is not the amount Powens wrote (workers.powens_rows reads the text exactly).
+    event = load_object(body, fractions_as_text=True)
     if "id_webhook_data" in event and not _is_id(event["id_webhook_data"]):
         raise MalformedEvent("id_webhook_data is not a positive 64-bit id")
     for path in REQUIRED_IDS.get(name, ()):

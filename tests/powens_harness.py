@@ -4,7 +4,6 @@ served over HTTP, and the tables are compared with the fake's ground truth."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis
@@ -12,7 +11,7 @@ import redis
 from fakebridge.powens import FakePowensServer
 from fakebridge.powens_world import PowensWorld, PUser
 from fakebridge.server import FakeBridgeServer
-from fakebridge.world import World
+from fakebridge.world import World, render_json
 from service.settings import Settings
 from tests.harness import Harness, dec, ts
 from tests.support import POWENS_SECRET, powens_signed, powens_url
@@ -61,8 +60,9 @@ class PowensHarness(Harness):
         return user
 
     def deliver(self, event: str, body: dict[str, Any]) -> str:
-        """POST the body, signed as Powens signs, to the event's URL; return the receiver's status."""
-        raw = json.dumps(body, default=str).encode()
+        """POST the body, signed as Powens signs, to the event's URL; return the receiver's status. Its
+        amounts (Decimal) are JSON numbers, as Powens writes them, not strings."""
+        raw = render_json(body).encode()
         response = self.receiver.post(powens_url(event), **powens_signed(event, raw))
         assert response.status_code == 200, response.text
         self.acknowledged.append(str(response.json()["event_id"]))

@@ -234,8 +234,8 @@ def test_db_upgrade_connects_as_database_url_migrate_when_set(pg_schema_url: str
 # -- the local stack's life: how it ends, and one per home ------------------------------------------
 
 DEV_UNSET = ("REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "DATABASE_URL", "BRIDGE_API_URL", "BRIDGE_CLIENT_ID",
-             "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS", "ALLOW_PLAINTEXT_STORAGE",
-             "BRIDGEHOOK_HOME")  # fmt: skip
+             "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS", "ALLOW_PLAINTEXT_STORAGE", "POWENS_WEBHOOK_SECRETS",
+             "POWENS_API_URL", "POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET", "BRIDGEHOOK_HOME")  # fmt: skip
 
 
 def dev_env() -> dict[str, str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -11,12 +13,15 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from bridgehook import powens_send
 from fakebridge.powens import FakePowensServer, PowensSender, now_header
 from fakebridge.powens import sign as fake_sign
+from fakebridge.powens_demo import demo_world
 from fakebridge.powens_world import PowensWorld
 from service.powens import sign as receiver_sign
 from service.settings import Settings
 from tests.support import POWENS_SECRET, queued_ids, running_receiver
+from workers import powens_rows
 
 
 def user_client(server: FakePowensServer) -> tuple[httpx.Client, int]:
@@ -181,3 +186,41 @@ def test_delete_budgets_faults_latency_and_the_request_log(
         ("DELETE", 204),
         ("GET", 401),
     ]
+
+
+def test_the_demo_world_lists_what_the_powens_fixtures_say() -> None:
+    """`make run`'s fake Powens (fakebridge.powens_demo) holds the fixtures' user, connection, accounts
+    and transactions: read as a worker reads them, its listings give the rows connection.synced's body
+    gives (a listing after the body rewrites them: it must not change them), and the Livret A that
+    accounts.fetched shows awaiting consent and account.enabled names."""
+    world = demo_world()
+    [user] = world.users.values()
+
+    def fixture(name: str) -> dict[str, Any]:
+        return dict(json.loads(powens_send.fixture_body(name), parse_float=Decimal))
+
+    synced = fixture("connection.synced")
+    assert user.id == synced["user"]["id"]
+    with FakePowensServer(world) as server:
+        client = httpx.Client(base_url=server.api_url, headers={"Authorization": f"Bearer {user.token}"})
+
+        def listed(path: str, key: str) -> list[dict[str, Any]]:
+            answer = client.get(path)
+            assert answer.status_code == 200, answer.text
+            return list(json.loads(answer.content, parse_float=Decimal)[key])
+
+        [connection] = listed("/users/me/connections", "connections")
+        accounts = {a["id"]: a for a in listed("/users/me/accounts?all", "accounts")}
+        transactions = listed("/users/me/transactions?limit=1000&all", "transactions")
+    assert powens_rows.item(connection) == powens_rows.item(synced["connection"])
+    [current] = synced["connection"]["accounts"]
+    assert powens_rows.account(accounts.pop(current["id"])) == powens_rows.account(current)
+    assert [powens_rows.transaction(t) for t in transactions] == [
+        powens_rows.transaction(t) for t in current["transactions"]
+    ]
+    [savings] = fixture("accounts.fetched")["connection"]["accounts"]
+    shown, said = powens_rows.account(accounts.pop(savings["id"])), powens_rows.account(savings)
+    keys = ("id", "item_id", "name", "type", "balance", "data_access", "updated_at")
+    assert {k: shown[k] for k in keys} == {k: said[k] for k in keys}
+    assert shown["iban"] == fixture("account.enabled")["iban"]  # (accounts.fetched shows none)
+    assert accounts == {}
