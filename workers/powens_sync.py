@@ -200,6 +200,14 @@ class PowensSync:
         with self.storage.transaction() as tx:
             return tokens.load(tx, self.storage.codec, powens_user(id_user))
 
+    @staticmethod
+    def _disabled(tx: Tx, account_ids: Sequence[int]) -> set[int]:
+        if not account_ids:
+            return set()
+        marks = ", ".join(["%s"] * len(account_ids))
+        sql = f"SELECT id FROM accounts WHERE data_access = 'disabled' AND id IN ({marks})"  # noqa: S608
+        return {int(row[0]) for row in tx.execute(sql, tuple(account_ids)).fetchall()}
+
     def _held(self, tx: Tx, item_id: int) -> set[int]:
         """The item's live accounts we hold with the user's consent."""
         rows = tx.execute(
@@ -243,13 +251,18 @@ class PowensSync:
             if row["deleted_at"] is not None:
                 self.storage.mark_account_deleted(tx, row["id"], row["deleted_at"])
             if row.get("data_access") == "disabled":
+                # As Powens does: deleted then, so a body older than that cannot bring them back.
                 at = powens_rows.read_time(body.get("disabled")) or parse_ts(row["updated_at"])
                 tx.execute(
-                    "UPDATE transactions SET deleted_at = %s WHERE account_id = %s AND deleted_at IS NULL "
-                    "AND (bridge_updated_at IS NULL OR bridge_updated_at <= %s)",
-                    (at, row["id"], at),
+                    "UPDATE transactions SET deleted_at = %s, bridge_updated_at = %s WHERE account_id = %s "
+                    "AND deleted_at IS NULL AND (bridge_updated_at IS NULL OR bridge_updated_at <= %s)",
+                    (at, at, row["id"], at),
                 )
-        gone = self.storage.deleted_accounts(tx, [a["id"] for a in accounts])
+        # Not for an account deleted, or disabled as we hold it (a body older than its disabling: its
+        # transactions are deleted at Powens by now).
+        gone = self.storage.deleted_accounts(tx, [a["id"] for a in accounts]) | self._disabled(
+            tx, [a["id"] for a in accounts]
+        )
         carried = [
             powens_rows.transaction(t)
             for row, body in zip(accounts, bodies, strict=True)
