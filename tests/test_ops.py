@@ -473,11 +473,14 @@ def test_status_and_metrics(harness: Harness, world: World, cli: Cli) -> None:
     metrics = {m.name: m for m in StatusCollector(ctx.settings, ctx.redis, ctx.storage).collect()}
     flagged = {tuple(s.labels.values()): s.value for s in metrics["bridgehook_items"].samples}
     assert flagged == {("0", "false"): 1, ("402", "true"): 1}
-    assert jobs.JOBS.labels("item.created", "done")._value.get() >= 2
-    lag = REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count")
+    assert jobs.JOBS.labels("bridge", "item.created", "done")._value.get() >= 2
+    lag = REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count", {"provider": "bridge"})
     harness.send(world.event_item_refreshed(good))
     harness.drain()
-    assert REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count") == (lag or 0) + 1
+    assert (
+        REGISTRY.get_sample_value("bridgehook_sync_lag_seconds_count", {"provider": "bridge"})
+        == (lag or 0) + 1
+    )
 
 
 REDIS_FAMILIES = {"bridgehook_queue_jobs", "bridgehook_replays", "bridgehook_workers"}

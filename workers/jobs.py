@@ -153,6 +153,7 @@ def _run(
     structlog.contextvars.bind_contextvars(job_id=event_id, event_type=event.get("type"),
                                            item_id=content.get("item_id"))  # fmt: skip
     ctx = current()
+    provider = "powens" if event.get("provider") == "powens" else "bridge"
     meta = job.meta if job is not None else {}
     item_id = None if locks_itself else content.get("item_id")
     account = content.get("account_id") if scope == "account" else None
@@ -213,7 +214,7 @@ def _run(
                 if not finished:
                     _failed(ctx, job, event_id, exc, progress)
                     if not isinstance(exc, ItemLocked):  # stepping aside is no failure
-                        JOBS.labels(event.get("type"), "failed").inc()
+                        JOBS.labels(provider, event.get("type"), "failed").inc()
                     raise
                 # Done and durable already (a job timeout, Redis gone as the lock was released):
                 # the ledger and RQ must not call it failed, nor run it again.
@@ -221,9 +222,11 @@ def _run(
             if not finished:
                 ctx.ledger.done(event_id)
         summary = outcome.as_dict() if isinstance(outcome, SyncResult) else outcome
-        JOBS.labels(event.get("type"), "served" if summary.get("skipped") == "served" else "done").inc()
+        JOBS.labels(
+            provider, event.get("type"), "served" if summary.get("skipped") == "served" else "done"
+        ).inc()
         if meta.get("received_at") and not meta.get("replayed"):
-            SYNC_LAG.observe(max(0.0, time.time() - int(meta["received_at"]) / 1000))
+            SYNC_LAG.labels(provider).observe(max(0.0, time.time() - int(meta["received_at"]) / 1000))
         log.info("job.done", **summary)
         return summary
     finally:
