@@ -77,14 +77,9 @@ class PowensSync:
         with self.storage.transaction(durable=False) as tx:
             skipped = self._write_item(tx, powens_user(id_user), item)
             if skipped is None:
-                # Never synced whole: new to us, or an earlier attempt failed before the end (its
-                # body's accounts are stored by now, those awaiting consent maybe not).
-                new = (
-                    tx.execute("SELECT last_synced_at FROM items WHERE id = %s", (item["id"],)).fetchone()[0]
-                    is None
-                )
+                new = self._never_synced(tx, item["id"])
                 written = self._write_accounts(tx, accounts, bodies)
-                left_out = self._held(tx, item["id"]) - {a["id"] for a in accounts}
+                left_out = {a for a, _ in self._consented(tx, item["id"])} - {a["id"] for a in accounts}
         if skipped is not None:
             return {"skipped": skipped}
         summary: dict[str, Any] = {"item_id": item["id"], "accounts": len(accounts), "transactions": written}
@@ -140,16 +135,12 @@ class PowensSync:
         the number of rows written."""
         token = token or self.token_of(id_user)
         with self.storage.transaction() as tx:
-            rows = tx.execute(
-                "SELECT id, transactions_cursor FROM accounts WHERE item_id = %s AND deleted_at IS NULL "
-                "AND (data_access IS NULL OR data_access <> 'disabled')",
-                (item_id,),
-            ).fetchall()
+            rows = self._consented(tx, item_id)
         if not rows:
             return 0
-        cursors = [to_datetime(cursor) for _, cursor in rows]
+        cursors = [cursor for _, cursor in rows]
         since = None if None in cursors else min(c for c in cursors if c is not None) - self.overlap
-        mine = {int(account_id) for account_id, _ in rows}
+        mine = {account_id for account_id, _ in rows}
         newest: datetime | None = None
         written = 0
         with refused_token(id_user):
@@ -201,6 +192,13 @@ class PowensSync:
             return tokens.load(tx, self.storage.codec, powens_user(id_user))
 
     @staticmethod
+    def _never_synced(tx: Tx, item_id: int) -> bool:
+        """New to us, or every attempt so far failed before the end: its body's accounts may be stored,
+        not those awaiting consent (a sync that ends records when: Storage.item_synced)."""
+        row = tx.execute("SELECT last_synced_at FROM items WHERE id = %s", (item_id,)).fetchone()
+        return row is None or row[0] is None
+
+    @staticmethod
     def _disabled(tx: Tx, account_ids: Sequence[int]) -> set[int]:
         if not account_ids:
             return set()
@@ -208,14 +206,15 @@ class PowensSync:
         sql = f"SELECT id FROM accounts WHERE data_access = 'disabled' AND id IN ({marks})"  # noqa: S608
         return {int(row[0]) for row in tx.execute(sql, tuple(account_ids)).fetchall()}
 
-    def _held(self, tx: Tx, item_id: int) -> set[int]:
-        """The item's live accounts we hold with the user's consent."""
+    @staticmethod
+    def _consented(tx: Tx, item_id: int) -> list[tuple[int, datetime | None]]:
+        """The item's live accounts we hold with the user's consent, each with its cursor."""
         rows = tx.execute(
-            "SELECT id FROM accounts WHERE item_id = %s AND deleted_at IS NULL "
+            "SELECT id, transactions_cursor FROM accounts WHERE item_id = %s AND deleted_at IS NULL "
             "AND (data_access IS NULL OR data_access <> 'disabled')",
             (item_id,),
         ).fetchall()
-        return {int(row[0]) for row in rows}
+        return [(int(account_id), to_datetime(cursor)) for account_id, cursor in rows]
 
     def _write_item(self, tx: Tx, user_uuid: str, item: dict[str, Any]) -> str | None:
         """The user and the item, as workers.sync writes Bridge's: why the sync stops, or None."""
