@@ -42,7 +42,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from service.queue import JOB_TIMEOUT_SECONDS
-from service.settings import Settings
+from service.settings import Settings, SettingsError
 from tests.support import TEST_ENCRYPTION_KEY, free_port, settings_variables, wait_for_http
 from tests.test_readme import Doc, anchors
 
@@ -470,33 +470,37 @@ def test_secrets_are_referenced_never_defined(manifests: Rendered) -> None:
     config = manifests.config()
     for key, value in config.items():
         assert not re.search(r"SECRET|PASSWORD|TOKEN|KEY", key), f"{key} belongs in the Secret"
-        public = ("BRIDGE_API_URL", "CONNECT_CALLBACK_URL", "CONNECT_RETURN_URL")  # addresses, no credentials
+        # Addresses, no credentials.
+        public = ("BRIDGE_API_URL", "POWENS_API_URL", "CONNECT_CALLBACK_URL", "CONNECT_RETURN_URL")
         assert key in public or ("@" not in value and "://" not in value), f"{key}={value!r}"
         assert "@" not in value, f"{key}={value!r}"
 
 
+# The processes that call the providers' APIs: the workers (syncs), the scheduler (its sweep) and the
+# API (users; Bridge's Connect sessions, Powens's POST /auth/init). Powens's client comes from optional
+# keys: a deployment without Powens has none.
+PROVIDER_CALLERS = {"worker", "scheduler", "api"}
+POWENS_CLIENT = {"POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET"}
+PROVIDER_CLIENTS = {"BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET"} | POWENS_CLIENT
 WANTED_SECRETS = {
     "receiver": {"REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "POWENS_WEBHOOK_SECRETS"},
-    "worker": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
-    "scheduler": {"REDIS_URL", "DATABASE_URL", "BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET", "ENCRYPTION_KEYS"},
+    "worker": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS"} | PROVIDER_CLIENTS,
+    "scheduler": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS"} | PROVIDER_CLIENTS,
     "migrate": {"DATABASE_URL", "DATABASE_URL_MIGRATE"},
-    "api": {
-        "REDIS_URL",
-        "DATABASE_URL",
-        "BRIDGE_CLIENT_ID",
-        "BRIDGE_CLIENT_SECRET",
-        "ENCRYPTION_KEYS",
-        "API_TOKENS",
-    },
+    "api": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS", "API_TOKENS"} | PROVIDER_CLIENTS,
 }
+# The keys a deployment may leave out of the Secret (secretKeyRef with optional: true).
+OPTIONAL_SECRETS = {"POWENS_WEBHOOK_SECRETS", "DATABASE_URL_MIGRATE"} | POWENS_CLIENT
 
 
 def test_each_process_gets_only_the_secrets_it_needs(manifests: Rendered) -> None:
     for workload in manifests.workloads():
         (c,) = containers(workload)
-        secrets = {v["name"] for v in c.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
-        assert secrets == WANTED_SECRETS[component(workload)], workload["metadata"]["name"]
-        assert all(v["valueFrom"]["secretKeyRef"]["key"] == v["name"] for v in c["env"] if "valueFrom" in v)
+        refs = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in c.get("env", []) if "valueFrom" in v}
+        assert set(refs) == WANTED_SECRETS[component(workload)], workload["metadata"]["name"]
+        assert all(ref["key"] == name for name, ref in refs.items())
+        optional = {name for name, ref in refs.items() if ref.get("optional", False)}
+        assert optional == set(refs) & OPTIONAL_SECRETS, workload["metadata"]["name"]
 
 
 def test_the_external_secret_example_writes_every_key_referenced(manifests: Rendered) -> None:
@@ -905,19 +909,27 @@ def _ip_block_allows(peer: dict[str, Any], address: str) -> bool:
     )
 
 
-def test_bridge_is_reached_on_443_from_the_processes_that_call_it_only(manifests: Rendered) -> None:
-    """Bridge's API has no fixed addresses: HTTPS to the public internet, from the three processes
-    that call it (the API creates users and Connect sessions), never to the cluster's or the cloud's
-    private addresses. (Bridge, for its part, allow-lists the cluster's static egress address:
-    docs/deploy.md, "Egress address".)"""
-    policy = manifests.one("NetworkPolicy", "bridgehook-egress-bridge-api")
+# Each provider's API, reached on 443 by a policy of its own (so that an FQDN-aware CNI can replace
+# each with its host's): Bridge's and Powens's, neither of which publishes its API's addresses.
+PROVIDER_EGRESS = {"bridge": "bridgehook-egress-bridge-api", "powens": "bridgehook-egress-powens-api"}
+
+
+@pytest.mark.parametrize("provider", sorted(PROVIDER_EGRESS))
+def test_each_provider_is_reached_on_443_from_the_processes_that_call_it_only(
+    manifests: Rendered, provider: str
+) -> None:
+    """A provider's API has no fixed addresses: HTTPS to the public internet, from the three processes
+    that call it (the API creates users, and Bridge's Connect sessions; the scheduler sweeps), never
+    to the cluster's or the cloud's private addresses. (Bridge, for its part, allow-lists the
+    cluster's static egress address: docs/deploy.md, "Egress address".)"""
+    policy = manifests.one("NetworkPolicy", PROVIDER_EGRESS[provider])
     assert policy["spec"]["policyTypes"] == ["Egress"]
     selected = {
         component(w)
         for w in manifests.workloads()
         if _selects(policy["spec"]["podSelector"], w["spec"]["template"]["metadata"]["labels"])
     }
-    assert selected == {"worker", "scheduler", "api"}
+    assert selected == PROVIDER_CALLERS
     (rule,) = policy["spec"]["egress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 443}]
     (peer,) = rule["to"]
@@ -926,14 +938,90 @@ def test_bridge_is_reached_on_443_from_the_processes_that_call_it_only(manifests
         assert _ip_block_allows(peer, public), public
     for private in ("10.0.16.5", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254"):
         assert not _ip_block_allows(peer, private), private
-    ours = [
-        p
+    ours = {
+        p["metadata"]["name"]
         for p in manifests.of("NetworkPolicy")
         if any(r["port"] == 443 for e in p["spec"].get("egress", []) for r in e["ports"])
-    ]
-    assert ours == [policy], "one policy opens 443"
+    }
+    assert ours == set(PROVIDER_EGRESS.values()), "only the providers' policies open 443"
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     assert "## Egress address" in deploy and "api.ipify.org" in deploy
+    network = "\n".join(Doc.read(ROOT / "docs" / "deploy.md").section("Network"))
+    assert PROVIDER_EGRESS[provider] in network
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_powens_api_is_optional_and_set_where_it_is_used(
+    rendered: dict[str, Rendered], overlay: str, tools: Path, tmp_path: Path
+) -> None:
+    """The workers, the scheduler and the API get Powens's API from the ConfigMap and its client from
+    the Secret's optional keys: without them (the base: POWENS_API_URL empty, no key) there is no
+    Powens client and nothing calls Powens (workers/reconcile.py reads POWENS_API_URL), so a
+    deployment without Powens renders and starts as before. The timeout and budgets are in the
+    ConfigMap with the README's defaults, each under a comment; the overlay's commented
+    POWENS_API_URL, uncommented, renders into every Powens caller's environment."""
+    config = rendered[overlay].config()
+    without = Settings.from_env(config)
+    assert config["POWENS_API_URL"] == "" and without.powens_api_url is None
+    for name in ("POWENS_API_URL", "POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET"):
+        with pytest.raises(SettingsError, match=f"^{name}: required"):
+            without.require(name)
+    readme = (ROOT / "README.md").read_text()
+    base = (K8S / "base" / "kustomization.yaml").read_text().splitlines()
+    defaults = Settings()
+    for name, value in (
+        ("POWENS_TIMEOUT_SECONDS", defaults.powens_timeout_seconds),
+        ("POWENS_RATE_LIMIT_APP", defaults.powens_rate_app),
+        ("POWENS_RATE_LIMIT_USER", defaults.powens_rate_user),
+    ):
+        (row,) = re.findall(rf"^\| `{name}` \|.*\| `([^`]+)`", readme, re.M)
+        assert config[name] == row, f"{name}: the ConfigMap's {config[name]!r}, the README's {row!r}"
+        assert getattr(without, name.lower().replace("rate_limit", "rate")) == value, name
+        _assert_commented(base, name)
+    _assert_commented(base, "POWENS_API_URL")
+    # Turned on: the overlay's commented line, uncommented in an overlay of the overlay.
+    text = (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
+    (url,) = re.findall(r"^\s*# - POWENS_API_URL=(https://[a-z0-9-]+\.biapi\.pro/2\.0)$", text, re.M)
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],  # never absolute
+                "configMapGenerator": [
+                    {"name": "bridgehook-config", "behavior": "merge", "literals": [f"POWENS_API_URL={url}"]}
+                ],
+            }
+        )
+    )
+    done = _run_tool(tools, "kubectl", "kustomize", tmp_path)
+    assert done.returncode == 0, done.stderr
+    on = Rendered(done.stdout, [d for d in yaml.safe_load_all(done.stdout) if d])
+    assert on.config() == {**config, "POWENS_API_URL": url}
+    (cm_off,), (cm_on,) = rendered[overlay].of("ConfigMap"), on.of("ConfigMap")
+    assert cm_on["metadata"]["name"] != cm_off["metadata"]["name"], "a new name rolls the pods that read it"
+    settings = Settings.from_env(
+        {**on.config(), "POWENS_CLIENT_ID": "1234", "POWENS_CLIENT_SECRET": "s" * 32}
+    )
+    settings.require("POWENS_API_URL", "POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET")
+    assert settings.powens_api_url == url
+    callers = set()
+    for workload in on.workloads():
+        (c,) = containers(workload)
+        reads = {ref["configMapRef"]["name"] for ref in c.get("envFrom", []) if "configMapRef" in ref}
+        keys = {v["name"] for v in c.get("env", []) if "valueFrom" in v}
+        if keys >= POWENS_CLIENT:
+            assert reads == {cm_on["metadata"]["name"]}, workload["metadata"]["name"]
+            callers.add(component(workload))
+    assert callers == PROVIDER_CALLERS
+
+
+def _assert_commented(lines: list[str], name: str) -> None:
+    """The literal ``- NAME=`` sits in a run of literals that a comment opens."""
+    (at,) = [i for i, line in enumerate(lines) if line.strip().startswith(f"- {name}=")]
+    while lines[at - 1].strip().startswith("- "):
+        at -= 1
+    assert lines[at - 1].strip().startswith("#"), f"{name} has no comment in k8s/base/kustomization.yaml"
 
 
 # --------------------------------------------------------------------------------------------
