@@ -1,8 +1,9 @@
 """Errors as the API answers them: ``{"error": <code>, "detail": <text>}``, as the receiver does.
 
-Bridge's failures become answers the application can act on: a budget spent or Bridge unreachable is
-a 503 with ``Retry-After`` (try again later), a user Bridge no longer knows a 404, Bridge refusing our
-credentials or a request a 502 (ours to fix, not the application's). A stored value that cannot be
+A provider's failures become answers the application can act on, named after the provider
+(``bridge_…``, ``powens_…``): a budget spent or the provider unreachable is a 503 with ``Retry-After``
+(try again later), a user it no longer knows a 404, our credentials or a request refused a 502 (ours
+to fix, not the application's). A stored value that cannot be
 decrypted is a 500 naming it.
 """
 
@@ -44,16 +45,21 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def bridge_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProviderError)
-    log.warning("api.bridge_error", error=type(exc).__name__, status=exc.status, code=exc.code)
+    who, name = exc.provider, exc.provider.lower()
+    log.warning(
+        "api.provider_error", provider=name, error=type(exc).__name__, status=exc.status, code=exc.code
+    )
     if isinstance(exc, TransientError):
         wait = str(max(1, math.ceil(exc.retry_after or 1)))
-        return error_response(503, "bridge_unavailable", "Bridge is busy or unreachable: retry later",
+        return error_response(503, f"{name}_unavailable", f"{who} is busy or unreachable: retry later",
                               {"Retry-After": wait})  # fmt: skip
-    if isinstance(exc, NotFound):  # the user (or item) is gone at Bridge; its webhook will follow
-        return error_response(404, "not_found_at_bridge", "Bridge no longer knows this user or item")
+    if isinstance(exc, NotFound):  # the user (or item) is gone there; its webhook will follow
+        return error_response(404, f"not_found_at_{name}", f"{who} no longer knows this user or item")
     if isinstance(exc, AuthError):
-        return error_response(502, "bridge_refused", "Bridge refused our credentials: check BRIDGE_CLIENT_*")
-    return error_response(502, "bridge_error", f"Bridge refused the request ({exc.status} {exc.code or ''})")
+        return error_response(
+            502, f"{name}_refused", f"{who} refused our credentials: check {name.upper()}_CLIENT_*"
+        )
+    return error_response(502, f"{name}_error", f"{who} refused the request ({exc.status} {exc.code or ''})")
 
 
 async def codec_error(request: Request, exc: Exception) -> Response:

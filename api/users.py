@@ -14,6 +14,8 @@ lock instead. DELETE deletes the user at each provider, then erases every row of
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +26,7 @@ from api.errors import ApiError
 from workers import tokens
 from workers.context import WorkerContext
 from workers.erasure import erase_user, forget_erasure, was_erased
-from workers.errors import AuthError, NotFound, PermanentError
+from workers.errors import AuthError, NotFound, PermanentError, ProviderError
 from workers.jobs import item_lock
 from workers.providers import PROVIDERS, Provider, powens_user, powens_user_id, provider_of_user
 
@@ -100,12 +102,25 @@ def _put(ctx: WorkerContext, external: str, of: Provider) -> tuple[int, str]:
     return status, uuid
 
 
+@contextmanager
+def powens_answers() -> Iterator[None]:
+    """Powens's errors, answered as Powens's (api.errors), not Bridge's."""
+    try:
+        yield
+    except ProviderError as exc:
+        exc.provider = "Powens"
+        raise
+
+
 def _put_powens(ctx: WorkerContext, external: str) -> tuple[int, str]:
+    if not ctx.settings.powens_api_url:
+        raise ApiError(400, "provider_not_configured", "this deployment has no Powens (POWENS_API_URL)")
     with ctx.redis.lock(f"bridgehook:lock:put-user:{external}", timeout=60, blocking_timeout=65):
         uuid = find(ctx, external, "powens")
         if uuid is not None:
             return 200, uuid
-        id_user, token = ctx.powens.auth_init()
+        with powens_answers():
+            id_user, token = ctx.powens.auth_init()
         uuid = powens_user(id_user)
         with ctx.storage.transaction() as tx:
             ctx.storage.upsert_user(tx, uuid, external)
@@ -133,7 +148,8 @@ def _delete(ctx: WorkerContext, external: str) -> bool:
             try:
                 with ctx.storage.transaction() as tx:
                     token = tokens.load(tx, ctx.storage.codec, uuid)
-                ctx.powens.delete_user(powens_user_id(uuid), token)
+                with powens_answers():
+                    ctx.powens.delete_user(powens_user_id(uuid), token)
             except (tokens.MissingToken, NotFound, AuthError):  # gone at Powens already
                 pass
         else:

@@ -5,6 +5,7 @@ SQLite and PostgreSQL, against both fakes over HTTP."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import redis
@@ -79,3 +80,22 @@ def test_an_unknown_provider_is_400(api: tuple[PowensHarness, TestClient]) -> No
     _, client = api
     answer = client.put("/v1/users/u-1?provider=plaid", headers=AUTH)
     assert (answer.status_code, answer.json()["error"]) == (400, "invalid_provider")
+
+
+def test_powens_failing_is_answered_as_powens(api: tuple[PowensHarness, TestClient]) -> None:
+    h, client = api
+    h.pworld.faults.fail_next(10, 503)  # every attempt of the client's
+    answer = client.put("/v1/users/u-2?provider=powens", headers=AUTH)
+    assert (answer.status_code, answer.json()["error"]) == (503, "powens_unavailable")
+    assert "Retry-After" in answer.headers
+    assert h.rows("SELECT uuid FROM users") == []
+
+
+def test_powens_not_configured_is_400(api: tuple[PowensHarness, TestClient]) -> None:
+    h, _ = api
+    settings = replace(h.settings, powens_api_url=None)
+    context = WorkerContext.build(settings)
+    with TestClient(create_app(settings, context)) as client:
+        answer = client.put("/v1/users/u-3?provider=powens", headers=AUTH)
+    context.close()
+    assert (answer.status_code, answer.json()["error"]) == (400, "provider_not_configured")

@@ -22,6 +22,8 @@ from typing import Any
 
 
 class ProviderError(Exception):
+    provider = "Bridge"  # whose answer it was, where a caller of both clients says so (api/users.py)
+
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
