@@ -467,7 +467,7 @@ class EventQueue:
             utcformat(rq_now()),
             self.template.json,
             struct.pack(f"<{len(values)}I", *map(len, values)),
-            *_segments(values),
+            *(_segments(values) if bulk else [b"".join(values)]),  # a batch is within MAX_BATCH_BYTES
         ]
         del values
         BATCH_SIZE.observe(len(batch))
