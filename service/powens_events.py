@@ -22,7 +22,7 @@ field without building it), the rest of our rules checked on the bytes (service/
 the job's envelope is :func:`envelope_json`, the body spliced in as it came, which the worker
 decodes to exactly :func:`envelope`'s dict. A body that way cannot vouch for (a lone surrogate, an
 id given twice, ``1e999`` in a string…) is judged by :func:`parse`, the rules' exact form: the
-Structs only ever spare memory, never change a decision (tests/test_powens_webhook.py holds the two
+Structs only ever spare memory, never change a decision (tests/test_powens_bodies.py holds the two
 equal).
 """
 
@@ -153,7 +153,7 @@ class _WithConnection(_WithId, kw_only=True, gc=False):
     id_connection: _Id
 
 
-# The REQUIRED_IDS and _check_accounts of parse, as types (tests/test_powens_webhook.py checks them).
+# The REQUIRED_IDS and _check_accounts of parse, as types (tests/test_powens_bodies.py checks them).
 _SHAPES: dict[str, type[_Event]] = {
     "CONNECTION_SYNCED": _ConnectionSynced,
     "CONNECTION_DELETED": _WithId,
