@@ -36,8 +36,8 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -73,7 +73,7 @@ RESULT_TTL_SECONDS = 3600
 FAILURE_TTL_SECONDS = 90 * 86400  # dead letters stay inspectable for a quarter
 MAX_BATCH = 200
 MAX_BATCH_BYTES = 1 << 20  # a delivery larger than this is sent alone, on the bulk connection
-_ALONE = 1 << 16  # a value larger than this travels as a segment of its own, never copied
+_ALONE = 1 << 12  # in a call of its own, a piece larger than this is a segment of its own, never copied
 # The bulk connection's timeout: the usual 2 s, plus this per MiB of the largest call the limits allow.
 _BULK_SECONDS_PER_MIB = 0.25
 
@@ -81,16 +81,19 @@ _BULK_SECONDS_PER_MIB = 0.25
 # received_at, client, signature, request_id and body. A whole batch travels as the values'
 # lengths (little-endian 32-bit integers) and the values concatenated, so packing the command for
 # Redis costs the same for one delivery or a hundred, and the script cuts the values without
-# parsing a number. A large value is a segment of its own (the script reads the segments in turn),
-# so that it is never copied into the concatenation.
+# parsing a number. In a call of its own, the concatenation is cut into segments instead, so that
+# the large pieces (the body, and the job's payload framed around views of it) are never copied:
+# the script reads a value across as many segments as it spans.
 _FIELDS = 11
+Piece = bytes | bytearray | memoryview
+Value = Piece | tuple[Piece, ...]  # a value in pieces: a large job payload, framed around its body
 _SCRIPT = """
 -- KEYS: 1 the queue, 2 RQ's set of queues, 3 the archive stream, 4 a scratch key for the template,
 --       5 the counter of received events, 6 its epoch
 -- ARGV: 1 dedupe key prefix, 2 job key prefix, 3 dedupe seconds, 4 archive max length,
 --       5 archive min id (ms), 6 now (RQ's time format), 7 the job hash template (JSON),
 --       8 the values' lengths, 11 per delivery, 9… the values concatenated, in one or more
---       segments (a segment ends where a value ends; empty values are in none).
+--       segments (cut anywhere).
 -- The job template: RQ's constant fields, and this call's time as every job's creation time.
 local template = {"created_at", ARGV[6], "enqueued_at", ARGV[6]}
 for k, v in pairs(cjson.decode(ARGV[7])) do
@@ -102,9 +105,19 @@ redis.call("HSET", KEYS[4], unpack(template))
 local lengths, values, seg, pos = ARGV[8], {}, 9, 1
 for at = 1, #lengths, 4 do
   local n = struct.unpack("<I4", lengths, at)
-  if n > 0 and pos > #ARGV[seg] then seg, pos = seg + 1, 1 end
-  values[#values + 1] = string.sub(ARGV[seg], pos, pos + n - 1)
-  pos = pos + n
+  if pos + n - 1 <= #ARGV[seg] then  -- within the segment: every value of a batch
+    values[#values + 1] = string.sub(ARGV[seg], pos, pos + n - 1)
+    pos = pos + n
+  else  -- over segments: a large delivery's pieces
+    local parts = {}
+    while n > 0 do
+      if pos > #ARGV[seg] then seg, pos = seg + 1, 1 end
+      local k = math.min(n, #ARGV[seg] - pos + 1)
+      parts[#parts + 1] = string.sub(ARGV[seg], pos, pos + k - 1)
+      pos, n = pos + k, n - k
+    end
+    values[#values + 1] = table.concat(parts)
+  end
 end
 local out, queued = {}, {}
 for o = 1, #values, 11 do
@@ -219,7 +232,7 @@ class JobTemplate:
         event: Mapping[str, Any],
         received_at: bytes,
         argument: Sequence[bytes] | None = None,
-    ) -> tuple[bytes | bytearray, bytes, bytes]:
+    ) -> tuple[Value, bytes, bytes]:
         """``data``, ``description`` and ``meta`` as ``Job.to_dict()`` writes them (``received_at``:
         milliseconds in decimal, as archived).
 
@@ -236,57 +249,64 @@ class JobTemplate:
         return data, description(event, job_id).encode(), meta
 
 
-def stored_zlib(*pieces: bytes) -> bytes | bytearray:
+def stored_zlib(*pieces: Piece) -> bytes | tuple[Piece, ...]:
     """The pieces, concatenated, as a zlib stream of stored (uncompressed) deflate blocks, as level 0
-    writes it.
+    writes it: one buffer for a payload of one block, the stream's pieces otherwise.
 
     RQ stores the payload as a zlib stream and reads it with ``zlib.decompress``, which takes
     any valid stream. For a few hundred bytes, compressing costs far more than it saves (the
     defaults some fifty microseconds); even a level-0 compressor's set-up costs more than
     framing the bytes here: a 2-byte header, blocks of at most 65,535 bytes each behind its
-    length and the length's complement, and the Adler-32 checksum. The pieces are copied once,
-    straight into the stream (a large body is never concatenated first).
+    length and the length's complement, and the Adler-32 checksum. A larger payload (a Powens
+    body) is framed around views of its pieces: the stream is never assembled here, the queue
+    hands its pieces to Redis as they are.
     """
     size = sum(map(len, pieces))
+    checksum = 1
     if size <= 65535:  # one block: the usual event
-        checksum = 1
         for piece in pieces:
             checksum = zlib.adler32(piece, checksum)
         header = 1 | size << 8 | (size ^ 0xFFFF) << 24
         return b"".join((b"\x78\x01", header.to_bytes(5, "little"), *pieces, checksum.to_bytes(4, "big")))
     blocks = -(-size // 65535)
-    out = bytearray(2 + 5 * blocks + size + 4)
-    out[:2] = b"\x78\x01"
-    for n in range(blocks):
-        length = min(65535, size - n * 65535)
-        header = (n == blocks - 1) | length << 8 | (length ^ 0xFFFF) << 24
-        at = 2 + n * 65540
-        out[at : at + 5] = header.to_bytes(5, "little")
-    checksum, offset = 1, 0  # offset: in the concatenation
+    out: list[Piece] = [b"\x78\x01"]
+    block = left = 0  # left: bytes of the current block still to come
     for piece in pieces:
         checksum = zlib.adler32(piece, checksum)
         view, done = memoryview(piece), 0
         while done < len(view):
-            block, within = divmod(offset, 65535)
-            n = min(len(view) - done, 65535 - within)
-            at = 2 + block * 65540 + 5 + within
-            out[at : at + n] = view[done : done + n]
-            done, offset = done + n, offset + n
-    out[-4:] = checksum.to_bytes(4, "big")
-    return out
+            if not left:
+                left = min(65535, size - block * 65535)
+                block += 1
+                out.append(((block == blocks) | left << 8 | (left ^ 0xFFFF) << 24).to_bytes(5, "little"))
+            n = min(left, len(view) - done)
+            out.append(view[done : done + n])
+            done, left = done + n, left - n
+    out.append(checksum.to_bytes(4, "big"))
+    return tuple(out)
 
 
 class QueueUnavailable(Exception):
     """Redis could not be reached or did not confirm the write."""
 
 
-Value = bytes | bytearray
-
-
 class _Pending(NamedTuple):
     values: list[Value]  # _FIELDS of them
     future: asyncio.Future[str]
     size: int  # the values' bytes
+    framed: bool  # whether a value is in pieces (a large job payload)
+
+
+def _size(value: Value) -> int:
+    return sum(map(len, value)) if isinstance(value, tuple) else len(value)
+
+
+def _pieces(values: list[Value]) -> Iterator[Piece]:
+    for value in values:
+        if isinstance(value, tuple):
+            yield from value
+        else:
+            yield value
 
 
 def _fail(batch: list[_Pending], error: QueueUnavailable) -> None:
@@ -306,20 +326,20 @@ def _next_batch(pending: list[_Pending]) -> int:
     return count
 
 
-def _segments(values: list[Value]) -> list[bytes | memoryview]:
-    """The values concatenated as the script reads them: runs of small ones joined, each large one a
+def _segments(pieces: Iterable[Piece]) -> list[bytes | memoryview]:
+    """The pieces concatenated as the script reads them: runs of small ones joined, each large one a
     segment of its own as a memoryview, which redis-py sends as it is (its hiredis packer would copy
     every argument into one command)."""
     out: list[bytes | memoryview] = []
-    run: list[Value] = []
-    for value in values:
-        if len(value) > _ALONE:
+    run: list[Piece] = []
+    for piece in pieces:
+        if len(piece) > _ALONE:
             if run:
                 out.append(b"".join(run))
                 run = []
-            out.append(memoryview(value))
-        elif value:
-            run.append(value)
+            out.append(piece if type(piece) is memoryview else memoryview(piece))
+        elif piece:
+            run.append(piece)
     if run:
         out.append(b"".join(run))
     return out
@@ -435,7 +455,8 @@ class EventQueue:
             values = [event_id.encode(), b"ignored", b"", b"", b"", *archive]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self._pending.append(_Pending(values, future, sum(map(len, values))))
+        framed = type(values[2]) is tuple
+        self._pending.append(_Pending(values, future, sum(map(_size, values)), framed))
         if self._sender is None:  # starts at the end of this turn, with all that arrived in it
             self._sender = loop.create_task(self._send_pending())
         return future
@@ -458,6 +479,7 @@ class EventQueue:
         s = self._settings
         values = [v for item in batch for v in item.values]
         bulk = sum(item.size for item in batch) > MAX_BATCH_BYTES
+        framed = any(item.framed for item in batch)
         args: list[Any] = [
             DEDUPE_PREFIX,
             Job.redis_job_namespace_prefix,
@@ -466,8 +488,8 @@ class EventQueue:
             int(time.time() * 1000) - s.archive_max_age_seconds * 1000,
             utcformat(rq_now()),
             self.template.json,
-            struct.pack(f"<{len(values)}I", *map(len, values)),
-            *(_segments(values) if bulk else [b"".join(values)]),  # a batch is within MAX_BATCH_BYTES
+            struct.pack(f"<{len(values)}I", *map(_size, values)),
+            *self._concatenated(values, bulk, framed),
         ]
         del values
         BATCH_SIZE.observe(len(batch))
@@ -485,6 +507,14 @@ class EventQueue:
         for item, decision in zip(batch, decisions, strict=True):
             if not item.future.done():
                 item.future.set_result(decision)
+
+    @staticmethod
+    def _concatenated(values: list[Value], bulk: bool, framed: bool) -> list[bytes | memoryview]:
+        """The values concatenated: a batch, within MAX_BATCH_BYTES, in one segment (joined at once
+        when no value is in pieces: the usual batch); a call of its own in segments."""
+        if bulk:
+            return _segments(_pieces(values))
+        return [b"".join(_pieces(values) if framed else cast(list[Piece], values))]
 
     async def check_durability(self) -> None:
         """Warn when Redis could lose what we acknowledge: AOF off, or keys evicted under memory pressure."""
