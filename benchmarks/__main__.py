@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["receiver", "write_path", "incremental", "e2e", "budget"]
+BENCHMARKS = ["receiver", "write_path", "incremental", "e2e", "budget", "powens_bodies"]
 
 
 def main() -> int:

@@ -84,33 +84,23 @@ def _finite(text: str) -> float:
 # stored body. Bridge sends none.
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
 
-
-def _finite_text(text: str) -> str:
-    _finite(text)
-    return text
-
-
-# The same rules, a number with a fraction or an exponent kept as its text: Powens's amounts, which
-# the job (RQ's JSON serializer: no Decimal) carries as written for the worker to read exactly.
-_TEXT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_text)
-
 # Bridge's events nest three deep (content.account_types). Past this depth a body is refused: a
 # body nested near the interpreter's recursion limit parses, then cannot be encoded again for the job.
 MAX_DEPTH = 32
 
 
-def _load(body: bytes, decoder: json.JSONDecoder = _DECODER) -> Any:
+def _load(body: bytes) -> Any:
     """The body as JSON, which between systems is UTF-8 (RFC 8259): strictly decoded, so that
     UTF-16, UTF-32 and encoded surrogates (all of which ``json.loads(bytes)`` would accept, and a
     worker could not read back from the job) are refused. The usual body, an object, goes straight
     to the decoder; anything else, or anything left after the object, through ``decode``."""
     text = body.decode("utf-8")
     if text[:2] == '{"':
-        value, end = decoder.raw_decode(text)
+        value, end = _DECODER.raw_decode(text)
         if end != len(text):
-            value = decoder.decode(text)
+            value = _DECODER.decode(text)
     else:
-        value = decoder.decode(text)
+        value = _DECODER.decode(text)
     # Fewer brackets than the limit cannot nest past it: a count in C spares the usual body the walk.
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise MalformedEvent(f"the body nests deeper than {MAX_DEPTH} levels")
@@ -143,12 +133,10 @@ _MAX_ID = 2**63 - 1
 _MAX_TIMESTAMP = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z in milliseconds
 
 
-def load_object(body: bytes, *, fractions_as_text: bool = False) -> dict[str, Any]:
-    """The body as a JSON object under the rules of :func:`_load`; MalformedEvent otherwise.
-    ``fractions_as_text``: a number with a fraction or an exponent (``-23.8``) is its text
-    (``"-23.8"``), not a float, so that an amount reaches the worker exactly as written."""
+def load_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object under the rules of :func:`_load`; MalformedEvent otherwise."""
     try:
-        event = _load(body, _TEXT_DECODER if fractions_as_text else _DECODER)
+        event = _load(body)
     except MalformedEvent:
         raise
     except (ValueError, RecursionError):

@@ -38,6 +38,12 @@ the limit's worth of output, never memory exhaustion. Whether Powens signs the c
 inflated bytes is not documented; both are accepted. Either was produced by Powens with the
 secret, so accepting both weakens nothing, and the guess is never a reason to drop a delivery.
 
+**Memory.** A body near the limit is held as few times as the checks allow: read once (its chunks
+joined), inflated once, signed without a copy (the HMAC is fed the body after the signed prefix),
+read by msgspec for its ids only and spliced as it came into the job's envelope
+(service/powens_events.py, :func:`~service.powens_events.read`); the queue sends it to Redis in a
+call of its own without joining it to anything (service/queue.py).
+
 **Source.** Powens publishes no source addresses: ``POWENS_ALLOWED_IPS`` is empty by default and
 the signature is the only gate. **De-duplication** uses ``id_webhook_data`` (Powens's event id),
 the SHA-256 of the inflated body where it is missing, under the event type:
@@ -56,7 +62,6 @@ import time
 import zlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
 
 from starlette.types import Receive, Scope
 
@@ -107,10 +112,12 @@ class PowensVerifier:
         except (binascii.Error, ValueError):
             return False
         matched = False
+        head = b"POST.%s.%s." % (path.encode(), date)  # then the body, fed as it is (never copied)
         for body in bodies:
-            message = b"POST.%s.%s.%s" % (path.encode(), date, body)
             for key in self._keys:
-                matched |= hmac.compare_digest(hmac.digest(key, message, "sha256"), given)
+                mac = hmac.new(key, head, hashlib.sha256)
+                mac.update(body)
+                matched |= hmac.compare_digest(mac.digest(), given)
         return matched
 
 
@@ -191,6 +198,7 @@ class PowensView(WebhookView):
         ):
             raise Rejected(401, "invalid_signature", "no POWENS_WEBHOOK_SECRETS secret signs this delivery",
                            client=client, size=len(raw))  # fmt: skip
+        del raw  # the inflated body is what is kept: the compressed one is not held while it is queued
         return await self._accept(name, plain, date, signature, client, request_id)
 
     async def _accept(
@@ -206,10 +214,10 @@ class PowensView(WebhookView):
                 date=date[:64].decode("latin-1"),
             )
         try:
-            event = powens_events.parse(name, body)
+            id_webhook_data = powens_events.read(name, body)
         except MalformedEvent as exc:
             raise Rejected(400, "malformed_event", str(exc), type=name) from None
-        webhook_id = event.get("id_webhook_data") or hashlib.sha256(body).hexdigest()
+        webhook_id = id_webhook_data or hashlib.sha256(body).hexdigest()
         event_id = f"{powens_events.PROVIDER}-{name.lower()}-{webhook_id}"
         received_at = time.time_ns() // 1_000_000
         archive = ArchivedDelivery(
@@ -217,8 +225,9 @@ class PowensView(WebhookView):
             date + b" " + signature, request_id, body,
         )  # fmt: skip
         function = powens_events.job_function(name)
-        job_event: dict[str, Any] = powens_events.envelope(name, event, received_at)
-        outcome = await self._enqueue(event_id, function, job_event, archive)
+        argument = powens_events.envelope_json(name, id_webhook_data, body, received_at) if function else None
+        del body  # held by the archive and the argument until the queue has sent them
+        outcome = await self._enqueue(event_id, function, {"type": name}, archive, argument=argument)
         REQUESTS.labels(outcome).inc()
         if logs.enabled(logging.DEBUG):
             log.debug(

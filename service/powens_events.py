@@ -12,16 +12,33 @@ plus ``provider`` and ``id_webhook_data``, with the body as ``content``. The job
 named by dotted path in ``workers.powens_jobs`` (the receiver never imports the workers); every
 other documented or future type is accepted and archived with no job.
 
-The JSON rules are Bridge's (service/events.py): strict UTF-8, no NaN, at most 32 levels deep; a
-number with a fraction (an amount) reaches the job as its text, ``"-23.8"``, never as a float.
+The JSON rules are Bridge's (service/events.py): strict UTF-8, no NaN, at most 32 levels deep.
+Amounts travel as Powens wrote them, JSON numbers, which RQ's JSON decodes as floats in the worker:
+workers.powens_rows reads each back as the decimal Powens wrote (a float keeps 15 significant
+digits exactly, and an amount with more is refused, not rounded).
+
+**Large bodies.** A CONNECTION_SYNCED may be 8 MiB (a connection's first sync). ``json.loads``
+would make it Python objects several times its size, and ``json.dumps`` of the envelope another
+copy: about 120 MB for one delivery. The receiver therefore reads a body with :func:`read`: msgspec
+Structs that declare only the ids a type needs (msgspec checks the syntax and skips every other
+field without building it), the rest of our rules checked on the bytes (service/raw_json.py); and
+the job's envelope is :func:`envelope_json`, the body spliced in as it came, which the worker
+decodes to exactly :func:`envelope`'s dict. A body that way cannot vouch for (a lone surrogate, an
+id given twice, ``1e999`` in a string…) is judged by :func:`parse`, the rules' exact form: the
+Structs only ever spare memory, never change a decision (tests/test_powens_bodies.py holds the two
+equal).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from service.events import MalformedEvent, load_object
+import msgspec
+
+from service import raw_json
+from service.events import MAX_DEPTH, MalformedEvent, load_object
 
 PROVIDER = "powens"
 
@@ -71,9 +88,7 @@ def _is_id(value: Any) -> bool:
 
 def parse(name: str, body: bytes) -> dict[str, Any]:
     """The body as a dict; MalformedEvent if it is not one, or a processed type lacks an id it needs."""
-    # Amounts (balance, coming, a transaction's value) as their text: the job's JSON cannot carry a
-    # Decimal, and a float is not the amount Powens wrote (workers.powens_rows reads the text exactly).
-    event = load_object(body, fractions_as_text=True)
+    event = load_object(body)
     if "id_webhook_data" in event and not _is_id(event["id_webhook_data"]):
         raise MalformedEvent("id_webhook_data is not a positive 64-bit id")
     for path in REQUIRED_IDS.get(name, ()):
@@ -104,6 +119,83 @@ def _rows(value: Any, what: str) -> list[dict[str, Any]]:
         if type(row) is not dict or not _is_id(row.get("id")):
             raise MalformedEvent(f"each of {what} needs an id, a positive 64-bit id")
     return value
+
+
+_Id = Annotated[int, msgspec.Meta(gt=0, le=_MAX_ID)]
+
+
+class _Event(msgspec.Struct, kw_only=True, gc=False):
+    """Every type: the delivery's id, when it has one (null is not one)."""
+
+    id_webhook_data: _Id | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Row(msgspec.Struct, gc=False):
+    id: _Id
+
+
+class _Account(_Row, kw_only=True, gc=False):
+    transactions: list[_Row] = []
+
+
+class _Connection(_Row, kw_only=True, gc=False):
+    state: str | None = None
+    accounts: list[_Account] = []
+
+
+class _ConnectionSynced(_Event, kw_only=True, gc=False):
+    user: _Row
+    connection: _Connection
+
+
+class _WithId(_Event, kw_only=True, gc=False):
+    id: _Id
+
+
+class _WithConnection(_WithId, kw_only=True, gc=False):
+    id_connection: _Id
+
+
+# The REQUIRED_IDS and _check_accounts of parse, as types (tests/test_powens_bodies.py checks them).
+_SHAPES: dict[str, type[_Event]] = {
+    "CONNECTION_SYNCED": _ConnectionSynced,
+    "CONNECTION_DELETED": _WithId,
+    "ACCOUNT_DISABLED": _WithConnection,
+    "ACCOUNT_ENABLED": _WithConnection,
+    "ACCOUNT_FOUND": _WithConnection,
+    "USER_DELETED": _WithId,
+}
+_DECODERS = {name: msgspec.json.Decoder(shape) for name, shape in _SHAPES.items()}
+_ANY = msgspec.json.Decoder(_Event)
+
+
+def read(name: str, body: bytes) -> int | None:
+    """The delivery's ``id_webhook_data`` (None without one) once the body passes :func:`parse`'s
+    checks, for which it builds no more than the ids; MalformedEvent if it does not."""
+    try:
+        event = _DECODERS.get(name, _ANY).decode(body)
+    except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
+        event = None
+    if event is not None and raw_json.plain(body, MAX_DEPTH):
+        return event.id_webhook_data if isinstance(event.id_webhook_data, int) else None
+    del event
+    found: int | None = parse(name, body).get("id_webhook_data")  # the exact rules decide
+    return found
+
+
+def envelope_json(
+    name: str, id_webhook_data: int | None, body: bytes, received_at_ms: int
+) -> tuple[bytes, ...]:
+    """:func:`envelope` as JSON in pieces, around the body as it came: a body :func:`read` accepted
+    is JSON under our rules, so the worker's ``json.loads`` makes of it exactly what ``json.dumps``
+    of the parsed body would have given, without the body built or encoded again."""
+    webhook = b"null" if id_webhook_data is None else b"%d" % id_webhook_data
+    head = b'{"type": %s, "provider": "%s", "id_webhook_data": %s, "content": ' % (
+        json.dumps(name).encode(),
+        PROVIDER.encode(),
+        webhook,
+    )
+    return head, body, b', "timestamp": %d}' % received_at_ms
 
 
 def envelope(name: str, event: dict[str, Any], received_at_ms: int) -> dict[str, Any]:

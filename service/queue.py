@@ -15,7 +15,12 @@ that Bridge retries; a retried event that had in fact been stored is then a dupl
 
 Deliveries share script calls (micro-batching, one call in flight at a time; see
 :class:`EventQueue`): under load, one round trip and one command to pack serve dozens of
-requests. The job hash is RQ's own ``Job.to_dict()``, computed once as a template; per event
+requests. A batch holds at most ``MAX_BATCH_BYTES``; a larger delivery (a Powens body of up to
+8 MiB) goes in a call of its own, on a connection whose timeout allows for its size, and its large
+values are handed to redis-py as they are, never joined to the rest: several such bodies in one
+call once took longer than the 2-second timeout (503s), and each join held the body once more.
+
+The job hash is RQ's own ``Job.to_dict()``, computed once as a template; per event
 only the fields that vary (payload, times, description, meta) are built, the way RQ builds
 them (a test holds the two equal for the installed RQ). In Redis, the script writes the
 template once per call to a scratch key and ``COPY``s it to each new job (Redis 6.2, as
@@ -31,8 +36,8 @@ import json
 import struct
 import time
 import zlib
-from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -67,19 +72,28 @@ JOB_TIMEOUT_SECONDS = 600
 RESULT_TTL_SECONDS = 3600
 FAILURE_TTL_SECONDS = 90 * 86400  # dead letters stay inspectable for a quarter
 MAX_BATCH = 200
+MAX_BATCH_BYTES = 1 << 20  # a delivery larger than this is sent alone, on the bulk connection
+_ALONE = 1 << 12  # in a call of its own, a piece larger than this is a segment of its own, never copied
+# The bulk connection's timeout: the usual 2 s, plus this per MiB of the largest call the limits allow.
+_BULK_SECONDS_PER_MIB = 0.25
 
 # Per delivery, in this order: id, mode, data, description, meta, then the archive's type,
-# received_at, client, signature, request_id and body. A whole batch travels as two script
-# arguments, the concatenated values and their lengths (little-endian 32-bit integers), so
-# packing the command for Redis costs the same for one delivery or a hundred, and the script
-# cuts the values without parsing a number.
+# received_at, client, signature, request_id and body. A whole batch travels as the values'
+# lengths (little-endian 32-bit integers) and the values concatenated, so packing the command for
+# Redis costs the same for one delivery or a hundred, and the script cuts the values without
+# parsing a number. In a call of its own, the concatenation is cut into segments instead, so that
+# the large pieces (the body, and the job's payload framed around views of it) are never copied:
+# the script reads a value across as many segments as it spans.
 _FIELDS = 11
+Piece = bytes | bytearray | memoryview
+Value = Piece | tuple[Piece, ...]  # a value in pieces: a large job payload, framed around its body
 _SCRIPT = """
 -- KEYS: 1 the queue, 2 RQ's set of queues, 3 the archive stream, 4 a scratch key for the template,
 --       5 the counter of received events, 6 its epoch
 -- ARGV: 1 dedupe key prefix, 2 job key prefix, 3 dedupe seconds, 4 archive max length,
 --       5 archive min id (ms), 6 now (RQ's time format), 7 the job hash template (JSON),
---       8 the batch's values concatenated, 9 their lengths, 11 per delivery.
+--       8 the values' lengths, 11 per delivery, 9… the values concatenated, in one or more
+--       segments (cut anywhere).
 -- The job template: RQ's constant fields, and this call's time as every job's creation time.
 local template = {"created_at", ARGV[6], "enqueued_at", ARGV[6]}
 for k, v in pairs(cjson.decode(ARGV[7])) do
@@ -88,11 +102,22 @@ for k, v in pairs(cjson.decode(ARGV[7])) do
 end
 redis.call("DEL", KEYS[4])  -- whatever an interrupted call may have left
 redis.call("HSET", KEYS[4], unpack(template))
-local lengths, values, pos = ARGV[9], {}, 1
+local lengths, values, seg, pos = ARGV[8], {}, 9, 1
 for at = 1, #lengths, 4 do
   local n = struct.unpack("<I4", lengths, at)
-  values[#values + 1] = string.sub(ARGV[8], pos, pos + n - 1)
-  pos = pos + n
+  if pos + n - 1 <= #ARGV[seg] then  -- within the segment: every value of a batch
+    values[#values + 1] = string.sub(ARGV[seg], pos, pos + n - 1)
+    pos = pos + n
+  else  -- over segments: a large delivery's pieces
+    local parts = {}
+    while n > 0 do
+      if pos > #ARGV[seg] then seg, pos = seg + 1, 1 end
+      local k = math.min(n, #ARGV[seg] - pos + 1)
+      parts[#parts + 1] = string.sub(ARGV[seg], pos, pos + k - 1)
+      pos, n = pos + k, n - k
+    end
+    values[#values + 1] = table.concat(parts)
+  end
 end
 local out, queued = {}, {}
 for o = 1, #values, 11 do
@@ -202,51 +227,122 @@ class JobTemplate:
 
     @staticmethod
     def varying(
-        job_id: str, function: str, event: Mapping[str, Any], received_at: bytes, body: bytes | None = None
-    ) -> tuple[bytes, bytes, bytes]:
+        job_id: str,
+        function: str,
+        event: Mapping[str, Any],
+        received_at: bytes,
+        argument: Sequence[bytes] | None = None,
+    ) -> tuple[Value, bytes, bytes]:
         """``data``, ``description`` and ``meta`` as ``Job.to_dict()`` writes them (``received_at``:
         milliseconds in decimal, as archived).
 
-        RQ's JSONSerializer writes ``json.dumps((function, None, [event], {}))``; when the raw
-        body *is* that event (its type needed no normalising), it is spliced in as it came,
-        which decodes to the same arguments without encoding the event again.
+        RQ's JSONSerializer writes ``json.dumps((function, None, [event], {}))``; when the job's
+        argument is given as JSON already (``argument``, in pieces: Bridge's raw body when it *is*
+        the event, Powens's envelope around its raw body), it is spliced in as it came, which
+        decodes to the same arguments without encoding the event again.
         """
-        if body is not None:
-            payload = b'["' + function.encode() + b'", null, [' + body + b"], {}]"
+        if argument is not None:
+            data = stored_zlib(b'["' + function.encode() + b'", null, [', *argument, b"], {}]")
         else:
-            payload = json.dumps((function, None, [dict(event)], {})).encode()
+            data = stored_zlib(json.dumps((function, None, [dict(event)], {})).encode())
         meta = b'{"received_at": %s, "replayed": false}' % received_at
-        return stored_zlib(payload), description(event, job_id).encode(), meta
+        return data, description(event, job_id).encode(), meta
 
 
-def stored_zlib(payload: bytes) -> bytes:
-    """``payload`` as a zlib stream of stored (uncompressed) deflate blocks, as level 0 writes it.
+def stored_zlib(*pieces: Piece) -> bytes | tuple[Piece, ...]:
+    """The pieces, concatenated, as a zlib stream of stored (uncompressed) deflate blocks, as level 0
+    writes it: one buffer for a payload of one block, the stream's pieces otherwise.
 
     RQ stores the payload as a zlib stream and reads it with ``zlib.decompress``, which takes
     any valid stream. For a few hundred bytes, compressing costs far more than it saves (the
     defaults some fifty microseconds); even a level-0 compressor's set-up costs more than
     framing the bytes here: a 2-byte header, blocks of at most 65,535 bytes each behind its
-    length and the length's complement, and the Adler-32 checksum.
+    length and the length's complement, and the Adler-32 checksum. A larger payload (a Powens
+    body) is framed around views of its pieces: the stream is never assembled here, the queue
+    hands its pieces to Redis as they are.
     """
-    parts = [b"\x78\x01"]
-    last = max(len(payload) - 1, 0) // 65535 * 65535
-    for start in range(0, last + 1, 65535):
-        block = payload[start : start + 65535]
-        size = len(block)
-        header = (start == last) | size << 8 | (size ^ 0xFFFF) << 24
-        parts += (header.to_bytes(5, "little"), block)
-    parts.append(zlib.adler32(payload).to_bytes(4, "big"))
-    return b"".join(parts)
+    size = sum(map(len, pieces))
+    checksum = 1
+    if size <= 65535:  # one block: the usual event
+        for piece in pieces:
+            checksum = zlib.adler32(piece, checksum)
+        header = 1 | size << 8 | (size ^ 0xFFFF) << 24
+        return b"".join((b"\x78\x01", header.to_bytes(5, "little"), *pieces, checksum.to_bytes(4, "big")))
+    blocks = -(-size // 65535)
+    out: list[Piece] = [b"\x78\x01"]
+    block = left = 0  # left: bytes of the current block still to come
+    for piece in pieces:
+        checksum = zlib.adler32(piece, checksum)
+        view, done = memoryview(piece), 0
+        while done < len(view):
+            if not left:
+                left = min(65535, size - block * 65535)
+                block += 1
+                out.append(((block == blocks) | left << 8 | (left ^ 0xFFFF) << 24).to_bytes(5, "little"))
+            n = min(left, len(view) - done)
+            out.append(view[done : done + n])
+            done, left = done + n, left - n
+    out.append(checksum.to_bytes(4, "big"))
+    return tuple(out)
 
 
 class QueueUnavailable(Exception):
     """Redis could not be reached or did not confirm the write."""
 
 
-def _fail(batch: list[tuple[list[bytes], asyncio.Future[str]]], error: QueueUnavailable) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(error)
+class _Pending(NamedTuple):
+    values: list[Value]  # _FIELDS of them
+    future: asyncio.Future[str]
+    size: int  # the values' bytes
+    framed: bool  # whether a value is in pieces (a large job payload)
+
+
+def _size(value: Value) -> int:
+    return sum(map(len, value)) if isinstance(value, tuple) else len(value)
+
+
+def _pieces(values: list[Value]) -> Iterator[Piece]:
+    for value in values:
+        if isinstance(value, tuple):
+            yield from value
+        else:
+            yield value
+
+
+def _fail(batch: list[_Pending], error: QueueUnavailable) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def _next_batch(pending: list[_Pending]) -> int:
+    """How many of the first pending deliveries make the next call: up to MAX_BATCH of them within
+    MAX_BATCH_BYTES, or one larger delivery alone."""
+    count, size = 0, 0
+    for item in pending[:MAX_BATCH]:
+        if count and size + item.size > MAX_BATCH_BYTES:
+            break
+        count, size = count + 1, size + item.size
+    return count
+
+
+def _segments(pieces: Iterable[Piece]) -> list[bytes | memoryview]:
+    """The pieces concatenated as the script reads them: runs of small ones joined, each large one a
+    segment of its own as a memoryview, which redis-py sends as it is (its hiredis packer would copy
+    every argument into one command)."""
+    out: list[bytes | memoryview] = []
+    run: list[Piece] = []
+    for piece in pieces:
+        if len(piece) > _ALONE:
+            if run:
+                out.append(b"".join(run))
+                run = []
+            out.append(piece if type(piece) is memoryview else memoryview(piece))
+        elif piece:
+            run.append(piece)
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
 def dedupe_key(event_id: str) -> str:
@@ -284,25 +380,31 @@ class EventQueue:
         self._keys = [self.queue_key, Queue.redis_queues_keys, ARCHIVE_KEY, TEMPLATE_KEY, RECEIVED_SEQ_KEY,
                       RECEIVED_EPOCH_KEY]  # fmt: skip
         self._redis: aioredis.Redis | None = None
+        self._bulk: aioredis.Redis | None = None  # for a delivery over MAX_BATCH_BYTES
         self._script: AsyncScript | None = None
         # RQ builds the template from a Job bound to a (never used) synchronous connection.
         rq_connection = redis.Redis.from_url(self._url)
         self.template = JobTemplate(rq_connection, settings)
         rq_connection.close()
-        self._pending: list[tuple[list[bytes], asyncio.Future[str]]] = []
+        self._pending: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"EventQueue(queue={self._settings.queue_name!r}, redis={self._settings.redis_url_for_logs!r})"
 
+    @property
+    def bulk_timeout(self) -> float:
+        """Seconds the bulk connection gives a call: 2, plus a quarter per MiB of the largest delivery
+        the body limits allow, counted twice (its job and its archive): 6 s for Powens's 8 MiB."""
+        largest = 2 * max(self._settings.max_body_bytes, self._settings.powens_max_body_bytes)
+        return 2 + _BULK_SECONDS_PER_MIB * largest / (1 << 20)
+
     async def open(self) -> None:
-        self._redis = aioredis.Redis.from_url(
-            self._url,
-            socket_connect_timeout=2,
-            socket_timeout=2,
-            health_check_interval=15,
-            retry_on_timeout=False,
-            max_connections=64,
+        options: dict[str, Any] = {"socket_connect_timeout": 2, "health_check_interval": 15,
+                                   "retry_on_timeout": False}  # fmt: skip
+        self._redis = aioredis.Redis.from_url(self._url, socket_timeout=2, max_connections=64, **options)
+        self._bulk = aioredis.Redis.from_url(
+            self._url, socket_timeout=self.bulk_timeout, max_connections=2, **options
         )
         # EVALSHA, and on NOSCRIPT (a restarted or failed-over Redis) SCRIPT LOAD and EVALSHA again.
         self._script = self._redis.register_script(_SCRIPT)
@@ -313,6 +415,9 @@ class EventQueue:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = self._script = None
+        if self._bulk is not None:
+            await self._bulk.aclose()
+            self._bulk = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -333,24 +438,25 @@ class EventQueue:
         event: Mapping[str, Any],
         archive: ArchivedDelivery,
         *,
-        verbatim: bool = False,
+        argument: Sequence[bytes] | None = None,
     ) -> asyncio.Future[str]:
         """Archive a delivery and, when ``function`` is given, enqueue it unless it is a duplicate.
 
-        ``verbatim`` says the archived body is the event as the job receives it (nothing was
-        normalised). Returns a future to await: its result is the outcome (queued, duplicate,
-        ignored), or QueueUnavailable.
+        ``argument``: the job's one argument as JSON already, in pieces to be concatenated (Bridge's
+        body when nothing was normalised, Powens's envelope around its body), spliced in as they
+        are; otherwise ``event`` is encoded. Returns a future to await: its result is the outcome
+        (queued, duplicate, ignored), or QueueUnavailable.
         """
+        values: list[Value]
         if function:
-            data, desc, meta = self.template.varying(
-                event_id, function, event, archive.received_at, archive.body if verbatim else None
-            )
+            data, desc, meta = self.template.varying(event_id, function, event, archive.received_at, argument)
             values = [event_id.encode(), b"enqueue", data, desc, meta, *archive]
         else:
             values = [event_id.encode(), b"ignored", b"", b"", b"", *archive]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self._pending.append((values, future))
+        framed = type(values[2]) is tuple
+        self._pending.append(_Pending(values, future, sum(map(_size, values)), framed))
         if self._sender is None:  # starts at the end of this turn, with all that arrived in it
             self._sender = loop.create_task(self._send_pending())
         return future
@@ -358,7 +464,8 @@ class EventQueue:
     async def _send_pending(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                count = _next_batch(self._pending)
+                batch, self._pending = self._pending[:count], self._pending[count:]
                 try:
                     await self._send(batch)
                 except BaseException as exc:  # cancelled at shutdown, or a bug: nobody waits forever
@@ -368,9 +475,11 @@ class EventQueue:
         finally:
             self._sender = None
 
-    async def _send(self, batch: list[tuple[list[bytes], asyncio.Future[str]]]) -> None:
+    async def _send(self, batch: list[_Pending]) -> None:
         s = self._settings
-        values = [v for item, _ in batch for v in item]
+        values = [v for item in batch for v in item.values]
+        bulk = sum(item.size for item in batch) > MAX_BATCH_BYTES
+        framed = any(item.framed for item in batch)
         args: list[Any] = [
             DEDUPE_PREFIX,
             Job.redis_job_namespace_prefix,
@@ -379,13 +488,15 @@ class EventQueue:
             int(time.time() * 1000) - s.archive_max_age_seconds * 1000,
             utcformat(rq_now()),
             self.template.json,
-            b"".join(values),
-            struct.pack(f"<{len(values)}I", *map(len, values)),
+            struct.pack(f"<{len(values)}I", *map(_size, values)),
+            *self._concatenated(values, bulk, framed),
         ]
+        del values
         BATCH_SIZE.observe(len(batch))
         started = time.perf_counter()
         try:
-            replies = await self.script(keys=self._keys, args=args)
+            client = self._bulk if bulk else None  # None: the script's own client
+            replies = await self.script(keys=self._keys, args=args, client=client)
             decisions = [r.decode() if isinstance(r, bytes) else str(r) for r in replies]
             if len(decisions) != len(batch):
                 raise QueueUnavailable(f"Redis confirmed {len(decisions)} of {len(batch)} deliveries")
@@ -393,9 +504,17 @@ class EventQueue:
             _fail(batch, exc if isinstance(exc, QueueUnavailable) else QueueUnavailable(type(exc).__name__))
             return
         ENQUEUE_SECONDS.observe(time.perf_counter() - started)
-        for (_, future), decision in zip(batch, decisions, strict=True):
-            if not future.done():
-                future.set_result(decision)
+        for item, decision in zip(batch, decisions, strict=True):
+            if not item.future.done():
+                item.future.set_result(decision)
+
+    @staticmethod
+    def _concatenated(values: list[Value], bulk: bool, framed: bool) -> list[bytes | memoryview]:
+        """The values concatenated: a batch, within MAX_BATCH_BYTES, in one segment (joined at once
+        when no value is in pieces: the usual batch); a call of its own in segments."""
+        if bulk:
+            return _segments(_pieces(values))
+        return [b"".join(_pieces(values) if framed else cast(list[Piece], values))]
 
     async def check_durability(self) -> None:
         """Warn when Redis could lose what we acknowledge: AOF off, or keys evicted under memory pressure."""

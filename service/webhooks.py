@@ -42,6 +42,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -214,7 +215,9 @@ class WebhookView:
             body,
         )
         function = events.job_function(event_type)
-        outcome = await self._enqueue(event_id, function, event, archive, verbatim=verbatim)
+        outcome = await self._enqueue(
+            event_id, function, event, archive, argument=(body,) if verbatim else None
+        )
         prefix, length, counter = _ACCEPTED[outcome]
         counter.inc()
         if logs.enabled(logging.DEBUG):  # every delivery is in the archive stream and the metrics
@@ -234,15 +237,16 @@ class WebhookView:
         self,
         event_id: str,
         function: str | None,
-        event: dict[str, Any],
+        event: Mapping[str, Any],
         archive: ArchivedDelivery,
         *,
-        verbatim: bool = False,
+        argument: Sequence[bytes] | None = None,
     ) -> str:
         """The queue's outcome for the delivery; Rejected with 400 if the event cannot be encoded for
-        the job, 503 if Redis did not confirm the write."""
+        the job, 503 if Redis did not confirm the write. ``argument``: the job's argument as JSON
+        already, in pieces (EventQueue.submit)."""
         try:
-            submitted = self.queue.submit(event_id, function, event, archive, verbatim=verbatim)
+            submitted = self.queue.submit(event_id, function, event, archive, argument=argument)
         except (ValueError, TypeError, RecursionError) as exc:
             raise Rejected(400, "malformed_event", "the event cannot be encoded", event_id=event_id) from exc
         try:

@@ -326,5 +326,10 @@ def test_naive_times_are_paris_time_and_the_cursor_goes_back_as_powens_wrote_it(
     assert twice == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
     assert powens_rows.read_utc_time("2026-12-01 09:00:01") == datetime(2026, 12, 1, 9, 0, 1, tzinfo=UTC)
     assert read_time(None) is None and read_time("") is None
-    with pytest.raises(TypeError):
-        powens_rows.transaction({"id": 1, "id_account": 2, "value": 1.5})
+    # A webhook body's amounts come through the job's JSON as floats: the decimal Powens wrote, or refused.
+    assert powens_rows.transaction({"id": 1, "id_account": 2, "value": -1234567.89})["amount"] == Decimal(
+        "-1234567.89"
+    )
+    assert str(powens_rows.account({"id": 1, "id_connection": 2, "balance": 0.1})["balance"]) == "0.1"
+    with pytest.raises(ValueError, match="significant digits"):
+        powens_rows.transaction({"id": 1, "id_account": 2, "value": 12345678901234.567})

@@ -9,7 +9,7 @@ a connection's ``state`` becomes the Bridge status that asks the same of the use
 they name a bank, no row of ours.
 
 Money stays exact: the client parses JSON numbers as ``Decimal`` (never float) and they go on as they
-are; a float here is a TypeError, as in workers.storage.
+are; a webhook body's arrive as floats, read back as the decimal Powens wrote (:func:`_money`).
 
 **Times.** Powens writes ``YYYY-MM-DD HH:MM:SS`` without a zone. Its documentation says only that the
 ``*datetime`` fields (a transaction's ``datetime``) are UTC; the one production connector we know of
@@ -70,11 +70,22 @@ def _text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+# Powens writes amounts as JSON numbers, and the job carries the body as it came (service/powens_events.py):
+# RQ's JSON decodes them as floats. A double gives back any decimal of at most 15 significant digits
+# (DBL_DIG) as the shortest text that reads as it, so such a float is exactly the amount Powens wrote.
+EXACT_DIGITS = 15
+
+
 def _money(value: Any) -> Decimal | int | None:
+    """An amount, exact: the decimal Powens wrote. A float with more than :data:`EXACT_DIGITS`
+    significant digits may not be, and is refused (a ValueError: the job fails, nothing is rounded)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, float):
-        raise TypeError("amounts must be parsed as Decimal, not float")
+        amount = Decimal(repr(value))
+        if not amount.is_finite() or len(amount.as_tuple().digits) > EXACT_DIGITS:
+            raise ValueError(f"the amount {value!r} has more than {EXACT_DIGITS} significant digits")
+        return amount
     return value if isinstance(value, Decimal | int) else Decimal(str(value))
 
 
