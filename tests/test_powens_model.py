@@ -21,8 +21,8 @@ A hypothesis ``RuleBasedStateMachine`` drives the fake Powens (served over HTTP)
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import os
 import random
 from collections.abc import Callable
@@ -105,7 +105,7 @@ class PowensModel(RuleBasedStateMachine):
             self.scratch.close()
 
     def _queue(self, event: str, body: dict[str, Any], what: str) -> None:
-        self.pending.append(Pending(f"{event} {what}", event, json.loads(json.dumps(body, default=str))))
+        self.pending.append(Pending(f"{event} {what}", event, copy.deepcopy(body)))  # amounts as numbers
 
     def _post(self, pending: Pending, times: int = 1) -> None:
         for _ in range(times):
