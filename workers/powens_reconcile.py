@@ -12,6 +12,9 @@ sweep: that is likelier our configuration (``POWENS_API_URL``) than a mass delet
 Powens sends ``CONNECTION_SYNCED`` after every sync, its daily background one included, which brings a
 connection's new and changed transactions without this; what only a sweep finds is a deletion or a
 consent change whose webhook was lost.
+
+Each sweep also publishes the digest of every token it reads, for the receiver's bearer mode
+(workers.tokens.republish), so that a Redis that lost them is right again after one sweep.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ class PowensSweep:
         users Powens knew, and those it refused (the sweep deletes them here, as Bridge's). A spent
         budget (TransientError) leaves to the caller."""
         known, gone = 0, []
-        for user_uuid, token in self._users():
+        before = tokens.published(self.ctx.redis)
+        users = self._users()
+        tokens.republish(self.ctx.redis, dict(users), before)  # a Redis rebuilt is right again
+        for user_uuid, token in users:
             if self._user(user_uuid, token, counts):
                 known += 1
             else:
