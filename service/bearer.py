@@ -19,7 +19,8 @@ Which user a body names depends on its type: ``user.id`` in ``CONNECTION_SYNCED`
 ``CONNECTION_DELETED`` and ``ACCOUNT_*``, ``id`` in ``USER_DELETED``; any other type, ``id_user``
 or ``user.id``, whichever it has. The body is read for that id only (msgspec skips the rest): its
 other checks come after authentication (service/powens_events.py). Powens sends no token for an
-event without a user, so bearer mode cannot receive those: set HMAC for them in Powens's console.
+event without a user, so bearer mode cannot receive those: they need ``POWENS_WEBHOOK_AUTH=hmac``
+(the mode is the deployment's, one at a time).
 """
 
 from __future__ import annotations

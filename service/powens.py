@@ -242,7 +242,7 @@ class PowensView(WebhookView):
                 401,
                 "missing_user_id",
                 f"bearer mode checks the token of the user the body names, and this {name} body names "
-                "none (user.id, id_user, or USER_DELETED's id): set HMAC for it in Powens's console",
+                "none (user.id, id_user, or USER_DELETED's id): such events need POWENS_WEBHOOK_AUTH=hmac",
                 client=client,
             )
         if not bearer.matches(token, await self._token_digest(id_user)):
