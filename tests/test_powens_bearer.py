@@ -12,11 +12,13 @@ from collections.abc import Callable
 import httpx
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from service import bearer
 from service.app import create_app
 from service.queue import ARCHIVE_KEY
+from service.rejections import last_hour
 from tests.support import free_port, make_settings, powens_fixture, powens_url, queued_ids
 
 TOKEN = "powens-permanent-token-of-user-1093-" + "x" * 40  # the fixtures' user is 1093
@@ -119,6 +121,47 @@ def test_the_token_is_in_no_log_line(
     assert all(
         TOKEN.encode() not in value for _, fields in r.xrange(ARCHIVE_KEY) for value in fields.values()
     )
+
+
+def test_rejections_are_counted_as_every_other(
+    settings_factory: Callable[..., object], r: redis.Redis
+) -> None:
+    """In the metric at once, and in Redis for `bridgehook status` once the receiver flushes (at its stop)."""
+
+    def metric(reason: str) -> float:
+        return REGISTRY.get_sample_value("bridgehook_webhook_requests_total", {"outcome": reason}) or 0.0
+
+    before = {reason: metric(reason) for reason in ("missing_token", "invalid_token", "missing_user_id")}
+    body = powens_fixture("connection.synced")
+    with TestClient(
+        create_app(settings_factory(POWENS_WEBHOOK_AUTH="bearer")), client=("198.51.100.40", 1)
+    ) as c:
+        post(c, "connection.synced", body, None)
+        post(c, "connection.synced", body, "nobody-holds-this-token")
+        post(c, "connection.synced", body, "nobody-holds-this-token")
+        post(c, "connection.synced", b"{}")
+    assert {reason: metric(reason) - n for reason, n in before.items()} == {
+        "missing_token": 1,
+        "invalid_token": 2,
+        "missing_user_id": 1,
+    }
+    assert last_hour(r) == {"missing_token": 1, "invalid_token": 2, "missing_user_id": 1}
+
+
+def test_two_authorization_headers_or_one_too_large(powens: TestClient, r: redis.Redis) -> None:
+    body = powens_fixture("connection.synced")
+    twice = [
+        ("Authorization", f"Bearer {TOKEN}"),
+        ("Authorization", "Bearer other"),
+        ("Content-Type", "application/json"),
+    ]
+    refused(
+        powens.post(powens_url("connection.synced"), content=body, headers=twice),
+        400,
+        "duplicate_signature",
+        r,
+    )
+    refused(post(powens, "connection.synced", body, "x" * 1100), 431, "signature_too_large", r)
 
 
 def test_a_token_checked_without_redis_is_503() -> None:
