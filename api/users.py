@@ -126,6 +126,7 @@ def _put_powens(ctx: WorkerContext, external: str) -> tuple[int, str]:
             ctx.storage.upsert_user(tx, uuid, external)
             tokens.store(tx, ctx.storage.codec, uuid, "powens", token)
             forget_erasure(tx, external)
+        tokens.publish(ctx.redis, uuid, token)  # for the receiver's bearer mode, once committed
     return 201, uuid
 
 
@@ -155,6 +156,7 @@ def _delete(ctx: WorkerContext, external: str) -> bool:
         else:
             ctx.client.delete_user(uuid)
         erase_user(ctx.storage, uuid, external, datetime.now(UTC), lambda item_id: item_lock(ctx, item_id))
+        tokens.unpublish(ctx.redis, uuid)
     return True
 
 

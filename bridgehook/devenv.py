@@ -222,13 +222,16 @@ def fake_powens(env: MutableMapping[str, str], settings: Settings) -> Iterator[s
     """Serve the fake Powens, holding the user, connection, accounts and transactions that the Powens
     fixtures name (fakebridge.powens_demo), unless POWENS_API_URL is set; the workers get its URL and
     credentials, and that user's token is stored (encrypted, as the API stores a Powens user's) so
-    that a worker given ``connection.synced`` can list the connection. The database must be migrated.
+    that a worker given ``connection.synced`` can list the connection, and its digest published (for
+    ``POWENS_WEBHOOK_AUTH=bearer``). The database must be migrated.
 
     The fake makes a new token at each start: the one stored replaces the previous one.
     """
     if env.get("POWENS_API_URL"):
         yield None
         return
+    import redis
+
     from fakebridge.powens import FakePowensServer
     from fakebridge.powens_demo import demo_world
     from workers import tokens
@@ -245,6 +248,10 @@ def fake_powens(env: MutableMapping[str, str], settings: Settings) -> Iterator[s
                     tokens.store(tx, codec, powens_user(user.id), "powens", user.token)
         finally:
             database.close()
+        assert settings.redis_url is not None
+        with redis.Redis.from_url(settings.redis_url) as connection:  # for POWENS_WEBHOOK_AUTH=bearer
+            for user in world.users.values():
+                tokens.publish(connection, powens_user(user.id), user.token)
         env["POWENS_API_URL"] = server.api_url
         for name in ("POWENS_CLIENT_ID_FILE", "POWENS_CLIENT_SECRET_FILE"):  # the fake's credentials win
             env.pop(name, None)

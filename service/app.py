@@ -28,10 +28,11 @@ WEBHOOK_PATH = "/webhooks/bridge"
 def create_app(settings: Settings) -> ASGIApp:
     queue = EventQueue(settings)
     view = WebhookView(settings, queue)
-    # Powens's endpoint exists only where it is configured; it shares the counts and the deadlines.
+    # Powens's endpoint exists only where it is configured (its HMAC secrets, or bearer mode, which
+    # needs none); it shares the counts and the deadlines.
     powens = (
         PowensView(settings, queue, view.rejections, view.deadlines)
-        if settings.powens_webhook_secrets
+        if settings.powens_webhook_secrets or settings.powens_webhook_auth == "bearer"
         else None
     )
 
@@ -49,6 +50,7 @@ def create_app(settings: Settings) -> ASGIApp:
             max_body_bytes=settings.max_body_bytes,
             secrets=len(settings.webhook_secrets),
             powens_secrets=len(settings.powens_webhook_secrets),
+            powens_auth=settings.powens_webhook_auth if powens is not None else None,
         )
         try:
             yield

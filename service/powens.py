@@ -18,6 +18,20 @@ confirm. What differs:
 | a gzip body that is not gzip                  | 400 malformed_encoding                   |
 | not JSON, or a processed type without its ids | 400 malformed_event                      |
 
+With ``POWENS_WEBHOOK_AUTH=bearer`` (service/bearer.py) the three signature rows are instead:
+
+| check                                         | answer                                   |
+|-----------------------------------------------|------------------------------------------|
+| two Authorization headers / over 1 KiB        | 400 duplicate_signature / 431            |
+| no ``Authorization: Bearer <token>``          | 401 missing_token                        |
+| the body names no user (by its event type)    | 401 missing_user_id                      |
+| not the token we hold for that user, or a user| 401 invalid_token (one answer: no one    |
+| we hold none for                              | learns which users exist)                |
+| Redis does not answer the token's digest      | 503 queue_unavailable                    |
+
+and no date is checked (a token is not dated): a captured delivery can be replayed once the
+de-duplication window ends, which HMAC's date window prevents. The archive's signature is ``bearer``.
+
 **Signature.** ``BI-Signature`` is base64(HMAC-SHA256(secret, ``POST.<path>.<date>.<body>``)),
 the path being the one Powens calls (ours, unless an ingress rewrites it). Every secret of
 ``POWENS_WEBHOOK_SECRETS`` is tried, every comparison runs (constant time, no early exit).
@@ -65,10 +79,10 @@ from datetime import UTC, datetime
 
 from starlette.types import Receive, Scope
 
-from service import logs, powens_events
+from service import bearer, logs, powens_events
 from service.events import MalformedEvent
 from service.metrics import REQUESTS
-from service.queue import ArchivedDelivery, EventQueue
+from service.queue import ArchivedDelivery, EventQueue, QueueUnavailable
 from service.rejections import Rejections
 from service.settings import Secret, Settings
 from service.sources import SourcePolicy
@@ -80,7 +94,10 @@ PATH_PREFIX = "/webhooks/powens/"
 SIGNATURE = b"bi-signature"
 SIGNATURE_DATE = b"bi-signature-date"
 _ENCODING = b"content-encoding"
+AUTHORIZATION = b"authorization"
 _WANTED = (b"content-length", b"content-type", _ENCODING, SIGNATURE, SIGNATURE_DATE, b"x-request-id")
+_WANTED_BEARER = (b"content-length", b"content-type", _ENCODING, AUTHORIZATION, b"x-request-id")
+_BEARER = b"bearer"  # the archive's signature in bearer mode: never the token
 
 
 def sign(path: str, date: str, body: bytes, secret: str) -> str:
@@ -153,7 +170,7 @@ def gunzip(raw: bytes, limit: int) -> bytes:
 class PowensView(WebhookView):
     """The endpoint; sharing the Bridge view's rejection counts and read deadlines."""
 
-    wanted = _WANTED
+    wanted: tuple[bytes, ...] = _WANTED
     signature_header = SIGNATURE
 
     def __init__(
@@ -163,7 +180,10 @@ class PowensView(WebhookView):
         self.queue = queue
         allowed = settings.powens_allowed_ips
         self.powens_sources = SourcePolicy(allowed) if allowed else None
-        self.powens_verifier = PowensVerifier(settings.powens_webhook_secrets)
+        self.bearer = settings.powens_webhook_auth == "bearer"
+        if self.bearer:  # the Authorization header instead of BI-Signature's two
+            self.wanted, self.signature_header = _WANTED_BEARER, AUTHORIZATION
+        self.powens_verifier = None if self.bearer else PowensVerifier(settings.powens_webhook_secrets)
         self.deadlines = deadlines
         self.rejections = rejections
 
@@ -182,12 +202,19 @@ class PowensView(WebhookView):
         encoding = headers.get(_ENCODING, b"identity").strip().lower()
         if encoding not in (b"gzip", b"identity"):
             raise Rejected(415, "unsupported_content_encoding", "send gzip or identity")
-        signature, date = headers.get(SIGNATURE), headers.get(SIGNATURE_DATE)
+        signature, date = headers.get(self.signature_header), headers.get(SIGNATURE_DATE)
+        header = "Authorization" if self.bearer else "BI-Signature"
         if signature is _TWICE:
-            raise Rejected(400, "duplicate_signature", "send one BI-Signature header", client=client)
+            raise Rejected(400, "duplicate_signature", f"send one {header} header", client=client)
         if signature is not None and len(signature) > MAX_SIGNATURE_BYTES:
-            raise Rejected(431, "signature_too_large", f"BI-Signature is over {MAX_SIGNATURE_BYTES} bytes")
+            raise Rejected(431, "signature_too_large", f"{header} is over {MAX_SIGNATURE_BYTES} bytes")
         raw = await self._read_body(scope, receive, limit)
+        if self.bearer:
+            plain = gunzip(raw, limit) if encoding == b"gzip" else raw
+            del raw
+            await self._check_token(name, plain, signature, client)
+            return await self._accept(name, plain, _BEARER, client, request_id)
+        assert self.powens_verifier is not None
         if signature is None or not signature.strip():
             raise Rejected(401, "missing_signature", "the BI-Signature header is missing", client=client)
         if date is None or not date.strip():
@@ -199,11 +226,36 @@ class PowensView(WebhookView):
             raise Rejected(401, "invalid_signature", "no POWENS_WEBHOOK_SECRETS secret signs this delivery",
                            client=client, size=len(raw))  # fmt: skip
         del raw  # the inflated body is what is kept: the compressed one is not held while it is queued
-        return await self._accept(name, plain, date, signature, client, request_id)
+        self._check_date(date)
+        return await self._accept(name, plain, date + b" " + signature, client, request_id)
 
-    async def _accept(
-        self, name: str, body: bytes, date: bytes, signature: bytes, client: str | None, request_id: bytes
-    ) -> tuple[int, bytes, tuple[bytes, bytes]]:
+    async def _check_token(self, name: str, body: bytes, header: bytes | None, client: str | None) -> None:
+        """Bearer mode: the token is the one we hold for the user the body names (service/bearer.py).
+        An unknown user and a wrong token get one answer, so that no one learns which users exist."""
+        token = bearer.presented(header)
+        if token is None:
+            raise Rejected(401, "missing_token", "the Authorization: Bearer <token> header is missing",
+                           client=client)  # fmt: skip
+        id_user = bearer.user_id(name, body)
+        if id_user is None:
+            raise Rejected(
+                401,
+                "missing_user_id",
+                f"bearer mode checks the token of the user the body names, and this {name} body names "
+                "none (user.id, id_user, or USER_DELETED's id): such events need POWENS_WEBHOOK_AUTH=hmac",
+                client=client,
+            )
+        if not bearer.matches(token, await self._token_digest(id_user)):
+            raise Rejected(401, "invalid_token", "the token is not the user's", client=client)
+
+    async def _token_digest(self, id_user: int) -> bytes | None:
+        try:
+            return await self.queue.field(bearer.KEY, str(id_user))
+        except QueueUnavailable as exc:
+            raise Rejected(503, "queue_unavailable", "the queue is unavailable; retry later",
+                           error=str(exc)) from None  # fmt: skip
+
+    def _check_date(self, date: bytes) -> None:
         sent_at = parse_date(date)
         window = self.settings.powens_signature_max_age_seconds
         if sent_at is None or abs(time.time() - sent_at) > window:
@@ -213,6 +265,11 @@ class PowensView(WebhookView):
                 f"BI-Signature-Date is over {window} s from our clock (a replay, or a clock off)",
                 date=date[:64].decode("latin-1"),
             )
+
+    async def _accept(
+        self, name: str, body: bytes, signed: bytes, client: str | None, request_id: bytes
+    ) -> tuple[int, bytes, tuple[bytes, bytes]]:
+        """``signed``: what the archive keeps as the delivery's signature."""
         try:
             id_webhook_data = powens_events.read(name, body)
         except MalformedEvent as exc:
@@ -222,7 +279,7 @@ class PowensView(WebhookView):
         received_at = time.time_ns() // 1_000_000
         archive = ArchivedDelivery(
             name.encode(), b"%d" % received_at, client.encode() if client else b"",
-            date + b" " + signature, request_id, body,
+            signed, request_id, body,
         )  # fmt: skip
         function = powens_events.job_function(name)
         argument = powens_events.envelope_json(name, id_webhook_data, body, received_at) if function else None

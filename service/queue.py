@@ -541,6 +541,15 @@ class EventQueue:
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(type(exc).__name__) from exc
 
+    async def field(self, key: str, name: str) -> bytes | None:
+        """One field of a hash (Powens's token digests: service/bearer.py); QueueUnavailable when Redis
+        does not answer, so that the delivery gets its 503 as any other would."""
+        try:
+            value = await self.redis.hget(key, name)
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailable(type(exc).__name__) from exc
+        return cast(bytes | None, value)  # no decode_responses: bytes
+
     async def depth(self) -> int:
         return int(await self.redis.llen(self.queue_key))
 

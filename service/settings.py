@@ -146,7 +146,7 @@ class Settings:
     # Powens's webhooks (service/powens.py): served only when configured. Its first sync's body can
     # be several MB, so its limit (on the decompressed body too) is its own.
     powens_webhook_secrets: tuple[Secret, ...] = ()
-    powens_webhook_auth: Literal["hmac"] = "hmac"
+    powens_webhook_auth: Literal["hmac", "bearer"] = "hmac"  # bearer: the user's token (service/bearer.py)
     powens_max_body_bytes: int = 8 * 1024 * 1024
     powens_allowed_ips: tuple[IPNetwork, ...] = ()  # Powens publishes none: empty allows any source
     powens_signature_max_age_seconds: int = 300  # BI-Signature-Date's distance from our clock
@@ -244,7 +244,7 @@ class Settings:
             consent_warning_days=env.positive_int("CONSENT_WARNING_DAYS", 14),
             deleted_user_retention_days=env.positive_int("DELETED_USER_RETENTION_DAYS", 30, allow_zero=True),
             powens_webhook_secrets=env.secrets("POWENS_WEBHOOK_SECRETS"),
-            powens_webhook_auth=_powens_auth(env.choice("POWENS_WEBHOOK_AUTH", ("hmac", "bearer"), "hmac")),
+            powens_webhook_auth=env.choice("POWENS_WEBHOOK_AUTH", ("hmac", "bearer"), "hmac"),  # type: ignore[arg-type]
             powens_max_body_bytes=env.positive_int("POWENS_WEBHOOK_MAX_BODY_BYTES", 8 * 1024 * 1024),
             powens_allowed_ips=env.networks("POWENS_ALLOWED_IPS", (), allow_empty=True),
             powens_signature_max_age_seconds=env.positive_int("POWENS_SIGNATURE_MAX_AGE_SECONDS", 300),
@@ -276,17 +276,6 @@ _HOW_TO_SET = {
     "POWENS_CLIENT_ID": "set it to the client id of your Powens client application",
     "POWENS_CLIENT_SECRET": "set it to the client secret of your Powens client application",
 }
-
-
-def _powens_auth(mode: str) -> Literal["hmac"]:
-    """Powens's ``bearer`` mode sends the user's permanent token; checking it needs the tokens stored
-    per user, which the workers do not keep yet. Refused rather than accepting what we cannot check."""
-    if mode != "hmac":
-        raise SettingsError(
-            "POWENS_WEBHOOK_AUTH: bearer is not supported yet (no per-user token store); "
-            "choose the HMAC signature in Powens's console and set POWENS_WEBHOOK_AUTH=hmac"
-        )
-    return "hmac"
 
 
 class _Env:

@@ -4,6 +4,7 @@ SQLite and PostgreSQL, against both fakes over HTTP."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -15,6 +16,7 @@ from api.app import create_app
 from fakebridge.powens import FakePowensServer
 from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
+from service import bearer
 from tests.harness import worker_settings
 from tests.powens_harness import PowensHarness, powens_environ
 from tests.test_api import API_ENV, AUTH
@@ -99,3 +101,15 @@ def test_powens_not_configured_is_400(api: tuple[PowensHarness, TestClient]) -> 
         answer = client.put("/v1/users/u-3?provider=powens", headers=AUTH)
     context.close()
     assert (answer.status_code, answer.json()["error"]) == (400, "provider_not_configured")
+
+
+def test_put_publishes_the_tokens_digest_and_delete_removes_it(api: tuple[PowensHarness, TestClient]) -> None:
+    """For the receiver's bearer mode (service/bearer.py), which reads the digest from Redis."""
+    h, client = api
+    uuid = client.put("/v1/users/u-4?provider=powens", headers=AUTH).json()["uuid"]
+    user = h.pworld.users[powens_user_id(uuid)]
+    assert h.r.hgetall(bearer.KEY) == {
+        str(user.id).encode(): hashlib.sha256(user.token.encode()).hexdigest().encode()
+    }
+    assert client.delete("/v1/users/u-4", headers=AUTH).status_code == 204
+    assert h.r.hgetall(bearer.KEY) == {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 
 from bridgehook.devenv import POWENS_FILE, apply_dev_defaults
+from service import bearer
 from service.settings import Settings
 from tests.faults.support import wait_until
 from tests.support import POWENS_SECRET, free_port, queued_ids, running_receiver
@@ -145,6 +146,8 @@ def test_make_run_turns_the_powens_fixture_into_rows(
         [(token,)] = db.execute("SELECT token FROM user_tokens WHERE user_uuid = 'powens-1093'").fetchall()
         assert token.startswith("bh1:")  # encrypted with the stack's key
         db.close()
+        published = redis.Redis.from_url((home / "redis.url").read_text().strip()).hgetall(bearer.KEY)
+        assert list(published) == [b"1093"] and len(published[b"1093"]) == 64  # for bearer mode
         dead = run("dlq", "list", "--json", env=dev_env(), cwd=tmp_path)
         assert dead.returncode == 0 and dead.stdout == "", dead.stdout + dead.stderr
         stopped = run("dev", "--stop", env=dev_env(), cwd=tmp_path)

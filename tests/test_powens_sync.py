@@ -5,14 +5,18 @@ equal to the fake's ground truth, in the same tables as Bridge's."""
 from __future__ import annotations
 
 import copy
+import hashlib
 from datetime import UTC, datetime, timedelta
 
 from fakebridge.powens_world import PUser
 from fakebridge.world import render_json
+from service import bearer
 from tests.powens_harness import PowensHarness
 from tests.support import powens_signed, powens_url
+from workers import context, tokens
 from workers.actions import action
 from workers.providers import powens_user, stored_id
+from workers.reconcile import Reconciler
 
 
 def connected(ph: PowensHarness, user: PUser, accounts: int = 2, transactions: int = 5) -> int:
@@ -195,3 +199,36 @@ def test_amounts_as_powens_writes_them_json_numbers(ph: PowensHarness) -> None:
     ph.drain()
     assert ph.rows("SELECT last_error FROM webhook_events WHERE status = 'failed'") == []
     assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_a_sweep_publishes_every_token_digest_and_a_deletion_removes_its_own(ph: PowensHarness) -> None:
+    """For the receiver's bearer mode (service/bearer.py): the harness stores tokens without publishing
+    them, as a Redis rebuilt from scratch would have them."""
+    kept, gone = ph.user(), ph.user()
+    with ph.db.transaction() as tx:  # a token before its user's first row, as `make run` stores the fake's
+        tokens.store(tx, ph.codec, powens_user(9001), "powens", "token-of-a-user-with-no-row-yet")
+
+    def published() -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in ph.r.hgetall(bearer.KEY).items()}
+
+    def digest(user: PUser) -> str:
+        return hashlib.sha256(user.token.encode()).hexdigest()
+
+    def sweep() -> None:
+        ph.drain()  # builds the worker context too
+        Reconciler(context.current()).run()
+        ph.drain()
+
+    early = hashlib.sha256(b"token-of-a-user-with-no-row-yet").hexdigest()
+    sweep()
+    assert published() == {str(kept.id): digest(kept), str(gone.id): digest(gone), "9001": early}
+    ph.r.delete(bearer.KEY)  # Redis lost them
+    sweep()
+    assert published() == {str(kept.id): digest(kept), str(gone.id): digest(gone), "9001": early}
+    assert ph.deliver("USER_DELETED", ph.pworld.webhook({"id": gone.id})) == "queued"
+    ph.drain()
+    assert published() == {str(kept.id): digest(kept), "9001": early}
+    ph.r.hset(bearer.KEY, str(gone.id), digest(gone))  # as if the deletion's own removal had failed
+    sweep()
+    assert published() == {str(kept.id): digest(kept), "9001": early}
+    assert ph.failed_ids() == []

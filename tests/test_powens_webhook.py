@@ -20,7 +20,6 @@ from service.app import create_app
 from service.powens import signature_date
 from service.powens_events import JOB_FUNCTIONS
 from service.queue import ARCHIVE_KEY
-from service.settings import SettingsError
 from tests.support import (
     POWENS_OLD_SECRET,
     POWENS_SECRET,
@@ -334,11 +333,6 @@ def test_redis_down_is_503(r: redis.Redis) -> None:
         body = powens_fixture("connection.synced")
         response = client.post(SYNCED, **powens_signed("connection.synced", body))
     assert response.status_code == 503 and response.json()["error"] == "queue_unavailable"
-
-
-def test_bearer_mode_refuses_to_start() -> None:
-    with pytest.raises(SettingsError, match="POWENS_WEBHOOK_AUTH: bearer is not supported yet"):
-        make_settings("redis://127.0.0.1:1/0", POWENS_WEBHOOK_AUTH="bearer")
 
 
 # -- a real socket -------------------------------------------------------------------------------------

@@ -411,6 +411,7 @@ def delete_user(event: Event, user_uuid: str) -> dict[str, Any]:
         with ctx.storage.transaction() as tx:
             ctx.storage.mark_user_deleted(tx, user_uuid, at)
             tokens.forget(tx, user_uuid)  # a Powens user's: no use to anyone now
+        tokens.unpublish(ctx.redis, user_uuid)  # nor to the receiver's bearer mode
         busy = []
         for item_id in ctx.storage.item_ids_of(user_uuid):
             try:

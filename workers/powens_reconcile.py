@@ -12,6 +12,9 @@ sweep: that is likelier our configuration (``POWENS_API_URL``) than a mass delet
 Powens sends ``CONNECTION_SYNCED`` after every sync, its daily background one included, which brings a
 connection's new and changed transactions without this; what only a sweep finds is a deletion or a
 consent change whose webhook was lost.
+
+Each sweep also publishes the digest of every token it reads, for the receiver's bearer mode
+(workers.tokens.republish), so that a Redis that lost them is right again after one sweep.
 """
 
 from __future__ import annotations
@@ -41,21 +44,29 @@ class PowensSweep:
         users Powens knew, and those it refused (the sweep deletes them here, as Bridge's). A spent
         budget (TransientError) leaves to the caller."""
         known, gone = 0, []
-        for user_uuid, token in self._users():
+        before = tokens.published(self.ctx.redis)
+        held, users = self._users()
+        tokens.republish(self.ctx.redis, held, before)  # a Redis rebuilt is right again
+        for user_uuid, token in users:
             if self._user(user_uuid, token, counts):
                 known += 1
             else:
                 gone.append(user_uuid)
         return known, gone
 
-    def _users(self) -> list[tuple[str, str]]:
+    def _users(self) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """Every token held for a user not deleted (user uuid -> token), for bearer mode; and the
+        live users to sweep, with theirs: a token may be stored before its user's first row (``make
+        run`` stores the fake's), and is published all the same."""
         storage = self.ctx.storage
         with storage.transaction() as tx:
             rows = tx.execute(
-                "SELECT t.user_uuid, t.token FROM user_tokens t JOIN users u ON u.uuid = t.user_uuid "
+                "SELECT t.user_uuid, t.token, u.uuid IS NOT NULL FROM user_tokens t "
+                "LEFT JOIN users u ON u.uuid = t.user_uuid "
                 "WHERE t.provider = 'powens' AND u.deleted_at IS NULL ORDER BY t.user_uuid"
             ).fetchall()
-        return [(str(uuid), str(storage.codec.decode(token, tokens.COLUMN))) for uuid, token in rows]
+        held = {str(uuid): str(storage.codec.decode(token, tokens.COLUMN)) for uuid, token, _ in rows}
+        return held, [(str(uuid), held[str(uuid)]) for uuid, _, known in rows if known]
 
     def _user(self, user_uuid: str, token: str, counts: dict[str, int]) -> bool:
         """False if Powens does not know the user."""
