@@ -232,3 +232,31 @@ def test_a_sweep_publishes_every_token_digest_and_a_deletion_removes_its_own(ph:
     sweep()
     assert published() == {str(kept.id): digest(kept), "9001": early}
     assert ph.failed_ids() == []
+
+
+def test_a_body_cannot_move_another_users_connection_or_accounts(ph: PowensHarness) -> None:
+    """What the bearer mode's token proves is who the user is: a body naming user A with B's
+    connection, or with an account of another connection, is a dead letter, and B's rows stay B's."""
+    alice, bob = ph.user(), ph.user()
+    mine, theirs = connected(ph, alice), connected(ph, bob)
+    synced(ph, mine)
+    synced(ph, theirs)
+    before = ph.every_row()
+    stolen = ph.pworld.connection_synced(theirs)
+    stolen["user"] = {"id": alice.id}
+    moved = ph.pworld.connection_synced(mine)
+    moved["connection"]["accounts"][0]["id"] = next(
+        a.id for a in ph.pworld.accounts.values() if a.id_connection == theirs
+    )
+    for body in (stolen, moved):
+        assert ph.deliver("CONNECTION_SYNCED", body) == "queued"
+    ph.drain()
+    assert len(ph.failed_ids()) == 2
+    errors = [row[0] for row in ph.rows("SELECT last_error FROM webhook_events WHERE status = 'failed'")]
+    assert all("PermanentError" in e and ("not user" in e or "is not connection" in e) for e in errors), (
+        errors
+    )
+    assert ph.every_row() == before
+    assert ph.item(theirs)["provider"] == "powens"
+    [(owner,)] = ph.rows("SELECT user_uuid FROM items WHERE id = %s", (stored_id(theirs),))
+    assert owner == powens_user(bob.id)

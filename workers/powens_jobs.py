@@ -15,7 +15,7 @@ from typing import Any
 
 from workers.context import WorkerContext
 from workers.jobs import Event, _run, delete_user, event_time, item_lock
-from workers.powens_sync import PowensSync
+from workers.powens_sync import PowensSync, check_owner
 from workers.providers import native_id, powens_user, stored_id
 from workers.sync import Syncer
 
@@ -65,10 +65,13 @@ def account_found(event: Event) -> dict[str, Any]:
 def connection_deleted(event: Event) -> dict[str, Any]:
     """Bridge's ``item.deleted`` rules: the item and its accounts are marked deleted (the earliest
     time wins), and stay so whatever a late event says."""
-    item_id, at = stored_id(event["content"]["id"]), event_time(event)
+    c = event["content"]
+    item_id, at = stored_id(c["id"]), event_time(event)
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
         with item_lock(ctx, item_id), ctx.storage.transaction() as tx:
+            if c.get("id_user") is not None:  # the user's, as its body says (see PowensSync._check_owner)
+                check_owner(tx, int(c["id_user"]), item_id, [], [])
             ctx.storage.mark_item_deleted(tx, item_id, at)
         return {"deleted_at": at.isoformat()}
 

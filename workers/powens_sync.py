@@ -26,9 +26,9 @@ from service.logs import get_logger
 from workers import powens_rows, tokens
 from workers.db import Tx, to_datetime
 from workers.erasure import is_erased
-from workers.errors import AuthError, NotFound
+from workers.errors import AuthError, NotFound, PermanentError
 from workers.powens import PowensClient
-from workers.providers import powens_user, powens_user_id, stored_id
+from workers.providers import native_id, powens_user, powens_user_id, stored_id
 from workers.storage import Storage, parse_ts
 from workers.writer import Writer
 
@@ -46,6 +46,38 @@ def refused_token(id_user: int) -> Iterator[None]:
         raise NotFound(
             f"Powens refuses {powens_user(id_user)}'s token ({exc.status}): deleted at Powens"
         ) from exc
+
+
+def check_owner(
+    tx: Tx,
+    id_user: int,
+    item_id: int,
+    accounts: Sequence[Mapping[str, Any]],
+    bodies: Sequence[Mapping[str, Any]],
+) -> None:
+    """A body speaks for one user's connection: the connection, its accounts and their transactions
+    are that user's, or none of it is written (a PermanentError: a dead letter to look at). Powens's
+    own bodies always are; this holds a body to it where the webhook's authentication proves only
+    who the user is (the bearer mode, service/bearer.py), so one user's token cannot touch another's
+    rows. A transaction already stored under another account is not looked for (it would cost a
+    query per page): the bearer mode trusts the token's holder that far (docs/design.md)."""
+    held_by = owner(tx, item_id)
+    if held_by is not None and held_by != id_user:
+        raise PermanentError(f"connection {native_id(item_id)} is not user {id_user}'s")
+    for row, body in zip(accounts, bodies, strict=True):
+        held = tx.execute("SELECT item_id FROM accounts WHERE id = %s", (row["id"],)).fetchone()
+        if row["item_id"] != item_id or (held is not None and int(held[0]) != item_id):
+            raise PermanentError(f"account {native_id(row['id'])} is not connection {native_id(item_id)}'s")
+        if any(
+            stored_id(t.get("id_account", body["id"])) != row["id"] for t in body.get("transactions") or ()
+        ):
+            raise PermanentError(f"a transaction under account {native_id(row['id'])} names another account")
+
+
+def owner(tx: Tx, item_id: int) -> int | None:
+    """The Powens user of a connection we hold (an account's body may not name it)."""
+    row = tx.execute("SELECT user_uuid FROM items WHERE id = %s", (item_id,)).fetchone()
+    return None if row is None else powens_user_id(str(row[0]))
 
 
 class PowensSync:
@@ -75,6 +107,7 @@ class PowensSync:
         bodies = list(connection.get("accounts") or ())
         accounts = [powens_rows.account(a) for a in bodies]
         with self.storage.transaction(durable=False) as tx:
+            check_owner(tx, id_user, item["id"], accounts, bodies)
             skipped = self._write_item(tx, powens_user(id_user), item)
             if skipped is None:
                 new = self._never_synced(tx, item["id"])
@@ -119,7 +152,9 @@ class PowensSync:
         ACCOUNT_DISABLED (Powens deletes a disabled account's transactions: so do we, with no call)."""
         row, item_id = powens_rows.account(account), stored_id(account["id_connection"])
         with self.storage.transaction(durable=False) as tx:
-            id_user = account.get("id_user") or self._owner(tx, item_id)
+            id_user = account.get("id_user") or owner(tx, item_id)
+            if id_user is not None:
+                check_owner(tx, int(id_user), item_id, [row], [account])
             if self._deleted(tx, None if id_user is None else powens_user(id_user), item_id):
                 return {"skipped": "deleted"}
             self._write_accounts(tx, [row], [account])
@@ -231,12 +266,6 @@ class PowensSync:
         ):
             return True
         return self.storage.item_deleted_at(tx, item_id) is not None
-
-    @staticmethod
-    def _owner(tx: Tx, item_id: int) -> int | None:
-        """The Powens user of a connection we hold (an account's body may not name it)."""
-        row = tx.execute("SELECT user_uuid FROM items WHERE id = %s", (item_id,)).fetchone()
-        return None if row is None else powens_user_id(str(row[0]))
 
     def _write_accounts(
         self, tx: Tx, accounts: Sequence[dict[str, Any]], bodies: Sequence[Mapping[str, Any]]
