@@ -1,7 +1,8 @@
 """Prometheus metrics of the receiver, and the ``/metrics`` endpoint.
 
-Every answer of the webhook endpoint counts once in ``bridgehook_webhook_requests_total``
-with its outcome (``queued``, ``duplicate``, ``ignored`` or the rejection's machine code),
+Every answer of the webhook endpoints counts once in ``bridgehook_webhook_requests_total``
+with its outcome (``queued``, ``duplicate``, ``ignored`` or the rejection's machine code) and its
+provider (``bridge``, ``powens``),
 so a spike of any one rejection reason is one PromQL query away.
 """
 
@@ -13,8 +14,8 @@ from starlette.responses import Response
 
 REQUESTS = Counter(
     "bridgehook_webhook_requests",
-    "Webhook deliveries answered, by outcome (queued, duplicate, ignored or a rejection reason).",
-    ["outcome"],
+    "Webhook deliveries answered, by outcome (queued, duplicate, ignored or a rejection) and provider.",
+    ["outcome", "provider"],
 )
 ENQUEUE_SECONDS = Histogram(
     "bridgehook_enqueue_seconds",

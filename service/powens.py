@@ -170,6 +170,7 @@ def gunzip(raw: bytes, limit: int) -> bytes:
 class PowensView(WebhookView):
     """The endpoint; sharing the Bridge view's rejection counts and read deadlines."""
 
+    provider = "powens"
     wanted: tuple[bytes, ...] = _WANTED
     signature_header = SIGNATURE
 
@@ -285,7 +286,7 @@ class PowensView(WebhookView):
         argument = powens_events.envelope_json(name, id_webhook_data, body, received_at) if function else None
         del body  # held by the archive and the argument until the queue has sent them
         outcome = await self._enqueue(event_id, function, {"type": name}, archive, argument=argument)
-        REQUESTS.labels(outcome).inc()
+        REQUESTS.labels(outcome, self.provider).inc()
         if logs.enabled(logging.DEBUG):
             log.debug(
                 "webhook.accepted",

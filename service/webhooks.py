@@ -59,7 +59,7 @@ from service.sources import SourcePolicy
 
 log = logs.get_logger("bridgehook.webhooks")
 
-_OUTCOMES = {name: REQUESTS.labels(name) for name in ("queued", "duplicate", "ignored")}
+_OUTCOMES = {name: REQUESTS.labels(name, "bridge") for name in ("queued", "duplicate", "ignored")}
 _WANTED = (b"content-length", b"content-type", b"bridgeapi-signature", b"x-request-id")
 _CONTENT_TYPE = (b"content-type", b"application/json")
 # Refused before the whole body was read: the connection closes after the answer (see
@@ -130,6 +130,7 @@ class WebhookView:
     body's read) and brings its own ``_handle``.
     """
 
+    provider = "bridge"  # its label in bridgehook_webhook_requests_total
     wanted: tuple[bytes, ...] = _WANTED  # the headers _handle reads
     signature_header: bytes = _SIGNATURE  # refused when sent twice
 
@@ -154,7 +155,7 @@ class WebhookView:
             status, body, length = await self._handle(scope, receive, headers, request_id)
             extra = []
         except Rejected as r:
-            REQUESTS.labels(r.reason).inc()
+            REQUESTS.labels(r.reason, self.provider).inc()
             self.rejections.count(r.reason)
             with structlog.contextvars.bound_contextvars(request_id=request_id.decode()):
                 (log.error if r.status >= 500 else log.warning)(

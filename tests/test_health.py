@@ -28,8 +28,8 @@ def test_metrics_expose_outcomes_latency_and_depth(client: TestClient) -> None:
     client.post("/webhooks/bridge", **signed(fixture_body("item.created")))
     client.post("/webhooks/bridge", content=b"{}")
     text = client.get(ADMIN + "/metrics").text
-    assert 'bridgehook_webhook_requests_total{outcome="queued"}' in text
-    assert 'bridgehook_webhook_requests_total{outcome="missing_signature"}' in text
+    assert 'bridgehook_webhook_requests_total{outcome="queued",provider="bridge"}' in text
+    assert 'bridgehook_webhook_requests_total{outcome="missing_signature",provider="bridge"}' in text
     assert "bridgehook_enqueue_seconds_bucket" in text
     assert 'bridgehook_queue_depth{queue="bridgehook"} 1.0' in text
     assert 'bridgehook_dead_letter_jobs{queue="bridgehook"} 0.0' in text

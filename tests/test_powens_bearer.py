@@ -129,7 +129,12 @@ def test_rejections_are_counted_as_every_other(
     """In the metric at once, and in Redis for `bridgehook status` once the receiver flushes (at its stop)."""
 
     def metric(reason: str) -> float:
-        return REGISTRY.get_sample_value("bridgehook_webhook_requests_total", {"outcome": reason}) or 0.0
+        return (
+            REGISTRY.get_sample_value(
+                "bridgehook_webhook_requests_total", {"outcome": reason, "provider": "powens"}
+            )
+            or 0.0
+        )
 
     before = {reason: metric(reason) for reason in ("missing_token", "invalid_token", "missing_user_id")}
     body = powens_fixture("connection.synced")

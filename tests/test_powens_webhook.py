@@ -47,7 +47,12 @@ PROCESSED = {
 
 
 def count(outcome: str) -> float:
-    return REGISTRY.get_sample_value("bridgehook_webhook_requests_total", {"outcome": outcome}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "bridgehook_webhook_requests_total", {"outcome": outcome, "provider": "powens"}
+        )
+        or 0.0
+    )
 
 
 @pytest.fixture

@@ -120,5 +120,8 @@ def test_probes_and_metrics_listen_on_the_admin_port_only(settings_factory: Call
         assert httpx.post(base + URL, **signed(fixture_body("item.created"))).json()["status"] == "queued"
         for path in ("/livez", "/readyz"):
             assert httpx.get(admin + path).json() == {"status": "ok"}, path
-        assert 'bridgehook_webhook_requests_total{outcome="queued"}' in httpx.get(admin + "/metrics").text
+        assert (
+            'bridgehook_webhook_requests_total{outcome="queued",provider="bridge"}'
+            in httpx.get(admin + "/metrics").text
+        )
         assert httpx.post(admin + URL, **signed(fixture_body("item.refreshed"))).status_code == 404

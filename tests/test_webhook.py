@@ -39,7 +39,12 @@ IGNORED = [
 
 
 def count(outcome: str) -> float:
-    return REGISTRY.get_sample_value("bridgehook_webhook_requests_total", {"outcome": outcome}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "bridgehook_webhook_requests_total", {"outcome": outcome, "provider": "bridge"}
+        )
+        or 0.0
+    )
 
 
 def assert_rejected(response, status: int, reason: str) -> None:  # type: ignore[no-untyped-def]
