@@ -22,10 +22,8 @@ A hypothesis ``RuleBasedStateMachine`` drives the fake Powens (served over HTTP)
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import worker_settings
 from tests.powens_harness import PowensHarness, powens_environ
-from tests.test_model import STEPS, Env, Scratch, dead_letter_errors, differences, drain, transient
+from tests.test_model import STEPS, Env, Scratch, drain, settle_and_compare, wrap_rules
 from workers.codec import codec_from_settings
 from workers.deadletters import DeadLetters
 from workers.providers import powens_user, stored_id
@@ -316,35 +314,11 @@ class PowensModel(RuleBasedStateMachine):
         in_flight, self.pending = [self.pending[i] for i in order], []
         for pending in in_flight:
             self._post(pending)
-        drain(self.h)
-        self._sweep()
-        drain(self.h)
-        errors = dead_letter_errors(self.h)
-        assert not transient(errors), f"dead letters for a transient reason: {transient(errors)}"
-        expected, observed = expected_and_observed(self.h)
-        diff = differences(expected, observed)
-        assert not diff, "our tables differ from Powens:\n  " + "\n  ".join(diff)
-        note(f"  settled: equal ({len(expected['transactions'])} transactions)")
+        count, _ = settle_and_compare(self.h, self._sweep, expected_and_observed, "Powens")
+        note(f"  settled: equal ({count} transactions)")
 
 
-def _wrap(rule_method: Callable[..., None]) -> Callable[..., None]:
-    """Unhealthy while a step runs, healthy again if it returns: teardown settles only after a
-    timeline whose every step passed (as tests/test_model.py's)."""
-
-    @functools.wraps(rule_method)
-    def step(self: PowensModel, *args: Any, **kwargs: Any) -> None:
-        self.healthy = False
-        rule_method(self, *args, **kwargs)
-        self.healthy = True
-
-    return step
-
-
-for _name in list(vars(PowensModel)):
-    for _kind in ("hypothesis_stateful_rule", "hypothesis_stateful_initialize_rule"):
-        _rule = getattr(getattr(PowensModel, _name), _kind, None)
-        if _rule is not None:
-            _rule.function = _wrap(_rule.function)
+wrap_rules(PowensModel)
 
 
 def expected_and_observed(h: PowensHarness) -> tuple[Rows, Rows]:
