@@ -738,19 +738,17 @@ def wrap_rules(machine: type, skip: frozenset[str] = frozenset()) -> None:
 wrap_rules(BridgeModel, SKIP)  # BRIDGEHOOK_MODEL_SKIP: rules left out, to look past a known failure
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
-def test_tables_end_equal_to_bridge(engine: str, redis_url: str, tmp_path: Path) -> None:
+def run_timelines(
+    name: str, machine: Callable[[], RuleBasedStateMachine], examples: int, engine: str
+) -> None:
+    """``examples`` random timelines of ``machine``, under the seed ``BRIDGEHOOK_MODEL_SEED`` or a new
+    one, printed so that a failing run can be replayed."""
     chosen = int(os.environ.get("BRIDGEHOOK_MODEL_SEED") or random.randrange(2**32))
-    print(f"model run: BRIDGEHOOK_MODEL_SEED={chosen} ({EXAMPLES} examples of {STEPS} steps, {engine})")
-    env = Env(redis_url, engine, tmp_path)
-
-    def machine() -> BridgeModel:
-        return BridgeModel(env)
-
+    print(f"{name} run: BRIDGEHOOK_MODEL_SEED={chosen} ({examples} examples of {STEPS} steps, {engine})")
     run_state_machine_as_test(
         seed(chosen)(machine),
         settings=settings(
-            max_examples=EXAMPLES,
+            max_examples=examples,
             stateful_step_count=STEPS,
             deadline=None,
             derandomize=False,
@@ -762,3 +760,9 @@ def test_tables_end_equal_to_bridge(engine: str, redis_url: str, tmp_path: Path)
             ],
         ),
     )
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_tables_end_equal_to_bridge(engine: str, redis_url: str, tmp_path: Path) -> None:
+    env = Env(redis_url, engine, tmp_path)
+    run_timelines("model", lambda: BridgeModel(env), EXAMPLES, engine)

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import copy
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, note, seed, settings
+from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from fakebridge.powens import FakePowensServer
@@ -45,7 +43,7 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import worker_settings
 from tests.powens_harness import PowensHarness, powens_environ
-from tests.test_model import STEPS, Env, Scratch, drain, settle_and_compare, wrap_rules
+from tests.test_model import Env, Scratch, drain, run_timelines, settle_and_compare, wrap_rules
 from workers.codec import codec_from_settings
 from workers.deadletters import DeadLetters
 from workers.providers import powens_user, stored_id
@@ -338,23 +336,5 @@ def expected_and_observed(h: PowensHarness) -> tuple[Rows, Rows]:
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
 def test_tables_end_equal_to_powens(engine: str, redis_url: str, tmp_path: Path) -> None:
-    chosen = int(os.environ.get("BRIDGEHOOK_MODEL_SEED") or random.randrange(2**32))
-    print(
-        f"powens model run: BRIDGEHOOK_MODEL_SEED={chosen} ({EXAMPLES} examples of {STEPS} steps, {engine})"
-    )
     env = Env(redis_url, engine, tmp_path)
-    run_state_machine_as_test(
-        seed(chosen)(lambda: PowensModel(env)),
-        settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            derandomize=False,
-            print_blob=True,
-            suppress_health_check=[
-                HealthCheck.too_slow,
-                HealthCheck.data_too_large,
-                HealthCheck.filter_too_much,
-            ],
-        ),
-    )
+    run_timelines("powens model", lambda: PowensModel(env), EXAMPLES, engine)
