@@ -17,6 +17,7 @@ from workers import context, tokens
 from workers.actions import action
 from workers.providers import powens_user, stored_id
 from workers.reconcile import Reconciler
+from workers.replay import Enqueuer
 
 
 def connected(ph: PowensHarness, user: PUser, accounts: int = 2, transactions: int = 5) -> int:
@@ -260,3 +261,25 @@ def test_a_body_cannot_move_another_users_connection_or_accounts(ph: PowensHarne
     assert ph.item(theirs)["provider"] == "powens"
     [(owner,)] = ph.rows("SELECT user_uuid FROM items WHERE id = %s", (stored_id(theirs),))
     assert owner == powens_user(bob.id)
+
+
+def test_a_resync_of_a_user_reads_its_connections_once_and_ends_at_the_truth(ph: PowensHarness) -> None:
+    """`bridgehook resync --user powens-<id>`: a connection deleted at Powens without its webhook is
+    marked deleted, a changed transaction is read again, and the user's connections are listed once."""
+    user = ph.user()
+    kept, dropped = connected(ph, user), connected(ph, user)
+    synced(ph, kept)
+    synced(ph, dropped)
+    ph.pworld.delete_connection(dropped)  # no CONNECTION_DELETED
+    changed = next(
+        t for t in ph.pworld.transactions.values() if ph.pworld.accounts[t.id_account].id_connection == kept
+    )
+    ph.pworld.update_transaction(changed.id, value=changed.value + 7)
+    ph.pworld.requests.clear()
+    assert Enqueuer(ph.r, ph.settings).resync_user(powens_user(user.id)) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+    assert ph.item(dropped)["deleted_at"] is not None
+    assert ph.powens_tables() == ph.powens_truth()
+    listings = [r for r in ph.pworld.requests if r.method == "GET" and r.path.endswith("/connections")]
+    assert len(listings) == 1

@@ -102,15 +102,15 @@ def resync_user(event: Event) -> dict[str, Any]:
     id_user, skip = int(c["id_user"]), {int(i) for i in c.get("skip", ())}
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
-        token = ctx.powens_sync().token_of(id_user)
-        listed = {int(c["id"]) for c in ctx.powens.connections(id_user, token)}
+        connections = ctx.powens_sync().connections(id_user)  # once, for every resync below
+        listed = {int(c["id"]) for c in connections}
         held = {native_id(i) for i in ctx.storage.item_ids_of(powens_user(id_user))}
         done = []
         for connection_id in sorted(listed | held):
             if stored_id(connection_id) in skip:
                 continue
             with item_lock(ctx, stored_id(connection_id)) as heartbeat:
-                ctx.powens_sync(heartbeat).resync(id_user, connection_id, reset=True)
+                ctx.powens_sync(heartbeat).resync(id_user, connection_id, reset=True, connections=connections)
             done.append(stored_id(connection_id))
         return {"items": done}
 

@@ -120,17 +120,25 @@ class PowensSync:
             self._read_accounts(id_user, item["id"])
         return summary | self._list_if_usable(id_user, item)
 
-    def resync(self, id_user: int, connection_id: int, *, reset: bool) -> dict[str, Any]:
+    def resync(
+        self,
+        id_user: int,
+        connection_id: int,
+        *,
+        reset: bool,
+        connections: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """The connection and its accounts as Powens lists them now, then its transactions: those updated
         since its cursors, or (``reset``: ``bridgehook resync``) all of them, the cursors replaced. What
-        the reconciliation sweep enqueues when a webhook went missing (workers.powens_reconcile)."""
+        the reconciliation sweep enqueues when a webhook went missing (workers.powens_reconcile).
+        ``connections``: the user's, as :meth:`connections` read them already (a resync of every one)."""
         item_id = stored_id(connection_id)
         with self.storage.transaction() as tx:
             if self._deleted(tx, powens_user(id_user), item_id):  # deleted stays deleted
                 return {"skipped": "deleted"}
         token = self.token_of(id_user)
-        with refused_token(id_user):
-            connections = self.client.connections(id_user, token)
+        if connections is None:
+            connections = self.connections(id_user, token)
         listed = [c for c in connections if int(c["id"]) == connection_id]
         if not listed:  # deleted at Powens, and its CONNECTION_DELETED never reached us
             with self.storage.transaction(durable=False) as tx:
@@ -146,6 +154,11 @@ class PowensSync:
             with self.storage.transaction(durable=False) as tx:
                 tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
         return {"item_id": item_id, "accounts": accounts} | self._list_if_usable(id_user, item, token)
+
+    def connections(self, id_user: int, token: str | None = None) -> list[dict[str, Any]]:
+        """The user's connections at Powens (a refused token: the user is gone, see :func:`refused_token`)."""
+        with refused_token(id_user):
+            return self.client.connections(id_user, token or self.token_of(id_user))
 
     def account_changed(self, account: Mapping[str, Any], *, list_after: bool) -> dict[str, Any]:
         """ACCOUNT_ENABLED (``list_after``: its transactions, which consent makes readable) or
