@@ -499,10 +499,7 @@ def _bank_down(items: Sequence[tuple[int, int | None]]) -> list[int]:
 @click.command()
 def reconcile() -> None:
     """Enqueue a reconciliation sweep now (the scheduler enqueues one every period)."""
-    from workers.replay import RECONCILE
-
     with ops() as (s, r, _):
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        event = {"type": "bridgehook.reconcile", "content": {"manual": stamp}, "timestamp": 0}
-        outcome = Enqueuer(r, s).enqueue(f"reconcile-manual-{stamp}", RECONCILE, event)
+        outcome = Enqueuer(r, s).sweep(stamp)
     click.echo(f"sweep reconcile-manual-{stamp}: {outcome}")

@@ -68,7 +68,7 @@ from workers import context
 from workers.codec import codec_from_settings
 from workers.context import WorkerContext
 from workers.deadletters import DeadLetters, traceback_of
-from workers.replay import RECONCILE, Enqueuer, from_ledger
+from workers.replay import Enqueuer, from_ledger
 from workers.runner import Worker
 from workers.storage import Storage
 
@@ -647,8 +647,7 @@ class BridgeModel(RuleBasedStateMachine):
 
     def _sweep(self) -> str:
         self.sweeps += 1
-        event = {"type": "bridgehook.reconcile", "content": {"manual": str(self.sweeps)}, "timestamp": 0}
-        return self.enqueuer.enqueue(f"reconcile-model-{self.sweeps}", RECONCILE, event)
+        return self.enqueuer.sweep(f"model-{self.sweeps}")
 
     @rule(data=st.data(), source=st.sampled_from(["archive", "ledger"]))
     def replay_events(self, data: st.DataObject, source: str) -> None:

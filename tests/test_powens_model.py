@@ -47,7 +47,7 @@ from tests.test_model import Env, Scratch, drain, run_timelines, settle_and_comp
 from workers.codec import codec_from_settings
 from workers.deadletters import DeadLetters
 from workers.providers import powens_user, stored_id
-from workers.replay import RECONCILE, Enqueuer
+from workers.replay import Enqueuer
 from workers.storage import Storage
 
 EXAMPLES = int(os.environ.get("BRIDGEHOOK_POWENS_MODEL_EXAMPLES") or 20)
@@ -303,8 +303,7 @@ class PowensModel(RuleBasedStateMachine):
 
     def _sweep(self) -> str:
         self.sweeps += 1
-        event = {"type": "bridgehook.reconcile", "content": {"manual": str(self.sweeps)}, "timestamp": 0}
-        return self.enqueuer.enqueue(f"reconcile-powens-model-{self.sweeps}", RECONCILE, event)
+        return self.enqueuer.sweep(f"powens-model-{self.sweeps}")
 
     def _settle(self, order: list[int]) -> None:
         """What is in flight arrives, the queue drains, a sweep runs and its jobs drain; then the

@@ -14,8 +14,8 @@ from typing import Any
 
 from fakebridge.world import World
 from tests.harness import Harness
-from tests.test_model import dead_letter_errors, differences, expected_and_observed, transient
-from workers.replay import RECONCILE, Enqueuer
+from tests.test_model import expected_and_observed, settle_and_compare
+from workers.replay import Enqueuer
 
 
 def bank(
@@ -33,16 +33,9 @@ def bank(
 
 def settle(h: Harness) -> None:
     """Drain, one reconciliation sweep, drain, then the promise: tables equal to Bridge, and dead
-    letters only for permanent reasons."""
-    h.drain()
-    sweep = {"type": "bridgehook.reconcile", "content": {"manual": "timeline"}, "timestamp": 0}
-    Enqueuer(h.r, h.settings).enqueue("reconcile-timeline", RECONCILE, sweep)
-    h.drain()
-    errors = dead_letter_errors(h)
-    assert not transient(errors), f"dead letters for a transient reason: {transient(errors)}"
-    expected, observed = expected_and_observed(h)
-    diff = differences(expected, observed)
-    assert not diff, "our tables differ from Bridge:\n  " + "\n  ".join(diff)
+    letters only for permanent reasons (the model's own settle)."""
+    enqueuer = Enqueuer(h.r, h.settings)
+    settle_and_compare(h, lambda: enqueuer.sweep("timeline"), expected_and_observed, "Bridge")
 
 
 # -- deletions were learned from webhooks only ----------------------------------------------------------

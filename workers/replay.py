@@ -104,6 +104,12 @@ class Enqueuer:
             return self.enqueue(f"resync-user-{user_uuid}", "workers.powens_jobs.resync_user", task)
         return self.enqueue(f"resync-user-{user_uuid}", RESYNC_USER, task)
 
+    def sweep(self, tag: str) -> str:
+        """A reconciliation sweep now, besides the scheduler's (``bridgehook reconcile``), whose trigger
+        ``status`` reports as manual; ``tag`` names it (``reconcile-manual-<tag>``)."""
+        event = {"type": "bridgehook.reconcile", "content": {"manual": tag}, "timestamp": 0}
+        return self.enqueue(f"reconcile-manual-{tag}", RECONCILE, event)
+
     def user_gone(self, user_uuid: str) -> str:
         """The user's deletion, for a user the provider no longer knows (its webhook never reached us)."""
         at = int(time.time() * 1000)
