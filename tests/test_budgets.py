@@ -17,6 +17,7 @@ from rq.serializers import JSONSerializer
 from fakebridge.world import World
 from tests.harness import Harness, worker_settings
 from workers.jobs import MAX_IDLE_DEFERRALS
+from workers.sync import REUSE_READ
 
 
 def queue_of(harness: Harness) -> Queue:
@@ -125,15 +126,47 @@ def test_a_long_history_completes_under_a_small_user_budget(
 
     deferrals = run_to_the_end(harness)
 
-    assert deferrals == 1
+    assert 1 <= deferrals <= 2  # (two on a machine slow enough that the second run waits too long)
     assert harness.failed_ids() == []
     assert harness.tables() == harness.truth()
     listings = [r for r in world.requests if r.path.endswith("/transactions")]
     assert [r.status for r in listings] == [200] * 6  # each page once: the second run resumed
+    assert reads(world) == (1, 1)  # the second run took the item and its accounts as the first read them
     assert world.budgets.refused == {"app": 0, "user": 0, "token": 0}
     [(cursor, listing)] = harness.rows("SELECT transactions_cursor, listing FROM accounts")
     assert cursor is not None and listing is None
     assert harness.rows("SELECT status FROM webhook_events") == [("done",)]
+
+
+def reads(world: World) -> tuple[int, int]:
+    """Requests for an item, and for an item's accounts, since the last reset."""
+    paths = [r.path for r in world.requests]
+    return sum("/items/" in p for p in paths), sum(p.endswith("/accounts") for p in paths)
+
+
+def test_a_read_older_than_reuse_read_is_read_again(harness: Harness, world: World, redis_url: str) -> None:
+    """A job deferred after it read the item and its accounts reuses that read for REUSE_READ: past it,
+    its next attempt reads them again (what changed meanwhile is written), and goes on with its listing."""
+    b = bank(world, 2800)
+    fast_budget(harness, world, redis_url, "5/3")
+    harness.send(world.event_item_created(b["item"]))
+    world.reset_requests()
+    harness.drain()
+    [(job, _)] = scheduled(harness)
+    assert reads(world) == (1, 1)
+    job.meta["reads"][str(b["item"])]["at"] -= REUSE_READ
+    job.save_meta()
+    world.set_item_status(b["item"], 1010)  # changed since, and read again: the sync stops for the user
+
+    run_to_the_end(harness)
+
+    assert reads(world) == (2, 1)
+    assert harness.rows("SELECT status FROM items") == [(1010,)]
+    assert harness.failed_ids() == []
+    world.set_item_status(b["item"], 0)
+    harness.send(world.event_item_refreshed(b["item"]))
+    run_to_the_end(harness)
+    assert harness.tables() == harness.truth()
 
 
 def test_bridges_own_budget_is_never_exceeded(harness: Harness, world: World, redis_url: str) -> None:
@@ -220,7 +253,8 @@ def test_a_full_sync_goes_on_with_the_accounts_it_has_not_listed(
     harness: Harness, world: World, redis_url: str
 ) -> None:
     """Two accounts of five and three pages under a budget of five requests: each run goes on where the
-    last stopped, and an account listed whole by an earlier run is not listed again."""
+    last stopped, and an account listed whole by an earlier run is not listed again. The second run
+    takes the item and its accounts as the first read them: ten requests, two runs."""
     b = bank(world, 2300)
     second = world.add_account(b["item"], name="Livret")
     world.add_transactions(second, 1300)
@@ -230,11 +264,12 @@ def test_a_full_sync_goes_on_with_the_accounts_it_has_not_listed(
 
     deferrals = run_to_the_end(harness)
 
-    assert 2 <= deferrals <= 3
+    assert 1 <= deferrals <= 2  # (two on a machine slow enough that the second run waits too long)
     assert harness.failed_ids() == []
     assert harness.tables() == harness.truth()
     listings = [r for r in world.requests if r.path.endswith("/transactions")]
     assert [r.status for r in listings] == [200] * 8  # 5 + 3 pages, each once
+    assert reads(world) == (1, 1)
 
 
 def test_a_job_that_never_moves_forward_spends_its_retries(harness: Harness, world: World) -> None:

@@ -179,3 +179,40 @@ def test_an_account_whose_cursor_is_far_behind_is_listed_on_its_own(harness: Har
     assert sum("account_id" not in q for q in queries) == 1
     assert sum(f"account_id={behind}" in q for q in queries) == 1
     assert harness.tables() == harness.truth()
+
+
+def test_pages_with_none_of_the_groups_rows_are_not_read_twice(
+    harness: Harness, world: World, redis_url: str
+) -> None:
+    """The user's other item changed by 1,500 transactions, the item's two accounts by one each: the
+    listing's first three pages hold none of the group's rows. A spent budget stops it after two of
+    them; the next attempt goes on after those (their position was saved, rows or none), instead of
+    reading them again on every attempt until the job died of deferrals without progress."""
+    b = bank(world, accounts=2, per_account=5)
+    other_item = world.add_item(b["user"])
+    other = world.add_account(other_item, name="Ailleurs")
+    for item in (b["item"], other_item):
+        harness.send(world.event_item_created(item))
+    harness.drain()
+    world.add_transactions(other, 1500)
+    for account in b["accounts"]:
+        world.add_transactions(account, 1)
+    world.set_item_status(b["item"], 0)
+    fast_budget(harness, world, redis_url, "4/4")  # the item, its accounts, two pages
+    context.configure(None)
+    time.sleep(4.1)
+    world.reset_requests()
+
+    harness.send(world.event_item_refreshed(b["item"]))
+    harness.drain()
+    assert len(scheduled(harness)) == 1
+    assert len(listings(world)) == 2
+    run_to_the_end(harness)
+
+    queries = listings(world)
+    assert len(queries) == 4 == len(set(queries))  # each page once
+    assert harness.failed_ids() == []
+    world.set_item_status(other_item, 0)  # the other item's rows are its own sync's
+    harness.send(world.event_item_refreshed(other_item))
+    run_to_the_end(harness)
+    assert harness.tables() == harness.truth()

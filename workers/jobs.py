@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,7 +37,7 @@ from workers.erasure import erase_user, is_erased
 from workers.errors import BudgetExhausted, NotFound, PermanentError, TransientError
 from workers.metrics import JOBS, SYNC_LAG
 from workers.providers import provider_of_user
-from workers.sync import PROGRESS, Progress, Syncer, SyncResult
+from workers.sync import PROGRESS, ItemIds, ItemRead, Progress, Syncer, SyncResult
 
 log = get_logger("bridgehook.jobs")
 
@@ -273,7 +274,23 @@ def _restore_schedule(job: Any) -> None:
 def _progress(job: Any) -> Progress:
     """What the job's earlier attempts did (see workers.sync.Progress); nothing yet for a first one."""
     meta = job.meta if job is not None else {}
-    return Progress(listed=set(meta.get("listed", ())), items=set(meta.get("items_done", ())))
+    users = meta.get("user_items")
+    return Progress(
+        listed=set(meta.get("listed", ())),
+        items=set(meta.get("items_done", ())),
+        reads={int(item_id): ItemRead(**read) for item_id, read in (meta.get("reads") or {}).items()},
+        user_items=ItemIds(**users) if users else None,
+    )
+
+
+def _kept(progress: Progress) -> dict[str, Any]:
+    """``progress`` as the job's meta keeps it (JSON), for the next attempt's :func:`_progress`."""
+    return {
+        "listed": sorted(progress.listed),
+        "items_done": sorted(progress.items),
+        "reads": {str(item_id): asdict(read) for item_id, read in progress.reads.items()},
+        "user_items": asdict(progress.user_items) if progress.user_items else None,
+    }
 
 
 # Attempts in a row that a spent budget stopped before they kept anything for the next (a page written
@@ -281,7 +298,7 @@ def _progress(job: Any) -> Progress:
 # the job spends its retries as for any other transient error (a loop that never moves forward ends in
 # the dead letters instead of deferring for ever). Any such progress starts the count again.
 MAX_IDLE_DEFERRALS = 20
-_PROGRESS_KEYS = ("listed", "items_done", "idle_deferrals")  # the job's meta that _progress reads
+_PROGRESS_KEYS = ("listed", "items_done", "reads", "user_items", "idle_deferrals")  # read by _progress
 
 
 def _failed(
@@ -291,16 +308,11 @@ def _failed(
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
     budget = isinstance(exc, BudgetExhausted | ItemLocked)
     if job is not None and progress is not None:  # what this attempt did, for the next one to go on from
-        moved = (
-            progress.pages > 0
-            or progress.listed != set(job.meta.get("listed", ()))
-            or progress.items != set(job.meta.get("items_done", ()))
-        )
+        kept, nothing = _kept(progress), _kept(Progress())
+        moved = progress.pages > 0 or any(kept[k] != job.meta.get(k, nothing[k]) for k in kept)
         spent = isinstance(exc, BudgetExhausted)  # a budget that never frees would defer it forever
         idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + spent
-        job.meta.update(
-            listed=sorted(progress.listed), items_done=sorted(progress.items), idle_deferrals=idle
-        )
+        job.meta.update(kept, idle_deferrals=idle)
         if isinstance(exc, ItemLocked) and exc.backoff:
             in_a_row = int(job.meta.get("stepped_aside", 0))
             exc.retry_after = min(STEP_ASIDE_SECONDS * 2**in_a_row, STEP_ASIDE_MAX_SECONDS)
@@ -482,17 +494,17 @@ def resync_user(event: Event) -> dict[str, Any]:
     skip = {int(i) for i in event["content"].get("skip", ())}
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
-        synced = []
         done = PROGRESS.get() or Progress()
-        for page in ctx.client.item_pages(user_uuid):
-            for item in page:
-                if int(item["id"]) in skip:
-                    continue
-                if int(item["id"]) not in done.items:  # (resynced by an earlier attempt of this job)
-                    with item_lock(ctx, int(item["id"])) as heartbeat:
-                        ctx.syncer(heartbeat).sync_item(user_uuid, int(item["id"]), resync=True)
-                    done.items.add(int(item["id"]))
-                synced.append(item["id"])
+        item_ids = done.user_item_ids()  # (listed by an earlier attempt of this job)
+        if item_ids is None:
+            item_ids = [int(item["id"]) for page in ctx.client.item_pages(user_uuid) for item in page]
+            done.user_items = ItemIds(time.time(), item_ids)
+        synced = [item_id for item_id in item_ids if item_id not in skip]
+        for item_id in synced:
+            if item_id not in done.items:  # (resynced by an earlier attempt of this job)
+                with item_lock(ctx, item_id) as heartbeat:
+                    ctx.syncer(heartbeat).sync_item(user_uuid, item_id, resync=True)
+                done.items.add(item_id)
         return {"items": synced}
 
     return _run(event, work, locks_itself=True)

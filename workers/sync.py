@@ -23,6 +23,7 @@ survives without the rows before it.
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ from typing import Any
 
 from service.logs import get_logger
 from workers.bridge import BridgeClient
+from workers.db import Tx
 from workers.errors import BridgeError, NotFound, TransientError
 from workers.listings import Group, Lister, prefetched
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
@@ -48,6 +50,42 @@ class Progress:
     pages: int = 0
     listed: set[int] = field(default_factory=set)
     items: set[int] = field(default_factory=set)
+    reads: dict[int, ItemRead] = field(default_factory=dict)  # by item id
+    user_items: ItemIds | None = None  # a user's resync: the items Bridge listed
+
+    def read(self, item_id: int) -> ItemRead | None:
+        """What an earlier attempt read of the item and its accounts, if recent enough to reuse."""
+        read = self.reads.get(item_id)
+        return read if read is not None and time.time() - read.at < REUSE_READ else None
+
+    def user_item_ids(self) -> list[int] | None:
+        """The user's items as an earlier attempt listed them, if recent enough to reuse."""
+        listed = self.user_items
+        return listed.ids if listed is not None and time.time() - listed.at < REUSE_READ else None
+
+
+# An attempt stopped (a spent budget, Bridge down) after it read and wrote an item and its accounts
+# leaves what it read to the job's next attempts for this long: they go on with the transactions
+# instead of spending the user's calls again on the item's status and accounts read seconds before
+# (two or three of each attempt's calls, which jobs sharing a small budget would otherwise spend on
+# nothing else). What changes at Bridge meanwhile comes with its own webhook, and a sync that reused
+# a read serves no earlier event (see SyncResult.serves_earlier_events).
+REUSE_READ = 300.0
+
+
+@dataclass
+class ItemRead:
+    at: float  # time.time() of the read
+    status: int | None
+    refresh: str | None  # the item's last_successful_refresh
+    accounts: list[int]  # every account Bridge listed for the item
+    enabled: list[int]  # those whose data access is enabled
+
+
+@dataclass
+class ItemIds:
+    at: float
+    ids: list[int]
 
 
 # The running job's Progress (None outside a job): set by workers.jobs around each attempt.
@@ -130,27 +168,28 @@ class Syncer:
         for sure, and not listed since. Accounts Bridge no longer lists are marked deleted, and
         accounts or items we marked deleted stay so: nothing is written under them."""
         result = SyncResult(item_id)
-        item = self._item(user_uuid, item_id, result)
-        if item is None:
-            return result
-        user = self.client.user(user_uuid)
-        if not self._write_item(user_uuid, item, result, user.get("external_user_id")):
-            return result
-        enabled: list[int] = []
-        for page in self.client.account_pages(user_uuid, item_id):
+        progress = PROGRESS.get()
+        read = progress.read(item_id) if progress is not None else None
+        if read is not None:  # an earlier attempt's, reused (see REUSE_READ)
+            result.resumed = True
+            result.status, result.account_ids = read.status, list(read.accounts)
+            result.accounts = len(read.accounts)
             with self.storage.transaction(durable=False) as tx:
-                self.storage.upsert_accounts(tx, page)
-            result.accounts += len(page)
-            result.account_ids += [a["id"] for a in page]
-            enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
-            self._beat()
+                gone = self._gone(tx, user_uuid, item_id)
+            if gone is not None:
+                self._skip(result, gone)
+                return result
+        else:
+            read = self._read_item(user_uuid, item_id, result)
+            if read is None:
+                return result
+            if progress is not None:
+                progress.reads[item_id] = read
         with self.storage.transaction(durable=False) as tx:
-            if gone := self.storage.vanish_accounts(tx, item_id, result.account_ids, datetime.now(UTC)):
-                log.info("sync.accounts_vanished", count=len(gone))
-            deleted = self.storage.deleted_accounts(tx, enabled)
-        enabled = [a for a in enabled if a not in deleted]
+            deleted = self.storage.deleted_accounts(tx, read.enabled)
+        enabled = [a for a in read.enabled if a not in deleted]
         whole = full or resync
-        if whole and (progress := PROGRESS.get()) is not None and progress.listed:
+        if whole and progress is not None and progress.listed:
             enabled = [a for a in enabled if a not in progress.listed]  # listed whole by an earlier attempt
         if whole:
             now = datetime.now(UTC)
@@ -167,8 +206,31 @@ class Syncer:
             self._beat()
         self._sync_transactions_into(result, user_uuid, *enabled, full=whole, reset=resync)
         with self.storage.transaction(durable=False) as tx:
-            self.storage.item_synced(tx, item_id, parse_ts(item.get("last_successful_refresh")))
+            self.storage.item_synced(tx, item_id, parse_ts(read.refresh))
         return result
+
+    def _read_item(self, user_uuid: str, item_id: int, result: SyncResult) -> ItemRead | None:
+        """The item and its accounts, read from Bridge and written (accounts Bridge no longer lists
+        marked deleted); None if the sync stops there (the item gone, deleted, or not usable)."""
+        item = self._item(user_uuid, item_id, result)
+        if item is None:
+            return None
+        user = self.client.user(user_uuid)
+        if not self._write_item(user_uuid, item, result, user.get("external_user_id")):
+            return None
+        enabled: list[int] = []
+        for page in self.client.account_pages(user_uuid, item_id):
+            with self.storage.transaction(durable=False) as tx:
+                self.storage.upsert_accounts(tx, page)
+            result.accounts += len(page)
+            result.account_ids += [a["id"] for a in page]
+            enabled += [a["id"] for a in page if a.get("data_access", "enabled") != "disabled"]
+            self._beat()
+        with self.storage.transaction(durable=False) as tx:
+            if gone := self.storage.vanish_accounts(tx, item_id, result.account_ids, datetime.now(UTC)):
+                log.info("sync.accounts_vanished", count=len(gone))
+        refresh = item.get("last_successful_refresh")
+        return ItemRead(time.time(), item.get("status"), refresh, list(result.account_ids), enabled)
 
     def sync_account(self, user_uuid: str, item_id: int, account_id: int) -> SyncResult:
         """One account and its transactions since its cursor (all of them for a new account)."""
@@ -265,10 +327,10 @@ class Syncer:
                 self.writer.add(listing, page, listed.next)
                 written += len(page.rows)
                 # Progress a later attempt keeps: a page whose position is saved with it (it resumes
-                # after it), or a whole listing that set a cursor. Not a delta's last page, nor a whole
-                # listing of an account with nothing in it: the next attempt lists them again.
+                # after it, rows or none), or a whole listing that set a cursor. Not a delta's last page,
+                # nor a whole listing of an account with nothing in it: the next attempt lists them again.
                 first_cursor = last and listing.whole and listing.newest is not None
-                if progress is not None and ((not last and bool(page.rows)) or first_cursor):
+                if progress is not None and (not last or first_cursor):
                     progress.pages += 1
                 self._beat()
                 if last:  # a whole listing counts as one when it sets a cursor (see SyncResult.whole_listing)
@@ -302,7 +364,7 @@ class Syncer:
                 log.info("sync.listing_resumed", accounts=len(listed.listings))
         self.writer.add_group(listed.listings, listed.pages, listed.next)
         rows = sum(len(page.rows) for page in listed.pages.values())
-        if progress is not None and listed.next is not None and rows:
+        if progress is not None and listed.next is not None:
             progress.pages += 1
         self._beat()
         if listed.next is None:
@@ -326,15 +388,25 @@ class Syncer:
         with self.storage.transaction(durable=False) as tx:
             self.storage.upsert_user(tx, user_uuid, external_user_id)
             self.storage.upsert_item(tx, user_uuid, item)
-            if (deleted := self.storage.user_deleted_at(tx, user_uuid)) is not None:
-                self.storage.mark_item_deleted(tx, result.item_id, deleted)
-            item_deleted = self.storage.item_deleted_at(tx, result.item_id) is not None
+            gone = self._gone(tx, user_uuid, result.item_id)
         result.status = item.get("status")
-        if deleted is not None or item_deleted:
-            result.skipped = "user_deleted" if deleted is not None else "item_deleted"
-            log.info(f"sync.{result.skipped}", item_id=result.item_id)
+        if gone is not None:
+            self._skip(result, gone)
             return False
         return self._usable(item, result)
+
+    def _gone(self, tx: Tx, user_uuid: str, item_id: int) -> str | None:
+        """Why nothing more is written for the item ("user_deleted", "item_deleted"), if we marked
+        it or its user deleted; the item is marked with its user."""
+        if (deleted := self.storage.user_deleted_at(tx, user_uuid)) is not None:
+            self.storage.mark_item_deleted(tx, item_id, deleted)
+            return "user_deleted"
+        return "item_deleted" if self.storage.item_deleted_at(tx, item_id) is not None else None
+
+    @staticmethod
+    def _skip(result: SyncResult, why: str) -> None:
+        result.skipped = why
+        log.info(f"sync.{why}", item_id=result.item_id)
 
     def _usable(self, item: dict[str, Any], result: SyncResult) -> bool:
         status = item.get("status")

@@ -285,13 +285,15 @@ class Writer:
             closes = (
                 listing.saved or moves or (listing.whole and (listing.newest is not None or listing.reset))
             )
-            idle = not page.rows and not (last and closes)
+            # A page that is not the last saves where the listing stands even when it has no rows of
+            # ours: it was a call spent, and the next attempt goes on after it.
+            idle = not page.rows and last and not closes
             if not idle:
                 with self.db.transaction(durable=False) as tx:
                     self.write(tx, page)
                     self._mark(tx, mark)
         listing.written += len(page.rows)
-        listing.saved |= bool(page.rows) and not last
+        listing.saved |= not last
 
     def add_group(self, listings: Sequence[Listing], pages: Mapping[int, Page], next_uri: str | None) -> None:
         """Write one page of a listing of the user's transactions (not one account's), split into
@@ -307,7 +309,7 @@ class Writer:
                 listing.newest = _later(listing.newest, page.latest)
         rows = any(page.rows for page in pages.values())
         moves = any(lst.saved or (lst.newest is not None and lst.newest != lst.cursor) for lst in listings)
-        if rows or (last and moves):
+        if rows or moves or not last:  # a page with none of the group's rows still moves the listing on
             with self.db.transaction(durable=False) as tx:
                 for page in pages.values():
                     self.write(tx, page)
@@ -315,7 +317,7 @@ class Writer:
                     self._mark(tx, self._end(listing) if last else self._position(listing, next_uri or ""))
         for listing in listings:
             listing.written += len(pages[listing.account_id].rows) if listing.account_id in pages else 0
-            listing.saved |= rows and not last
+            listing.saved |= not last
 
     def flush(self, listing: Listing) -> bool:
         """Write the listing's held pages, with the mark of the last one: together if they can be
