@@ -16,6 +16,8 @@ import structlog
 from click.testing import CliRunner
 from freezegun import freeze_time
 from prometheus_client import REGISTRY, CollectorRegistry
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from bridgehook.cli import main
 from fakebridge.world import World
@@ -112,6 +114,9 @@ def test_dead_letters_list_show_replay(harness: Harness, world: World, cli: Cli)
     replayed = cli("dlq", "replay", "--all")
     assert replayed.exit_code == 0, replayed.output
     assert "requeued 2, missing 0" in replayed.output
+    for job_id in {r["id"] for r in rows}:  # its retries back: one more blip would not send it back
+        job = Job.fetch(job_id, connection=harness.r, serializer=JSONSerializer)
+        assert job.retries_left == len(job.retry_intervals or ()) == 3
     harness.drain()
     assert dead_ids(harness) == set()
     assert harness.tables() == harness.truth()

@@ -3,8 +3,9 @@
 RQ keeps each failed job (its event, every attempt's result and the last traceback) in
 ``FailedJobRegistry``; our ledger keeps when the event first arrived and how many attempts
 it took. Replay is RQ's own ``requeue`` (atomic: out of the registry, onto the queue), so
-an interrupted replay simply resumes: what was requeued is no longer a dead letter, and an
-event that fails again returns with one more attempt. Purge removes the job but marks the
+an interrupted replay simply resumes: what was requeued is no longer a dead letter. A replayed job
+gets its retry schedule again, as a new delivery would: replays follow an outage or a fix, and one
+more blip of Bridge's should not send an event straight back. Purge removes the job but marks the
 ledger row ``purged`` (inserting it from the job when the worker never wrote one), so
 nothing is silently lost.
 """
@@ -124,6 +125,11 @@ class UnknownId(LookupError):
 MIN_PREFIX = 8  # characters of an id that `dlq show`, `replay` and `purge` take for the whole id
 
 
+_SET_IF_THERE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+
+
 class DeadLetters:
     def __init__(self, connection: redis.Redis, queue_name: str, storage: Storage | None) -> None:
         self.redis = connection
@@ -202,12 +208,14 @@ class DeadLetters:
         progress: Callable[[str, str], None] = lambda job_id, outcome: None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> dict[str, int]:
-        """Requeue each id with RQ (at most ``rate`` per second). Outcomes: requeued, missing."""
+        """Requeue each id with RQ (at most ``rate`` per second), its retries back. Outcomes:
+        requeued, missing."""
         outcomes = {"requeued": 0, "missing": 0}
         interval = 1.0 / rate if rate else 0.0
         for job_id in ids:
             started = time.monotonic()
             try:
+                self._retries_back(job_id)
                 self.registry.requeue(job_id)
                 outcome = "requeued"
             except (InvalidJobOperation, NoSuchJobError):
@@ -219,6 +227,13 @@ class DeadLetters:
             if wait > 0:
                 sleep(wait)
         return outcomes
+
+    def _retries_back(self, job_id: str) -> None:
+        """As many retries as the job's schedule has: written into its hash only while the hash is
+        there (a purge meanwhile must not leave a stray key behind; requeue then says missing)."""
+        job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        retries = len(job.retry_intervals or ())
+        self.redis.eval(_SET_IF_THERE, 1, job.key, "retries_left", retries)
 
     def purge(self, letters: Sequence[DeadLetter]) -> int:
         """Remove from the registry; the ledger row stays, marked ``purged``."""
