@@ -41,9 +41,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import redis
-from hypothesis import HealthCheck, note, seed, settings
+from hypothesis import HealthCheck, note, reproduce_failure, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -741,11 +742,14 @@ def run_timelines(
     name: str, machine: Callable[[], RuleBasedStateMachine], examples: int, engine: str
 ) -> None:
     """``examples`` random timelines of ``machine``, under the seed ``BRIDGEHOOK_MODEL_SEED`` or a new
-    one, printed so that a failing run can be replayed."""
+    one, printed so that a failing run can be replayed; or the one timeline of ``BRIDGEHOOK_MODEL_BLOB``
+    (the blob a failure printed in its ``@reproduce_failure``: a CI run's timeline, replayed as is)."""
     chosen = int(os.environ.get("BRIDGEHOOK_MODEL_SEED") or random.randrange(2**32))
     print(f"{name} run: BRIDGEHOOK_MODEL_SEED={chosen} ({examples} examples of {STEPS} steps, {engine})")
+    blob = os.environ.get("BRIDGEHOOK_MODEL_BLOB")
+    replay = reproduce_failure(hypothesis.__version__, blob.encode()) if blob else seed(chosen)
     run_state_machine_as_test(
-        seed(chosen)(machine),
+        replay(machine),
         settings=settings(
             max_examples=examples,
             stateful_step_count=STEPS,
