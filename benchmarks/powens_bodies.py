@@ -1,6 +1,6 @@
 """Benchmark 6: what Powens's largest deliveries cost the receiver, in memory and in 503s.
 
-  python -m benchmarks.powens_bodies [--size-mb 8.1] [--deliveries 1 4 8 16] [--gzip]
+  python -m benchmarks.powens_bodies [--size-mb 8.1] [--deliveries 1 4 8 16] [--gzip] [--clear]
 
 Powens's CONNECTION_SYNCED carries a connection's accounts and their new transactions: on a first
 sync, bodies near ``POWENS_WEBHOOK_MAX_BODY_BYTES`` (8 MiB). For each count of deliveries, a fresh
@@ -9,7 +9,8 @@ sync, bodies near ``POWENS_WEBHOOK_MAX_BODY_BYTES`` (8 MiB). For each count of d
 size asked, all at once (one thread and connection each, released together), and the process's
 peak resident set (VmHWM, which the kernel keeps: nothing between two polls escapes it). The body
 is the fake Powens's own CONNECTION_SYNCED (fakebridge/powens_world.py), its transactions
-multiplied until it reaches the size; each delivery has its own ``id_webhook_data``.
+multiplied until it reaches the size; each delivery has its own ``id_webhook_data``. The receiver
+seals the bodies (``BODY_SEAL_PUBLIC_KEY``, as production requires), unless ``--clear``.
 
 Targets: every delivery answered 200 ``queued``, each of them in the queue (a 200 means in Redis);
 one delivery's peak above rest at most ``--max-one-mb`` (64 MB). Exit status 1 when one is missed.
@@ -36,6 +37,7 @@ from bridgehook.devenv import embedded_redis
 from fakebridge.powens import PowensSender
 from fakebridge.powens_world import PowensWorld
 from fakebridge.world import render_json
+from service.sealing import generate_pair
 
 SECRET = "benchmark-powens-secret-0123456789"  # noqa: S105 (a throwaway secret for loopback)
 BRIDGE_SECRET = "benchmark-bridge-secret-0123456789"  # noqa: S105 (required by serve, unused)
@@ -129,6 +131,7 @@ def main() -> int:
     parser.add_argument(
         "--max-one-mb", type=float, default=64.0, help="target: one delivery's peak above rest"
     )
+    parser.add_argument("--clear", action="store_true", help="bodies not sealed (ALLOW_PLAINTEXT_STORAGE)")
     args = parser.parse_args()
 
     base = body_of(int(args.size_mb * 1_000_000))
@@ -141,6 +144,10 @@ def main() -> int:
         r = redis.Redis.from_url(url)
         env = {**os.environ, "REDIS_URL": url, "RQ_QUEUE": QUEUE, "POWENS_WEBHOOK_SECRETS": SECRET,
                "BRIDGE_WEBHOOK_SECRETS": BRIDGE_SECRET, "LOG_LEVEL": "info"}  # fmt: skip
+        if args.clear:  # bodies in Redis as they came (the cost of sealing, by difference)
+            env["ALLOW_PLAINTEXT_STORAGE"] = "1"
+        else:  # as production runs: the bodies sealed (service/sealing.py)
+            env["BODY_SEAL_PUBLIC_KEY"] = generate_pair()[1]
         for n, count in enumerate(args.deliveries):
             r.flushall()
             result = scenario(env, base, count, args.gzip, 7_000_000 + n * 1000)

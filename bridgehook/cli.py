@@ -68,6 +68,8 @@ def _serve(settings: Settings, webhook: socket.socket, admin: socket.socket) -> 
 def serve(host: str, port: int) -> None:
     """Run the webhook receiver (uvicorn, uvloop, httptools)."""
     settings = load_settings("BRIDGE_WEBHOOK_SECRETS", "REDIS_URL")
+    if settings.serves_powens:  # Powens's bodies carry bank data
+        load_settings("BODY_SEAL_PUBLIC_KEY")
     if port == settings.admin_port:
         fail(f"--port {port} is ADMIN_PORT too: the probes and metrics need a port of their own", Exit.USAGE)
     with (
@@ -354,6 +356,8 @@ def worker(burst: bool, name: str | None) -> None:
     from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
+    if settings.powens_api_url is not None:  # to open the Powens bodies the receiver sealed
+        load_settings("BODY_SEAL_PRIVATE_KEYS")
     _preflight(settings)
     configure_logging(settings.log_format, settings.log_level)
     try:
@@ -411,6 +415,8 @@ def scheduler() -> None:
     from workers.schema import SchemaNotReady
 
     settings = load_settings(*WORKER_NEEDS)
+    if settings.powens_api_url is not None:  # to open the Powens bodies the receiver sealed
+        load_settings("BODY_SEAL_PRIVATE_KEYS")
     _preflight(settings)
     configure_logging(settings.log_format, settings.log_level)
     try:

@@ -55,6 +55,17 @@ def keys_generate() -> None:
     click.echo(generate_key())
 
 
+@keys.command("seal-pair")
+def keys_seal_pair() -> None:
+    """Print a new key pair for Powens's bodies in Redis: BODY_SEAL_PUBLIC_KEY for the receiver, and
+    the private key FIRST in BODY_SEAL_PRIVATE_KEYS of the workers and the CLI (keep the old ones
+    after it until the archive's age has passed: what was sealed to them is still in Redis)."""
+    from service.sealing import generate_pair
+
+    private, public = generate_pair()
+    click.echo(f"BODY_SEAL_PUBLIC_KEY={public}\nBODY_SEAL_PRIVATE_KEYS={private}")
+
+
 @keys.command("rotate")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--dry-run", is_flag=True, help="Count the rows to rotate and decrypt them; change nothing.")

@@ -97,6 +97,7 @@ def local_database_url(home: Path) -> str:
 
 
 POWENS_FILE = "powens-webhook-secret"  # the local Powens webhook secret, beside Bridge's
+SEAL_FILE = "body-seal-key"  # the local private key of sealed Powens bodies (service/sealing.py)
 
 
 def _hex_secret() -> str:
@@ -113,6 +114,13 @@ def dev_encryption_key(home: Path) -> str:
     from workers.codec import generate_key
 
     return _local_secret(home / "encryption-key", generate_key)
+
+
+def dev_seal_key(home: Path) -> str:
+    """The local private key that opens the Powens bodies the local receiver seals (its public half)."""
+    from service.sealing import generate_pair
+
+    return _local_secret(home / SEAL_FILE, lambda: generate_pair()[0])
 
 
 def dev_api_token(home: Path) -> str:
@@ -135,6 +143,12 @@ def apply_dev_defaults(env: MutableMapping[str, str], home: Path) -> None:
         env.setdefault("DATABASE_URL", local_database_url(home))
     if not env.get("ALLOW_PLAINTEXT_STORAGE") and not configured(env, "ENCRYPTION_KEYS"):
         env.setdefault("ENCRYPTION_KEYS", dev_encryption_key(home))
+    if not env.get("ALLOW_PLAINTEXT_STORAGE") and not configured(env, "BODY_SEAL_PRIVATE_KEYS"):
+        env.setdefault("BODY_SEAL_PRIVATE_KEYS", dev_seal_key(home))
+    if not configured(env, "BODY_SEAL_PUBLIC_KEY") and configured(env, "BODY_SEAL_PRIVATE_KEYS"):
+        from service.sealing import public_of
+
+        env.setdefault("BODY_SEAL_PUBLIC_KEY", public_of(env["BODY_SEAL_PRIVATE_KEYS"].split(",")[0]))
 
 
 def adopt_local_state(env: MutableMapping[str, str]) -> None:
@@ -147,6 +161,8 @@ def adopt_local_state(env: MutableMapping[str, str]) -> None:
     if key is not None:
         if not configured(env, "ENCRYPTION_KEYS"):
             env["ENCRYPTION_KEYS"] = key.read_text().strip()
+        if not configured(env, "BODY_SEAL_PRIVATE_KEYS") and (home / SEAL_FILE).exists():
+            env["BODY_SEAL_PRIVATE_KEYS"] = (home / SEAL_FILE).read_text().strip()
         env["DATABASE_URL"] = local_database_url(home)  # that stack's, wherever the command runs
 
 

@@ -28,6 +28,7 @@ from rich.table import Table
 from bridgehook import devenv
 from bridgehook.exits import Exit, fail
 from service.events import normalise_type
+from service.sealing import SealError
 from service.settings import Settings, SettingsError
 from workers.codec import CodecError, codec_from_settings
 from workers.db import Database
@@ -147,6 +148,8 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
     # traceback): one line naming it and what to do, as for the checks above. Anything else is a bug.
     except CodecError as exc:
         key_missing(exc)
+    except SealError as exc:
+        fail(f"{exc}: BODY_SEAL_PRIVATE_KEYS must hold the key the receiver sealed with", Exit.FAILED)
     except redis.RedisError as exc:
         fail(
             f"Redis at {s.redis_url_for_logs} failed: {exc}; check it, then run the command again",

@@ -30,11 +30,7 @@ def create_app(settings: Settings) -> ASGIApp:
     view = WebhookView(settings, queue)
     # Powens's endpoint exists only where it is configured (its HMAC secrets, or bearer mode, which
     # needs none); it shares the counts and the deadlines.
-    powens = (
-        PowensView(settings, queue, view.rejections, view.deadlines)
-        if settings.powens_webhook_secrets or settings.powens_webhook_auth == "bearer"
-        else None
-    )
+    powens = PowensView(settings, queue, view.rejections, view.deadlines) if settings.serves_powens else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -52,6 +48,8 @@ def create_app(settings: Settings) -> ASGIApp:
             powens_secrets=len(settings.powens_webhook_secrets),
             powens_auth=settings.powens_webhook_auth if powens is not None else None,
         )
+        if powens is not None and powens.sealer is None:
+            log.warning("receiver.powens_bodies_in_clear", hint="set BODY_SEAL_PUBLIC_KEY")
         try:
             yield
         finally:

@@ -184,18 +184,21 @@ def read(name: str, body: bytes) -> int | None:
 
 
 def envelope_json(
-    name: str, id_webhook_data: int | None, body: bytes, received_at_ms: int
+    name: str, id_webhook_data: int | None, body: bytes, received_at_ms: int, *, sealed: bool = False
 ) -> tuple[bytes, ...]:
     """:func:`envelope` as JSON in pieces, around the body as it came: a body :func:`read` accepted
     is JSON under our rules, so the worker's ``json.loads`` makes of it exactly what ``json.dumps``
-    of the parsed body would have given, without the body built or encoded again."""
+    of the parsed body would have given, without the body built or encoded again. ``sealed``: the
+    body is sealed (service/sealing.py, ASCII), and goes in as the string ``sealed`` instead of
+    ``content``, which the worker opens."""
     webhook = b"null" if id_webhook_data is None else b"%d" % id_webhook_data
-    head = b'{"type": %s, "provider": "%s", "id_webhook_data": %s, "content": ' % (
+    head = b'{"type": %s, "provider": "%s", "id_webhook_data": %s, %s' % (
         json.dumps(name).encode(),
         PROVIDER.encode(),
         webhook,
+        b'"sealed": "' if sealed else b'"content": ',
     )
-    return head, body, b', "timestamp": %d}' % received_at_ms
+    return head, body, b'%s, "timestamp": %d}' % (b'"' if sealed else b"", received_at_ms)
 
 
 def envelope(name: str, event: dict[str, Any], received_at_ms: int) -> dict[str, Any]:

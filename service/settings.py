@@ -136,6 +136,10 @@ class Settings:
     # Encryption at rest of bank data (workers/codec.py): newest key first.
     encryption_keys: tuple[Secret, ...] = ()
     allow_plaintext_storage: bool = False
+    # Powens's bodies (bank data) as Redis holds them (service/sealing.py): the receiver seals with the
+    # public key; the workers and the CLI open with the private keys (newest first).
+    body_seal_public_key: Secret | None = None
+    body_seal_private_keys: tuple[Secret, ...] = ()
     # The application API (api/) and the end of Connect (the receiver's /connect/callback).
     api_tokens: tuple[Secret, ...] = ()
     connect_callback_url: str | None = None
@@ -175,6 +179,11 @@ class Settings:
     def migrate_url_for_logs(self) -> str:
         return mask_url(self.migrate_url)
 
+    @property
+    def serves_powens(self) -> bool:
+        """Whether the receiver serves Powens's webhooks: its HMAC secrets, or bearer mode (no secret)."""
+        return bool(self.powens_webhook_secrets) or self.powens_webhook_auth == "bearer"
+
     def require(self, *names: str) -> None:
         """Raise SettingsError for the first of ``names`` a command needs but is unset."""
         present = {
@@ -183,6 +192,8 @@ class Settings:
             "BRIDGE_CLIENT_ID": self.bridge_client_id is not None,
             "BRIDGE_CLIENT_SECRET": self.bridge_client_secret is not None,
             "ENCRYPTION_KEYS": bool(self.encryption_keys) or self.allow_plaintext_storage,
+            "BODY_SEAL_PUBLIC_KEY": self.body_seal_public_key is not None or self.allow_plaintext_storage,
+            "BODY_SEAL_PRIVATE_KEYS": bool(self.body_seal_private_keys) or self.allow_plaintext_storage,
             "API_TOKENS": bool(self.api_tokens),
             "CONNECT_CALLBACK_URL": self.connect_callback_url is not None,
             "CONNECT_RETURN_URL": self.connect_return_url is not None,
@@ -237,6 +248,8 @@ class Settings:
             metrics_port=env.positive_int("METRICS_PORT", 9100, allow_zero=True),
             encryption_keys=env.keys("ENCRYPTION_KEYS"),
             allow_plaintext_storage=env.flag("ALLOW_PLAINTEXT_STORAGE"),
+            body_seal_public_key=env.seal_key("BODY_SEAL_PUBLIC_KEY"),
+            body_seal_private_keys=env.keys("BODY_SEAL_PRIVATE_KEYS", "bridgehook keys seal-pair"),
             api_tokens=env.secrets("API_TOKENS"),
             connect_callback_url=env.url("CONNECT_CALLBACK_URL", ("https", "http"), None),
             connect_return_url=env.url("CONNECT_RETURN_URL", ("https", "http"), None),
@@ -266,6 +279,11 @@ _HOW_TO_SET = {
     "BRIDGE_CLIENT_SECRET": "set it to the client secret of your Bridge application",
     "ENCRYPTION_KEYS": "set it to a key from `bridgehook keys generate` (bank data is encrypted at rest), "
     "or set ALLOW_PLAINTEXT_STORAGE=1 to store it in clear on purpose",
+    "BODY_SEAL_PUBLIC_KEY": "set it to the public key from `bridgehook keys seal-pair` (Powens's bodies "
+    "carry bank data: Redis holds them sealed), or set ALLOW_PLAINTEXT_STORAGE=1 to hold them in clear",
+    "BODY_SEAL_PRIVATE_KEYS": "set it to the private key(s) from `bridgehook keys seal-pair`, newest first "
+    "(the workers open Powens's bodies with them), or set ALLOW_PLAINTEXT_STORAGE=1 if the receiver holds "
+    "them in clear",
     "API_TOKENS": "set it to the token(s) your application sends as `Authorization: Bearer <token>`, "
     "comma-separated during a rotation (at least 8 characters each)",
     "CONNECT_CALLBACK_URL": "set it to the public URL of the receiver's /connect/callback, where Bridge "
@@ -332,7 +350,14 @@ class _Env:
             raise SettingsError(f"{name}: every secret must be at least 8 characters long")
         return tuple(Secret(p) for p in parts)
 
-    def keys(self, name: str) -> tuple[Secret, ...]:
+    def seal_key(self, name: str) -> Secret | None:
+        """One key as :meth:`keys` reads them."""
+        keys = self.keys(name, "bridgehook keys seal-pair")
+        if len(keys) > 1:
+            raise SettingsError(f"{name}: one key only (the receiver seals to one)")
+        return keys[0] if keys else None
+
+    def keys(self, name: str, source: str = "bridgehook keys generate") -> tuple[Secret, ...]:
         """256-bit keys in urlsafe base64 (44 characters each), comma-separated, newest first."""
         raw = self._get(name)
         if raw is None:
@@ -344,9 +369,7 @@ class _Env:
             except (binascii.Error, ValueError):
                 valid = False
             if not valid:  # the message never shows the value
-                raise SettingsError(
-                    f"{name}: each key must be 32 bytes in urlsafe base64 (`bridgehook keys generate`)"
-                )
+                raise SettingsError(f"{name}: each key must be 32 bytes in urlsafe base64 (`{source}`)")
             keys.append(Secret(part))
         if len(set(keys)) != len(keys):
             raise SettingsError(f"{name}: the same key is listed twice")

@@ -14,7 +14,13 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World, render_json
 from service.settings import Settings
 from tests.harness import Harness, dec, ts
-from tests.support import POWENS_SECRET, powens_signed, powens_url
+from tests.support import (
+    POWENS_SECRET,
+    TEST_SEAL_PRIVATE_KEY,
+    TEST_SEAL_PUBLIC_KEY,
+    powens_signed,
+    powens_url,
+)
 from workers import tokens
 from workers.codec import codec_from_settings
 from workers.providers import powens_user, stored_id
@@ -30,6 +36,8 @@ def powens_environ(fake: FakePowensServer, world: PowensWorld) -> dict[str, str]
         "POWENS_CLIENT_SECRET": world.client_secret,
         "POWENS_RATE_LIMIT_USER": "100000/60",
         "POWENS_RATE_LIMIT_APP": "100000/60",
+        "BODY_SEAL_PUBLIC_KEY": TEST_SEAL_PUBLIC_KEY,
+        "BODY_SEAL_PRIVATE_KEYS": TEST_SEAL_PRIVATE_KEY,
     }
 
 

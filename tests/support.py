@@ -33,6 +33,9 @@ OLD_SECRET = "whsec-test-previous-9876543210"
 BRIDGE_IP = "63.32.31.5"
 # A fixed key for the tests' workers (`bridgehook keys generate` makes real ones).
 TEST_ENCRYPTION_KEY = "6mWqVnV0mQ8m1Wk0cJ3X2r9yqTQdM0tq4bXn5lq0e3Q="
+# The receiver seals Powens's bodies to the public key; the workers open them with the private one.
+TEST_SEAL_PRIVATE_KEY = "gDlQ0PsyzOEvTdKWQcqMTgWRdZ4X1WoE364UJDKn2VE="
+TEST_SEAL_PUBLIC_KEY = "0XPG2r-njpxuUUIYVPrnRAdBZvoFBgxkFufdl4Ur1SY="
 QUEUE_KEY = "rq:queue:bridgehook"
 Cli = Callable[..., Result]  # the `cli` fixture: `bridgehook ARGS…` through click's runner
 

@@ -22,8 +22,9 @@ import httpx
 import pytest
 import redis
 
+from service.sealing import public_of
 from tests.faults.support import wait_until
-from tests.support import SECRET, free_port, wait_for_http
+from tests.support import SECRET, TEST_ENCRYPTION_KEY, free_port, wait_for_http
 from workers.schema import MIGRATIONS
 
 BIN = [sys.executable, "-m", "bridgehook"]
@@ -541,3 +542,24 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.ConnectionError:
         return False
+
+
+def test_powens_bodies_are_never_in_clear_by_default(redis_url: str) -> None:
+    """The receiver serves Powens only with the key it seals bodies to, and a worker that calls Powens
+    starts only with the keys that open them: one line each, exit code 2, unless bank data in clear
+    is asked for on purpose."""
+    env = {**os.environ, "REDIS_URL": redis_url, "BRIDGE_WEBHOOK_SECRETS": "bridge-secret-0001",
+           "POWENS_WEBHOOK_SECRETS": "powens-secret-0001", "ENCRYPTION_KEYS": TEST_ENCRYPTION_KEY,
+           "BRIDGE_CLIENT_ID": "id", "BRIDGE_CLIENT_SECRET": "secret",
+           "POWENS_API_URL": "http://127.0.0.1:1/2.0"}  # fmt: skip
+    for name in ("BODY_SEAL_PUBLIC_KEY", "BODY_SEAL_PRIVATE_KEYS", "ALLOW_PLAINTEXT_STORAGE"):
+        env.pop(name, None)
+    serve = run("serve", "--port", "1", env=env)
+    assert serve.returncode == 2
+    assert serve.stderr.startswith("bridgehook: BODY_SEAL_PUBLIC_KEY: required;"), serve.stderr
+    worker = run("worker", "--burst", env=env)
+    assert worker.returncode == 2
+    assert worker.stderr.startswith("bridgehook: BODY_SEAL_PRIVATE_KEYS: required;"), worker.stderr
+    pair = run("keys", "seal-pair", env=env)
+    public, private = (line.split("=", 1)[1] for line in pair.stdout.splitlines())
+    assert public_of(private) == public

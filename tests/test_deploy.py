@@ -483,14 +483,15 @@ PROVIDER_CALLERS = {"worker", "scheduler", "api"}
 POWENS_CLIENT = {"POWENS_CLIENT_ID", "POWENS_CLIENT_SECRET"}
 PROVIDER_CLIENTS = {"BRIDGE_CLIENT_ID", "BRIDGE_CLIENT_SECRET"} | POWENS_CLIENT
 WANTED_SECRETS = {
-    "receiver": {"REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "POWENS_WEBHOOK_SECRETS"},
-    "worker": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS"} | PROVIDER_CLIENTS,
+    "receiver": {"REDIS_URL", "BRIDGE_WEBHOOK_SECRETS", "POWENS_WEBHOOK_SECRETS", "BODY_SEAL_PUBLIC_KEY"},
+    "worker": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS", "BODY_SEAL_PRIVATE_KEYS"} | PROVIDER_CLIENTS,
     "scheduler": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS"} | PROVIDER_CLIENTS,
     "migrate": {"DATABASE_URL", "DATABASE_URL_MIGRATE"},
     "api": {"REDIS_URL", "DATABASE_URL", "ENCRYPTION_KEYS", "API_TOKENS"} | PROVIDER_CLIENTS,
 }
 # The keys a deployment may leave out of the Secret (secretKeyRef with optional: true).
-OPTIONAL_SECRETS = {"POWENS_WEBHOOK_SECRETS", "DATABASE_URL_MIGRATE"} | POWENS_CLIENT
+OPTIONAL_SECRETS = {"POWENS_WEBHOOK_SECRETS", "DATABASE_URL_MIGRATE", "BODY_SEAL_PUBLIC_KEY",
+                    "BODY_SEAL_PRIVATE_KEYS"} | POWENS_CLIENT  # fmt: skip
 
 
 def test_each_process_gets_only_the_secrets_it_needs(manifests: Rendered) -> None:
@@ -803,7 +804,12 @@ def test_powens_is_published_without_bridges_source_allow_list(manifests: Render
     optional = {
         e["name"]: e["valueFrom"]["secretKeyRef"].get("optional", False) for e in c["env"] if "valueFrom" in e
     }
-    assert optional == {"REDIS_URL": False, "BRIDGE_WEBHOOK_SECRETS": False, "POWENS_WEBHOOK_SECRETS": True}
+    assert optional == {
+        "REDIS_URL": False,
+        "BRIDGE_WEBHOOK_SECRETS": False,
+        "POWENS_WEBHOOK_SECRETS": True,
+        "BODY_SEAL_PUBLIC_KEY": True,
+    }
     deploy = Doc.read(ROOT / "docs" / "deploy.md")
     assert "powens" in anchors(deploy) and "bridgehook-powens" in "\n".join(deploy.section("Powens"))
 

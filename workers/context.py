@@ -14,6 +14,7 @@ from functools import cached_property
 import httpx
 import redis
 
+from service.sealing import Opener
 from service.settings import Settings
 from workers import schema
 from workers.bridge import BridgeClient
@@ -22,6 +23,7 @@ from workers.db import Database
 from workers.ledger import Ledger
 from workers.powens import PowensClient
 from workers.powens_sync import PowensSync
+from workers.sealed import opener_of
 from workers.storage import Storage
 from workers.sync import Syncer
 
@@ -64,6 +66,11 @@ class WorkerContext:
             ctx.close()
             raise
         return ctx
+
+    @cached_property
+    def opener(self) -> Opener | None:
+        """What opens the Powens bodies the receiver sealed (workers.sealed); None without a key."""
+        return opener_of(self.settings)
 
     @cached_property
     def ledger(self) -> Ledger:

@@ -35,7 +35,7 @@ from workers.storage import Storage
 # Keys whose values are bank data, by substring. Powens's own: a transaction's wordings and amount
 # (``value``), an account's number (the end of its IBAN) and coming balance, a counterparty.
 SENSITIVE = ("iban", "name", "description", "balance", "amount", "label", "owner", "holder",
-             "wording", "number", "value", "coming", "counterparty")  # fmt: skip
+             "wording", "number", "value", "coming", "counterparty", "sealed")  # fmt: skip
 
 
 def redact(value: Any) -> Any:
@@ -150,6 +150,8 @@ class DeadLetters:
         for job_id, job in zip(ids, jobs, strict=True):
             row = ledger.get(job_id, {})
             event = _event_of(job) or row.get("event") or {}
+            if "sealed" in event and row.get("event"):  # a sealed body: the worker's opened copy
+                event = row["event"]
             error = last_line(traceback_of(job)) or last_line(row.get("last_error"))
             letters.append(
                 DeadLetter(

@@ -2,22 +2,47 @@
 
 The receiver enqueues ``workers.powens_jobs.<name>(event)`` (service/powens_events.py) with an
 envelope shaped like a Bridge event: ``{"type", "provider": "powens", "id_webhook_data", "content":
-<Powens's body>, "timestamp": <receipt, ms>}``. Each job runs as Bridge's do (workers.jobs): the same
-ledger row, the same retries and budget deferrals, the same dead letters, and the item's lock (item
--N for connection N, see workers.providers) around what it writes, so that a Powens event and a
-replay of it, in any order, leave the rows that Powens holds.
+<Powens's body>, "timestamp": <receipt, ms>}``, the body sealed as ``"sealed"`` instead of
+``"content"`` where the receiver seals (workers.sealed opens it). Each job runs as Bridge's do
+(workers.jobs): the same ledger row, the same retries and budget deferrals, the same dead letters,
+and the item's lock (item -N for connection N, see workers.providers) around what it writes, so
+that a Powens event and a replay of it, in any order, leave the rows that Powens holds.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from workers.context import WorkerContext
+from workers.context import WorkerContext, current
+from workers.errors import PermanentError
 from workers.jobs import Event, _run, delete_user, event_time, item_lock
 from workers.powens_sync import PowensSync, check_owner
 from workers.providers import native_id, powens_user, stored_id
+from workers.sealed import opened
 from workers.sync import Syncer
+
+Job = Callable[[Event], dict[str, Any]]
+
+
+def _opens(job: Job) -> Job:
+    """The job reads the event with its body opened, when the receiver sealed it (workers.sealed);
+    one that cannot be opened fails as any job does (the ledger, a dead letter), never retried."""
+
+    @functools.wraps(job)
+    def run(event: Event) -> dict[str, Any]:
+        try:
+            event = opened(event, current().opener)
+        except PermanentError as exc:
+            return _run(event, functools.partial(_refuse, exc), locks_itself=True)
+        return job(event)
+
+    return run
+
+
+def _refuse(exc: PermanentError, ctx: WorkerContext, syncer: Syncer) -> dict[str, Any]:
+    raise exc
 
 
 def _under_lock(event: Event, item_id: int, work: Callable[[PowensSync], dict[str, Any]]) -> dict[str, Any]:
@@ -28,12 +53,14 @@ def _under_lock(event: Event, item_id: int, work: Callable[[PowensSync], dict[st
     return _run(event, run, locks_itself=True)
 
 
+@_opens
 def connection_synced(event: Event) -> dict[str, Any]:
     """The connection, its activated accounts and new transactions, from the body; then the rest."""
     body = event["content"]
     return _under_lock(event, stored_id(body["connection"]["id"]), lambda s: s.connection_synced(body))
 
 
+@_opens
 def account_enabled(event: Event) -> dict[str, Any]:
     """The user consented: the account is kept as enabled and its transactions are listed."""
     body = event["content"]
@@ -42,6 +69,7 @@ def account_enabled(event: Event) -> dict[str, Any]:
     )
 
 
+@_opens
 def account_disabled(event: Event) -> dict[str, Any]:
     """Consent withdrawn: the account is kept, flagged ``data_access = disabled``, and its
     transactions are marked deleted, as Powens deletes them."""
@@ -51,6 +79,7 @@ def account_disabled(event: Event) -> dict[str, Any]:
     )
 
 
+@_opens
 def account_found(event: Event) -> dict[str, Any]:
     """An account found at the bank: kept, disabled until the user consents (then its transactions
     are listed, as for ACCOUNT_ENABLED)."""
@@ -62,6 +91,7 @@ def account_found(event: Event) -> dict[str, Any]:
     )
 
 
+@_opens
 def connection_deleted(event: Event) -> dict[str, Any]:
     """Bridge's ``item.deleted`` rules: the item and its accounts are marked deleted (the earliest
     time wins), and stay so whatever a late event says."""
@@ -78,6 +108,7 @@ def connection_deleted(event: Event) -> dict[str, Any]:
     return _run(event, work, locks_itself=True)
 
 
+@_opens
 def user_deleted(event: Event) -> dict[str, Any]:
     """Bridge's ``user.deleted`` rules (workers.jobs.delete_user), and the user's token is dropped."""
     return delete_user(event, powens_user(event["content"]["id"]))

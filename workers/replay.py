@@ -27,9 +27,11 @@ from rq.serializers import JSONSerializer
 from service import powens_events
 from service.events import MalformedEvent, job_function, parse
 from service.queue import ARCHIVE_KEY, build_job
+from service.sealing import Opener, UnknownSealKey, is_sealed
 from service.settings import Settings
 from workers.ledger import Ledger
 from workers.providers import native_id, powens_user_id, provider_of_id, provider_of_user
+from workers.sealed import opener_of, sealed, sealer_of
 from workers.storage import Storage
 
 IN_FLIGHT = {b"queued", b"started", b"scheduled", b"deferred"}
@@ -73,12 +75,14 @@ class Enqueuer:
         return "queued"
 
     def event(self, event_id: str, event: dict[str, Any], received_at_ms: int | None = None) -> str:
+        """A received event again (a replay): a Powens body sealed again, as the receiver had it."""
         kind = str(event.get("type", ""))
         function = (
             powens_events.job_function(kind) if event.get("provider") == "powens" else job_function(kind)
         )
         if function is None:
             return "ignored"
+        event = sealed(event, sealer_of(self.settings))
         return self.enqueue(event_id, function, event, received_at_ms=received_at_ms)
 
     def resync_item(self, item_id: int, user_uuid: str) -> str:
@@ -129,7 +133,9 @@ class Enqueuer:
     # -- sources ---------------------------------------------------------------------------------
 
     def archived(self, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
-        """Signed deliveries the receiver archived between the two times, each event once."""
+        """Signed deliveries the receiver archived between the two times, each event once (a sealed
+        body opened: SealError if it cannot be)."""
+        opener = opener_of(self.settings)
         start = f"{int(since.timestamp() * 1000)}-0"
         end = f"{int(until.timestamp() * 1000) - 1}-99999999" if until else "+"
         seen: set[str] = set()
@@ -142,23 +148,27 @@ class Enqueuer:
                 if fields.get(b"decision") in (b"queued", b"duplicate") and event_id not in seen:
                     seen.add(event_id)
                     try:
-                        yield event_id, _archived_event(event_id, fields), int(fields[b"received_at"])
+                        event = _archived_event(event_id, fields, opener)
                     except MalformedEvent:
                         continue
+                    yield event_id, event, int(fields[b"received_at"])
             if len(entries) < 500:
                 return
             start = "(" + entries[-1][0].decode()
 
 
-def _archived_event(event_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """The event a job receives, from an archived delivery of either provider: a Powens body is put
-    in the envelope the receiver made for it (service/powens_events.py), its type in the archive's."""
+def _archived_event(event_id: str, fields: dict[bytes, bytes], opener: Opener | None) -> dict[str, Any]:
+    """The event a job receives, from an archived delivery of either provider: a Powens body (opened,
+    if the receiver sealed it) is put in the envelope the receiver made for it
+    (service/powens_events.py), its type in the archive's."""
     if not event_id.startswith(f"{powens_events.PROVIDER}-"):
         return parse(fields[b"body"])
-    name = fields[b"type"].decode()
-    return powens_events.envelope(
-        name, powens_events.parse(name, fields[b"body"]), int(fields[b"received_at"])
-    )
+    name, body = fields[b"type"].decode(), fields[b"body"]
+    if is_sealed(body):
+        if opener is None:
+            raise UnknownSealKey("the archive holds sealed Powens bodies: set BODY_SEAL_PRIVATE_KEYS")
+        body = opener.open(body)
+    return powens_events.envelope(name, powens_events.parse(name, body), int(fields[b"received_at"]))
 
 
 def from_ledger(storage: Storage, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
