@@ -41,7 +41,7 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from service.queue import JOB_TIMEOUT_SECONDS
+from service.job import JOB_TIMEOUT_SECONDS
 from service.settings import Settings, SettingsError
 from tests.support import TEST_ENCRYPTION_KEY, free_port, settings_variables, wait_for_http
 from tests.test_readme import Doc, anchors

@@ -26,7 +26,8 @@ from starlette.testclient import TestClient
 from service import powens_events, raw_json
 from service.events import MAX_DEPTH, MalformedEvent
 from service.events import _depth as events_depth
-from service.queue import ARCHIVE_KEY, MAX_BATCH_BYTES, ArchivedDelivery, EventQueue, stored_zlib
+from service.job import stored_zlib
+from service.queue import ARCHIVE_KEY, MAX_BATCH_BYTES, ArchivedDelivery, EventQueue
 from service.settings import Settings
 from tests.support import POWENS_SECRET, powens_fixture, powens_signed, powens_url, queued_ids
 

@@ -458,7 +458,7 @@ def test_job_hash_is_what_rq_itself_writes(client: TestClient, r: redis.Redis, b
     """The receiver writes RQ's job hash from a template; RQ's Job.to_dict() must agree field by field."""
     import zlib
 
-    from service.queue import build_job
+    from service.job import build_job
     from tests.support import make_settings
 
     client.post(URL, **signed(body))

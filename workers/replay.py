@@ -1,7 +1,7 @@
 """Enqueue work without a new webhook: archived events again, and full resyncs.
 
 Replays go through RQ's own enqueue with the same job options as the receiver
-(:func:`service.queue.build_job`), under the event's own id. An event whose job is
+(:func:`service.job.build_job`), under the event's own id. An event whose job is
 still queued, running or scheduled is left alone (``in_flight``), so a replay rerun after
 an interruption does not duplicate work; jobs are idempotent anyway.
 
@@ -26,7 +26,8 @@ from rq.serializers import JSONSerializer
 
 from service import powens_events
 from service.events import MalformedEvent, job_function, parse
-from service.queue import ARCHIVE_KEY, build_job
+from service.job import build_job
+from service.queue import ARCHIVE_KEY
 from service.sealing import Opener, UnknownSealKey, is_sealed
 from service.settings import Settings
 from workers.ledger import Ledger

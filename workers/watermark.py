@@ -39,7 +39,8 @@ from typing import NamedTuple
 
 import redis
 
-from service.queue import JOB_TIMEOUT_SECONDS, KEY_PREFIX, RECEIVED_EPOCH_KEY, RECEIVED_SEQ_KEY
+from service.job import JOB_TIMEOUT_SECONDS
+from service.queue import KEY_PREFIX, RECEIVED_EPOCH_KEY, RECEIVED_SEQ_KEY
 
 RECORD_PREFIX = f"{KEY_PREFIX}:synced-through:"
 SENTINEL_PREFIX = f"{KEY_PREFIX}:sync-mark:"

@@ -19,7 +19,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
-from service.queue import JOB_TIMEOUT_SECONDS
+from service.job import JOB_TIMEOUT_SECONDS
 from tests.faults.support import POSTGRESQL, Processes, Recorder, abandoned, let_time_pass, wait_until
 from tests.harness import Harness, ts
 from tests.powens_harness import PowensHarness
