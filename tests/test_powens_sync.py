@@ -283,3 +283,23 @@ def test_a_resync_of_a_user_reads_its_connections_once_and_ends_at_the_truth(ph:
     assert ph.powens_tables() == ph.powens_truth()
     listings = [r for r in ph.pworld.requests if r.method == "GET" and r.path.endswith("/connections")]
     assert len(listings) == 1
+
+
+def test_a_connection_never_usable_reads_its_accounts_once(ph: PowensHarness) -> None:
+    """A connection in wrongpass from its first sync: its first body reads the user's accounts (those
+    awaiting consent are in no body), the next ones read nothing, for nothing has changed; once
+    usable, what it holds is listed."""
+    user = ph.user()
+    cid = connected(ph, user)
+    ph.pworld.add_account(cid)  # awaiting consent: only the accounts listing shows it
+    ph.pworld.set_state(cid, "wrongpass", "message")
+    calls = []
+    for _ in range(3):
+        ph.pworld.requests.clear()
+        synced(ph, cid)
+        calls.append([r.path for r in ph.pworld.requests])
+    assert calls == [[f"/2.0/users/{user.id}/accounts"], [], []], calls
+    assert ph.powens_tables()["accounts"] == ph.powens_truth()["accounts"]
+    ph.pworld.set_state(cid, None)
+    synced(ph, cid, new=[])
+    assert ph.powens_tables() == ph.powens_truth()

@@ -214,8 +214,12 @@ class PowensSync:
     ) -> dict[str, Any]:
         """List the item's changes unless the connection waits for the user or for Powens (nothing new
         to read until then: workers.actions); then the item is synced as of its ``last_update``, which
-        the reconciliation sweep compares with Powens's."""
+        the reconciliation sweep compares with Powens's. A connection not usable is synced too, as of
+        no refresh (it read none): its sync ended, so its next bodies read no accounts again
+        (:meth:`_never_synced`) until one leaves an account out."""
         if item.get("status") != 0:
+            with self.storage.transaction(durable=False) as tx:
+                self.storage.item_synced(tx, item["id"])
             return {"listed": "not_usable"}
         listed = self.list_changes(id_user, item["id"], token)
         with self.storage.transaction(durable=False) as tx:
@@ -242,7 +246,8 @@ class PowensSync:
     @staticmethod
     def _never_synced(tx: Tx, item_id: int) -> bool:
         """New to us, or every attempt so far failed before the end: its body's accounts may be stored,
-        not those awaiting consent (a sync that ends records when: Storage.item_synced)."""
+        not those awaiting consent (a sync that ends records when: Storage.item_synced, a connection not
+        usable's too, whose sync ends once its accounts are read)."""
         row = tx.execute("SELECT last_synced_at FROM items WHERE id = %s", (item_id,)).fetchone()
         return row is None or row[0] is None
 
