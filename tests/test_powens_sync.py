@@ -303,3 +303,33 @@ def test_a_connection_never_usable_reads_its_accounts_once(ph: PowensHarness) ->
     ph.pworld.set_state(cid, None)
     synced(ph, cid, new=[])
     assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_a_resync_of_a_user_lists_its_accounts_and_transactions_once(ph: PowensHarness) -> None:
+    """Powens lists a user's accounts and transactions, not a connection's: a resync of a user with
+    three connections (one waiting for a password, so not listed) reads each listing once, and every
+    connection ends at the truth."""
+    user = ph.user()
+    first, second, broken = connected(ph, user), connected(ph, user, accounts=1), connected(ph, user)
+    for cid in (first, second, broken):
+        synced(ph, cid)
+    world = ph.pworld
+    world.set_state(broken, "wrongpass", "message")
+    for cid in (first, second):
+        changed = next(
+            t for t in world.transactions.values() if world.accounts[t.id_account].id_connection == cid
+        )
+        world.update_transaction(changed.id, value=changed.value + 7)
+        world.add_transaction(changed.id_account)
+    world.add_account(first)  # awaiting consent: the accounts listing shows it
+    world.requests.clear()
+    assert Enqueuer(ph.r, ph.settings).resync_user(powens_user(user.id)) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in world.requests) == [
+        "accounts",
+        "connections",
+        "transactions",
+    ]
+    assert ph.powens_tables() == ph.powens_truth()
+    assert ph.item(broken)["state"] == "wrongpass"

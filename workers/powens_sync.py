@@ -117,8 +117,8 @@ class PowensSync:
             return {"skipped": skipped}
         summary: dict[str, Any] = {"item_id": item["id"], "accounts": len(accounts), "transactions": written}
         if new or left_out:
-            self._read_accounts(id_user, item["id"])
-        return summary | self._list_if_usable(id_user, item)
+            self._read_accounts(id_user, [item["id"]])
+        return summary | {"listed": self._list_if_usable(id_user, [item])[item["id"]]}
 
     def resync(
         self,
@@ -131,29 +131,62 @@ class PowensSync:
         """The connection and its accounts as Powens lists them now, then its transactions: those updated
         since its cursors, or (``reset``: ``bridgehook resync``) all of them, the cursors replaced. What
         the reconciliation sweep enqueues when a webhook went missing (workers.powens_reconcile).
-        ``connections``: the user's, as :meth:`connections` read them already (a resync of every one)."""
-        item_id = stored_id(connection_id)
+        ``connections``: the user's, as :meth:`connections` read them already."""
+        done = self.resync_all(id_user, [connection_id], reset=reset, connections=connections)
+        return done[stored_id(connection_id)]
+
+    def resync_all(
+        self,
+        id_user: int,
+        connection_ids: Sequence[int],
+        *,
+        reset: bool,
+        connections: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[int, dict[str, Any]]:
+        """:meth:`resync` of several of the user's connections at once (the caller holds the lock of
+        each): Powens lists connections, accounts and transactions per user, not per connection, so each
+        listing is read once for all of them. What each came to, by item id (``listed``: the rows the
+        one transactions listing wrote for it)."""
+        done: dict[int, dict[str, Any]] = {}
         with self.storage.transaction() as tx:
-            if self._deleted(tx, powens_user(id_user), item_id):  # deleted stays deleted
-                return {"skipped": "deleted"}
+            for connection_id in connection_ids:
+                if self._deleted(tx, powens_user(id_user), stored_id(connection_id)):  # deleted stays deleted
+                    done[stored_id(connection_id)] = {"skipped": "deleted"}
+        live = [c for c in connection_ids if stored_id(c) not in done]
+        if not live:
+            return done
         token = self.token_of(id_user)
         if connections is None:
             connections = self.connections(id_user, token)
-        listed = [c for c in connections if int(c["id"]) == connection_id]
-        if not listed:  # deleted at Powens, and its CONNECTION_DELETED never reached us
-            with self.storage.transaction(durable=False) as tx:
-                self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
-            return {"item_id": item_id, "gone": True}
-        item = powens_rows.item(listed[0])
+        listed = {int(c["id"]): c for c in connections}
+        items = []
         with self.storage.transaction(durable=False) as tx:
-            skipped = self._write_item(tx, powens_user(id_user), item)
-        if skipped is not None:
-            return {"skipped": skipped}
-        accounts = self._read_accounts(id_user, item_id, token)
+            for connection_id in live:
+                item_id = stored_id(connection_id)
+                # Not listed: deleted at Powens, and its CONNECTION_DELETED never reached us.
+                if connection_id not in listed:
+                    self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
+                    done[item_id] = {"item_id": item_id, "gone": True}
+                    continue
+                item = powens_rows.item(listed[connection_id])
+                if (skipped := self._write_item(tx, powens_user(id_user), item)) is not None:
+                    done[item_id] = {"skipped": skipped}
+                else:
+                    items.append(item)
+        if not items:
+            return done
+        accounts = self._read_accounts(id_user, [item["id"] for item in items], token)
         if reset:
             with self.storage.transaction(durable=False) as tx:
-                tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
-        return {"item_id": item_id, "accounts": accounts} | self._list_if_usable(id_user, item, token)
+                for item in items:
+                    tx.execute(
+                        "UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item["id"],)
+                    )
+        outcome = self._list_if_usable(id_user, items, token)
+        for item in items:
+            item_id = item["id"]
+            done[item_id] = {"item_id": item_id, "accounts": accounts[item_id], "listed": outcome[item_id]}
+        return done
 
     def connections(self, id_user: int, token: str | None = None) -> list[dict[str, Any]]:
         """The user's connections at Powens (a refused token: the user is gone, see :func:`refused_token`)."""
@@ -173,24 +206,24 @@ class PowensSync:
             self._write_accounts(tx, [row], [account])
         if not list_after or id_user is None:  # (whose it is: the connection's next sync will say)
             return {"account_id": row["id"], "listed": 0}
-        return {"account_id": row["id"], "listed": self.list_changes(int(id_user), item_id)}
+        return {"account_id": row["id"], "listed": self.list_changes(int(id_user), [item_id])[item_id]}
 
-    def list_changes(self, id_user: int, item_id: int, token: str | None = None) -> int:
-        """The user's transactions updated after the earliest cursor of the item's accounts (all of
-        them for an account never listed), deleted ones included; those of the item's accounts are
-        written, page by page. Then every such account's cursor moves to the latest ``last_update``
-        seen: the listing showed everything updated up to it, the user's other items' too. Returns
-        the number of rows written."""
+    def list_changes(self, id_user: int, item_ids: Sequence[int], token: str | None = None) -> dict[int, int]:
+        """The user's transactions updated after the earliest cursor of the items' accounts (all of
+        them for an account never listed), deleted ones included; those of the items' accounts are
+        written, page by page (the caller holds each item's lock). Then every such account's cursor
+        moves to the latest ``last_update`` seen: the listing showed everything updated up to it, the
+        user's other items' too. Returns the number of rows written for each item."""
         token = token or self.token_of(id_user)
         with self.storage.transaction() as tx:
-            rows = self._consented(tx, item_id)
+            rows = [(item_id, *row) for item_id in item_ids for row in self._consented(tx, item_id)]
+        written = dict.fromkeys(item_ids, 0)
         if not rows:
-            return 0
-        cursors = [cursor for _, cursor in rows]
+            return written
+        cursors = [cursor for _, _, cursor in rows]
         since = None if None in cursors else min(c for c in cursors if c is not None) - self.overlap
-        mine = {account_id for account_id, _ in rows}
+        mine = {account_id: item_id for item_id, account_id, _ in rows}
         newest: datetime | None = None
-        written = 0
         with refused_token(id_user):
             pages = self.client.transactions(id_user, token, last_update=since)
             first = next(pages, None)  # (a generator: its first request goes here)
@@ -198,46 +231,53 @@ class PowensSync:
             self.heartbeat()
             read = [powens_rows.transaction(t) for t in listed]
             newest = max(filter(None, [newest, *(parse_ts(r["updated_at"]) for r in read)]), default=None)
-            ours = self.writer.page([r for r in read if r["account_id"] in mine])
+            chosen = [r for r in read if r["account_id"] in mine]
             with self.storage.transaction(durable=False) as tx:
-                self.writer.write(tx, ours)
-            written += len(ours.rows)
+                self.writer.write(tx, self.writer.page(chosen))
+            for r in chosen:
+                written[mine[r["account_id"]]] += 1
         if newest is not None:
             with self.storage.transaction(durable=False) as tx:
                 for account_id in sorted(mine):
                     self.writer.advance_cursor(tx, account_id, newest)
-        log.info("powens.listed", item_id=item_id, since=since and since.isoformat(), written=written)
+        log.info("powens.listed", item_ids=list(item_ids), since=since and since.isoformat(), written=written)
         return written
 
     def _list_if_usable(
-        self, id_user: int, item: Mapping[str, Any], token: str | None = None
-    ) -> dict[str, Any]:
-        """List the item's changes unless the connection waits for the user or for Powens (nothing new
-        to read until then: workers.actions); then the item is synced as of its ``last_update``, which
-        the reconciliation sweep compares with Powens's. A connection not usable is synced too, as of
-        no refresh (it read none): its sync ended, so its next bodies read no accounts again
-        (:meth:`_never_synced`) until one leaves an account out."""
-        if item.get("status") != 0:
-            with self.storage.transaction(durable=False) as tx:
-                self.storage.item_synced(tx, item["id"])
-            return {"listed": "not_usable"}
-        listed = self.list_changes(id_user, item["id"], token)
+        self, id_user: int, items: Sequence[Mapping[str, Any]], token: str | None = None
+    ) -> dict[int, int | str]:
+        """List the items' changes (one listing for all), but not those of a connection that waits for
+        the user or for Powens (nothing new to read until then: workers.actions); then each item is
+        synced as of its ``last_update``, which the reconciliation sweep compares with Powens's. A
+        connection not usable is synced too, as of no refresh (it read none): its sync ended, so its
+        next bodies read no accounts again (:meth:`_never_synced`) until one leaves an account out.
+        What each came to, by item id: the rows listed, or ``not_usable``."""
+        usable = [item for item in items if item.get("status") == 0]
+        listed = self.list_changes(id_user, [item["id"] for item in usable], token) if usable else {}
         with self.storage.transaction(durable=False) as tx:
-            self.storage.item_synced(tx, item["id"], parse_ts(item.get("last_successful_refresh")))
-        return {"listed": listed}
+            for item in items:
+                refresh = parse_ts(item.get("last_successful_refresh")) if item["id"] in listed else None
+                self.storage.item_synced(tx, item["id"], refresh)
+        return {item["id"]: listed.get(item["id"], "not_usable") for item in items}
 
-    def _read_accounts(self, id_user: int, item_id: int, token: str | None = None) -> int:
-        """The item's accounts as Powens lists them now, disabled and deleted ones included; those we
-        hold that it no longer lists at all are marked deleted. Returns how many it lists."""
+    def _read_accounts(
+        self, id_user: int, item_ids: Sequence[int], token: str | None = None
+    ) -> dict[int, int]:
+        """The items' accounts as Powens lists them now (one listing of the user's), disabled and
+        deleted ones included; those we hold that it no longer lists at all are marked deleted.
+        Returns how many it lists for each item."""
         token = token or self.token_of(id_user)
         with refused_token(id_user):
             everyone = self.client.accounts(id_user, token, all=True)
-        bodies = [a for a in everyone if stored_id(a["id_connection"]) == item_id]
-        rows = [powens_rows.account(a) for a in bodies]
+        counts = {}
         with self.storage.transaction(durable=False) as tx:
-            self._write_accounts(tx, rows, bodies)
-            self.storage.vanish_accounts(tx, item_id, [a["id"] for a in rows], datetime.now(UTC))
-        return len(rows)
+            for item_id in item_ids:
+                bodies = [a for a in everyone if stored_id(a["id_connection"]) == item_id]
+                rows = [powens_rows.account(a) for a in bodies]
+                self._write_accounts(tx, rows, bodies)
+                self.storage.vanish_accounts(tx, item_id, [a["id"] for a in rows], datetime.now(UTC))
+                counts[item_id] = len(rows)
+        return counts
 
     def token_of(self, id_user: int) -> str:
         with self.storage.transaction() as tx:
