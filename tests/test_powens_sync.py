@@ -333,3 +333,34 @@ def test_a_resync_of_a_user_lists_its_accounts_and_transactions_once(ph: PowensH
     ]
     assert ph.powens_tables() == ph.powens_truth()
     assert ph.item(broken)["state"] == "wrongpass"
+
+
+def test_a_body_cannot_take_a_transaction_of_another_connection(ph: PowensHarness) -> None:
+    """The bearer mode's token proves the user, not the body: a body of A's connection carrying the id
+    of a transaction we hold under B's account (newer, so that it would overwrite it) is a dead letter,
+    and nothing of it is written."""
+    alice, bob = ph.user(), ph.user()
+    mine, theirs = connected(ph, alice), connected(ph, bob)
+    synced(ph, mine)
+    synced(ph, theirs)
+    before = ph.every_row()
+    world = ph.pworld
+    taken = next(
+        t for t in world.transactions.values() if world.accounts[t.id_account].id_connection == theirs
+    )
+    forged = world.connection_synced(mine, new=[])
+    account = forged["connection"]["accounts"][0]
+    account["transactions"] = [
+        world.render_transaction(t) for t in world.transactions.values() if t.id_account == account["id"]
+    ][:2]
+    account["transactions"].append(
+        world.render_transaction(taken)
+        | {"id_account": account["id"], "value": 1, "last_update": "2027-01-01 00:00:00"}
+    )
+    assert ph.deliver("CONNECTION_SYNCED", forged) == "queued"
+    ph.drain()
+    [failed] = ph.failed_ids()
+    [(error,)] = ph.rows("SELECT last_error FROM webhook_events WHERE id = %s", (failed,))
+    assert "PermanentError" in error and f"transaction {taken.id} is not connection {mine}'s" in error, error
+    assert ph.every_row() == before
+    assert ph.powens_tables() == ph.powens_truth()

@@ -27,7 +27,7 @@ from workers import powens_rows, tokens
 from workers.db import Tx, to_datetime
 from workers.erasure import is_erased
 from workers.errors import AuthError, NotFound, PermanentError
-from workers.powens import PowensClient
+from workers.powens import PAGE_LIMIT, PowensClient
 from workers.providers import native_id, powens_user, powens_user_id, stored_id
 from workers.storage import Storage, parse_ts
 from workers.writer import Writer
@@ -59,8 +59,8 @@ def check_owner(
     are that user's, or none of it is written (a PermanentError: a dead letter to look at). Powens's
     own bodies always are; this holds a body to it where the webhook's authentication proves only
     who the user is (the bearer mode, service/bearer.py), so one user's token cannot touch another's
-    rows. A transaction already stored under another account is not looked for (it would cost a
-    query per page): the bearer mode trusts the token's holder that far (docs/design.md)."""
+    rows: nor a transaction we hold under another connection's account, looked for by one query per
+    page of the body's transactions (Powens's page, 1,000), not one per row."""
     held_by = owner(tx, item_id)
     if held_by is not None and held_by != id_user:
         raise PermanentError(f"connection {native_id(item_id)} is not user {id_user}'s")
@@ -72,6 +72,18 @@ def check_owner(
             stored_id(t.get("id_account", body["id"])) != row["id"] for t in body.get("transactions") or ()
         ):
             raise PermanentError(f"a transaction under account {native_id(row['id'])} names another account")
+    ids = [stored_id(t["id"]) for body in bodies for t in body.get("transactions") or ()]
+    for start in range(0, len(ids), PAGE_LIMIT):
+        some = ids[start : start + PAGE_LIMIT]
+        marks = ", ".join(["%s"] * len(some))
+        sql = (
+            "SELECT t.id FROM transactions t JOIN accounts a ON a.id = t.account_id "  # noqa: S608
+            f"WHERE a.item_id <> %s AND t.id IN ({marks}) LIMIT 1"
+        )
+        if (stray := tx.execute(sql, (item_id, *some)).fetchone()) is not None:
+            raise PermanentError(
+                f"transaction {native_id(stray[0])} is not connection {native_id(item_id)}'s"
+            )
 
 
 def owner(tx: Tx, item_id: int) -> int | None:
