@@ -283,3 +283,84 @@ def test_a_resync_of_a_user_reads_its_connections_once_and_ends_at_the_truth(ph:
     assert ph.powens_tables() == ph.powens_truth()
     listings = [r for r in ph.pworld.requests if r.method == "GET" and r.path.endswith("/connections")]
     assert len(listings) == 1
+
+
+def test_a_connection_never_usable_reads_its_accounts_once(ph: PowensHarness) -> None:
+    """A connection in wrongpass from its first sync: its first body reads the user's accounts (those
+    awaiting consent are in no body), the next ones read nothing, for nothing has changed; once
+    usable, what it holds is listed."""
+    user = ph.user()
+    cid = connected(ph, user)
+    ph.pworld.add_account(cid)  # awaiting consent: only the accounts listing shows it
+    ph.pworld.set_state(cid, "wrongpass", "message")
+    calls = []
+    for _ in range(3):
+        ph.pworld.requests.clear()
+        synced(ph, cid)
+        calls.append([r.path for r in ph.pworld.requests])
+    assert calls == [[f"/2.0/users/{user.id}/accounts"], [], []], calls
+    assert ph.powens_tables()["accounts"] == ph.powens_truth()["accounts"]
+    ph.pworld.set_state(cid, None)
+    synced(ph, cid, new=[])
+    assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_a_resync_of_a_user_lists_its_accounts_and_transactions_once(ph: PowensHarness) -> None:
+    """Powens lists a user's accounts and transactions, not a connection's: a resync of a user with
+    three connections (one waiting for a password, so not listed) reads each listing once, and every
+    connection ends at the truth."""
+    user = ph.user()
+    first, second, broken = connected(ph, user), connected(ph, user, accounts=1), connected(ph, user)
+    for cid in (first, second, broken):
+        synced(ph, cid)
+    world = ph.pworld
+    world.set_state(broken, "wrongpass", "message")
+    for cid in (first, second):
+        changed = next(
+            t for t in world.transactions.values() if world.accounts[t.id_account].id_connection == cid
+        )
+        world.update_transaction(changed.id, value=changed.value + 7)
+        world.add_transaction(changed.id_account)
+    world.add_account(first)  # awaiting consent: the accounts listing shows it
+    world.requests.clear()
+    assert Enqueuer(ph.r, ph.settings).resync_user(powens_user(user.id)) == "queued"
+    ph.drain()
+    assert ph.failed_ids() == []
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in world.requests) == [
+        "accounts",
+        "connections",
+        "transactions",
+    ]
+    assert ph.powens_tables() == ph.powens_truth()
+    assert ph.item(broken)["state"] == "wrongpass"
+
+
+def test_a_body_cannot_take_a_transaction_of_another_connection(ph: PowensHarness) -> None:
+    """The bearer mode's token proves the user, not the body: a body of A's connection carrying the id
+    of a transaction we hold under B's account (newer, so that it would overwrite it) is a dead letter,
+    and nothing of it is written."""
+    alice, bob = ph.user(), ph.user()
+    mine, theirs = connected(ph, alice), connected(ph, bob)
+    synced(ph, mine)
+    synced(ph, theirs)
+    before = ph.every_row()
+    world = ph.pworld
+    taken = next(
+        t for t in world.transactions.values() if world.accounts[t.id_account].id_connection == theirs
+    )
+    forged = world.connection_synced(mine, new=[])
+    account = forged["connection"]["accounts"][0]
+    account["transactions"] = [
+        world.render_transaction(t) for t in world.transactions.values() if t.id_account == account["id"]
+    ][:2]
+    account["transactions"].append(
+        world.render_transaction(taken)
+        | {"id_account": account["id"], "value": 1, "last_update": "2027-01-01 00:00:00"}
+    )
+    assert ph.deliver("CONNECTION_SYNCED", forged) == "queued"
+    ph.drain()
+    [failed] = ph.failed_ids()
+    [(error,)] = ph.rows("SELECT last_error FROM webhook_events WHERE id = %s", (failed,))
+    assert "PermanentError" in error and f"transaction {taken.id} is not connection {mine}'s" in error, error
+    assert ph.every_row() == before
+    assert ph.powens_tables() == ph.powens_truth()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 from workers.context import WorkerContext, current
@@ -128,21 +129,25 @@ def resync_connection(event: Event) -> dict[str, Any]:
 
 def resync_user(event: Event) -> dict[str, Any]:
     """Every connection of the user, Powens's and ours (a connection only we still hold is marked
-    deleted), each under its lock, but those in ``skip``: `bridgehook resync --user powens-<id>`."""
+    deleted), but those in ``skip``: `bridgehook resync --user powens-<id>`. Their locks are all held
+    at once (taken in one order, the connections' ids ascending), so that the user's connections,
+    accounts and transactions are each listed once for all of them (PowensSync.resync_all)."""
     c = event["content"]
     id_user, skip = int(c["id_user"]), {int(i) for i in c.get("skip", ())}
 
     def work(ctx: WorkerContext, _: Syncer) -> dict[str, Any]:
-        connections = ctx.powens_sync().connections(id_user)  # once, for every resync below
+        connections = ctx.powens_sync().connections(id_user)  # once, for all of them
         listed = {int(c["id"]) for c in connections}
         held = {native_id(i) for i in ctx.storage.item_ids_of(powens_user(id_user))}
-        done = []
-        for connection_id in sorted(listed | held):
-            if stored_id(connection_id) in skip:
-                continue
-            with item_lock(ctx, stored_id(connection_id)) as heartbeat:
-                ctx.powens_sync(heartbeat).resync(id_user, connection_id, reset=True, connections=connections)
-            done.append(stored_id(connection_id))
-        return {"items": done}
+        chosen = [i for i in sorted(listed | held) if stored_id(i) not in skip]
+        with ExitStack() as locks:
+            beats = [locks.enter_context(item_lock(ctx, stored_id(i))) for i in chosen]
+
+            def heartbeat() -> None:
+                for beat in beats:
+                    beat()
+
+            ctx.powens_sync(heartbeat).resync_all(id_user, chosen, reset=True, connections=connections)
+        return {"items": [stored_id(i) for i in chosen]}
 
     return _run(event, work, locks_itself=True)

@@ -27,7 +27,7 @@ from workers import powens_rows, tokens
 from workers.db import Tx, to_datetime
 from workers.erasure import is_erased
 from workers.errors import AuthError, NotFound, PermanentError
-from workers.powens import PowensClient
+from workers.powens import PAGE_LIMIT, PowensClient
 from workers.providers import native_id, powens_user, powens_user_id, stored_id
 from workers.storage import Storage, parse_ts
 from workers.writer import Writer
@@ -59,8 +59,8 @@ def check_owner(
     are that user's, or none of it is written (a PermanentError: a dead letter to look at). Powens's
     own bodies always are; this holds a body to it where the webhook's authentication proves only
     who the user is (the bearer mode, service/bearer.py), so one user's token cannot touch another's
-    rows. A transaction already stored under another account is not looked for (it would cost a
-    query per page): the bearer mode trusts the token's holder that far (docs/design.md)."""
+    rows: nor a transaction we hold under another connection's account, looked for by one query per
+    page of the body's transactions (Powens's page, 1,000), not one per row."""
     held_by = owner(tx, item_id)
     if held_by is not None and held_by != id_user:
         raise PermanentError(f"connection {native_id(item_id)} is not user {id_user}'s")
@@ -72,6 +72,18 @@ def check_owner(
             stored_id(t.get("id_account", body["id"])) != row["id"] for t in body.get("transactions") or ()
         ):
             raise PermanentError(f"a transaction under account {native_id(row['id'])} names another account")
+    ids = [stored_id(t["id"]) for body in bodies for t in body.get("transactions") or ()]
+    for start in range(0, len(ids), PAGE_LIMIT):
+        some = ids[start : start + PAGE_LIMIT]
+        marks = ", ".join(["%s"] * len(some))
+        sql = (
+            "SELECT t.id FROM transactions t JOIN accounts a ON a.id = t.account_id "  # noqa: S608
+            f"WHERE a.item_id <> %s AND t.id IN ({marks}) LIMIT 1"
+        )
+        if (stray := tx.execute(sql, (item_id, *some)).fetchone()) is not None:
+            raise PermanentError(
+                f"transaction {native_id(stray[0])} is not connection {native_id(item_id)}'s"
+            )
 
 
 def owner(tx: Tx, item_id: int) -> int | None:
@@ -117,8 +129,8 @@ class PowensSync:
             return {"skipped": skipped}
         summary: dict[str, Any] = {"item_id": item["id"], "accounts": len(accounts), "transactions": written}
         if new or left_out:
-            self._read_accounts(id_user, item["id"])
-        return summary | self._list_if_usable(id_user, item)
+            self._read_accounts(id_user, [item["id"]])
+        return summary | {"listed": self._list_if_usable(id_user, [item])[item["id"]]}
 
     def resync(
         self,
@@ -131,29 +143,62 @@ class PowensSync:
         """The connection and its accounts as Powens lists them now, then its transactions: those updated
         since its cursors, or (``reset``: ``bridgehook resync``) all of them, the cursors replaced. What
         the reconciliation sweep enqueues when a webhook went missing (workers.powens_reconcile).
-        ``connections``: the user's, as :meth:`connections` read them already (a resync of every one)."""
-        item_id = stored_id(connection_id)
+        ``connections``: the user's, as :meth:`connections` read them already."""
+        done = self.resync_all(id_user, [connection_id], reset=reset, connections=connections)
+        return done[stored_id(connection_id)]
+
+    def resync_all(
+        self,
+        id_user: int,
+        connection_ids: Sequence[int],
+        *,
+        reset: bool,
+        connections: Sequence[Mapping[str, Any]] | None = None,
+    ) -> dict[int, dict[str, Any]]:
+        """:meth:`resync` of several of the user's connections at once (the caller holds the lock of
+        each): Powens lists connections, accounts and transactions per user, not per connection, so each
+        listing is read once for all of them. What each came to, by item id (``listed``: the rows the
+        one transactions listing wrote for it)."""
+        done: dict[int, dict[str, Any]] = {}
         with self.storage.transaction() as tx:
-            if self._deleted(tx, powens_user(id_user), item_id):  # deleted stays deleted
-                return {"skipped": "deleted"}
+            for connection_id in connection_ids:
+                if self._deleted(tx, powens_user(id_user), stored_id(connection_id)):  # deleted stays deleted
+                    done[stored_id(connection_id)] = {"skipped": "deleted"}
+        live = [c for c in connection_ids if stored_id(c) not in done]
+        if not live:
+            return done
         token = self.token_of(id_user)
         if connections is None:
             connections = self.connections(id_user, token)
-        listed = [c for c in connections if int(c["id"]) == connection_id]
-        if not listed:  # deleted at Powens, and its CONNECTION_DELETED never reached us
-            with self.storage.transaction(durable=False) as tx:
-                self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
-            return {"item_id": item_id, "gone": True}
-        item = powens_rows.item(listed[0])
+        listed = {int(c["id"]): c for c in connections}
+        items = []
         with self.storage.transaction(durable=False) as tx:
-            skipped = self._write_item(tx, powens_user(id_user), item)
-        if skipped is not None:
-            return {"skipped": skipped}
-        accounts = self._read_accounts(id_user, item_id, token)
+            for connection_id in live:
+                item_id = stored_id(connection_id)
+                # Not listed: deleted at Powens, and its CONNECTION_DELETED never reached us.
+                if connection_id not in listed:
+                    self.storage.mark_item_deleted(tx, item_id, datetime.now(UTC))
+                    done[item_id] = {"item_id": item_id, "gone": True}
+                    continue
+                item = powens_rows.item(listed[connection_id])
+                if (skipped := self._write_item(tx, powens_user(id_user), item)) is not None:
+                    done[item_id] = {"skipped": skipped}
+                else:
+                    items.append(item)
+        if not items:
+            return done
+        accounts = self._read_accounts(id_user, [item["id"] for item in items], token)
         if reset:
             with self.storage.transaction(durable=False) as tx:
-                tx.execute("UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item_id,))
-        return {"item_id": item_id, "accounts": accounts} | self._list_if_usable(id_user, item, token)
+                for item in items:
+                    tx.execute(
+                        "UPDATE accounts SET transactions_cursor = NULL WHERE item_id = %s", (item["id"],)
+                    )
+        outcome = self._list_if_usable(id_user, items, token)
+        for item in items:
+            item_id = item["id"]
+            done[item_id] = {"item_id": item_id, "accounts": accounts[item_id], "listed": outcome[item_id]}
+        return done
 
     def connections(self, id_user: int, token: str | None = None) -> list[dict[str, Any]]:
         """The user's connections at Powens (a refused token: the user is gone, see :func:`refused_token`)."""
@@ -173,24 +218,24 @@ class PowensSync:
             self._write_accounts(tx, [row], [account])
         if not list_after or id_user is None:  # (whose it is: the connection's next sync will say)
             return {"account_id": row["id"], "listed": 0}
-        return {"account_id": row["id"], "listed": self.list_changes(int(id_user), item_id)}
+        return {"account_id": row["id"], "listed": self.list_changes(int(id_user), [item_id])[item_id]}
 
-    def list_changes(self, id_user: int, item_id: int, token: str | None = None) -> int:
-        """The user's transactions updated after the earliest cursor of the item's accounts (all of
-        them for an account never listed), deleted ones included; those of the item's accounts are
-        written, page by page. Then every such account's cursor moves to the latest ``last_update``
-        seen: the listing showed everything updated up to it, the user's other items' too. Returns
-        the number of rows written."""
+    def list_changes(self, id_user: int, item_ids: Sequence[int], token: str | None = None) -> dict[int, int]:
+        """The user's transactions updated after the earliest cursor of the items' accounts (all of
+        them for an account never listed), deleted ones included; those of the items' accounts are
+        written, page by page (the caller holds each item's lock). Then every such account's cursor
+        moves to the latest ``last_update`` seen: the listing showed everything updated up to it, the
+        user's other items' too. Returns the number of rows written for each item."""
         token = token or self.token_of(id_user)
         with self.storage.transaction() as tx:
-            rows = self._consented(tx, item_id)
+            rows = [(item_id, *row) for item_id in item_ids for row in self._consented(tx, item_id)]
+        written = dict.fromkeys(item_ids, 0)
         if not rows:
-            return 0
-        cursors = [cursor for _, cursor in rows]
+            return written
+        cursors = [cursor for _, _, cursor in rows]
         since = None if None in cursors else min(c for c in cursors if c is not None) - self.overlap
-        mine = {account_id for account_id, _ in rows}
+        mine = {account_id: item_id for item_id, account_id, _ in rows}
         newest: datetime | None = None
-        written = 0
         with refused_token(id_user):
             pages = self.client.transactions(id_user, token, last_update=since)
             first = next(pages, None)  # (a generator: its first request goes here)
@@ -198,42 +243,53 @@ class PowensSync:
             self.heartbeat()
             read = [powens_rows.transaction(t) for t in listed]
             newest = max(filter(None, [newest, *(parse_ts(r["updated_at"]) for r in read)]), default=None)
-            ours = self.writer.page([r for r in read if r["account_id"] in mine])
+            chosen = [r for r in read if r["account_id"] in mine]
             with self.storage.transaction(durable=False) as tx:
-                self.writer.write(tx, ours)
-            written += len(ours.rows)
+                self.writer.write(tx, self.writer.page(chosen))
+            for r in chosen:
+                written[mine[r["account_id"]]] += 1
         if newest is not None:
             with self.storage.transaction(durable=False) as tx:
                 for account_id in sorted(mine):
                     self.writer.advance_cursor(tx, account_id, newest)
-        log.info("powens.listed", item_id=item_id, since=since and since.isoformat(), written=written)
+        log.info("powens.listed", item_ids=list(item_ids), since=since and since.isoformat(), written=written)
         return written
 
     def _list_if_usable(
-        self, id_user: int, item: Mapping[str, Any], token: str | None = None
-    ) -> dict[str, Any]:
-        """List the item's changes unless the connection waits for the user or for Powens (nothing new
-        to read until then: workers.actions); then the item is synced as of its ``last_update``, which
-        the reconciliation sweep compares with Powens's."""
-        if item.get("status") != 0:
-            return {"listed": "not_usable"}
-        listed = self.list_changes(id_user, item["id"], token)
+        self, id_user: int, items: Sequence[Mapping[str, Any]], token: str | None = None
+    ) -> dict[int, int | str]:
+        """List the items' changes (one listing for all), but not those of a connection that waits for
+        the user or for Powens (nothing new to read until then: workers.actions); then each item is
+        synced as of its ``last_update``, which the reconciliation sweep compares with Powens's. A
+        connection not usable is synced too, as of no refresh (it read none): its sync ended, so its
+        next bodies read no accounts again (:meth:`_never_synced`) until one leaves an account out.
+        What each came to, by item id: the rows listed, or ``not_usable``."""
+        usable = [item for item in items if item.get("status") == 0]
+        listed = self.list_changes(id_user, [item["id"] for item in usable], token) if usable else {}
         with self.storage.transaction(durable=False) as tx:
-            self.storage.item_synced(tx, item["id"], parse_ts(item.get("last_successful_refresh")))
-        return {"listed": listed}
+            for item in items:
+                refresh = parse_ts(item.get("last_successful_refresh")) if item["id"] in listed else None
+                self.storage.item_synced(tx, item["id"], refresh)
+        return {item["id"]: listed.get(item["id"], "not_usable") for item in items}
 
-    def _read_accounts(self, id_user: int, item_id: int, token: str | None = None) -> int:
-        """The item's accounts as Powens lists them now, disabled and deleted ones included; those we
-        hold that it no longer lists at all are marked deleted. Returns how many it lists."""
+    def _read_accounts(
+        self, id_user: int, item_ids: Sequence[int], token: str | None = None
+    ) -> dict[int, int]:
+        """The items' accounts as Powens lists them now (one listing of the user's), disabled and
+        deleted ones included; those we hold that it no longer lists at all are marked deleted.
+        Returns how many it lists for each item."""
         token = token or self.token_of(id_user)
         with refused_token(id_user):
             everyone = self.client.accounts(id_user, token, all=True)
-        bodies = [a for a in everyone if stored_id(a["id_connection"]) == item_id]
-        rows = [powens_rows.account(a) for a in bodies]
+        counts = {}
         with self.storage.transaction(durable=False) as tx:
-            self._write_accounts(tx, rows, bodies)
-            self.storage.vanish_accounts(tx, item_id, [a["id"] for a in rows], datetime.now(UTC))
-        return len(rows)
+            for item_id in item_ids:
+                bodies = [a for a in everyone if stored_id(a["id_connection"]) == item_id]
+                rows = [powens_rows.account(a) for a in bodies]
+                self._write_accounts(tx, rows, bodies)
+                self.storage.vanish_accounts(tx, item_id, [a["id"] for a in rows], datetime.now(UTC))
+                counts[item_id] = len(rows)
+        return counts
 
     def token_of(self, id_user: int) -> str:
         with self.storage.transaction() as tx:
@@ -242,7 +298,8 @@ class PowensSync:
     @staticmethod
     def _never_synced(tx: Tx, item_id: int) -> bool:
         """New to us, or every attempt so far failed before the end: its body's accounts may be stored,
-        not those awaiting consent (a sync that ends records when: Storage.item_synced)."""
+        not those awaiting consent (a sync that ends records when: Storage.item_synced, a connection not
+        usable's too, whose sync ends once its accounts are read)."""
         row = tx.execute("SELECT last_synced_at FROM items WHERE id = %s", (item_id,)).fetchone()
         return row is None or row[0] is None
 
