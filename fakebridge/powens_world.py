@@ -214,8 +214,12 @@ class PowensWorld:
         return account
 
     def set_state(self, connection_id: int, state: str | None, message: str | None = None) -> PConnection:
+        """The outcome of a sync: ``last_update`` is the last *successful* one (Powens's spec), so it
+        moves only when the state is back to null; a failed sync leaves it where it was."""
         connection = self.connections[connection_id]
-        connection.state, connection.error_message, connection.last_update = state, message, self.tick()
+        connection.state, connection.error_message = state, message
+        if state is None:
+            connection.last_update = self.tick()
         return connection
 
     def delete_connection(self, connection_id: int) -> PConnection:

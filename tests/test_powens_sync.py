@@ -364,3 +364,28 @@ def test_a_body_cannot_take_a_transaction_of_another_connection(ph: PowensHarnes
     assert "PermanentError" in error and f"transaction {taken.id} is not connection {mine}'s" in error, error
     assert ph.every_row() == before
     assert ph.powens_tables() == ph.powens_truth()
+
+
+def test_a_sweep_leaves_a_connection_in_error_alone_once_it_knows_its_state(ph: PowensHarness) -> None:
+    """A failed sync at Powens leaves the connection's ``last_update`` (its last *successful* update)
+    where it was: once we hold the state, every later sweep costs its two calls for the user and
+    enqueues nothing for the connection. (The fake used to move ``last_update`` on a failed sync too,
+    and every sweep resynced such a connection.)"""
+    user = ph.user()
+    cid = connected(ph, user)
+    synced(ph, cid)
+    ph.pworld.set_state(cid, "wrongpass", "message")
+    assert ph.deliver("CONNECTION_SYNCED", ph.pworld.connection_synced(cid, [])) == "queued"
+    ph.drain()
+    for _ in range(2):
+        ph.pworld.requests.clear()
+        ph.drain()
+        counts = Reconciler(context.current()).run()
+        ph.drain()
+        assert counts["changed"] == 0, counts
+        assert [r.path for r in ph.pworld.requests] == [
+            f"/2.0/users/{user.id}/connections",
+            f"/2.0/users/{user.id}/accounts",
+        ]
+    assert ph.item(cid)["state"] == "wrongpass"
+    assert ph.failed_ids() == []
