@@ -14,7 +14,8 @@ makes them, tens of characters of a large alphabet), so a digest cannot be rever
 and one that leaks from Redis does not give the token. The comparison runs in constant time, and an
 unknown user is compared with a digest no token has, so that it answers as a wrong token does.
 
-Which user a body names depends on its type: ``user.id`` in ``CONNECTION_SYNCED`` (and
+Which user a body names depends on its type (service/powens_events.USER_PATHS, which the ledger's
+reading of a parsed body follows too): ``user.id`` in ``CONNECTION_SYNCED`` (and
 ``ACCOUNTS_FETCHED``, the same shape), ``id_user`` in the connection or account of
 ``CONNECTION_DELETED`` and ``ACCOUNT_*``, ``id`` in ``USER_DELETED``; any other type, ``id_user``
 or ``user.id``, whichever it has. The body is read for that id only (msgspec skips the rest): its
@@ -30,6 +31,8 @@ import hmac
 from typing import Annotated
 
 import msgspec
+
+from service.powens_events import USER_PATHS
 
 KEY = "bridgehook:powens:token-sha256"
 
@@ -58,15 +61,13 @@ class _Either(msgspec.Struct, kw_only=True, gc=False):
     user: _User | None = None
 
 
-_SHAPES: dict[str, type[msgspec.Struct]] = {
-    "CONNECTION_SYNCED": _ByUser,
-    "ACCOUNTS_FETCHED": _ByUser,
-    "CONNECTION_DELETED": _ByIdUser,
-    "ACCOUNT_DISABLED": _ByIdUser,
-    "ACCOUNT_ENABLED": _ByIdUser,
-    "ACCOUNT_FOUND": _ByIdUser,
-    "USER_DELETED": _ById,
+# A Struct for each place a body names its user (service/powens_events.USER_PATHS says which, by type).
+_AT: dict[tuple[str, ...], type[msgspec.Struct]] = {
+    ("user", "id"): _ByUser,
+    ("id_user",): _ByIdUser,
+    ("id",): _ById,
 }
+_SHAPES = {name: _AT[path] for name, path in USER_PATHS.items()}
 _DECODERS = {name: msgspec.json.Decoder(shape) for name, shape in _SHAPES.items()}
 _ANY = msgspec.json.Decoder(_Either)
 

@@ -65,6 +65,46 @@ REQUIRED_IDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "USER_DELETED": (("id",),),
 }
 
+# Whom a body is about, by where it names them (the receiver's bearer mode reads the user on the
+# bytes, service/bearer.py; the ledger both, on the parsed body, workers/providers.subject). Any
+# other type: the user at ``id_user``, else ``user.id``; the connection at ``id_connection``.
+USER_PATHS: dict[str, tuple[str, ...]] = {
+    "CONNECTION_SYNCED": ("user", "id"),
+    "ACCOUNTS_FETCHED": ("user", "id"),  # CONNECTION_SYNCED's shape
+    "CONNECTION_DELETED": ("id_user",),
+    "ACCOUNT_DISABLED": ("id_user",),
+    "ACCOUNT_ENABLED": ("id_user",),
+    "ACCOUNT_FOUND": ("id_user",),
+    "USER_DELETED": ("id",),
+}
+CONNECTION_PATHS: dict[str, tuple[str, ...]] = {
+    "CONNECTION_SYNCED": ("connection", "id"),
+    "ACCOUNTS_FETCHED": ("connection", "id"),
+    "CONNECTION_DELETED": ("id",),
+    "USER_DELETED": (),  # none
+}
+
+
+def at(body: Any, path: tuple[str, ...]) -> Any:
+    """What ``body`` (a parsed body) holds at ``path``; None where a step is missing (or no path)."""
+    node = body if path else None
+    for key in path:
+        node = node.get(key) if type(node) is dict else None
+    return node
+
+
+def user_of(name: str, body: dict[str, Any]) -> Any:
+    """The ``id_user`` a parsed body of this type names (unchecked: the caller's to read as an id)."""
+    if name in USER_PATHS:
+        return at(body, USER_PATHS[name])
+    return body.get("id_user") if body.get("id_user") is not None else at(body, ("user", "id"))
+
+
+def connection_of(name: str, body: dict[str, Any]) -> Any:
+    """The connection id a parsed body of this type names (unchecked)."""
+    return at(body, CONNECTION_PATHS.get(name, ("id_connection",)))
+
+
 # An event segment of the path: letters, digits, '_' or '-'; archived upper-cased as Powens names it.
 _EVENT_FORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _MAX_ID = 2**63 - 1

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
+from service import powens_events
+
 Provider = Literal["bridge", "powens"]
 PROVIDERS: tuple[Provider, ...] = ("bridge", "powens")
 POWENS_USER_PREFIX = "powens-"
@@ -70,22 +72,14 @@ def _int(value: Any) -> int | None:
 
 def subject(event: Mapping[str, Any]) -> Subject:
     """Bridge's events name ``item_id`` and ``user_uuid`` in their content; a Powens body names its
-    connection and user by where it sits in the body (service/powens_events.py, REQUIRED_IDS)."""
+    connection and user by where it sits in the body (service/powens_events.py, USER_PATHS)."""
     content = event.get("content") or {}
     provider: Provider = "powens" if event.get("provider") == "powens" else "bridge"
     if provider == "bridge" or "item_id" in content:  # Bridge's events, and our own tasks (replay.py)
         user = content.get("user_uuid")
         return Subject(provider, content.get("item_id"), user if isinstance(user, str) else None)
-    kind = event.get("type")
-    if kind == "CONNECTION_SYNCED":
-        connection, user = content.get("connection") or {}, content.get("user") or {}
-        cid, uid = _int(connection.get("id")), _int(user.get("id"))
-    elif kind == "CONNECTION_DELETED":
-        cid, uid = _int(content.get("id")), _int(content.get("id_user"))
-    elif kind == "USER_DELETED":
-        cid, uid = None, _int(content.get("id"))
-    else:  # an account's event
-        cid, uid = _int(content.get("id_connection")), _int(content.get("id_user"))
+    kind, body = str(event.get("type")), content if isinstance(content, dict) else {}
+    cid, uid = _int(powens_events.connection_of(kind, body)), _int(powens_events.user_of(kind, body))
     return Subject(
         "powens", None if cid is None else stored_id(cid), None if uid is None else powens_user(uid)
     )
