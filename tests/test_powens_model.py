@@ -287,6 +287,13 @@ class PowensModel(RuleBasedStateMachine):
         outcome = self.enqueuer.resync_item(stored_id(connection.id), powens_user(connection.id_user))
         note(f"  resync connection {connection.id}: {outcome}")
 
+    @precondition(lambda self: bool(self.pworld.users))
+    @rule(data=st.data())
+    def resync_user(self, data: st.DataObject) -> None:
+        """`bridgehook resync --user`: every connection of the user under its lock, all held at once."""
+        user_id = data.draw(st.sampled_from(sorted(self.pworld.users)), "user")
+        note(f"  resync user {user_id}: {self.enqueuer.resync_user(powens_user(user_id))}")
+
     @rule()
     def reconcile(self) -> None:
         note(f"  reconciliation sweep: {self._sweep()}")
