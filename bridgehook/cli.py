@@ -414,9 +414,7 @@ def scheduler() -> None:
     from workers.scheduler import run_scheduler
     from workers.schema import SchemaNotReady
 
-    settings = load_settings(*WORKER_NEEDS)
-    if settings.powens_api_url is not None:  # to open the Powens bodies the receiver sealed
-        load_settings("BODY_SEAL_PRIVATE_KEYS")
+    settings = load_settings(*WORKER_NEEDS)  # (it opens no Powens body: no BODY_SEAL_PRIVATE_KEYS)
     _preflight(settings)
     configure_logging(settings.log_format, settings.log_level)
     try:

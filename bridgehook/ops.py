@@ -149,7 +149,7 @@ def ops() -> Iterator[tuple[Settings, redis.Redis, Storage]]:
     except CodecError as exc:
         key_missing(exc)
     except SealError as exc:
-        fail(f"{exc}: BODY_SEAL_PRIVATE_KEYS must hold the key the receiver sealed with", Exit.FAILED)
+        fail(str(exc), Exit.FAILED)  # each names the variable to set
     except redis.RedisError as exc:
         fail(
             f"Redis at {s.redis_url_for_logs} failed: {exc}; check it, then run the command again",

@@ -560,6 +560,9 @@ def test_powens_bodies_are_never_in_clear_by_default(redis_url: str) -> None:
     worker = run("worker", "--burst", env=env)
     assert worker.returncode == 2
     assert worker.stderr.startswith("bridgehook: BODY_SEAL_PRIVATE_KEYS: required;"), worker.stderr
+    # The scheduler opens no body: it starts without them (and stops here at the database).
+    scheduler = run("scheduler", env={**env, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
+    assert scheduler.returncode == 1 and "BODY_SEAL" not in scheduler.stderr, scheduler.stderr
     pair = run("keys", "seal-pair", env=env)
     public, private = (line.split("=", 1)[1] for line in pair.stdout.splitlines())
     assert public_of(private) == public

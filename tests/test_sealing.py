@@ -21,8 +21,10 @@ from tests.test_powens_sync import connected
 from workers import context
 from workers.deadletters import DeadLetters
 from workers.errors import PermanentError
-from workers.replay import Enqueuer
+from workers.providers import powens_user, stored_id
+from workers.replay import Enqueuer, from_ledger
 from workers.sealed import opened
+from workers.storage import Storage
 
 BODY = b'{"connection": {"accounts": [{"iban": "FR7630006000011234567890189", "name": "Livret A"}]}}'
 
@@ -132,3 +134,28 @@ def test_a_worker_without_the_key_dead_letters_the_event_and_a_replay_with_it_la
     ph.drain()
     assert ph.failed_ids() == []
     assert ph.powens_tables() == ph.powens_truth()
+    # The ledger's row now names what the opened body names (a replay, the filters, an erasure find it).
+    assert ph.rows("SELECT item_id, user_uuid FROM webhook_events WHERE id = %s", (dead,)) == [
+        (stored_id(cid), powens_user(user.id))
+    ]
+
+
+def test_a_replay_never_requeues_a_powens_body_in_clear_by_mistake(ph: PowensHarness) -> None:
+    """A replay from the ledger (which holds bodies opened, encrypted in the database) by a command
+    without the seal keys: refused with the variable to set, unless ALLOW_PLAINTEXT_STORAGE says so."""
+    user = ph.user()
+    cid = connected(ph, user)
+    ph.deliver("CONNECTION_SYNCED", ph.pworld.connection_synced(cid))
+    ph.drain()
+    [(event_id, event, received)] = list(
+        from_ledger(Storage(ph.db, ph.codec), datetime(2000, 1, 1, tzinfo=UTC), None)
+    )
+    assert "content" in event
+    unkeyed = dataclasses.replace(ph.settings, body_seal_public_key=None, body_seal_private_keys=())
+    with pytest.raises(UnknownSealKey, match="ALLOW_PLAINTEXT_STORAGE"):
+        Enqueuer(ph.r, unkeyed).event(event_id, event, received)
+    assert Enqueuer(ph.r, ph.settings).event(event_id, event, received) == "queued"
+    job = Job.fetch(event_id, connection=ph.r, serializer=JSONSerializer)
+    assert "content" not in job.args[0] and job.args[0]["sealed"].startswith("bs1:")
+    ph.drain()
+    assert ph.failed_ids() == []

@@ -63,7 +63,14 @@ class Ledger:
                 "ON CONFLICT (id) DO UPDATE SET attempts = webhook_events.attempts + 1, "
                 "status = excluded.status, processed_at = "
                 "COALESCE(excluded.processed_at, webhook_events.processed_at), last_error = CASE WHEN "
-                "excluded.status = 'done' THEN NULL ELSE webhook_events.last_error END",
+                "excluded.status = 'done' THEN NULL ELSE webhook_events.last_error END, "
+                # A row that names no user where this attempt does: an earlier attempt could not open
+                # the sealed body (workers.sealed). It takes this one's body, item and user, so that
+                # a replay, the dead letters' filters and an erasure find it.
+                "body = CASE WHEN webhook_events.user_uuid IS NULL AND excluded.user_uuid IS NOT NULL "
+                "THEN excluded.body ELSE webhook_events.body END, "
+                "item_id = COALESCE(webhook_events.item_id, excluded.item_id), "
+                "user_uuid = COALESCE(webhook_events.user_uuid, excluded.user_uuid)",
                 (
                     event_id,
                     event.get("type"),

@@ -83,7 +83,7 @@ class Enqueuer:
         )
         if function is None:
             return "ignored"
-        event = sealed(event, sealer_of(self.settings))
+        event = sealed(event, sealer_of(self.settings), clear=self.settings.allow_plaintext_storage)
         return self.enqueue(event_id, function, event, received_at_ms=received_at_ms)
 
     def resync_item(self, item_id: int, user_uuid: str) -> str:

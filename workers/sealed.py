@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.sealing import Opener, Sealer, SealError, public_of
+from service.sealing import Opener, Sealer, SealError, UnknownSealKey, public_of
 from service.settings import Settings
 from workers.errors import PermanentError
 
@@ -49,9 +49,15 @@ def opened(event: Event, opener: Opener | None) -> Event:
     return {k: v for k, v in event.items() if k != "sealed"} | {"content": json.loads(body)}
 
 
-def sealed(event: Event, sealer: Sealer | None) -> Event:
-    """A Powens event's body sealed again (for the queue), if there is a key to seal it with."""
-    if sealer is None or event.get("provider") != "powens" or "content" not in event:
+def sealed(event: Event, sealer: Sealer | None, *, clear: bool = False) -> Event:
+    """A Powens event's body sealed again (for the queue). Without a key to seal it with,
+    UnknownSealKey, unless ``clear`` (ALLOW_PLAINTEXT_STORAGE): never bank data in clear by mistake."""
+    if event.get("provider") != "powens" or "content" not in event or (sealer is None and clear):
         return event
+    if sealer is None:
+        raise UnknownSealKey(
+            "a Powens event to requeue, and neither BODY_SEAL_PUBLIC_KEY nor BODY_SEAL_PRIVATE_KEYS to seal "
+            "it with (or ALLOW_PLAINTEXT_STORAGE=1 to requeue it in clear)"
+        )
     body = json.dumps(event["content"], separators=(",", ":")).encode()
     return {k: v for k, v in event.items() if k != "content"} | {"sealed": sealer.seal(body).decode()}
