@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from contextlib import nullcontext
+from datetime import UTC, datetime
 from typing import Any
 
 from rq import Queue
@@ -15,7 +16,8 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from fakebridge.world import World
-from tests.harness import Harness, worker_settings
+from tests.harness import Harness, storage_at, worker_settings
+from workers.erasure import erase_user
 from workers.jobs import MAX_IDLE_DEFERRALS
 from workers.sync import REUSE_READ
 
@@ -325,3 +327,25 @@ def test_a_refreshs_events_coalesce_into_one_sync(harness: Harness, world: World
     with world.lock:
         assert sum(1 for r in world.requests if r.path.endswith(f"/items/{b['item']}")) == 1
     assert harness.tables() == harness.truth()
+
+
+def test_a_reused_read_writes_nothing_for_a_user_erased_meanwhile(
+    harness: Harness, world: World, redis_url: str
+) -> None:
+    """A job deferred after it read the item and its accounts; the user is erased meanwhile (its rows
+    gone, a tombstone left). The next attempt, reusing that read, writes no item, so it must find the
+    tombstone itself: it writes no transaction and ends, rather than leaving rows of no one."""
+    b = bank(world, 2800)
+    fast_budget(harness, world, redis_url, "5/3")
+    harness.send(world.event_item_created(b["item"]))
+    harness.drain()
+    assert len(scheduled(harness)) == 1
+    with storage_at(harness.settings.database_url) as storage:
+        erase_user(storage, b["user"], "app-user-1", datetime.now(UTC), lambda item_id: nullcontext())
+    assert harness.rows("SELECT count(*) FROM transactions") == [(0,)]
+
+    run_to_the_end(harness)
+
+    assert harness.rows("SELECT count(*) FROM transactions") == [(0,)]
+    assert harness.rows("SELECT count(*) FROM items") == [(0,)]
+    assert harness.failed_ids() == []

@@ -308,8 +308,17 @@ def _failed(
         job.retries_left = 0  # retrying a request Bridge calls wrong cannot help
     budget = isinstance(exc, BudgetExhausted | ItemLocked)
     if job is not None and progress is not None:  # what this attempt did, for the next one to go on from
-        kept, nothing = _kept(progress), _kept(Progress())
-        moved = progress.pages > 0 or any(kept[k] != job.meta.get(k, nothing[k]) for k in kept)
+        kept, before = _kept(progress), job.meta
+        # Progress: a page kept, an account or item listed whole, a read first made (a read made
+        # again once REUSE_READ has passed is not: else a job that only ever got that far would
+        # never meet the loop guard).
+        moved = (
+            progress.pages > 0
+            or kept["listed"] != before.get("listed", [])
+            or kept["items_done"] != before.get("items_done", [])
+            or bool(kept["reads"].keys() - (before.get("reads") or {}).keys())
+            or (kept["user_items"] is not None and before.get("user_items") is None)
+        )
         spent = isinstance(exc, BudgetExhausted)  # a budget that never frees would defer it forever
         idle = 0 if moved else int(job.meta.get("idle_deferrals", 0)) + spent
         job.meta.update(kept, idle_deferrals=idle)

@@ -32,6 +32,7 @@ from typing import Any
 from service.logs import get_logger
 from workers.bridge import BridgeClient
 from workers.db import Tx
+from workers.erasure import is_erased
 from workers.errors import BridgeError, NotFound, TransientError
 from workers.listings import Group, Lister, prefetched
 from workers.storage import TEMPORARY_STATUSES, USER_ACTION_STATUSES, Storage, parse_ts
@@ -397,9 +398,12 @@ class Syncer:
 
     def _gone(self, tx: Tx, user_uuid: str, item_id: int) -> str | None:
         """Why nothing more is written for the item ("user_deleted", "item_deleted"), if we marked
-        it or its user deleted; the item is marked with its user."""
+        it or its user deleted (the item is marked with its user), or erased the user: its rows are
+        gone, which only a sync reusing an earlier attempt's read (it writes no item first) meets."""
         if (deleted := self.storage.user_deleted_at(tx, user_uuid)) is not None:
             self.storage.mark_item_deleted(tx, item_id, deleted)
+            return "user_deleted"
+        if is_erased(tx, user_uuid):
             return "user_deleted"
         return "item_deleted" if self.storage.item_deleted_at(tx, item_id) is not None else None
 
