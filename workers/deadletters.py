@@ -125,8 +125,10 @@ class UnknownId(LookupError):
 MIN_PREFIX = 8  # characters of an id that `dlq show`, `replay` and `purge` take for the whole id
 
 
-_SET_IF_THERE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+_SET_IF_DEAD = """
+if redis.call('ZSCORE', KEYS[2], ARGV[3]) and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
 """
 
 
@@ -231,11 +233,12 @@ class DeadLetters:
         return outcomes
 
     def _retries_back(self, job_id: str) -> None:
-        """As many retries as the job's schedule has: written into its hash only while the hash is
-        there (a purge meanwhile must not leave a stray key behind; requeue then says missing)."""
+        """As many retries as the job's schedule has: written into its hash only while it is a dead
+        letter (a purge meanwhile must not leave a stray key behind, nor a replay that ran meanwhile
+        get its retries twice; requeue then says missing)."""
         job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
         retries = len(job.retry_intervals or ())
-        self.redis.eval(_SET_IF_THERE, 1, job.key, "retries_left", retries)
+        self.redis.eval(_SET_IF_DEAD, 2, job.key, self.registry.key, "retries_left", retries, job_id)
 
     def purge(self, letters: Sequence[DeadLetter]) -> int:
         """Remove from the registry; the ledger row stays, marked ``purged``."""
