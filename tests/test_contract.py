@@ -89,6 +89,7 @@ CASES: dict[tuple[str, ...], Case] = {
         config=(("API_TOKENS", None), ("CONNECT_CALLBACK_URL", None), ("REDIS_URL", None), *MALFORMED),
     ),
     ("keys", "generate"): Case(),
+    ("keys", "seal-pair"): Case(),
     ("keys", "rotate"): Case(("--dry-run",), database=True, config=KEYS_CONFIG),
     ("accounts", "show"): Case(("1",), database=True, config=KEYS_CONFIG),
 }

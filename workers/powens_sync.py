@@ -252,7 +252,8 @@ class PowensSync:
             with self.storage.transaction(durable=False) as tx:
                 for account_id in sorted(mine):
                     self.writer.advance_cursor(tx, account_id, newest)
-        log.info("powens.listed", item_ids=list(item_ids), since=since and since.isoformat(), written=written)
+        log.info("powens.listed", item_ids=list(item_ids), since=since and since.isoformat(),
+                 written=sum(written.values()))  # fmt: skip
         return written
 
     def _list_if_usable(
