@@ -414,7 +414,8 @@ def events_replay(
     """Re-enqueue the events received in a time window ("we lost the workers for an hour")."""
     with ops() as (s, r, storage):
         enqueuer = Enqueuer(r, s)
-        found = enqueuer.archived(since, until) if source == "archive" else from_ledger(storage, since, until)
+        archived = source == "archive"
+        found = enqueuer.archived(since, until, provider) if archived else from_ledger(storage, since, until)
         chosen = [
             (event_id, event, received)
             for event_id, event, received in found

@@ -159,3 +159,24 @@ def test_a_replay_never_requeues_a_powens_body_in_clear_by_mistake(ph: PowensHar
     assert "content" not in job.args[0] and job.args[0]["sealed"].startswith("bs1:")
     ph.drain()
     assert ph.failed_ids() == []
+
+
+def test_a_replay_of_bridges_events_opens_no_powens_body(ph: PowensHarness) -> None:
+    """An archive holding a Bridge delivery and a sealed Powens one, read by a command without the
+    seal keys: Bridge's events replay; Powens's, or both providers', say which variable to set."""
+    user = ph.user()
+    cid = connected(ph, user)
+    ph.deliver("CONNECTION_SYNCED", ph.pworld.connection_synced(cid))
+    bridge_user = ph.world.add_user()
+    ph.send(ph.world.event_item_created(ph.world.add_item(bridge_user)))
+    unkeyed = Enqueuer(
+        ph.r, dataclasses.replace(ph.settings, body_seal_public_key=None, body_seal_private_keys=())
+    )
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert [e["type"] for _, e, _ in unkeyed.archived(since, None, "bridge")] == ["item.created"]
+    for provider in ("powens", None):
+        with pytest.raises(UnknownSealKey, match="BODY_SEAL_PRIVATE_KEYS"):
+            list(unkeyed.archived(since, None, provider))
+    assert [e["type"] for _, e, _ in Enqueuer(ph.r, ph.settings).archived(since, None, "powens")] == [
+        "CONNECTION_SYNCED"
+    ]

@@ -133,10 +133,14 @@ class Enqueuer:
 
     # -- sources ---------------------------------------------------------------------------------
 
-    def archived(self, since: datetime, until: datetime | None) -> Iterator[ReceivedEvent]:
-        """Signed deliveries the receiver archived between the two times, each event once (a sealed
-        body opened: SealError if it cannot be)."""
+    def archived(
+        self, since: datetime, until: datetime | None, provider: str | None = None
+    ) -> Iterator[ReceivedEvent]:
+        """Signed deliveries the receiver archived between the two times, each event once, of one
+        ``provider`` or both (a sealed body opened: SealError if it cannot be; a replay of Bridge's
+        events never opens one)."""
         opener = opener_of(self.settings)
+        powens = f"{powens_events.PROVIDER}-"
         start = f"{int(since.timestamp() * 1000)}-0"
         end = f"{int(until.timestamp() * 1000) - 1}-99999999" if until else "+"
         seen: set[str] = set()
@@ -146,6 +150,8 @@ class Enqueuer:
             )
             for _, fields in entries:
                 event_id = fields[b"id"].decode()
+                if provider is not None and event_id.startswith(powens) != (provider == "powens"):
+                    continue
                 if fields.get(b"decision") in (b"queued", b"duplicate") and event_id not in seen:
                     seen.add(event_id)
                     try:
