@@ -125,13 +125,6 @@ class UnknownId(LookupError):
 MIN_PREFIX = 8  # characters of an id that `dlq show`, `replay` and `purge` take for the whole id
 
 
-_SET_IF_DEAD = """
-if redis.call('ZSCORE', KEYS[2], ARGV[3]) and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-end
-"""
-
-
 class DeadLetters:
     def __init__(self, connection: redis.Redis, queue_name: str, storage: Storage | None) -> None:
         self.redis = connection
@@ -219,8 +212,11 @@ class DeadLetters:
         for job_id in ids:
             started = time.monotonic()
             try:
-                self._retries_back(job_id)
-                self.registry.requeue(job_id)
+                job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+                job.retries_left = len(job.retry_intervals or ())  # its retries back, as a new delivery's
+                # RQ removes it from the registry first (else InvalidJobOperation, nothing written:
+                # purged or replayed meanwhile), then saves it with its retries and queues it.
+                self.registry.requeue(job)
                 outcome = "requeued"
             except (InvalidJobOperation, NoSuchJobError):
                 outcome = "missing"  # replayed or purged meanwhile, or its hash expired
@@ -231,14 +227,6 @@ class DeadLetters:
             if wait > 0:
                 sleep(wait)
         return outcomes
-
-    def _retries_back(self, job_id: str) -> None:
-        """As many retries as the job's schedule has: written into its hash only while it is a dead
-        letter (a purge meanwhile must not leave a stray key behind, nor a replay that ran meanwhile
-        get its retries twice; requeue then says missing)."""
-        job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
-        retries = len(job.retry_intervals or ())
-        self.redis.eval(_SET_IF_DEAD, 2, job.key, self.registry.key, "retries_left", retries, job_id)
 
     def purge(self, letters: Sequence[DeadLetter]) -> int:
         """Remove from the registry; the ledger row stays, marked ``purged``."""
