@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import redis
@@ -28,7 +29,7 @@ from service import powens_events
 from service.events import MalformedEvent, job_function, parse
 from service.job import build_job
 from service.queue import ARCHIVE_KEY
-from service.sealing import Opener, UnknownSealKey, is_sealed
+from service.sealing import Opener, Sealer, UnknownSealKey, is_sealed
 from service.settings import Settings
 from workers.ledger import Ledger
 from workers.providers import native_id, powens_user_id, provider_of_id, provider_of_user
@@ -50,6 +51,11 @@ class Enqueuer:
         self.redis = connection
         self.settings = settings
         self.queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+
+    @cached_property
+    def _sealer(self) -> Sealer | None:
+        """What seals a replayed Powens body (built once for a replay of many)."""
+        return sealer_of(self.settings)
 
     def enqueue(
         self, job_id: str, function: str, event: dict[str, Any], *, received_at_ms: int | None = None
@@ -83,7 +89,7 @@ class Enqueuer:
         )
         if function is None:
             return "ignored"
-        event = sealed(event, sealer_of(self.settings), clear=self.settings.allow_plaintext_storage)
+        event = sealed(event, self._sealer, clear=self.settings.allow_plaintext_storage)
         return self.enqueue(event_id, function, event, received_at_ms=received_at_ms)
 
     def resync_item(self, item_id: int, user_uuid: str) -> str:
