@@ -283,16 +283,8 @@ class BridgeModel(RuleBasedStateMachine):
 
     # -- plumbing ------------------------------------------------------------------------------------
     def teardown(self) -> None:
-        try:
-            if self.healthy:
-                self.healthy = False
-                note("(end of the timeline) settle")
-                self._settle(list(range(len(self.pending))))
-        finally:
-            self.receivers[1].__exit__(None, None, None)
-            self.h.close()
-            self.fake.stop()
-            self.scratch.close()
+        end_timeline(self, lambda: self.receivers[1].__exit__(None, None, None), self.h.close,
+                     self.fake.stop, self.scratch.close)  # fmt: skip
 
     def _step(self, text: str) -> None:
         note(text)
@@ -686,6 +678,19 @@ class BridgeModel(RuleBasedStateMachine):
             self._post(pending)
         count, errors = settle_and_compare(self.h, self._sweep, expected_and_observed, "Bridge")
         self._step(f"  settled: equal ({count} transactions), dead letters {errors}")
+
+
+def end_timeline(machine: Any, *cleanup: Callable[[], object]) -> None:
+    """A model's teardown: a timeline whose every step passed settles (its pending deliveries in
+    order, see ``_settle``); then, whatever happened, ``cleanup`` runs, step after step."""
+    try:
+        if machine.healthy:
+            machine.healthy = False
+            note("(end of the timeline) settle")
+            machine._settle(list(range(len(machine.pending))))
+    finally:
+        for step in cleanup:
+            step()
 
 
 def settle_and_compare(

@@ -43,7 +43,7 @@ from fakebridge.server import FakeBridgeServer
 from fakebridge.world import World
 from tests.harness import worker_settings
 from tests.powens_harness import PowensHarness, powens_environ
-from tests.test_model import Env, Scratch, drain, run_timelines, settle_and_compare, wrap_rules
+from tests.test_model import Env, Scratch, drain, end_timeline, run_timelines, settle_and_compare, wrap_rules
 from workers.codec import codec_from_settings
 from workers.deadletters import DeadLetters
 from workers.providers import powens_user, stored_id
@@ -89,19 +89,14 @@ class PowensModel(RuleBasedStateMachine):
 
     # -- plumbing ------------------------------------------------------------------------------------
     def teardown(self) -> None:
-        try:
-            if self.healthy:
-                self.healthy = False
-                note("(end of the timeline) settle")
-                self._settle(list(range(len(self.pending))))
-        finally:
-            self.h.close()
-            self.powens.stop()
-            self.fake.stop()
-            self.scratch.close()
+        end_timeline(self, self.h.close, self.powens.stop, self.fake.stop, self.scratch.close)
 
     def _queue(self, event: str, body: dict[str, Any], what: str) -> None:
         self.pending.append(Pending(f"{event} {what}", event, copy.deepcopy(body)))  # amounts as numbers
+
+    def _queue_account(self, event: str, account: Any) -> None:
+        """An account's event (ACCOUNT_FOUND, _ENABLED, _DISABLED), its body as Powens renders the account."""
+        self._queue(event, self.pworld.webhook(self.pworld.render_account(account)), str(account.id))
 
     def _post(self, pending: Pending, times: int = 1) -> None:
         for _ in range(times):
@@ -140,9 +135,7 @@ class PowensModel(RuleBasedStateMachine):
         connection = self.pworld.add_connection(user_id, accounts=0)
         for transactions, consent in accounts:  # (Powens reads no transaction without consent)
             account = self.pworld.add_account(connection.id, transactions if consent else 0)
-            self._queue(
-                "ACCOUNT_FOUND", self.pworld.webhook(self.pworld.render_account(account)), str(account.id)
-            )
+            self._queue_account("ACCOUNT_FOUND", account)
             if consent:
                 self.pworld.enable_account(account.id)
         self._synced(connection.id, [], f"(new, {len(accounts)} accounts)")
@@ -203,9 +196,7 @@ class PowensModel(RuleBasedStateMachine):
     def account_found(self, data: st.DataObject) -> None:
         connection = data.draw(st.sampled_from(self._connections(usable=True)), "connection")
         account = self.pworld.add_account(connection)
-        self._queue(
-            "ACCOUNT_FOUND", self.pworld.webhook(self.pworld.render_account(account)), str(account.id)
-        )
+        self._queue_account("ACCOUNT_FOUND", account)
 
     @precondition(lambda self: bool(self._accounts(enabled=False)))
     @rule(data=st.data())
@@ -213,9 +204,7 @@ class PowensModel(RuleBasedStateMachine):
         account = self.pworld.enable_account(
             data.draw(st.sampled_from(self._accounts(enabled=False)), "account")
         )
-        self._queue(
-            "ACCOUNT_ENABLED", self.pworld.webhook(self.pworld.render_account(account)), str(account.id)
-        )
+        self._queue_account("ACCOUNT_ENABLED", account)
         self._synced(account.id_connection, [], f"after consent to {account.id}")
 
     @precondition(lambda self: bool(self._accounts(enabled=True)))
@@ -224,9 +213,7 @@ class PowensModel(RuleBasedStateMachine):
         account = self.pworld.disable_account(
             data.draw(st.sampled_from(self._accounts(enabled=True)), "account")
         )
-        self._queue(
-            "ACCOUNT_DISABLED", self.pworld.webhook(self.pworld.render_account(account)), str(account.id)
-        )
+        self._queue_account("ACCOUNT_DISABLED", account)
 
     @precondition(lambda self: bool(self._connections()))
     @rule(data=st.data(), state=st.sampled_from(STATES))
